@@ -1,0 +1,489 @@
+//! The agent's configuration: the services it runs, each on its own port, with
+//! its handlers, channels and limits. The standalone agent reads it from a file;
+//! in a cluster the same type is what an EdgeService's placement renders into.
+
+use std::collections::BTreeSet;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, FieldError};
+
+/// Everything one agent serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One listening port serving HTTP handlers, WebSocket handlers and the relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// A DNS label, unique within the config; it is the `service` label of every metric.
+    pub name: String,
+    /// The TCP port. 0 asks the operating system for a free one (used by tests).
+    pub port: u16,
+    /// Handlers, each bound to a path and callable over the relay by name.
+    #[serde(default)]
+    pub handlers: Vec<HandlerSpec>,
+    /// The channels clients may subscribe and publish to on the relay.
+    #[serde(default)]
+    pub channels: Vec<ChannelSpec>,
+    /// The path where WebSocket clients speak the JSON envelope protocol.
+    #[serde(default = "default_relay_path")]
+    pub relay_path: String,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A compute or WebSocket handler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HandlerSpec {
+    pub name: String,
+    pub kind: HandlerKind,
+    /// Where the handler answers over HTTP (and, for `echo`, WebSocket). A handler
+    /// without a path is reachable only through the relay's `call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// What a handler does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    /// WebSocket: answers each text message with `Echo: <text>`.
+    /// HTTP: `GET <path>?text=hi` answers `Echo: hi`. Relay call: `{"text": "hi"}`.
+    Echo,
+    /// HTTP: `GET <path>?a=1&b=2` answers `{"result": 3}`. Relay call: `{"a": 1, "b": 2}`.
+    Add,
+}
+
+impl HandlerKind {
+    pub const ALL: [HandlerKind; 2] = [HandlerKind::Echo, HandlerKind::Add];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Echo => "echo",
+            HandlerKind::Add => "add",
+        }
+    }
+}
+
+/// A named pub/sub channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChannelSpec {
+    pub name: String,
+}
+
+/// What a client that cannot keep up gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 1008 (policy violation), as NATS does: the client
+    /// learns it lost messages instead of silently missing some.
+    #[default]
+    Disconnect,
+    /// Keep the connection and drop the messages that do not fit its queue.
+    Drop,
+}
+
+/// Per-service limits. Every field has a default, so `limits: {}` is valid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open WebSocket connections; an upgrade beyond it answers HTTP 503.
+    pub max_connections: u32,
+    /// Largest message (and frame) a client may send; larger closes with 1009.
+    pub max_message_bytes: u32,
+    /// Messages queued for one connection before the slow-consumer policy applies.
+    pub send_queue_messages: u32,
+    pub slow_consumer: SlowConsumerPolicy,
+    /// How often the agent pings each client.
+    pub ping_interval_seconds: u32,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout_seconds: u32,
+    /// Time from TCP accept to a complete HTTP request or WebSocket upgrade.
+    pub handshake_timeout_seconds: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_message_bytes: 64 * 1024,
+            send_queue_messages: 256,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            ping_interval_seconds: 20,
+            idle_timeout_seconds: 60,
+            handshake_timeout_seconds: 5,
+        }
+    }
+}
+
+pub const MAX_MESSAGE_BYTES_CEILING: u32 = 16 * 1024 * 1024;
+const MIN_MESSAGE_BYTES: u32 = 64;
+const MAX_SEND_QUEUE: u32 = 1 << 16;
+const MAX_CHANNEL_NAME: usize = 128;
+
+fn default_relay_path() -> String {
+    "/relay".to_string()
+}
+
+impl AgentConfig {
+    /// The config the agent runs when it is given none: the seed's two services
+    /// on the seed's ports, plus the relay on the echo service.
+    pub fn builtin_default() -> AgentConfig {
+        AgentConfig {
+            services: vec![
+                ServiceConfig {
+                    name: "echo".into(),
+                    port: 8765,
+                    handlers: vec![
+                        HandlerSpec {
+                            name: "echo".into(),
+                            kind: HandlerKind::Echo,
+                            path: Some("/".into()),
+                        },
+                        HandlerSpec {
+                            name: "add".into(),
+                            kind: HandlerKind::Add,
+                            path: Some("/add".into()),
+                        },
+                    ],
+                    channels: vec![
+                        ChannelSpec {
+                            name: "chat".into(),
+                        },
+                        ChannelSpec {
+                            name: "telemetry".into(),
+                        },
+                    ],
+                    relay_path: default_relay_path(),
+                    limits: Limits::default(),
+                },
+                ServiceConfig {
+                    name: "compute".into(),
+                    port: 5000,
+                    handlers: vec![HandlerSpec {
+                        name: "add".into(),
+                        kind: HandlerKind::Add,
+                        path: Some("/add".into()),
+                    }],
+                    channels: vec![],
+                    relay_path: default_relay_path(),
+                    limits: Limits::default(),
+                },
+            ],
+        }
+    }
+
+    /// Parses YAML or JSON (JSON is YAML) and validates the result.
+    pub fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = serde_yaml_ng::from_str(text).map_err(ConfigError::from_yaml)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        serde_yaml_ng::to_string(self).map_err(ConfigError::from_yaml)
+    }
+
+    /// Checks what the types cannot: names, uniqueness, paths and bounds. Every
+    /// problem is reported, each naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut ports = BTreeSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            if !names.insert(service.name.as_str()) {
+                errors.push(FieldError::new(
+                    format!("{at}.name"),
+                    format!("duplicate service name {:?}", service.name),
+                ));
+            }
+            if service.port != 0 && !ports.insert(service.port) {
+                errors.push(FieldError::new(
+                    format!("{at}.port"),
+                    format!("port {} is used by another service", service.port),
+                ));
+            }
+            service.validate_into(&at, &mut errors);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+impl ServiceConfig {
+    /// Validates one service on its own, prefixing each field with `at`.
+    pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if let Err(why) = check_dns_label(&self.name) {
+            errors.push(FieldError::new(format!("{at}.name"), why));
+        }
+        if let Err(why) = check_path(&self.relay_path) {
+            errors.push(FieldError::new(format!("{at}.relayPath"), why));
+        }
+
+        let mut handler_names = BTreeSet::new();
+        let mut paths = BTreeSet::new();
+        paths.insert(self.relay_path.as_str());
+        for (j, handler) in self.handlers.iter().enumerate() {
+            let hat = format!("{at}.handlers[{j}]");
+            if let Err(why) = check_dns_label(&handler.name) {
+                errors.push(FieldError::new(format!("{hat}.name"), why));
+            } else if !handler_names.insert(handler.name.as_str()) {
+                errors.push(FieldError::new(
+                    format!("{hat}.name"),
+                    format!("duplicate handler name {:?}", handler.name),
+                ));
+            }
+            if let Some(path) = &handler.path {
+                if let Err(why) = check_path(path) {
+                    errors.push(FieldError::new(format!("{hat}.path"), why));
+                } else if !paths.insert(path.as_str()) {
+                    let what = if *path == self.relay_path {
+                        "the relay path".to_string()
+                    } else {
+                        "another handler".to_string()
+                    };
+                    errors.push(FieldError::new(
+                        format!("{hat}.path"),
+                        format!("path {path:?} is already used by {what}"),
+                    ));
+                }
+            }
+        }
+
+        let mut channel_names = BTreeSet::new();
+        for (j, channel) in self.channels.iter().enumerate() {
+            let field = format!("{at}.channels[{j}].name");
+            if let Err(why) = check_channel_name(&channel.name) {
+                errors.push(FieldError::new(field, why));
+            } else if !channel_names.insert(channel.name.as_str()) {
+                errors.push(FieldError::new(
+                    field,
+                    format!("duplicate channel {:?}", channel.name),
+                ));
+            }
+        }
+
+        self.limits.validate_into(&format!("{at}.limits"), errors);
+    }
+
+    pub fn handler(&self, name: &str) -> Option<&HandlerSpec> {
+        self.handlers.iter().find(|h| h.name == name)
+    }
+
+    pub fn has_channel(&self, name: &str) -> bool {
+        self.channels.iter().any(|c| c.name == name)
+    }
+}
+
+impl Limits {
+    fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let mut check = |field: &str, ok: bool, why: String| {
+            if !ok {
+                errors.push(FieldError::new(format!("{at}.{field}"), why));
+            }
+        };
+        check(
+            "maxConnections",
+            self.max_connections >= 1,
+            "must be at least 1".into(),
+        );
+        check(
+            "maxMessageBytes",
+            (MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES_CEILING).contains(&self.max_message_bytes),
+            format!("must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES_CEILING}"),
+        );
+        check(
+            "sendQueueMessages",
+            (1..=MAX_SEND_QUEUE).contains(&self.send_queue_messages),
+            format!("must be between 1 and {MAX_SEND_QUEUE}"),
+        );
+        check(
+            "pingIntervalSeconds",
+            self.ping_interval_seconds >= 1,
+            "must be at least 1".into(),
+        );
+        check(
+            "idleTimeoutSeconds",
+            self.idle_timeout_seconds > self.ping_interval_seconds,
+            "must be longer than pingIntervalSeconds, or every pinged client would time out"
+                .into(),
+        );
+        check(
+            "handshakeTimeoutSeconds",
+            self.handshake_timeout_seconds >= 1,
+            "must be at least 1".into(),
+        );
+    }
+}
+
+/// RFC 1123 label: what Kubernetes accepts as a name and Prometheus as a label value.
+pub fn check_dns_label(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if name.is_empty() || name.len() > 63 {
+        Err(format!("{name:?} must be 1 to 63 characters"))
+    } else if !ok_chars || name.starts_with('-') || name.ends_with('-') {
+        Err(format!(
+            "{name:?} must be lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Channel names are opaque to the agent but travel in JSON and logs, so they are
+/// kept to a printable, unambiguous set.
+pub fn check_channel_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
+        Err(format!("{name:?} must be 1 to {MAX_CHANNEL_NAME} characters"))
+    } else if !ok_chars {
+        Err(format!(
+            "{name:?} may hold only letters, digits, '-', '_', '.' and '/'"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        Err(format!("{path:?} must begin with '/'"))
+    } else if path.contains(['?', '#']) || path.chars().any(|c| c.is_whitespace()) {
+        Err(format!(
+            "{path:?} must be a plain path, without spaces, '?' or '#'"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(err: ConfigError) -> Vec<String> {
+        match err {
+            ConfigError::Invalid(errors) => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected validation errors, got {other}"),
+        }
+    }
+
+    #[test]
+    fn builtin_default_is_valid_and_serves_the_seed_ports() {
+        let config = AgentConfig::builtin_default();
+        config.validate().expect("default config must validate");
+        let ports: Vec<u16> = config.services.iter().map(|s| s.port).collect();
+        assert_eq!(ports, vec![8765, 5000]);
+    }
+
+    #[test]
+    fn round_trips_through_yaml() {
+        let config = AgentConfig::builtin_default();
+        let text = serde_yaml_ng::to_string(&config).unwrap();
+        assert_eq!(AgentConfig::parse(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn parses_json_and_fills_defaults() {
+        let config = AgentConfig::parse(
+            r#"{"services":[{"name":"a","port":9000,"handlers":[{"name":"echo","kind":"echo","path":"/"}]}]}"#,
+        )
+        .unwrap();
+        let service = &config.services[0];
+        assert_eq!(service.relay_path, "/relay");
+        assert_eq!(service.limits, Limits::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = AgentConfig::parse("services:\n  - name: a\n    prot: 1\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("prot"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = AgentConfig::parse("services:\n  - name: a\n    port: eighty\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("services[0].port"), "{text}");
+    }
+
+    #[test]
+    fn unknown_handler_kind_is_refused() {
+        let err = AgentConfig::parse(
+            "services:\n  - name: a\n    port: 1\n    handlers:\n      - {name: x, kind: rot13}\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("rot13") && text.contains("handlers[0].kind"), "{text}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let mut config = AgentConfig::builtin_default();
+        config.services[1].name = "echo".into();
+        config.services[1].port = 8765;
+        config.services[0].handlers[1].path = Some("/".into());
+        config.services[0].handlers[0].path = Some("no-slash".into());
+        config.services[0].channels.push(ChannelSpec {
+            name: "chat".into(),
+        });
+        config.services[0].channels.push(ChannelSpec {
+            name: "bad channel".into(),
+        });
+        config.services[0].limits.max_message_bytes = 1;
+        config.services[0].limits.idle_timeout_seconds = 5;
+        config.services[0].limits.ping_interval_seconds = 10;
+        let got = fields(config.validate().unwrap_err());
+        assert_eq!(
+            got,
+            vec![
+                "services[0].handlers[0].path",
+                "services[0].channels[2].name",
+                "services[0].channels[3].name",
+                "services[0].limits.maxMessageBytes",
+                "services[0].limits.idleTimeoutSeconds",
+                "services[1].name",
+                "services[1].port",
+            ]
+        );
+    }
+
+    #[test]
+    fn handler_path_may_not_take_the_relay_path() {
+        let mut config = AgentConfig::builtin_default();
+        config.services[0].handlers[0].path = Some("/relay".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("services[0].handlers[0].path"), "{err}");
+        assert!(err.contains("relay path"), "{err}");
+    }
+
+    #[test]
+    fn names_must_be_dns_labels() {
+        assert!(check_dns_label("edge-1").is_ok());
+        for bad in ["", "Edge", "-a", "a-", "a_b", &"x".repeat(64)] {
+            assert!(check_dns_label(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Types shared by the edgewire operator and agent: the agent's config, the
+//! relay's wire messages, and their validation. Nothing here does I/O.
+
+pub mod config;
+pub mod error;
+pub mod wire;
+
+pub use config::{AgentConfig, HandlerKind, HandlerSpec, Limits, ServiceConfig, SlowConsumerPolicy};
+pub use error::{ConfigError, FieldError};

@@ -1,0 +1,172 @@
+//! The agent: the set of running services, brought in line with each new config
+//! without disturbing the services that did not change.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use edgewire_api::{AgentConfig, ServiceConfig};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::plan::plan;
+use crate::service::RunningService;
+
+pub struct Agent {
+    bind_ip: IpAddr,
+    metrics: Metrics,
+    root: CancellationToken,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    running: BTreeMap<String, RunningService>,
+    /// Services of the current config that could not start, with the reason.
+    failed: BTreeMap<String, String>,
+    /// Connections of stopped services that are still closing.
+    draining: Vec<TaskTracker>,
+    shutting_down: bool,
+}
+
+/// One service as `/readyz` and the EdgeNode status report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub name: String,
+    pub listening: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub connections: u32,
+}
+
+impl Agent {
+    pub fn new(bind_ip: IpAddr, metrics: Metrics) -> Agent {
+        Agent {
+            bind_ip,
+            metrics,
+            root: CancellationToken::new(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Brings the running services in line with `config`: removed services
+    /// close their clients with 1001, changed ones with 1012 (service restart)
+    /// and start again; unchanged ones are not touched. A service whose port
+    /// cannot be bound is reported in its status and retried on the next apply.
+    pub async fn apply(&self, config: &AgentConfig) {
+        let mut state = self.state.lock().await;
+        if state.shutting_down {
+            return;
+        }
+        let current: BTreeMap<String, ServiceConfig> = state
+            .running
+            .iter()
+            .map(|(name, s)| (name.clone(), s.runtime.config.clone()))
+            .collect();
+        let plan = plan(&current, config);
+        if plan.is_noop() {
+            return;
+        }
+        for (names, code, reason) in [
+            (&plan.stop, CloseCode::Away, "service removed"),
+            (&plan.restart, CloseCode::Restart, "service config changed"),
+        ] {
+            for name in names {
+                if let Some(service) = state.running.remove(name) {
+                    tracing::info!(service = %name, reason, "stopping service");
+                    let tracker = service.stop(code, reason).await;
+                    state.draining.push(tracker);
+                }
+            }
+        }
+        state.draining.retain(|t| !t.is_empty());
+        state.failed.clear();
+        for name in plan.restart.iter().chain(&plan.start) {
+            let Some(service) = config.service(name) else {
+                continue;
+            };
+            match RunningService::start(service.clone(), self.bind_ip, self.metrics.clone(), &self.root).await {
+                Ok(running) => {
+                    state.running.insert(name.clone(), running);
+                }
+                Err(err) => {
+                    tracing::error!(service = %name, %err, "service cannot start");
+                    state.failed.insert(name.clone(), err.to_string());
+                }
+            }
+        }
+    }
+
+    pub async fn status(&self) -> Vec<ServiceStatus> {
+        let state = self.state.lock().await;
+        let mut out: Vec<ServiceStatus> = state
+            .running
+            .values()
+            .map(|s| ServiceStatus {
+                name: s.runtime.name().to_string(),
+                listening: true,
+                address: Some(s.local_addr),
+                error: None,
+                connections: s.runtime.open_connections(),
+            })
+            .chain(state.failed.iter().map(|(name, error)| ServiceStatus {
+                name: name.clone(),
+                listening: false,
+                address: None,
+                error: Some(error.clone()),
+                connections: 0,
+            }))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Ready when every configured service listens and no shutdown has begun.
+    pub async fn is_ready(&self) -> bool {
+        let state = self.state.lock().await;
+        !state.shutting_down && state.failed.is_empty()
+    }
+
+    /// Whether some configured service failed to start (so a retry is due).
+    pub async fn has_failed_services(&self) -> bool {
+        !self.state.lock().await.failed.is_empty()
+    }
+
+    pub async fn local_addr(&self, service: &str) -> Option<SocketAddr> {
+        let state = self.state.lock().await;
+        state.running.get(service).map(|s| s.local_addr)
+    }
+
+    /// Stops accepting on every port, closes every client with 1001, and waits
+    /// up to `drain` for the connections to finish. True when all finished.
+    pub async fn shutdown(&self, drain: Duration) -> bool {
+        let mut trackers = {
+            let mut state = self.state.lock().await;
+            state.shutting_down = true;
+            self.root.cancel();
+            let mut trackers = std::mem::take(&mut state.draining);
+            let running = std::mem::take(&mut state.running);
+            for (_, service) in running {
+                trackers.push(service.stop(CloseCode::Away, "agent shutting down").await);
+            }
+            trackers
+        };
+        let all = async {
+            for tracker in trackers.drain(..) {
+                tracker.wait().await;
+            }
+        };
+        tokio::time::timeout(drain, all).await.is_ok()
+    }
+}

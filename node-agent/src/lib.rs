@@ -1,0 +1,18 @@
+//! edgewire-agent: the per-node runtime. A map for newcomers:
+//!
+//! - [`agent`]: the set of running services and how a new config is applied.
+//! - [`service`]: one service's listener, HTTP routing and WebSocket sessions.
+//! - [`relay`]: channel subscriptions and fan-out (the relay).
+//! - [`handlers`]: the compute handlers, as pure functions.
+//! - [`metrics`]: every Prometheus metric the agent exports.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`config_source`]: the config file and its reloads.
+
+pub mod admin;
+pub mod agent;
+pub mod config_source;
+pub mod handlers;
+pub mod metrics;
+pub mod plan;
+pub mod relay;
+pub mod service;

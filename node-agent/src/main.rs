@@ -1,0 +1,172 @@
+//! `edgewire-agent`: runs the services of one edge node. With no `--config` it
+//! serves the built-in default (the seed's echo and add services).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use edgewire_agent::{admin, agent::Agent, config_source, metrics::Metrics};
+use edgewire_api::AgentConfig;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "edgewire-agent", version, about = "edgewire's edge node agent: WebSocket relay, compute handlers and metrics")]
+struct Cli {
+    /// Config file (YAML or JSON). Without it the built-in default runs.
+    #[arg(long, env = "EDGEWIRE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address the services listen on.
+    #[arg(long, env = "EDGEWIRE_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    listen_address: IpAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "EDGEWIRE_ADMIN_ADDRESS", default_value = "0.0.0.0:9180")]
+    admin_address: SocketAddr,
+    /// Log filter: a level (info, debug...) or tracing directives.
+    #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
+    log_level: String,
+    #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// How often the config file is checked for changes, in seconds.
+    #[arg(long, default_value_t = 2.0, value_parser = seconds)]
+    reload_interval: f64,
+    /// How long shutdown waits for connections to close, in seconds.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    drain_timeout: f64,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check: bool,
+    /// Print the built-in default config as YAML and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&cli.log_level)
+        .with_context(|| format!("invalid log filter {:?}", cli.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        match AgentConfig::builtin_default().to_yaml() {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(err) => {
+                eprintln!("edgewire-agent: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Err(err) = init_logging(&cli) {
+        eprintln!("edgewire-agent: {err:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("edgewire-agent: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("edgewire-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (config, source) = match &cli.config {
+        Some(path) => {
+            let (config, bytes) = config_source::load(path).await?;
+            (config, Some((path.clone(), bytes)))
+        }
+        None => (AgentConfig::builtin_default(), None),
+    };
+    if cli.check {
+        println!("config is valid: {} service(s)", config.services.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let metrics = Metrics::new();
+    let agent = Arc::new(Agent::new(cli.listen_address, metrics));
+    let stop = CancellationToken::new();
+
+    let admin = admin::bind(cli.admin_address)
+        .await
+        .with_context(|| format!("cannot listen on admin address {}", cli.admin_address))?;
+    tracing::info!(address = %cli.admin_address, "admin endpoint (/metrics, /healthz, /readyz) listening");
+    let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&agent), stop.clone()));
+
+    agent.apply(&config).await;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        services = config.services.len(),
+        source = cli.config.as_ref().map_or("built-in default".to_string(), |p| p.display().to_string()),
+        "edgewire-agent started"
+    );
+
+    let watch_task = source.map(|(path, bytes)| {
+        tokio::spawn(config_source::watch(
+            path,
+            config.clone(),
+            bytes,
+            Arc::clone(&agent),
+            Duration::from_secs_f64(cli.reload_interval),
+            stop.clone(),
+        ))
+    });
+
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let drain = Duration::from_secs_f64(cli.drain_timeout);
+    tracing::info!(signal = which, drain_seconds = cli.drain_timeout, "shutting down: closing connections");
+    let drained = agent.shutdown(drain).await;
+    stop.cancel();
+    let _ = admin_task.await;
+    if let Some(task) = watch_task {
+        let _ = task.await;
+    }
+    if drained {
+        tracing::info!("all connections closed; bye");
+    } else {
+        tracing::warn!("drain time ran out with connections still open; exiting anyway");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,284 @@
+//! The agent's Prometheus metrics. The names and labels are part of the contract
+//! (DESIGN.md); labels stay bounded: service, handler, reason, direction, path,
+//! outcome, state. Never a client address or an id.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Buckets from 50µs to 10s: the range from a loopback echo to a slow upstream.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Why a message or connection was refused; the `reason` label of
+/// `edgewire_messages_dropped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    Oversize,
+    InvalidUtf8,
+    InvalidJson,
+    InvalidRequest,
+    UnknownType,
+    UnknownChannel,
+    UnknownHandler,
+    InvalidArguments,
+    Unsupported,
+    SlowConsumer,
+    Protocol,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Oversize => "oversize",
+            DropReason::InvalidUtf8 => "invalid_utf8",
+            DropReason::InvalidJson => "invalid_json",
+            DropReason::InvalidRequest => "invalid_request",
+            DropReason::UnknownType => "unknown_type",
+            DropReason::UnknownChannel => "unknown_channel",
+            DropReason::UnknownHandler => "unknown_handler",
+            DropReason::InvalidArguments => "invalid_arguments",
+            DropReason::Unsupported => "unsupported",
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::Protocol => "protocol",
+        }
+    }
+}
+
+impl From<edgewire_api::wire::ErrorCode> for DropReason {
+    fn from(code: edgewire_api::wire::ErrorCode) -> Self {
+        use edgewire_api::wire::ErrorCode;
+        match code {
+            ErrorCode::InvalidJson => DropReason::InvalidJson,
+            ErrorCode::InvalidRequest => DropReason::InvalidRequest,
+            ErrorCode::UnknownType => DropReason::UnknownType,
+            ErrorCode::UnknownChannel => DropReason::UnknownChannel,
+            ErrorCode::UnknownHandler => DropReason::UnknownHandler,
+            ErrorCode::InvalidArguments => DropReason::InvalidArguments,
+        }
+    }
+}
+
+/// How a connection attempt ended; the `outcome` label of `edgewire_connections_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    RejectedLimit,
+    HandshakeTimeout,
+    HandshakeFailed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::RejectedLimit => "rejected_limit",
+            Outcome::HandshakeTimeout => "handshake_timeout",
+            Outcome::HandshakeFailed => "handshake_failed",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryPath {
+    Local,
+    Mesh,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGaugeVec,
+    connections_total: IntCounterVec,
+    pub handshake_duration: HistogramVec,
+    message_latency: HistogramVec,
+    pub handler_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    messages: IntCounterVec,
+    dropped: IntCounterVec,
+    pub mesh_peers: IntGaugeVec,
+    config_reloads: IntCounterVec,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("static histogram definition is valid")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static counter definition is valid")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("static gauge definition is valid")
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let metrics = Metrics {
+            registry: Registry::new(),
+            connections: gauge(
+                "edgewire_connections",
+                "Open WebSocket connections.",
+                &["service"],
+            ),
+            connections_total: counter(
+                "edgewire_connections_total",
+                "WebSocket connection attempts by outcome.",
+                &["service", "outcome"],
+            ),
+            handshake_duration: histogram(
+                "edgewire_handshake_duration_seconds",
+                "Time from TCP accept to a completed WebSocket upgrade.",
+                &["service"],
+            ),
+            message_latency: histogram(
+                "edgewire_message_latency_seconds",
+                "Time from a publish arriving to its delivery being written to a subscriber.",
+                &["service", "path"],
+            ),
+            handler_duration: histogram(
+                "edgewire_handler_duration_seconds",
+                "Time spent in a compute handler.",
+                &["service", "handler"],
+            ),
+            upstream_duration: histogram(
+                "edgewire_upstream_duration_seconds",
+                "Time spent waiting on an upstream (cloud) call.",
+                &["service"],
+            ),
+            messages: counter(
+                "edgewire_messages_total",
+                "WebSocket messages received (in) and sent (out).",
+                &["service", "direction"],
+            ),
+            dropped: counter(
+                "edgewire_messages_dropped_total",
+                "Messages refused or not delivered, by reason.",
+                &["service", "reason"],
+            ),
+            mesh_peers: gauge(
+                "edgewire_mesh_peers",
+                "Mesh links to peer agents by state.",
+                &["service", "state"],
+            ),
+            config_reloads: counter(
+                "edgewire_config_reloads_total",
+                "Config reloads by outcome (applied or rejected).",
+                &["outcome"],
+            ),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.connections.clone()),
+            Box::new(metrics.connections_total.clone()),
+            Box::new(metrics.handshake_duration.clone()),
+            Box::new(metrics.message_latency.clone()),
+            Box::new(metrics.handler_duration.clone()),
+            Box::new(metrics.upstream_duration.clone()),
+            Box::new(metrics.messages.clone()),
+            Box::new(metrics.dropped.clone()),
+            Box::new(metrics.mesh_peers.clone()),
+            Box::new(metrics.config_reloads.clone()),
+        ];
+        for collector in collectors {
+            metrics
+                .registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        metrics
+    }
+
+    /// Makes every metric family of `service` visible at zero, so dashboards and
+    /// alerts see the series before the first event.
+    pub fn init_service(&self, service: &str) {
+        self.connections.with_label_values(&[service]);
+        for outcome in [
+            Outcome::Accepted,
+            Outcome::RejectedLimit,
+            Outcome::HandshakeTimeout,
+            Outcome::HandshakeFailed,
+        ] {
+            self.connections_total
+                .with_label_values(&[service, outcome.as_str()]);
+        }
+        self.handshake_duration.with_label_values(&[service]);
+        self.message_latency.with_label_values(&[service, "local"]);
+        self.message_latency.with_label_values(&[service, "mesh"]);
+        self.upstream_duration.with_label_values(&[service]);
+        self.messages.with_label_values(&[service, "in"]);
+        self.messages.with_label_values(&[service, "out"]);
+        for state in ["connected", "connecting"] {
+            self.mesh_peers.with_label_values(&[service, state]);
+        }
+    }
+
+    /// Removes a stopped service's series, so its gauges do not linger.
+    pub fn forget_service(&self, service: &str) {
+        let _ = self.connections.remove_label_values(&[service]);
+    }
+
+    pub fn connection(&self, service: &str, outcome: Outcome) {
+        self.connections_total
+            .with_label_values(&[service, outcome.as_str()])
+            .inc();
+    }
+
+    pub fn message(&self, service: &str, direction: Direction) {
+        let label = match direction {
+            Direction::In => "in",
+            Direction::Out => "out",
+        };
+        self.messages.with_label_values(&[service, label]).inc();
+    }
+
+    pub fn dropped(&self, service: &str, reason: DropReason) {
+        self.dropped
+            .with_label_values(&[service, reason.as_str()])
+            .inc();
+    }
+
+    pub fn latency(&self, service: &str, path: DeliveryPath, seconds: f64) {
+        let label = match path {
+            DeliveryPath::Local => "local",
+            DeliveryPath::Mesh => "mesh",
+        };
+        self.message_latency
+            .with_label_values(&[service, label])
+            .observe(seconds);
+    }
+
+    pub fn config_reload(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "rejected" };
+        self.config_reloads.with_label_values(&[outcome]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        // Encoding into a Vec only fails on a malformed metric, which the
+        // static definitions above rule out.
+        if let Err(err) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(%err, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,229 @@
+//! HTTP for one service connection: routes each request to a handler, the
+//! relay, or a WebSocket upgrade.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use edgewire_api::{HandlerKind, HandlerSpec};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use super::ServiceRuntime;
+use super::websocket::{self, Mode};
+use crate::handlers::{self, HttpAnswer};
+use crate::metrics::Outcome;
+
+/// How long an HTTP connection that is mid-request gets to finish when the
+/// service stops.
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, accepted_at: Instant) {
+    let service = {
+        let runtime = Arc::clone(&runtime);
+        service_fn(move |req| {
+            let runtime = Arc::clone(&runtime);
+            async move { Ok::<_, Infallible>(route(&runtime, req, accepted_at)) }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(runtime.handshake_timeout());
+    let conn = builder
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                if err.is_timeout() {
+                    runtime.metrics.connection(runtime.name(), Outcome::HandshakeTimeout);
+                }
+                tracing::debug!(service = runtime.name(), %err, "http connection ended");
+            }
+        }
+        _ = runtime.stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
+        }
+    }
+}
+
+fn route(runtime: &Arc<ServiceRuntime>, req: Request<Incoming>, accepted_at: Instant) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let wants_upgrade = is_websocket_upgrade(req.headers());
+    if path == runtime.config.relay_path {
+        return if wants_upgrade {
+            upgrade(runtime, req, Mode::Relay, accepted_at)
+        } else {
+            upgrade_required("the relay speaks WebSocket")
+        };
+    }
+    let Some(handler) = runtime
+        .config
+        .handlers
+        .iter()
+        .find(|h| h.path.as_deref() == Some(path))
+    else {
+        return answer(HttpAnswer::error(404, &format!("no handler at {path}")));
+    };
+    if wants_upgrade {
+        return match handler.kind {
+            HandlerKind::Echo => upgrade(
+                runtime,
+                req,
+                Mode::Echo {
+                    handler: handler.name.clone(),
+                },
+                accepted_at,
+            ),
+            HandlerKind::Add => answer(HttpAnswer::error(
+                400,
+                &format!(
+                    "handler {:?} answers HTTP GET; over WebSocket, call it through the relay at {}",
+                    handler.name, runtime.config.relay_path
+                ),
+            )),
+        };
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = answer(HttpAnswer::error(405, "only GET is allowed"));
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    answer(run_handler(runtime, handler, req.uri().query()))
+}
+
+fn run_handler(runtime: &ServiceRuntime, handler: &HandlerSpec, query: Option<&str>) -> HttpAnswer {
+    let started = Instant::now();
+    let answer = handlers::http_get(handler.kind, query);
+    runtime
+        .metrics
+        .handler_duration
+        .with_label_values(&[runtime.name(), &handler.name])
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+fn answer(answer: HttpAnswer) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(answer.body)));
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(answer.content_type),
+    );
+    response
+}
+
+fn upgrade_required(why: &str) -> Response<Full<Bytes>> {
+    let mut response = answer(HttpAnswer::error(426, why));
+    response
+        .headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    response
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket")
+}
+
+/// Answers an RFC 6455 opening handshake and hands the upgraded socket to a
+/// WebSocket session.
+fn upgrade(
+    runtime: &Arc<ServiceRuntime>,
+    mut req: Request<Incoming>,
+    mode: Mode,
+    accepted_at: Instant,
+) -> Response<Full<Bytes>> {
+    let service = runtime.name();
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let (Some(key), true, true) = (key, version_ok, req.method() == Method::GET) else {
+        runtime
+            .metrics
+            .connection(service, Outcome::HandshakeFailed);
+        let mut response = answer(HttpAnswer::error(
+            400,
+            "a WebSocket upgrade needs GET, Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+        ));
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    };
+    let Some(slot) = runtime.try_open() else {
+        runtime.metrics.connection(service, Outcome::RejectedLimit);
+        let mut response = answer(HttpAnswer::error(503, "connection limit reached"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_runtime = Arc::clone(runtime);
+    runtime.tracker.spawn(async move {
+        let runtime = task_runtime;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(runtime.ws_config),
+                )
+                .await;
+                runtime
+                    .metrics
+                    .handshake_duration
+                    .with_label_values(&[runtime.name()])
+                    .observe(accepted_at.elapsed().as_secs_f64());
+                runtime.metrics.connection(runtime.name(), Outcome::Accepted);
+                websocket::run(runtime, ws, mode, slot).await;
+            }
+            Err(err) => {
+                runtime
+                    .metrics
+                    .connection(runtime.name(), Outcome::HandshakeFailed);
+                tracing::debug!(service = runtime.name(), %err, "upgrade failed");
+            }
+        }
+    });
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}

@@ -1,0 +1,203 @@
+//! One service: its listening socket, the state its connections share, and the
+//! accept loop. HTTP routing lives in `http`, a WebSocket session in `websocket`.
+
+mod http;
+mod websocket;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use edgewire_api::ServiceConfig;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::relay::{ConnId, Hub};
+
+/// Read buffer per WebSocket. tungstenite allocates its read buffer eagerly
+/// (128 KiB by default); most edge connections are idle, and larger messages
+/// still arrive, just in more reads.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Frames are written once this much is buffered, or when the send queue runs
+/// dry, so a burst of deliveries leaves in few writes.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// State shared by every connection of one service.
+pub struct ServiceRuntime {
+    pub config: ServiceConfig,
+    pub metrics: Metrics,
+    pub hub: Hub,
+    ws_config: WebSocketConfig,
+    open: AtomicU32,
+    next_id: AtomicU64,
+    stop: CancellationToken,
+    stop_reason: OnceLock<(CloseCode, &'static str)>,
+    tracker: TaskTracker,
+}
+
+impl ServiceRuntime {
+    fn new(config: ServiceConfig, metrics: Metrics, stop: CancellationToken) -> ServiceRuntime {
+        let max = config.limits.max_message_bytes as usize;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+            // Bounded so a peer that stops reading cannot grow it without limit;
+            // room for the buffer plus the largest frame the agent sends.
+            .max_write_buffer_size(WRITE_BUFFER_BYTES + 2 * max + 1024)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        metrics.init_service(&config.name);
+        ServiceRuntime {
+            config,
+            metrics,
+            hub: Hub::new(),
+            ws_config,
+            open: AtomicU32::new(0),
+            next_id: AtomicU64::new(1),
+            stop,
+            stop_reason: OnceLock::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn next_conn_id(&self) -> ConnId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes a connection slot if the service is under its limit.
+    fn try_open(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.config.limits.max_connections;
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| {
+            self.metrics
+                .connections
+                .with_label_values(&[self.name()])
+                .inc();
+            ConnectionSlot {
+                runtime: Arc::clone(self),
+            }
+        })
+    }
+
+    pub fn open_connections(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The close frame sent to clients when the service stops.
+    fn stop_reason(&self) -> (CloseCode, &'static str) {
+        *self
+            .stop_reason
+            .get()
+            .unwrap_or(&(CloseCode::Away, "agent shutting down"))
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.limits.handshake_timeout_seconds.into())
+    }
+}
+
+/// An open WebSocket connection's place under `maxConnections`; freed on drop.
+struct ConnectionSlot {
+    runtime: Arc<ServiceRuntime>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.runtime.open.fetch_sub(1, Ordering::AcqRel);
+        self.runtime
+            .metrics
+            .connections
+            .with_label_values(&[self.runtime.name()])
+            .dec();
+    }
+}
+
+/// A service that is listening.
+pub struct RunningService {
+    pub runtime: Arc<ServiceRuntime>,
+    pub local_addr: SocketAddr,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl RunningService {
+    /// Binds the service's port and starts accepting.
+    pub async fn start(
+        config: ServiceConfig,
+        bind_ip: IpAddr,
+        metrics: Metrics,
+        parent: &CancellationToken,
+    ) -> Result<RunningService, BindError> {
+        let addr = SocketAddr::new(bind_ip, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BindError { addr, source })?;
+        let runtime = Arc::new(ServiceRuntime::new(config, metrics, parent.child_token()));
+        let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime)));
+        tracing::info!(service = runtime.name(), %local_addr, "service listening");
+        Ok(RunningService {
+            runtime,
+            local_addr,
+            accept_loop,
+        })
+    }
+
+    /// Stops accepting (the port is free when this returns) and tells every
+    /// connection to close with `code`. Returns a handle to wait for the drain.
+    pub async fn stop(self, code: CloseCode, reason: &'static str) -> TaskTracker {
+        let _ = self.runtime.stop_reason.set((code, reason));
+        self.runtime.stop.cancel();
+        if let Err(err) = self.accept_loop.await {
+            tracing::error!(service = self.runtime.name(), %err, "accept loop failed");
+        }
+        self.runtime.tracker.close();
+        self.runtime.metrics.forget_service(self.runtime.name());
+        self.runtime.tracker.clone()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, runtime: Arc<ServiceRuntime>) {
+    loop {
+        tokio::select! {
+            _ = runtime.stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _peer)) => {
+                    let accepted_at = std::time::Instant::now();
+                    // Small frames dominate: do not let Nagle hold them back.
+                    let _ = tcp.set_nodelay(true);
+                    let runtime = Arc::clone(&runtime);
+                    runtime.tracker.clone().spawn(http::serve_connection(runtime, tcp, accepted_at));
+                }
+                Err(err) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(service = runtime.name(), %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

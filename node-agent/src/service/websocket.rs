@@ -1,0 +1,379 @@
+//! One WebSocket session: reads the client's frames, answers them (echo or the
+//! relay protocol), writes channel deliveries from the send queue, pings, and
+//! closes with the code RFC 6455 names for what went wrong.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgewire_api::wire::{self, ClientMessage, ErrorCode, ServerMessage, WireError};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::ProtocolError};
+
+use super::{ConnectionSlot, ServiceRuntime};
+use crate::handlers;
+use crate::metrics::{DeliveryPath, Direction, DropReason};
+use crate::relay::{ConnId, Delivery, Subscriber};
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type Sink = SplitSink<Ws, Message>;
+
+/// How long the agent waits for the client's half of a close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Deliveries written per flush, so one busy subscriber cannot hog its task.
+const MAX_BATCH: usize = 64;
+/// The longest close reason RFC 6455 allows (125 bytes of payload less the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// What a text frame means on this connection.
+pub enum Mode {
+    /// A WebSocket echo handler: `Echo: <text>` for each text message.
+    Echo { handler: String },
+    /// The JSON envelope protocol: channels and handler calls.
+    Relay,
+}
+
+/// Why the session ends: with a close frame of ours, or because the peer went.
+enum End {
+    Close(CloseCode, String),
+    PeerGone,
+}
+
+impl End {
+    fn close(code: CloseCode, reason: impl Into<String>) -> End {
+        End::Close(code, reason.into())
+    }
+}
+
+struct Session {
+    runtime: Arc<ServiceRuntime>,
+    id: ConnId,
+    mode: Mode,
+    subscriptions: BTreeSet<String>,
+    /// Created on the first subscribe: an echo client or a pure publisher
+    /// never pays for a queue.
+    queue: Option<(Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>)>,
+}
+
+pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: ConnectionSlot) {
+    let id = runtime.next_conn_id();
+    let (mut sink, mut stream) = ws.split();
+    let mut session = Session {
+        runtime: Arc::clone(&runtime),
+        id,
+        mode,
+        subscriptions: BTreeSet::new(),
+        queue: None,
+    };
+    let end = session.serve(&mut sink, &mut stream).await;
+    runtime.hub.remove_connection(&session.subscriptions, id);
+    drop(session);
+
+    match end {
+        End::Close(code, reason) => {
+            let mut reason = reason;
+            truncate_utf8(&mut reason, MAX_CLOSE_REASON);
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            };
+            if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                // Read until the client's close (or the wait runs out), so the
+                // client sees a clean close handshake rather than a reset.
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                })
+                .await;
+            }
+        }
+        // tungstenite queued the reply to a client's close; push it out.
+        End::PeerGone => {
+            let _ = sink.flush().await;
+        }
+    }
+}
+
+impl Session {
+    async fn serve(&mut self, sink: &mut Sink, stream: &mut SplitStream<Ws>) -> End {
+        let runtime = Arc::clone(&self.runtime);
+        let limits = &runtime.config.limits;
+        let ping_every = Duration::from_secs(limits.ping_interval_seconds.into());
+        let idle = Duration::from_secs(limits.idle_timeout_seconds.into());
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline = tokio::time::Instant::now() + idle;
+
+        loop {
+            let (deliveries, evictions) = match &mut self.queue {
+                Some((_, rx, evict)) => (Some(rx), Some(evict)),
+                None => (None, None),
+            };
+            tokio::select! {
+                _ = runtime.stop.cancelled() => {
+                    let (code, reason) = runtime.stop_reason();
+                    return End::close(code, reason);
+                }
+                Some(()) = recv_or_pending(evictions) => {
+                    return End::close(CloseCode::Policy, "slow consumer: send queue full");
+                }
+                Some(first) = recv_or_pending(deliveries) => {
+                    if let Err(end) = self.write_deliveries(sink, first).await {
+                        return end;
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        return End::PeerGone;
+                    }
+                }
+                read = tokio::time::timeout_at(deadline, stream.next()) => {
+                    let frame = match read {
+                        Err(_) => return End::close(CloseCode::Normal, "idle timeout"),
+                        Ok(None) => return End::PeerGone,
+                        Ok(Some(Err(err))) => return self.read_error(err),
+                        Ok(Some(Ok(frame))) => frame,
+                    };
+                    deadline = tokio::time::Instant::now() + idle;
+                    match frame {
+                        Message::Text(text) => {
+                            runtime.metrics.message(runtime.name(), Direction::In);
+                            if let Err(end) = self.on_text(sink, text).await {
+                                return end;
+                            }
+                        }
+                        Message::Binary(_) => {
+                            runtime.metrics.message(runtime.name(), Direction::In);
+                            runtime.metrics.dropped(runtime.name(), DropReason::Unsupported);
+                            return End::close(CloseCode::Unsupported, "binary messages are not supported; send text");
+                        }
+                        Message::Close(_) => return End::PeerGone,
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Maps a read error to the close code RFC 6455 gives it, counting the drop.
+    fn read_error(&self, err: WsError) -> End {
+        let runtime = &self.runtime;
+        let (reason, end) = match err {
+            WsError::Capacity(cap) => (
+                DropReason::Oversize,
+                End::close(CloseCode::Size, cap.to_string()),
+            ),
+            WsError::Utf8(_) => (
+                DropReason::InvalidUtf8,
+                End::close(CloseCode::Invalid, "text message is not valid UTF-8"),
+            ),
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                return End::PeerGone;
+            }
+            WsError::Protocol(p) => (
+                DropReason::Protocol,
+                End::close(CloseCode::Protocol, p.to_string()),
+            ),
+            _ => return End::PeerGone,
+        };
+        runtime.metrics.dropped(runtime.name(), reason);
+        end
+    }
+
+    async fn send_text(&self, sink: &mut Sink, text: String) -> Result<(), End> {
+        sink.send(Message::Text(Utf8Bytes::from(text)))
+            .await
+            .map_err(|_| End::PeerGone)?;
+        self.runtime
+            .metrics
+            .message(self.runtime.name(), Direction::Out);
+        Ok(())
+    }
+
+    async fn reply(&self, sink: &mut Sink, message: ServerMessage) -> Result<(), End> {
+        self.send_text(sink, message.to_json()).await
+    }
+
+    async fn on_text(&mut self, sink: &mut Sink, text: Utf8Bytes) -> Result<(), End> {
+        match &self.mode {
+            Mode::Echo { handler } => {
+                let started = Instant::now();
+                let reply = handlers::echo(text.as_str());
+                self.runtime
+                    .metrics
+                    .handler_duration
+                    .with_label_values(&[self.runtime.name(), handler])
+                    .observe(started.elapsed().as_secs_f64());
+                self.send_text(sink, reply).await
+            }
+            Mode::Relay => match wire::parse_client_message(text.as_str()) {
+                Ok(request) => match self.on_request(request) {
+                    Ok(Some(reply)) => self.reply(sink, reply).await,
+                    Ok(None) => Ok(()),
+                    Err(err) => self.refuse(sink, err).await,
+                },
+                Err(err) => self.refuse(sink, err).await,
+            },
+        }
+    }
+
+    async fn refuse(&self, sink: &mut Sink, err: WireError) -> Result<(), End> {
+        self.runtime
+            .metrics
+            .dropped(self.runtime.name(), err.code.into());
+        self.reply(sink, err.to_server_message()).await
+    }
+
+    fn known_channel(&self, id: &Option<wire::RequestId>, channel: &str) -> Result<(), WireError> {
+        if self.runtime.config.has_channel(channel) {
+            Ok(())
+        } else {
+            Err(WireError::new(
+                id.clone(),
+                ErrorCode::UnknownChannel,
+                format!(
+                    "unknown channel {channel:?} on service {:?}",
+                    self.runtime.name()
+                ),
+            ))
+        }
+    }
+
+    /// Acts on one relay request; the reply, if the request gets one.
+    fn on_request(&mut self, request: ClientMessage) -> Result<Option<ServerMessage>, WireError> {
+        let runtime = Arc::clone(&self.runtime);
+        match request {
+            ClientMessage::Subscribe { id, channel } => {
+                self.known_channel(&id, &channel)?;
+                let subscriber = self.subscriber();
+                runtime.hub.subscribe(&channel, self.id, subscriber);
+                self.subscriptions.insert(channel.clone());
+                Ok(Some(ServerMessage::Subscribed { id, channel }))
+            }
+            ClientMessage::Unsubscribe { id, channel } => {
+                self.known_channel(&id, &channel)?;
+                runtime.hub.unsubscribe(&channel, self.id);
+                self.subscriptions.remove(&channel);
+                Ok(Some(ServerMessage::Unsubscribed { id, channel }))
+            }
+            ClientMessage::Publish { id, channel, data } => {
+                self.known_channel(&id, &channel)?;
+                let published_at = Instant::now();
+                let frame = Utf8Bytes::from(
+                    ServerMessage::Message {
+                        channel: channel.clone(),
+                        data,
+                    }
+                    .to_json(),
+                );
+                let report = runtime.hub.publish(
+                    &channel,
+                    &frame,
+                    published_at,
+                    runtime.config.limits.slow_consumer,
+                );
+                for _ in 0..report.dropped {
+                    runtime.metrics.dropped(runtime.name(), DropReason::SlowConsumer);
+                }
+                Ok(id.map(|id| ServerMessage::Published {
+                    id: Some(id),
+                    channel,
+                }))
+            }
+            ClientMessage::Call { id, handler, args } => {
+                let Some(spec) = runtime.config.handler(&handler) else {
+                    return Err(WireError::new(
+                        Some(id),
+                        ErrorCode::UnknownHandler,
+                        format!(
+                            "unknown handler {handler:?} on service {:?}",
+                            runtime.name()
+                        ),
+                    ));
+                };
+                let started = Instant::now();
+                let result = handlers::call(spec.kind, &args);
+                runtime
+                    .metrics
+                    .handler_duration
+                    .with_label_values(&[runtime.name(), &spec.name])
+                    .observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(result) => Ok(Some(ServerMessage::Result {
+                        id,
+                        handler,
+                        result,
+                    })),
+                    Err(handlers::HandlerError::InvalidArguments(why)) => Err(WireError::new(
+                        Some(id),
+                        ErrorCode::InvalidArguments,
+                        why,
+                    )),
+                }
+            }
+        }
+    }
+
+    fn subscriber(&mut self) -> Subscriber {
+        let capacity = self.runtime.config.limits.send_queue_messages as usize;
+        let (subscriber, _, _) = self.queue.get_or_insert_with(|| {
+            let (queue, rx) = mpsc::channel(capacity);
+            let (evict, evict_rx) = mpsc::channel(1);
+            (Subscriber { queue, evict }, rx, evict_rx)
+        });
+        subscriber.clone()
+    }
+
+    /// Writes `first` and whatever else is already queued, then flushes once.
+    async fn write_deliveries(&mut self, sink: &mut Sink, first: Delivery) -> Result<(), End> {
+        let runtime = Arc::clone(&self.runtime);
+        let mut stamps = Vec::with_capacity(8);
+        let mut next = Some(first);
+        while let Some(delivery) = next.take() {
+            sink.feed(Message::Text(delivery.frame))
+                .await
+                .map_err(|_| End::PeerGone)?;
+            stamps.push(delivery.published_at);
+            if stamps.len() < MAX_BATCH {
+                next = self
+                    .queue
+                    .as_mut()
+                    .and_then(|(_, rx, _)| rx.try_recv().ok());
+            }
+        }
+        sink.flush().await.map_err(|_| End::PeerGone)?;
+        let now = Instant::now();
+        for stamp in stamps {
+            runtime.metrics.message(runtime.name(), Direction::Out);
+            runtime.metrics.latency(
+                runtime.name(),
+                DeliveryPath::Local,
+                now.duration_since(stamp).as_secs_f64(),
+            );
+        }
+        Ok(())
+    }
+}
+
+async fn recv_or_pending<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn truncate_utf8(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
