@@ -321,8 +321,7 @@ impl Limits {
         check(
             "idleTimeoutSeconds",
             self.idle_timeout_seconds > self.ping_interval_seconds,
-            "must be longer than pingIntervalSeconds, or every pinged client would time out"
-                .into(),
+            "must be longer than pingIntervalSeconds, or every pinged client would time out".into(),
         );
         check(
             "handshakeTimeoutSeconds",
@@ -355,7 +354,9 @@ pub fn check_channel_name(name: &str) -> Result<(), String> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
     if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
-        Err(format!("{name:?} must be 1 to {MAX_CHANNEL_NAME} characters"))
+        Err(format!(
+            "{name:?} must be 1 to {MAX_CHANNEL_NAME} characters"
+        ))
     } else if !ok_chars {
         Err(format!(
             "{name:?} may hold only letters, digits, '-', '_', '.' and '/'"
@@ -436,7 +437,10 @@ mod tests {
         )
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("rot13") && text.contains("handlers[0].kind"), "{text}");
+        assert!(
+            text.contains("rot13") && text.contains("handlers[0].kind"),
+            "{text}"
+        );
     }
 
     #[test]

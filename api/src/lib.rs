@@ -5,5 +5,7 @@ pub mod config;
 pub mod error;
 pub mod wire;
 
-pub use config::{AgentConfig, HandlerKind, HandlerSpec, Limits, ServiceConfig, SlowConsumerPolicy};
+pub use config::{
+    AgentConfig, HandlerKind, HandlerSpec, Limits, ServiceConfig, SlowConsumerPolicy,
+};
 pub use error::{ConfigError, FieldError};

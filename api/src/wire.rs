@@ -179,9 +179,8 @@ impl WireError {
 
 /// Parses one text frame from a relay client.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, WireError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        WireError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}"))
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| WireError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
     let Value::Object(mut map) = value else {
         return Err(WireError::new(
             None,
@@ -231,7 +230,10 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, WireError> {
         },
         "call" => {
             let handler = fields.string("handler")?;
-            let args = fields.map.remove("args").unwrap_or(Value::Object(Map::new()));
+            let args = fields
+                .map
+                .remove("args")
+                .unwrap_or(Value::Object(Map::new()));
             let Some(call_id) = id.clone() else {
                 return Err(err(
                     ErrorCode::InvalidRequest,
@@ -300,10 +302,7 @@ impl Fields<'_> {
     fn finish(self) -> Result<(), WireError> {
         match self.map.keys().next() {
             None => Ok(()),
-            Some(extra) => Err(self.error(format!(
-                "unknown field {extra:?} in {:?}",
-                self.kind
-            ))),
+            Some(extra) => Err(self.error(format!("unknown field {extra:?} in {:?}", self.kind))),
         }
     }
 }

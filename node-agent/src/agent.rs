@@ -96,7 +96,14 @@ impl Agent {
             let Some(service) = config.service(name) else {
                 continue;
             };
-            match RunningService::start(service.clone(), self.bind_ip, self.metrics.clone(), &self.root).await {
+            match RunningService::start(
+                service.clone(),
+                self.bind_ip,
+                self.metrics.clone(),
+                &self.root,
+            )
+            .await
+            {
                 Ok(running) => {
                     state.running.insert(name.clone(), running);
                 }

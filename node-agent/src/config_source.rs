@@ -29,10 +29,12 @@ pub enum LoadError {
 }
 
 pub async fn load(path: &Path) -> Result<(AgentConfig, Vec<u8>), LoadError> {
-    let bytes = tokio::fs::read(path).await.map_err(|source| LoadError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let config = parse(path, &bytes)?;
     Ok((config, bytes))
 }

@@ -166,7 +166,10 @@ mod tests {
     #[test]
     fn echo_over_http_decodes_the_query() {
         let answer = http_get(HandlerKind::Echo, Some("text=hi%20there"));
-        assert_eq!((answer.status, answer.body.as_str()), (200, "Echo: hi there"));
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, "Echo: hi there")
+        );
     }
 
     #[test]

@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "edgewire-agent", version, about = "edgewire's edge node agent: WebSocket relay, compute handlers and metrics")]
+#[command(
+    name = "edgewire-agent",
+    version,
+    about = "edgewire's edge node agent: WebSocket relay, compute handlers and metrics"
+)]
 struct Cli {
     /// Config file (YAML or JSON). Without it the built-in default runs.
     #[arg(long, env = "EDGEWIRE_CONFIG")]
@@ -90,7 +94,10 @@ fn main() -> ExitCode {
         eprintln!("edgewire-agent: {err:#}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("edgewire-agent: cannot start the runtime: {err}");
@@ -134,7 +141,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         services = config.services.len(),
-        source = cli.config.as_ref().map_or("built-in default".to_string(), |p| p.display().to_string()),
+        source = cli
+            .config
+            .as_ref()
+            .map_or("built-in default".to_string(), |p| p.display().to_string()),
         "edgewire-agent started"
     );
 
@@ -156,7 +166,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ = int.recv() => "SIGINT",
     };
     let drain = Duration::from_secs_f64(cli.drain_timeout);
-    tracing::info!(signal = which, drain_seconds = cli.drain_timeout, "shutting down: closing connections");
+    tracing::info!(
+        signal = which,
+        drain_seconds = cli.drain_timeout,
+        "shutting down: closing connections"
+    );
     let drained = agent.shutdown(drain).await;
     stop.cancel();
     let _ = admin_task.await;

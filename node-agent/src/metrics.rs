@@ -30,6 +30,20 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::Oversize,
+        DropReason::InvalidUtf8,
+        DropReason::InvalidJson,
+        DropReason::InvalidRequest,
+        DropReason::UnknownType,
+        DropReason::UnknownChannel,
+        DropReason::UnknownHandler,
+        DropReason::InvalidArguments,
+        DropReason::Unsupported,
+        DropReason::SlowConsumer,
+        DropReason::Protocol,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Oversize => "oversize",
@@ -219,14 +233,12 @@ impl Metrics {
         self.upstream_duration.with_label_values(&[service]);
         self.messages.with_label_values(&[service, "in"]);
         self.messages.with_label_values(&[service, "out"]);
+        for reason in DropReason::ALL {
+            self.dropped.with_label_values(&[service, reason.as_str()]);
+        }
         for state in ["connected", "connecting"] {
             self.mesh_peers.with_label_values(&[service, state]);
         }
-    }
-
-    /// Removes a stopped service's series, so its gauges do not linger.
-    pub fn forget_service(&self, service: &str) {
-        let _ = self.connections.remove_label_values(&[service]);
     }
 
     pub fn connection(&self, service: &str, outcome: Outcome) {

@@ -74,7 +74,11 @@ impl Hub {
     }
 
     /// Removes every subscription of a connection that went away.
-    pub fn remove_connection<'a>(&self, channels: impl IntoIterator<Item = &'a String>, id: ConnId) {
+    pub fn remove_connection<'a>(
+        &self,
+        channels: impl IntoIterator<Item = &'a String>,
+        id: ConnId,
+    ) {
         for channel in channels {
             self.unsubscribe(channel, id);
         }
@@ -167,7 +171,10 @@ mod tests {
         assert!(!hub.unsubscribe("chat", 1));
         let frame = Utf8Bytes::from_static("x");
         let policy = SlowConsumerPolicy::Drop;
-        assert_eq!(hub.publish("chat", &frame, Instant::now(), policy).queued, 0);
+        assert_eq!(
+            hub.publish("chat", &frame, Instant::now(), policy).queued,
+            0
+        );
         assert!(a_rx.try_recv().is_err());
         hub.remove_connection(&["news".to_string()], 1);
         assert_eq!(hub.subscriber_count("news"), 0);
@@ -192,12 +199,21 @@ mod tests {
                 total.dropped += r.dropped;
                 total.evicted += r.evicted;
             }
-            assert_eq!(total.queued, 4, "{policy:?}: 1 to the slow one, 3 to the fast one");
+            assert_eq!(
+                total.queued, 4,
+                "{policy:?}: 1 to the slow one, 3 to the fast one"
+            );
             assert_eq!(total.dropped, 2, "{policy:?}");
-            assert_eq!(total.evicted, evicted, "{policy:?}: evicted once, not per drop");
+            assert_eq!(
+                total.evicted, evicted,
+                "{policy:?}: evicted once, not per drop"
+            );
             assert_eq!(evict_rx.try_recv().is_ok(), evicted == 1);
             for _ in 0..3 {
-                assert!(fast_rx.try_recv().is_ok(), "the fast subscriber is not held back");
+                assert!(
+                    fast_rx.try_recv().is_ok(),
+                    "the fast subscriber is not held back"
+                );
             }
         }
     }

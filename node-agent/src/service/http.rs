@@ -60,7 +60,11 @@ pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, acce
     }
 }
 
-fn route(runtime: &Arc<ServiceRuntime>, req: Request<Incoming>, accepted_at: Instant) -> Response<Full<Bytes>> {
+fn route(
+    runtime: &Arc<ServiceRuntime>,
+    req: Request<Incoming>,
+    accepted_at: Instant,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let wants_upgrade = is_websocket_upgrade(req.headers());
     if path == runtime.config.relay_path {
@@ -205,7 +209,9 @@ fn upgrade(
                     .handshake_duration
                     .with_label_values(&[runtime.name()])
                     .observe(accepted_at.elapsed().as_secs_f64());
-                runtime.metrics.connection(runtime.name(), Outcome::Accepted);
+                runtime
+                    .metrics
+                    .connection(runtime.name(), Outcome::Accepted);
                 websocket::run(runtime, ws, mode, slot).await;
             }
             Err(err) => {

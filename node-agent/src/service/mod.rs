@@ -175,7 +175,6 @@ impl RunningService {
             tracing::error!(service = self.runtime.name(), %err, "accept loop failed");
         }
         self.runtime.tracker.close();
-        self.runtime.metrics.forget_service(self.runtime.name());
         self.runtime.tracker.clone()
     }
 }

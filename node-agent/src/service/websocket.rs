@@ -40,10 +40,12 @@ pub enum Mode {
     Relay,
 }
 
-/// Why the session ends: with a close frame of ours, or because the peer went.
+/// Why the session ends: with a close frame of ours, because the peer went,
+/// or because the peer stopped taking bytes (nothing more can be written).
 enum End {
     Close(CloseCode, String),
     PeerGone,
+    Stuck,
 }
 
 impl End {
@@ -84,7 +86,10 @@ pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: Connec
                 code,
                 reason: Utf8Bytes::from(reason),
             };
-            if sink.send(Message::Close(Some(frame))).await.is_ok() {
+            // Bounded: a client that takes no bytes must not hold the session.
+            let sent =
+                tokio::time::timeout(CLOSE_WAIT, sink.send(Message::Close(Some(frame)))).await;
+            if let Ok(Ok(())) = sent {
                 // Read until the client's close (or the wait runs out), so the
                 // client sees a clean close handshake rather than a reset.
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
@@ -93,9 +98,10 @@ pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: Connec
                 .await;
             }
         }
+        End::Stuck => {}
         // tungstenite queued the reply to a client's close; push it out.
         End::PeerGone => {
-            let _ = sink.flush().await;
+            let _ = tokio::time::timeout(CLOSE_WAIT, sink.flush()).await;
         }
     }
 }
@@ -106,7 +112,8 @@ impl Session {
         let limits = &runtime.config.limits;
         let ping_every = Duration::from_secs(limits.ping_interval_seconds.into());
         let idle = Duration::from_secs(limits.idle_timeout_seconds.into());
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = tokio::time::Instant::now() + idle;
 
@@ -120,17 +127,15 @@ impl Session {
                     let (code, reason) = runtime.stop_reason();
                     return End::close(code, reason);
                 }
-                Some(()) = recv_or_pending(evictions) => {
-                    return End::close(CloseCode::Policy, "slow consumer: send queue full");
-                }
+                Some(()) = recv_or_pending(evictions) => return slow_consumer(),
                 Some(first) = recv_or_pending(deliveries) => {
                     if let Err(end) = self.write_deliveries(sink, first).await {
                         return end;
                     }
                 }
                 _ = ping.tick() => {
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        return End::PeerGone;
+                    if let Err(end) = self.guarded(sink.send(Message::Ping(Default::default()))).await {
+                        return end;
                     }
                 }
                 read = tokio::time::timeout_at(deadline, stream.next()) => {
@@ -186,17 +191,40 @@ impl Session {
         end
     }
 
-    async fn send_text(&self, sink: &mut Sink, text: String) -> Result<(), End> {
-        sink.send(Message::Text(Utf8Bytes::from(text)))
-            .await
-            .map_err(|_| End::PeerGone)?;
+    /// Runs one write, giving up when the service stops, when the session is
+    /// evicted as a slow consumer, or when the client takes no bytes for the
+    /// idle timeout: a blocked socket must never wedge the session.
+    async fn guarded<F>(&mut self, write: F) -> Result<(), End>
+    where
+        F: std::future::Future<Output = Result<(), WsError>>,
+    {
+        let runtime = Arc::clone(&self.runtime);
+        let idle = Duration::from_secs(runtime.config.limits.idle_timeout_seconds.into());
+        let evictions = self.queue.as_mut().map(|(_, _, evict)| evict);
+        tokio::select! {
+            written = tokio::time::timeout(idle, write) => match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::PeerGone),
+                Err(_) => Err(End::Stuck),
+            },
+            _ = runtime.stop.cancelled() => {
+                let (code, reason) = runtime.stop_reason();
+                Err(End::close(code, reason))
+            }
+            Some(()) = recv_or_pending(evictions) => Err(slow_consumer()),
+        }
+    }
+
+    async fn send_text(&mut self, sink: &mut Sink, text: String) -> Result<(), End> {
+        self.guarded(sink.send(Message::Text(Utf8Bytes::from(text))))
+            .await?;
         self.runtime
             .metrics
             .message(self.runtime.name(), Direction::Out);
         Ok(())
     }
 
-    async fn reply(&self, sink: &mut Sink, message: ServerMessage) -> Result<(), End> {
+    async fn reply(&mut self, sink: &mut Sink, message: ServerMessage) -> Result<(), End> {
         self.send_text(sink, message.to_json()).await
     }
 
@@ -223,7 +251,7 @@ impl Session {
         }
     }
 
-    async fn refuse(&self, sink: &mut Sink, err: WireError) -> Result<(), End> {
+    async fn refuse(&mut self, sink: &mut Sink, err: WireError) -> Result<(), End> {
         self.runtime
             .metrics
             .dropped(self.runtime.name(), err.code.into());
@@ -279,7 +307,9 @@ impl Session {
                     runtime.config.limits.slow_consumer,
                 );
                 for _ in 0..report.dropped {
-                    runtime.metrics.dropped(runtime.name(), DropReason::SlowConsumer);
+                    runtime
+                        .metrics
+                        .dropped(runtime.name(), DropReason::SlowConsumer);
                 }
                 Ok(id.map(|id| ServerMessage::Published {
                     id: Some(id),
@@ -310,11 +340,9 @@ impl Session {
                         handler,
                         result,
                     })),
-                    Err(handlers::HandlerError::InvalidArguments(why)) => Err(WireError::new(
-                        Some(id),
-                        ErrorCode::InvalidArguments,
-                        why,
-                    )),
+                    Err(handlers::HandlerError::InvalidArguments(why)) => {
+                        Err(WireError::new(Some(id), ErrorCode::InvalidArguments, why))
+                    }
                 }
             }
         }
@@ -336,9 +364,8 @@ impl Session {
         let mut stamps = Vec::with_capacity(8);
         let mut next = Some(first);
         while let Some(delivery) = next.take() {
-            sink.feed(Message::Text(delivery.frame))
-                .await
-                .map_err(|_| End::PeerGone)?;
+            self.guarded(sink.feed(Message::Text(delivery.frame)))
+                .await?;
             stamps.push(delivery.published_at);
             if stamps.len() < MAX_BATCH {
                 next = self
@@ -347,7 +374,7 @@ impl Session {
                     .and_then(|(_, rx, _)| rx.try_recv().ok());
             }
         }
-        sink.flush().await.map_err(|_| End::PeerGone)?;
+        self.guarded(sink.flush()).await?;
         let now = Instant::now();
         for stamp in stamps {
             runtime.metrics.message(runtime.name(), Direction::Out);
@@ -359,6 +386,10 @@ impl Session {
         }
         Ok(())
     }
+}
+
+fn slow_consumer() -> End {
+    End::close(CloseCode::Policy, "slow consumer: send queue full")
 }
 
 async fn recv_or_pending<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {

@@ -1,0 +1,267 @@
+//! Test support: the agent binary started as a process on loopback, with a
+//! config file the test can rewrite, and small real clients for HTTP and
+//! WebSocket.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Upper bound on any single wait in these tests; generous for two noisy cores.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub struct AgentProcess {
+    child: Child,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `config` (YAML) and waits until it is ready.
+    pub async fn start(config: &str) -> AgentProcess {
+        let agent = AgentProcess::spawn(Some(config), &[]);
+        agent.wait_ready().await;
+        agent
+    }
+
+    /// Starts the agent without waiting; `config` None runs the built-in default.
+    pub fn spawn(config: Option<&str>, extra_args: &[&str]) -> AgentProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("agent.yaml");
+        let log_path = dir.path().join("agent.log");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgewire-agent"));
+        cmd.arg("--listen-address")
+            .arg("127.0.0.1")
+            .arg("--admin-address")
+            .arg(admin.to_string())
+            .arg("--reload-interval")
+            .arg("0.2")
+            .arg("--log-level")
+            .arg("debug")
+            .args(extra_args)
+            .env_remove("EDGEWIRE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).expect("log file"));
+        if let Some(config) = config {
+            std::fs::write(&config_path, config).expect("write config");
+            cmd.arg("--config").arg(&config_path);
+        }
+        let child = cmd.spawn().expect("start edgewire-agent");
+        AgentProcess {
+            child,
+            admin,
+            config_path,
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok((200, _)) = http_get(self.admin, "/readyz").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready in time; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn readyz(&self) -> (u16, Value) {
+        let (status, body) = http_get(self.admin, "/readyz").await.expect("readyz");
+        (status, serde_json::from_str(&body).expect("readyz is JSON"))
+    }
+
+    /// The address a service listens on, from `/readyz`.
+    pub async fn service_addr(&self, service: &str) -> SocketAddr {
+        let (_, body) = self.readyz().await;
+        body["services"]
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == service))
+            .and_then(|s| s["address"].as_str())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("service {service} has no address in {body}"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http_get(self.admin, "/metrics").await.expect("metrics");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Waits until `metric{labels}` reaches `at_least`; returns the value.
+    pub async fn wait_metric(&self, series: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let value = metric_value(&self.metrics().await, series);
+            if value >= at_least {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} stayed at {value}, wanted {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Rewrites the config file atomically, as a ConfigMap update would.
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.config_path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp).expect("temp config");
+        file.write_all(config.as_bytes())
+            .expect("write temp config");
+        file.sync_all().ok();
+        std::fs::rename(&tmp, &self.config_path).expect("replace config");
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one series in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A plain HTTP/1.1 GET; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await??;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(&url))
+        .await
+        .expect("connect in time")
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    ws
+}
+
+pub async fn send_text(ws: &mut Client, text: impl Into<String>) {
+    ws.send(Message::text(text.into())).await.expect("send");
+}
+
+/// The next text or close message, skipping pings; panics after `WAIT`.
+pub async fn next_message(ws: &mut Client) -> Message {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("stream open")
+            .expect("no error");
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+pub async fn next_text(ws: &mut Client) -> String {
+    match next_message(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+pub async fn next_json(ws: &mut Client) -> Value {
+    serde_json::from_str(&next_text(ws).await).expect("server sends JSON")
+}
+
+/// Reads until the server's close frame; returns it.
+pub async fn expect_close(ws: &mut Client) -> CloseFrame {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, ws.next()).await {
+            Err(_) => panic!("no close frame in time"),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => return frame,
+            Ok(Some(Ok(Message::Close(None)))) => panic!("close without a code"),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => panic!("error before close frame: {e}"),
+            Ok(None) => panic!("stream ended without a close frame"),
+        }
+    }
+}
+
+/// Sends a request and returns the reply.
+pub async fn request(ws: &mut Client, request: Value) -> Value {
+    send_text(ws, request.to_string()).await;
+    next_json(ws).await
+}
