@@ -64,4 +64,23 @@ install_gomod kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
 install_gomod helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
 
+# kwok v0.8 simulates nothing unless given its stages; take them from the
+# kwok module of the pinned version rather than keeping copies here.
+stages="$cache_root/$key/kwok-stages.yaml"
+if [[ ! -s "$stages" ]]; then
+  log "kwok stages: extracting from sigs.k8s.io/kwok@$KWOK_VERSION"
+  kwok_dir=$(cd "$here/go/kubernetes" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [[ -d "$kwok_dir" ]] || { log "cannot find the kwok module source"; exit 1; }
+  {
+    for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+      pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+      echo "---"
+      cat "$kwok_dir/kustomize/stage/$f.yaml"
+    done
+  } >"$stages.tmp"
+  mv "$stages.tmp" "$stages"
+else
+  log "kwok stages: cached"
+fi
+
 echo "$bin"

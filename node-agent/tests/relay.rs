@@ -379,3 +379,37 @@ async fn the_client_close_handshake_is_answered() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The README's example session, replayed line by line against the default
+/// config: the documented protocol is the one the agent speaks.
+#[tokio::test]
+async fn the_readme_session_is_what_the_agent_says() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let session = readme
+        .split("A complete session against the default config")
+        .nth(1)
+        .and_then(|rest| rest.split("```").nth(1))
+        .expect("the README has the example session");
+    let mut config = edgewire_api::AgentConfig::builtin_default();
+    for service in &mut config.services {
+        service.port = 0;
+    }
+    let agent = AgentProcess::start(&config.to_yaml().unwrap()).await;
+    let mut ws = connect(agent.service_addr("echo").await, "/relay").await;
+    let mut lines = 0;
+    for line in session.lines() {
+        if let Some(sent) = line.strip_prefix("> ") {
+            send_text(&mut ws, sent).await;
+        } else if let Some(expected) = line.strip_prefix("< ") {
+            assert_eq!(next_text(&mut ws).await, expected);
+        } else {
+            continue;
+        }
+        lines += 1;
+    }
+    assert!(
+        lines >= 10,
+        "the session was found and replayed ({lines} lines)"
+    );
+}

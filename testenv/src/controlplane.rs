@@ -1,0 +1,561 @@
+//! Starting and stopping the control plane: etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler and kwok, all on 127.0.0.1 with
+//! free ports and a data directory of their own.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::kubeconfig;
+use crate::pki::Pki;
+use crate::process::{self, Component};
+
+/// How long each component gets to come up on a busy two-core machine.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Kubernetes needs a service range to allocate from; nothing is ever sent to it.
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Also run kwok, so Node objects with the kwok annotation become ready
+    /// simulated nodes and pods on them report Running.
+    pub kwok: bool,
+    /// Leave the processes running after this process exits (the CLI's `up`).
+    pub detached: bool,
+    /// Where to put the data; a new temporary directory when None.
+    pub dir: Option<PathBuf>,
+}
+
+/// The ports the control plane listens on, all on 127.0.0.1.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ports {
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+    pub apiserver: u16,
+    pub controller_manager: u16,
+    pub scheduler: u16,
+    pub kwok: Option<u16>,
+}
+
+impl Ports {
+    pub fn all(&self) -> Vec<u16> {
+        let mut ports = vec![
+            self.etcd_client,
+            self.etcd_peer,
+            self.apiserver,
+            self.controller_manager,
+            self.scheduler,
+        ];
+        ports.extend(self.kwok);
+        ports
+    }
+}
+
+/// What the CLI's `down` needs to find a detached control plane again.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct State {
+    pub pids: Vec<i32>,
+    pub ports: Ports,
+    pub kubeconfig: PathBuf,
+}
+
+pub const STATE_FILE: &str = "state.json";
+
+pub struct ControlPlane {
+    id: u64,
+    pub dir: PathBuf,
+    pub server: String,
+    /// Admin (system:masters) kubeconfig.
+    pub kubeconfig: PathBuf,
+    pub ports: Ports,
+    pub pki: Pki,
+    components: Vec<Component>,
+    /// Started in sessions of their own, to outlive this process.
+    detached: bool,
+    /// Set once a detached start succeeded; until then a failure (or drop)
+    /// stops everything, so a failed `up` leaves nothing behind.
+    keep_running: bool,
+    stopped: bool,
+}
+
+/// The directory of the pinned binaries: `EDGEWIRE_TESTENV_BIN`, or whatever
+/// `testenv/build.sh` prints after building (or finding) them in its cache.
+pub fn bin_dir() -> Result<PathBuf, Error> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("EDGEWIRE_TESTENV_BIN") {
+            return Ok(PathBuf::from(dir));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed ({})", script.display(), out.status));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .last()
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("{} printed no directory", script.display()))
+    })
+    .clone()
+    .map_err(Error::Setup)
+}
+
+pub fn binary(name: &str) -> Result<PathBuf, Error> {
+    let path = bin_dir()?.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Setup(format!(
+            "{} is missing; run testenv/build.sh",
+            path.display()
+        )))
+    }
+}
+
+fn kwok_stages() -> Result<PathBuf, Error> {
+    let path = bin_dir()?
+        .parent()
+        .map(|p| p.join("kwok-stages.yaml"))
+        .ok_or_else(|| Error::Setup("the bin dir has no parent".into()))?;
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Setup(format!(
+            "{} is missing; run testenv/build.sh",
+            path.display()
+        )))
+    }
+}
+
+/// A port that is free now. The bind-and-release race is harmless here: a
+/// component that loses it fails to start, and the error says so.
+pub fn free_port() -> Result<u16, Error> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::io("finding a free port", e))
+}
+
+fn s(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|p| p.to_string()).collect()
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl ControlPlane {
+    pub async fn start(options: Options) -> Result<ControlPlane, Error> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let dir = match &options.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the data dir", e))?;
+                dir.clone()
+            }
+            None => tempfile::Builder::new()
+                .prefix("edgewire-testenv-")
+                .tempdir()
+                .map_err(|e| Error::io("creating the data dir", e))?
+                .keep(),
+        };
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| Error::io("creating the log dir", e))?;
+        let pki = Pki::generate(&dir.join("pki"))?;
+        let ports = Ports {
+            etcd_client: free_port()?,
+            etcd_peer: free_port()?,
+            apiserver: free_port()?,
+            controller_manager: free_port()?,
+            scheduler: free_port()?,
+            kwok: if options.kwok {
+                Some(free_port()?)
+            } else {
+                None
+            },
+        };
+        let server = format!("https://127.0.0.1:{}", ports.apiserver);
+        let kubeconfig = dir.join("admin.kubeconfig");
+        let write = |file: &Path, text: String| {
+            std::fs::write(file, text)
+                .map_err(|e| Error::io(format!("writing {}", file.display()), e))
+        };
+        write(
+            &kubeconfig,
+            kubeconfig::render(&server, &pki.ca.cert, "admin", &pki.admin),
+        )?;
+        let kcm_kubeconfig = dir.join("controller-manager.kubeconfig");
+        write(
+            &kcm_kubeconfig,
+            kubeconfig::render(
+                &server,
+                &pki.ca.cert,
+                "controller-manager",
+                &pki.controller_manager,
+            ),
+        )?;
+        let scheduler_kubeconfig = dir.join("scheduler.kubeconfig");
+        write(
+            &scheduler_kubeconfig,
+            kubeconfig::render(&server, &pki.ca.cert, "scheduler", &pki.scheduler),
+        )?;
+
+        let mut plane = ControlPlane {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            dir: dir.clone(),
+            server,
+            kubeconfig: kubeconfig.clone(),
+            ports: ports.clone(),
+            pki: pki.clone(),
+            components: Vec::new(),
+            detached: options.detached,
+            keep_running: false,
+            stopped: false,
+        };
+        let etcd_client = format!("http://127.0.0.1:{}", ports.etcd_client);
+        let etcd_peer = format!("http://127.0.0.1:{}", ports.etcd_peer);
+        plane.launch(
+            "etcd",
+            vec![
+                "--name=testenv".into(),
+                format!("--data-dir={}", path(&dir.join("etcd"))),
+                format!("--listen-client-urls={etcd_client}"),
+                format!("--advertise-client-urls={etcd_client}"),
+                format!("--listen-peer-urls={etcd_peer}"),
+                format!("--initial-advertise-peer-urls={etcd_peer}"),
+                format!("--initial-cluster=testenv={etcd_peer}"),
+                // A test cluster does not need its writes on disk before the
+                // ack; this keeps etcd off the critical path of every test.
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        plane
+            .wait_for("etcd", || etcd_healthy(ports.etcd_client))
+            .await?;
+
+        plane.launch(
+            "kube-apiserver",
+            [
+                s(&[
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    "--authorization-mode=RBAC",
+                    "--allow-privileged=true",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    "--enable-priority-and-fairness=false",
+                    "--profiling=false",
+                ]),
+                vec![
+                    format!("--etcd-servers={etcd_client}"),
+                    format!("--secure-port={}", ports.apiserver),
+                    format!("--cert-dir={}", path(&dir.join("apiserver"))),
+                    format!("--tls-cert-file={}", path(&pki.serving.cert)),
+                    format!("--tls-private-key-file={}", path(&pki.serving.key)),
+                    format!("--client-ca-file={}", path(&pki.ca.cert)),
+                    format!(
+                        "--service-account-key-file={}",
+                        path(&pki.service_account_pub)
+                    ),
+                    format!(
+                        "--service-account-signing-key-file={}",
+                        path(&pki.service_account_key)
+                    ),
+                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                ],
+            ]
+            .concat(),
+        )?;
+        let client = plane.client().await?;
+        plane
+            .wait_for_async("kube-apiserver /readyz", || {
+                let client = client.clone();
+                async move {
+                    let request = http::Request::get("/readyz")
+                        .body(Vec::new())
+                        .map_err(|e| e.to_string())?;
+                    client
+                        .request_text(request)
+                        .await
+                        .map(|body| body.trim() == "ok")
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await?;
+
+        plane.launch(
+            "kube-controller-manager",
+            vec![
+                format!("--kubeconfig={}", path(&kcm_kubeconfig)),
+                format!("--authentication-kubeconfig={}", path(&kcm_kubeconfig)),
+                format!("--authorization-kubeconfig={}", path(&kcm_kubeconfig)),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", ports.controller_manager),
+                format!("--cert-dir={}", path(&dir.join("controller-manager"))),
+                "--leader-elect=false".into(),
+                // As kubeadm runs it: each controller under its own service account,
+                // with the RBAC roles Kubernetes bootstraps for it.
+                "--use-service-account-credentials=true".into(),
+                format!(
+                    "--service-account-private-key-file={}",
+                    path(&pki.service_account_key)
+                ),
+                format!("--root-ca-file={}", path(&pki.ca.cert)),
+                format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
+                format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
+                // Simulated nodes come and go in tests; do not wait five
+                // minutes before evicting from one that went away.
+                "--node-monitor-grace-period=20s".into(),
+            ],
+        )?;
+        plane.launch(
+            "kube-scheduler",
+            vec![
+                format!("--kubeconfig={}", path(&scheduler_kubeconfig)),
+                format!(
+                    "--authentication-kubeconfig={}",
+                    path(&scheduler_kubeconfig)
+                ),
+                format!("--authorization-kubeconfig={}", path(&scheduler_kubeconfig)),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", ports.scheduler),
+                format!("--cert-dir={}", path(&dir.join("scheduler"))),
+                "--leader-elect=false".into(),
+            ],
+        )?;
+        if let Some(kwok_port) = ports.kwok {
+            plane.launch(
+                "kwok",
+                vec![
+                    format!("--kubeconfig={}", path(&kubeconfig)),
+                    format!("--config={}", path(&kwok_stages()?)),
+                    "--manage-all-nodes=false".into(),
+                    format!(
+                        "--manage-nodes-with-annotation-selector={}=fake",
+                        crate::nodes::KWOK_ANNOTATION
+                    ),
+                    format!("--server-address=127.0.0.1:{kwok_port}"),
+                ],
+            )?;
+        }
+        // Each of these listens on its own port once it runs.
+        for (name, port) in [
+            ("kube-controller-manager", Some(ports.controller_manager)),
+            ("kube-scheduler", Some(ports.scheduler)),
+            ("kwok", ports.kwok),
+        ] {
+            if let Some(port) = port {
+                plane.wait_for(name, || listening(port)).await?;
+            }
+        }
+        if plane.detached {
+            plane.write_state()?;
+            plane.keep_running = true;
+        } else {
+            process::register(plane.id, plane.pids(), plane.dir.clone());
+        }
+        tracing::info!(kubeconfig = %plane.kubeconfig.display(), "control plane ready");
+        Ok(plane)
+    }
+
+    fn launch(&mut self, name: &str, args: Vec<String>) -> Result<(), Error> {
+        let program = binary(name)?;
+        let log = self.dir.join("logs").join(format!("{name}.log"));
+        let component = process::start(name, &program, &args, log, self.detached)?;
+        self.components.push(component);
+        if !self.detached {
+            // Registered as soon as it runs, so a failure later in start-up
+            // still leaves nothing behind.
+            process::register(self.id, self.pids(), self.dir.clone());
+        }
+        Ok(())
+    }
+
+    /// Fails fast when a component has exited, with the end of its log.
+    fn check_running(&mut self) -> Result<(), Error> {
+        for c in &mut self.components {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                return Err(Error::Exited {
+                    name: c.name.clone(),
+                    status: status.to_string(),
+                    log: c.log_tail(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_for(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), Error> {
+        self.wait_for_async(what, || {
+            let ok = ready();
+            async move { Ok::<bool, String>(ok) }
+        })
+        .await
+    }
+
+    async fn wait_for_async<F, Fut>(&mut self, what: &str, mut ready: F) -> Result<(), Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, String>>,
+    {
+        let started = Instant::now();
+        let mut last = String::new();
+        loop {
+            self.check_running()?;
+            match ready().await {
+                Ok(true) => {
+                    tracing::debug!(what, elapsed = ?started.elapsed(), "ready");
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(err) => last = err,
+            }
+            if started.elapsed() > START_TIMEOUT {
+                let logs = self
+                    .components
+                    .last()
+                    .map(|c| format!("{}:\n{}", c.name, c.log_tail()))
+                    .unwrap_or_default();
+                return Err(Error::Timeout {
+                    what: what.to_string(),
+                    last,
+                    log: logs,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A client with the admin identity.
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        client_for(&self.kubeconfig).await
+    }
+
+    pub fn pids(&self) -> Vec<i32> {
+        self.components.iter().map(Component::pid).collect()
+    }
+
+    /// kubectl from the pinned build, pointed at this control plane.
+    pub fn kubectl(&self) -> Result<Command, Error> {
+        let mut command = Command::new(binary("kubectl")?);
+        command.env("KUBECONFIG", &self.kubeconfig);
+        Ok(command)
+    }
+
+    /// helm from the pinned build, pointed at this control plane, with its
+    /// caches inside the data dir.
+    pub fn helm(&self) -> Result<Command, Error> {
+        let mut command = Command::new(binary("helm")?);
+        command
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.join("helm/data"));
+        Ok(command)
+    }
+
+    fn write_state(&self) -> Result<(), Error> {
+        let state = State {
+            pids: self.pids(),
+            ports: self.ports.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+        };
+        let file = self.dir.join(STATE_FILE);
+        let text = serde_json::to_string_pretty(&state).map_err(|e| Error::Setup(e.to_string()))?;
+        std::fs::write(&file, text).map_err(|e| Error::io(format!("writing {}", file.display()), e))
+    }
+
+    /// Stops every component and removes the data directory.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), Error> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        process::stop_all(&mut self.components, STOP_GRACE);
+        process::unregister(self.id);
+        std::fs::remove_dir_all(&self.dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| Error::io(format!("removing {}", self.dir.display()), e))
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if !self.keep_running
+            && let Err(err) = self.stop_inner()
+        {
+            eprintln!("testenv: stopping the control plane: {err}");
+        }
+    }
+}
+
+/// Stops a detached control plane from its state file and removes its directory.
+pub fn stop_detached(dir: &Path) -> Result<(), Error> {
+    let file = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        Error::io(
+            format!("reading {} (is this a control plane dir?)", file.display()),
+            e,
+        )
+    })?;
+    let state: State = serde_json::from_str(&text)
+        .map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
+    process::stop_pids(&state.pids, STOP_GRACE);
+    std::fs::remove_dir_all(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+}
+
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client, Error> {
+    let raw = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| Error::Setup(format!("reading {}: {e}", kubeconfig.display())))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(raw, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| Error::Setup(format!("loading {}: {e}", kubeconfig.display())))?;
+    kube::Client::try_from(config).map_err(Error::Kube)
+}
+
+/// Whether something accepts connections on 127.0.0.1:`port`.
+pub fn listening(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+fn etcd_healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut tcp) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+    if tcp
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = tcp.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
