@@ -42,11 +42,16 @@ pub struct ServiceConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HandlerSpec {
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     pub kind: HandlerKind,
     /// Where the handler answers over HTTP (and, for `echo`, WebSocket). A handler
     /// without a path is reachable only through the relay's `call`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), regex(pattern = r"^/[^?#\s]*$"))]
     pub path: Option<String>,
 }
 
@@ -76,6 +81,7 @@ impl HandlerKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChannelSpec {
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._/-]+$"))]
     pub name: String,
 }
 
@@ -96,17 +102,22 @@ pub enum SlowConsumerPolicy {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Limits {
     /// Open WebSocket connections; an upgrade beyond it answers HTTP 503.
+    #[schemars(range(min = 1))]
     pub max_connections: u32,
     /// Largest message (and frame) a client may send; larger closes with 1009.
+    #[schemars(range(min = 64, max = 16777216))]
     pub max_message_bytes: u32,
     /// Messages queued for one connection before the slow-consumer policy applies.
+    #[schemars(range(min = 1, max = 65536))]
     pub send_queue_messages: u32,
     pub slow_consumer: SlowConsumerPolicy,
     /// How often the agent pings each client.
+    #[schemars(range(min = 1))]
     pub ping_interval_seconds: u32,
     /// A connection that sends nothing (not even a pong) for this long is closed.
     pub idle_timeout_seconds: u32,
     /// Time from TCP accept to a complete HTTP request or WebSocket upgrade.
+    #[schemars(range(min = 1))]
     pub handshake_timeout_seconds: u32,
 }
 

@@ -2,6 +2,7 @@
 //! relay's wire messages, and their validation. Nothing here does I/O.
 
 pub mod config;
+pub mod crd;
 pub mod error;
 pub mod wire;
 

@@ -1,0 +1,280 @@
+//! The CRDs: `EdgeService` (what to run, where) and `EdgeNode` (what an agent
+//! reports about its node). Admission checks what one object can check on its
+//! own (OpenAPI bounds and CEL rules); conflicts between objects are the
+//! operator's to report.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ChannelSpec, HandlerSpec, Limits};
+
+pub const GROUP: &str = "edgewire.dev";
+
+/// An edge service: a port on each chosen edge node serving handlers,
+/// channels and the relay, with a Service routing clients to the ready nodes.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "edgewire.dev",
+    version = "v1alpha1",
+    kind = "EdgeService",
+    namespaced,
+    shortname = "es",
+    category = "edgewire",
+    status = "EdgeServiceStatus",
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        json_path = ".status.nodes",
+        description = "ready/desired nodes"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.connections"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.handlers.all(h, self.handlers.exists_one(o, o.name == h.name))").message("handler names must be unique").field_path(".handlers"),
+    validation = Rule::new("self.handlers.all(h, !has(h.path) || self.handlers.exists_one(o, has(o.path) && o.path == h.path))").message("handler paths must be unique").field_path(".handlers"),
+    validation = Rule::new("self.handlers.all(h, !has(h.path) || h.path != self.relayPath)").message("a handler path may not be the relay path").field_path(".handlers"),
+    validation = Rule::new("self.channels.all(c, self.channels.exists_one(o, o.name == c.name))").message("channel names must be unique").field_path(".channels")
+)]
+pub struct EdgeServiceSpec {
+    /// Labels a node must have to run this service (all must match).
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub placement: Placement,
+    /// The port the service listens on at each node (the agent uses host networking).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub handlers: Vec<HandlerSpec>,
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub channels: Vec<ChannelSpec>,
+    #[serde(default = "default_relay_path")]
+    #[schemars(regex(pattern = r"^/[^?#\s]*$"), length(max = 256))]
+    pub relay_path: String,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub expose: Expose,
+}
+
+fn default_relay_path() -> String {
+    "/relay".into()
+}
+
+/// Where, among the matching ready nodes, the service runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// At most this many nodes; all matching nodes when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_nodes: Option<i32>,
+    /// A node label (e.g. `topology.kubernetes.io/zone`) to spread the nodes
+    /// over: the chosen nodes are balanced across its values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 316))]
+    pub spread_by: Option<String>,
+}
+
+/// How clients inside and outside the cluster reach the service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Expose {
+    #[serde(default, rename = "type")]
+    pub type_: ExposeType,
+    /// For NodePort and LoadBalancer: a fixed node port; assigned when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30000, max = 32767))]
+    pub node_port: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ExposeType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ExposeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExposeType::ClusterIP => "ClusterIP",
+            ExposeType::NodePort => "NodePort",
+            ExposeType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeServiceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Placed` and `Degraded`, each with a reason.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub desired_nodes: i32,
+    #[serde(default)]
+    pub ready_nodes: i32,
+    /// `ready/desired`, for `kubectl get es`.
+    #[serde(default)]
+    pub nodes: String,
+    #[serde(default)]
+    pub placement: Vec<NodePlacement>,
+    /// Open client connections summed over the placed nodes.
+    #[serde(default)]
+    pub connections: i64,
+}
+
+/// One node the service is placed on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePlacement {
+    pub node: String,
+    /// Where clients reach the service on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    pub state: PlacementState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PlacementState {
+    /// Placed; the agent has not reported the service listening yet.
+    Pending,
+    /// Listening, and the node's heartbeat is fresh.
+    Ready,
+    /// The node's heartbeat is stale: out of the endpoints until it returns.
+    Stale,
+    /// The agent reported an error (e.g. port in use).
+    Failed,
+}
+
+/// What the agent on one node reports: one per node, named after the node.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "edgewire.dev",
+    version = "v1alpha1",
+    kind = "EdgeNode",
+    shortname = "en",
+    category = "edgewire",
+    status = "EdgeNodeStatus",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Services",
+        type_ = "integer",
+        json_path = ".status.serviceCount"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.connections"
+    ),
+    printcolumn(
+        name = "Last Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeat"
+    ),
+    printcolumn(
+        name = "Address",
+        type_ = "string",
+        json_path = ".spec.address",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeNodeSpec {
+    /// The address clients and peer agents reach this node's agent at.
+    pub address: String,
+    /// The port of the agent's mesh listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub mesh_port: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeNodeStatus {
+    /// When the agent last reported; the operator treats the node as ready
+    /// while this is fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default)]
+    pub services: Vec<NodeService>,
+    #[serde(default)]
+    pub service_count: i32,
+    #[serde(default)]
+    pub connections: i64,
+    /// `Ready`, written by the operator from heartbeat freshness.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One EdgeService as its agent runs it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeService {
+    pub namespace: String,
+    pub name: String,
+    pub listening: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub connections: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    #[test]
+    fn crds_carry_names_columns_and_validation() {
+        let es = serde_json::to_string(&EdgeService::crd()).unwrap();
+        for needle in [
+            r#""shortNames":["es"]"#,
+            r#""scope":"Namespaced""#,
+            "handler names must be unique",
+            "handler paths must be unique",
+            r#""maximum":65535"#,
+            r#""enum":["echo","add"]"#,
+            r#""jsonPath":".status.nodes""#,
+        ] {
+            assert!(es.contains(needle), "EdgeService CRD lacks {needle}");
+        }
+        let en = serde_json::to_string(&EdgeNode::crd()).unwrap();
+        assert!(en.contains(r#""scope":"Cluster""#));
+        assert!(en.contains(r#""name":"Last Heartbeat""#));
+    }
+}
