@@ -3,6 +3,10 @@
 //! own (OpenAPI bounds and CEL rules); conflicts between objects are the
 //! operator's to report.
 
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy takes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
