@@ -1,15 +1,40 @@
-//! `edgewire-operator`: `crd` prints the CRDs; `run` runs the controller.
+//! `edgewire-operator`: `crd` prints the CRDs; `run` runs the controllers.
+//!
+//! A map: `controller.rs` is the EdgeService reconcile loop; `placement.rs`,
+//! `desired.rs` and `status.rs` are its pure decisions; `edgenode.rs` keeps
+//! EdgeNode readiness; `leader.rs` is leader election; `metrics.rs` and
+//! `admin.rs` are what Prometheus and the kubelet probes see.
 
+mod admin;
+mod controller;
 mod crdgen;
+mod desired;
+mod edgenode;
+mod leader;
+mod metrics;
+mod placement;
+mod status;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "edgewire-operator", version, about = "edgewire's operator")]
+#[command(
+    name = "edgewire-operator",
+    version,
+    about = "edgewire's operator: places EdgeServices onto edge nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -22,22 +47,91 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Run the controllers (in-cluster credentials, or $KUBECONFIG).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "EDGEWIRE_METRICS_ADDRESS", default_value = "0.0.0.0:9181")]
+    metrics_address: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "edgewire-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "edgewire-operator")]
+    lease_name: String,
+    /// This replica's name in the Lease; the pod name in a cluster.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds without a renewal before another replica takes the lease.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Only EdgeServices of this namespace (all namespaces when unset).
+    #[arg(long, env = "EDGEWIRE_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Only Nodes and EdgeNodes matching this label selector.
+    #[arg(long, env = "EDGEWIRE_NODE_SELECTOR")]
+    node_selector: Option<String>,
+    /// Seconds after an agent's last heartbeat before its node is stale and
+    /// leaves the endpoints.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_timeout: u64,
+    /// Seconds a node may stay stale before its services move elsewhere.
+    #[arg(long, default_value_t = 300)]
+    eviction_timeout: u64,
+    #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
+    log_level: String,
+    #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("edgewire-operator: {err:#}");
-            ExitCode::FAILURE
+    match Cli::parse().command {
+        Cmd::Crd { dir } => match write_crds(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("edgewire-operator: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run(args) => {
+            if let Err(err) = init_logging(&args) {
+                eprintln!("edgewire-operator: {err:#}");
+                return ExitCode::from(2);
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    eprintln!("edgewire-operator: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(code) => code,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    eprintln!("edgewire-operator: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Cmd::Crd { dir: None } => print!("{}", crdgen::all().context("rendering the CRDs")?),
-        Cmd::Crd { dir: Some(dir) } => {
+fn write_crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    match dir {
+        None => print!("{}", crdgen::all().context("rendering the CRDs")?),
+        Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for (name, text) in crdgen::files().context("rendering the CRDs")? {
                 let path = dir.join(name);
@@ -47,4 +141,129 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("invalid log filter {:?}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes credentials (in-cluster or $KUBECONFIG)")?;
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("edgewire-operator-{}", std::process::id()));
+    let metrics = metrics::Metrics::new();
+    let health = Arc::new(admin::Health::default());
+    let stop = CancellationToken::new();
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_address))?;
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        metrics.clone(),
+        Arc::clone(&health),
+        stop.clone(),
+    ));
+    health.ready.store(true, Ordering::Release);
+
+    let signals = stop.clone();
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        signals.cancel();
+    });
+
+    let elector = leader::Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_duration),
+    );
+    tracing::info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "acquiring leadership");
+    if !elector.acquire(&stop).await {
+        health.ready.store(false, Ordering::Release);
+        let _ = admin_task.await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::info!(%identity, "leading; starting controllers");
+    metrics.set_leader(true);
+
+    let lost = CancellationToken::new();
+    let holder = tokio::spawn({
+        let elector = elector.clone();
+        let (stop, lost) = (stop.clone(), lost.clone());
+        async move { elector.hold(stop, lost).await }
+    });
+    let controllers_stop = CancellationToken::new();
+    let settings = controller::Settings {
+        heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
+        eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "edgewire-operator".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let scope = controller::Scope {
+        namespace: args.watch_namespace.clone(),
+        node_selector: args.node_selector.clone(),
+    };
+    let es = tokio::spawn(controller::run(
+        client.clone(),
+        recorder,
+        metrics.clone(),
+        settings.clone(),
+        scope,
+        controllers_stop.clone(),
+    ));
+    let en = tokio::spawn(edgenode::run(
+        client,
+        metrics.clone(),
+        settings,
+        args.node_selector.clone(),
+        controllers_stop.clone(),
+    ));
+
+    let lost_lease = tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = lost.cancelled() => true,
+    };
+    health.ready.store(false, Ordering::Release);
+    controllers_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = es.await;
+        let _ = en.await;
+    })
+    .await;
+    metrics.set_leader(false);
+    stop.cancel();
+    let _ = holder.await;
+    let _ = admin_task.await;
+    if lost_lease {
+        // Another replica may be leading now; exit so this one restarts as a standby.
+        return Ok(ExitCode::FAILURE);
+    }
+    elector.release().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }

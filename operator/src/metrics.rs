@@ -1,0 +1,154 @@
+//! The operator's own metrics: reconcile duration, errors and writes per
+//! controller, EdgeServices by readiness, and leadership.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use edgewire_api::crd::EdgeService;
+use kube::runtime::reflector::Store;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    reconcile_duration: HistogramVec,
+    reconcile_errors: IntCounterVec,
+    writes: IntCounterVec,
+    edgeservices: IntGaugeVec,
+    leader: IntGauge,
+    services: OnceLock<Store<EdgeService>>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "edgewire_operator_reconcile_duration_seconds",
+                "Time per reconcile.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["controller"],
+        )
+        .expect("static metric");
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "edgewire_operator_reconcile_errors_total",
+                "Reconciles that failed.",
+            ),
+            &["controller"],
+        )
+        .expect("static metric");
+        let writes = IntCounterVec::new(
+            Opts::new(
+                "edgewire_operator_writes_total",
+                "Writes to the API server, by object kind.",
+            ),
+            &["kind"],
+        )
+        .expect("static metric");
+        let edgeservices = IntGaugeVec::new(
+            Opts::new(
+                "edgewire_operator_edgeservices",
+                "EdgeServices by readiness.",
+            ),
+            &["ready"],
+        )
+        .expect("static metric");
+        let leader = IntGauge::new(
+            "edgewire_operator_leader",
+            "1 while this replica holds the lease.",
+        )
+        .expect("static metric");
+        let registry = Registry::new();
+        for c in [
+            Box::new(reconcile_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_errors.clone()),
+            Box::new(writes.clone()),
+            Box::new(edgeservices.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry.register(c).expect("each metric registered once");
+        }
+        for controller in ["edgeservice", "edgenode"] {
+            reconcile_duration.with_label_values(&[controller]);
+            reconcile_errors.with_label_values(&[controller]);
+        }
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                reconcile_duration,
+                reconcile_errors,
+                writes,
+                edgeservices,
+                leader,
+                services: OnceLock::new(),
+            }),
+        }
+    }
+
+    pub fn reconciled(&self, controller: &str, took: Duration, failed: bool) {
+        self.inner
+            .reconcile_duration
+            .with_label_values(&[controller])
+            .observe(took.as_secs_f64());
+        if failed {
+            self.inner
+                .reconcile_errors
+                .with_label_values(&[controller])
+                .inc();
+        }
+    }
+
+    pub fn write(&self, kind: &str) {
+        self.inner.writes.with_label_values(&[kind]).inc();
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.inner.leader.set(i64::from(leader));
+    }
+
+    /// The EdgeService cache the readiness gauge is counted from.
+    pub fn watch_services(&self, store: Store<EdgeService>) {
+        let _ = self.inner.services.set(store);
+    }
+
+    pub fn render(&self) -> String {
+        if let Some(store) = self.inner.services.get() {
+            let (mut ready, mut not_ready) = (0, 0);
+            for es in store.state() {
+                let is_ready = es.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
+                if is_ready {
+                    ready += 1;
+                } else {
+                    not_ready += 1;
+                }
+            }
+            self.inner
+                .edgeservices
+                .with_label_values(&["true"])
+                .set(ready);
+            self.inner
+                .edgeservices
+                .with_label_values(&["false"])
+                .set(not_ready);
+        }
+        let mut buf = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.inner.registry.gather(), &mut buf) {
+            tracing::error!(%err, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,351 @@
+//! EdgeService status as a pure function of the placement decision and what
+//! each placed node's agent reports. Conditions keep their transition time
+//! while their status does not change, so an unchanged world writes nothing.
+
+use std::collections::BTreeMap;
+
+use edgewire_api::crd::{EdgeServiceStatus, NodePlacement, PlacementState};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::desired::endpoint_family;
+use crate::placement::Decision;
+
+/// What the operator knows about one placed node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    pub address: Option<String>,
+    pub fresh: bool,
+    /// The agent's report on this EdgeService: listening, error, connections.
+    pub service: Option<(bool, Option<String>, i64)>,
+}
+
+fn placement_of(node: &str, report: Option<&NodeReport>) -> NodePlacement {
+    let (state, message) = match report {
+        None => (
+            PlacementState::Pending,
+            Some("no EdgeNode for this node yet".to_string()),
+        ),
+        Some(r) if !r.fresh => (
+            PlacementState::Stale,
+            Some("agent heartbeat is stale".to_string()),
+        ),
+        Some(r) => match &r.service {
+            Some((true, _, _)) => (PlacementState::Ready, None),
+            Some((false, Some(error), _)) => (PlacementState::Failed, Some(error.clone())),
+            _ => (
+                PlacementState::Pending,
+                Some("waiting for the agent to start the service".to_string()),
+            ),
+        },
+    };
+    NodePlacement {
+        node: node.to_string(),
+        address: report.and_then(|r| r.address.clone()),
+        state,
+        message,
+    }
+}
+
+fn condition(
+    old: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_string();
+    let last_transition_time = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_string(),
+        status,
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The status to write. `old` is the current status (for transition times).
+pub fn compute(
+    decision: &Decision,
+    reports: &BTreeMap<String, NodeReport>,
+    old: Option<&EdgeServiceStatus>,
+    generation: Option<i64>,
+    now: &Time,
+) -> EdgeServiceStatus {
+    let placement: Vec<NodePlacement> = decision
+        .nodes
+        .iter()
+        .map(|n| placement_of(n, reports.get(n)))
+        .collect();
+    let desired = placement.len() as i32;
+    let ready = placement
+        .iter()
+        .filter(|p| p.state == PlacementState::Ready)
+        .count() as i32;
+    let connections = decision
+        .nodes
+        .iter()
+        .filter_map(|n| reports.get(n)?.service.as_ref().map(|s| s.2))
+        .sum();
+    let count = |state| {
+        placement
+            .iter()
+            .filter(|p| p.state == state)
+            .map(|p| p.node.as_str())
+            .collect::<Vec<_>>()
+    };
+    let stale = count(PlacementState::Stale);
+    let failed = count(PlacementState::Failed);
+    let unroutable: Vec<&str> = placement
+        .iter()
+        .filter(|p| {
+            p.state == PlacementState::Ready
+                && p.address.as_deref().and_then(endpoint_family).is_none()
+        })
+        .map(|p| p.node.as_str())
+        .collect();
+
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let conflicts = || {
+        decision
+            .conflicts
+            .iter()
+            .map(|(node, owner)| format!("{node} (port held by {owner})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let placed = if desired > 0 {
+        condition(
+            old_conditions,
+            "Placed",
+            true,
+            "Placed",
+            format!("placed on {desired} node(s)"),
+            generation,
+            now,
+        )
+    } else if !decision.conflicts.is_empty() {
+        condition(
+            old_conditions,
+            "Placed",
+            false,
+            "PortConflict",
+            format!("every eligible node has a port conflict: {}", conflicts()),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            old_conditions,
+            "Placed",
+            false,
+            "NoEligibleNodes",
+            "no ready edge node matches the node selector".into(),
+            generation,
+            now,
+        )
+    };
+    let ready_condition = if desired > 0 && ready == desired {
+        condition(
+            old_conditions,
+            "Ready",
+            true,
+            "AllNodesReady",
+            format!("{ready} of {desired} node(s) serving"),
+            generation,
+            now,
+        )
+    } else if desired == 0 {
+        condition(
+            old_conditions,
+            "Ready",
+            false,
+            "NotPlaced",
+            "the service is placed on no node".into(),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            old_conditions,
+            "Ready",
+            false,
+            "NodesNotReady",
+            format!("{ready} of {desired} node(s) serving"),
+            generation,
+            now,
+        )
+    };
+    let (degraded, reason, message) = if !decision.conflicts.is_empty() {
+        (
+            true,
+            "PortConflict",
+            format!("not placed on {}", conflicts()),
+        )
+    } else if !failed.is_empty() {
+        (
+            true,
+            "ListenFailed",
+            format!(
+                "the agent could not start the service on {}",
+                failed.join(", ")
+            ),
+        )
+    } else if !stale.is_empty() {
+        (
+            true,
+            "NodeStale",
+            format!(
+                "heartbeat stale, out of the endpoints: {}",
+                stale.join(", ")
+            ),
+        )
+    } else if !unroutable.is_empty() {
+        (
+            true,
+            "InvalidAddress",
+            format!(
+                "address not usable in EndpointSlices (loopback, link-local...): {}",
+                unroutable.join(", ")
+            ),
+        )
+    } else {
+        (
+            false,
+            "AsExpected",
+            "all placed nodes are healthy".to_string(),
+        )
+    };
+    let degraded = condition(
+        old_conditions,
+        "Degraded",
+        degraded,
+        reason,
+        message,
+        generation,
+        now,
+    );
+
+    EdgeServiceStatus {
+        observed_generation: generation,
+        conditions: vec![ready_condition, placed, degraded],
+        desired_nodes: desired,
+        ready_nodes: ready,
+        nodes: format!("{ready}/{desired}"),
+        placement,
+        connections,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn time(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn report(fresh: bool, service: Option<(bool, Option<String>, i64)>) -> NodeReport {
+        NodeReport {
+            address: Some("192.0.2.1".into()),
+            fresh,
+            service,
+        }
+    }
+
+    fn cond<'a>(s: &'a EdgeServiceStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn all_ready() {
+        let decision = Decision {
+            nodes: vec!["a".into(), "b".into()],
+            ..Decision::default()
+        };
+        let reports = BTreeMap::from([
+            ("a".to_string(), report(true, Some((true, None, 3)))),
+            ("b".to_string(), report(true, Some((true, None, 4)))),
+        ]);
+        let s = compute(&decision, &reports, None, Some(2), &time(10));
+        assert_eq!(
+            (
+                s.desired_nodes,
+                s.ready_nodes,
+                s.nodes.as_str(),
+                s.connections
+            ),
+            (2, 2, "2/2", 7)
+        );
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(cond(&s, "Degraded").reason, "AsExpected");
+        assert_eq!(cond(&s, "Ready").observed_generation, Some(2));
+    }
+
+    #[test]
+    fn stale_failed_and_pending_nodes() {
+        let decision = Decision {
+            nodes: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+            ..Decision::default()
+        };
+        let reports = BTreeMap::from([
+            ("a".to_string(), report(false, Some((true, None, 1)))),
+            (
+                "b".to_string(),
+                report(true, Some((false, Some("address in use".into()), 0))),
+            ),
+            ("c".to_string(), report(true, None)),
+        ]);
+        let s = compute(&decision, &reports, None, Some(1), &time(10));
+        let states: Vec<PlacementState> = s.placement.iter().map(|p| p.state).collect();
+        use PlacementState::*;
+        assert_eq!(states, [Stale, Failed, Pending, Pending]);
+        assert_eq!(cond(&s, "Ready").reason, "NodesNotReady");
+        assert_eq!(cond(&s, "Degraded").reason, "ListenFailed");
+        assert!(cond(&s, "Degraded").message.contains('b'));
+    }
+
+    #[test]
+    fn conflicts_and_no_nodes() {
+        let decision = Decision {
+            nodes: vec![],
+            conflicts: BTreeMap::from([("a".to_string(), "ns/older".to_string())]),
+        };
+        let s = compute(&decision, &BTreeMap::new(), None, Some(1), &time(10));
+        assert_eq!(cond(&s, "Placed").reason, "PortConflict");
+        assert_eq!(cond(&s, "Degraded").reason, "PortConflict");
+        assert!(cond(&s, "Degraded").message.contains("ns/older"));
+        let none = compute(
+            &Decision::default(),
+            &BTreeMap::new(),
+            None,
+            Some(1),
+            &time(10),
+        );
+        assert_eq!(cond(&none, "Placed").reason, "NoEligibleNodes");
+        assert_eq!(cond(&none, "Ready").reason, "NotPlaced");
+    }
+
+    #[test]
+    fn transition_times_hold_while_nothing_changes() {
+        let decision = Decision {
+            nodes: vec!["a".into()],
+            ..Decision::default()
+        };
+        let reports = BTreeMap::from([("a".to_string(), report(true, Some((true, None, 0))))]);
+        let first = compute(&decision, &reports, None, Some(1), &time(10));
+        let again = compute(&decision, &reports, Some(&first), Some(1), &time(99));
+        assert_eq!(first, again, "same inputs, same status: nothing to write");
+        let stale = BTreeMap::from([("a".to_string(), report(false, Some((true, None, 0))))]);
+        let changed = compute(&decision, &stale, Some(&first), Some(1), &time(99));
+        assert_eq!(cond(&changed, "Ready").last_transition_time, time(99));
+    }
+}

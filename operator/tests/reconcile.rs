@@ -1,0 +1,469 @@
+//! The operator against a real kube-apiserver, etcd and controller manager,
+//! with kwok nodes and EdgeNode heartbeats written by the test.
+
+mod support;
+
+use std::time::Duration;
+
+use edgewire_api::crd::{EdgeService, PlacementState};
+use k8s_openapi::api::core::v1::{Event, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
+use support::*;
+
+fn es_yaml(name: &str, port: u16, max_nodes: Option<u32>) -> String {
+    let placement = max_nodes.map_or(String::new(), |m| {
+        format!("  placement: {{maxNodes: {m}}}\n")
+    });
+    format!(
+        "apiVersion: edgewire.dev/v1alpha1\nkind: EdgeService\nmetadata:\n  name: {name}\nspec:\n  nodeSelector: {{{EDGE_LABEL}: \"true\"}}\n{placement}  port: {port}\n  handlers:\n    - {{name: echo, kind: echo, path: /}}\n  expose: {{type: NodePort}}\n"
+    )
+}
+
+/// Addresses in the service's EndpointSlices (ready endpoints), sorted.
+async fn endpoint_addresses(env: &Env, es: &str) -> Vec<String> {
+    let slices: Api<EndpointSlice> = Api::namespaced(env.client.clone(), env.name());
+    let list = slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={es}")))
+        .await
+        .unwrap();
+    let mut out: Vec<String> = list
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+async fn wait_endpoints(env: &Env, es: &str, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = endpoint_addresses(env, es).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "endpoints of {es}: {got:?}, wanted {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn events_for(env: &Env, es: &str) -> Vec<(String, String, String)> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), env.name());
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(es))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_event(env: &Env, es: &str, reason: &str) -> (String, String, String) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(e) = events_for(env, es)
+            .await
+            .into_iter()
+            .find(|e| e.1 == reason)
+        {
+            return e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {reason} event for {es}: {:?}",
+            events_for(env, es).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ready(es: &EdgeService) -> bool {
+    condition(es, "Ready") == Some(("True", "AllNodesReady"))
+}
+
+#[tokio::test]
+async fn places_routes_and_reports_status() {
+    let env = Env::new("place").await;
+    let nodes = env.nodes(&["a", "b", "c"], &[(EDGE_LABEL, "true")]).await;
+    let other = env.nodes(&["x"], &[]).await;
+    let _beats = Heartbeats::start(
+        env.client.clone(),
+        env.name(),
+        &[nodes.clone(), other.clone()].concat(),
+    );
+    let _op = Operator::start(&env, "op-1");
+
+    env.apply_es(&es_yaml("chat", 8765, None)).await;
+    let es = env
+        .wait_es("chat", "3/3 ready", |es| {
+            ready(es) && es.status.as_ref().unwrap().nodes == "3/3"
+        })
+        .await;
+    assert_eq!(placed(&es), nodes, "only the nodes matching the selector");
+    let status = es.status.clone().unwrap();
+    assert_eq!(status.observed_generation, es.metadata.generation);
+    assert_eq!(status.connections, 6, "2 per node, summed");
+    assert!(
+        status
+            .placement
+            .iter()
+            .all(|p| p.state == PlacementState::Ready && p.address.is_some())
+    );
+    assert_eq!(condition(&es, "Placed"), Some(("True", "Placed")));
+    assert_eq!(condition(&es, "Degraded"), Some(("False", "AsExpected")));
+
+    let services: Api<Service> = Api::namespaced(env.client.clone(), env.name());
+    let svc = services.get("chat").await.unwrap();
+    assert_eq!(
+        svc.spec.as_ref().unwrap().type_.as_deref(),
+        Some("NodePort")
+    );
+    assert_eq!(svc.owner_references()[0].uid, es.uid().unwrap());
+    assert!(
+        svc.managed_fields()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("edgewire-operator"))
+    );
+    wait_endpoints(&env, "chat", &["192.0.2.1", "192.0.2.2", "192.0.2.3"]).await;
+    let placed_event = wait_event(&env, "chat", "Placed").await;
+    assert!(placed_event.2.contains(&nodes[0]), "{placed_event:?}");
+
+    // What `kubectl get es` and `kubectl get edgenodes` show.
+    let out = env
+        .plane
+        .kubectl()
+        .unwrap()
+        .args(["get", "es", "-n", env.name()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("NODES") && table.contains("CONNECTIONS") && table.contains("AGE"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("chat") && l.contains("3/3") && l.contains(" 6 ")),
+        "{table}"
+    );
+    let out = env
+        .plane
+        .kubectl()
+        .unwrap()
+        .args(["get", "edgenodes", &nodes[0]])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("LAST HEARTBEAT") && table.contains("SERVICES"),
+        "{table}"
+    );
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.contains("True")),
+        "{table}"
+    );
+    env.cleanup_nodes(&[nodes, other].concat()).await;
+}
+
+#[tokio::test]
+async fn scale_down_relabel_and_stale_heartbeat() {
+    let env = Env::new("change").await;
+    let nodes = env.nodes(&["a", "b", "c"], &[(EDGE_LABEL, "true")]).await;
+    let beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+
+    env.apply_es(&es_yaml("feed", 9000, Some(3))).await;
+    env.wait_es("feed", "3 ready", |es| ready(es) && placed(es).len() == 3)
+        .await;
+
+    // Lower the maximum: placement shrinks deterministically, endpoints follow.
+    env.apply_es(&es_yaml("feed", 9000, Some(2))).await;
+    let es = env
+        .wait_es("feed", "2 placed", |es| placed(es).len() == 2 && ready(es))
+        .await;
+    assert_eq!(placed(&es), nodes[..2].to_vec());
+    wait_endpoints(&env, "feed", &["192.0.2.1", "192.0.2.2"]).await;
+    wait_event(&env, "feed", "Unplaced").await;
+
+    // Relabel: node a no longer matches; c (eligible again) takes its place.
+    env.set_node_label(&nodes[0], EDGE_LABEL, None).await;
+    let es = env
+        .wait_es("feed", "a replaced", |es| {
+            !placed(es).contains(&nodes[0]) && ready(es)
+        })
+        .await;
+    assert_eq!(placed(&es), vec![nodes[1].clone(), nodes[2].clone()]);
+    wait_endpoints(&env, "feed", &["192.0.2.2", "192.0.2.3"]).await;
+
+    // A silent agent: out of the endpoints within the heartbeat timeout,
+    // marked stale, Degraded, with an Event; but still placed (stable).
+    beats.set(&nodes[1], false);
+    let silenced = tokio::time::Instant::now();
+    let es = env
+        .wait_es("feed", "b stale", |es| {
+            es.status.as_ref().is_some_and(|s| {
+                s.placement
+                    .iter()
+                    .any(|p| p.node == nodes[1] && p.state == PlacementState::Stale)
+            })
+        })
+        .await;
+    wait_endpoints(&env, "feed", &["192.0.2.3"]).await;
+    let took = silenced.elapsed();
+    assert!(
+        took < Duration::from_secs(HEARTBEAT_TIMEOUT_SECS + 10),
+        "stale detected after {took:?}"
+    );
+    assert_eq!(condition(&es, "Degraded"), Some(("True", "NodeStale")));
+    assert_eq!(
+        placed(&es),
+        vec![nodes[1].clone(), nodes[2].clone()],
+        "a stale node keeps its place"
+    );
+    let event = wait_event(&env, "feed", "NodeStale").await;
+    assert_eq!(event.0, "Warning");
+    // The EdgeNode says so too (written by the operator's EdgeNode controller).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let edge_ready = env
+            .plane
+            .kubectl()
+            .unwrap()
+            .args([
+                "get",
+                "edgenode",
+                &nodes[1],
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&edge_ready.stdout) == "HeartbeatStale" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "EdgeNode never marked stale"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Back: ready again, back in the endpoints.
+    beats.set(&nodes[1], true);
+    env.wait_es("feed", "b ready again", ready).await;
+    wait_endpoints(&env, "feed", &["192.0.2.2", "192.0.2.3"]).await;
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn port_conflicts_are_reported_not_placed() {
+    let env = Env::new("conflict").await;
+    let nodes = env.nodes(&["a", "b"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+
+    env.apply_es(&es_yaml("first", 7000, None)).await;
+    env.wait_es("first", "ready", |es| ready(es) && placed(es).len() == 2)
+        .await;
+    env.apply_es(&es_yaml("second", 7000, None)).await;
+    let second = env
+        .wait_es("second", "conflict", |es| condition(es, "Placed").is_some())
+        .await;
+    assert_eq!(
+        condition(&second, "Placed"),
+        Some(("False", "PortConflict"))
+    );
+    assert_eq!(
+        condition(&second, "Degraded"),
+        Some(("True", "PortConflict"))
+    );
+    assert!(placed(&second).is_empty());
+    let event = wait_event(&env, "second", "PortConflict").await;
+    assert_eq!(event.0, "Warning");
+    assert!(
+        event.2.contains(&format!("{}/first", env.name())),
+        "{event:?}"
+    );
+    // The first keeps both nodes, untouched.
+    let first = env.es_api().get("first").await.unwrap();
+    assert_eq!(placed(&first), nodes);
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn deleting_an_edgeservice_garbage_collects_what_it_owned() {
+    let env = Env::new("gc").await;
+    let nodes = env.nodes(&["a"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+    env.apply_es(&es_yaml("gone", 8100, None)).await;
+    env.wait_es("gone", "ready", ready).await;
+    wait_endpoints(&env, "gone", &["192.0.2.1"]).await;
+
+    env.es_api()
+        .delete("gone", &DeleteParams::background())
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(env.client.clone(), env.name());
+    let slices: Api<EndpointSlice> = Api::namespaced(env.client.clone(), env.name());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let svc = services.get_opt("gone").await.unwrap();
+        let left = slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name=gone"))
+            .await
+            .unwrap();
+        if svc.is_none() && left.items.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Service or slices survived their EdgeService"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn a_restarted_operator_writes_nothing_when_nothing_changed() {
+    let env = Env::new("restart").await;
+    let nodes = env.nodes(&["a", "b"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let mut first = Operator::start(&env, "op-1");
+    env.apply_es(&es_yaml("steady", 8200, None)).await;
+    env.wait_es("steady", "ready", ready).await;
+    wait_endpoints(&env, "steady", &["192.0.2.1", "192.0.2.2"]).await;
+    assert!(
+        first.terminate().success(),
+        "clean shutdown; log:\n{}",
+        first.log()
+    );
+
+    let versions = |env: &Env| {
+        let (client, ns) = (env.client.clone(), env.name().to_string());
+        async move {
+            let es = Api::<EdgeService>::namespaced(client.clone(), &ns)
+                .get("steady")
+                .await
+                .unwrap();
+            let svc = Api::<Service>::namespaced(client.clone(), &ns)
+                .get("steady")
+                .await
+                .unwrap();
+            let slices = Api::<EndpointSlice>::namespaced(client, &ns)
+                .list(&ListParams::default().labels("kubernetes.io/service-name=steady"))
+                .await
+                .unwrap();
+            let mut v = vec![es.resource_version(), svc.resource_version()];
+            v.extend(slices.items.iter().map(|s| s.resource_version()));
+            v
+        }
+    };
+    let before = versions(&env).await;
+    let second = Operator::start(&env, "op-2");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while second
+        .metric(r#"edgewire_operator_reconcile_duration_seconds_count{controller="edgeservice"}"#)
+        .await
+        < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new operator never reconciled; log:\n{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let it settle through a few more heartbeat-driven reconciles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        versions(&env).await,
+        before,
+        "the restarted operator changed something"
+    );
+    let metrics = second.metrics().await;
+    assert!(
+        !metrics.contains("edgewire_operator_writes_total{kind=\"edgeservice_status\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("edgewire_operator_writes_total{kind=\"service\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("edgewire_operator_writes_total{kind=\"endpointslice\"}"),
+        "{metrics}"
+    );
+    assert!(
+        second
+            .metric(r#"edgewire_operator_edgeservices{ready="true"}"#)
+            .await
+            >= 1.0
+    );
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn two_replicas_one_leader_and_failover() {
+    let env = Env::new("leader").await;
+    let nodes = env.nodes(&["a"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let one = Operator::start(&env, "op-1");
+    let two = Operator::start(&env, "op-2");
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let leaders = loop {
+        let l = (
+            one.metric("edgewire_operator_leader").await,
+            two.metric("edgewire_operator_leader").await,
+        );
+        if l.0 + l.1 >= 1.0 {
+            break l;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nobody leads");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leaders_later = (
+        one.metric("edgewire_operator_leader").await,
+        two.metric("edgewire_operator_leader").await,
+    );
+    assert_eq!(
+        leaders_later.0 + leaders_later.1,
+        1.0,
+        "exactly one leader: {leaders:?} then {leaders_later:?}"
+    );
+    assert_eq!(leaders, leaders_later, "leadership is stable");
+    let (mut leader, standby) = if leaders_later.0 == 1.0 {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    assert!(standby.log().contains("standing by"), "{}", standby.log());
+
+    env.apply_es(&es_yaml("ha", 8300, None)).await;
+    env.wait_es("ha", "ready", ready).await;
+    assert!(leader.terminate().success());
+    // The standby takes over (the lease was released) and serves changes.
+    env.apply_es(&es_yaml("ha2", 8301, None)).await;
+    env.wait_es("ha2", "placed by the new leader", ready).await;
+    assert_eq!(standby.metric("edgewire_operator_leader").await, 1.0);
+    env.cleanup_nodes(&nodes).await;
+}
