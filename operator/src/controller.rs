@@ -45,6 +45,13 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub settings: Settings,
+    /// Consecutive failures per EdgeService, for the retry backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<EdgeService>, u32>>,
+}
+
+/// Retry delay after `failures` consecutive failures: 1 s doubling to 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +100,20 @@ fn node_address(node: &Node, edge_node: Option<&EdgeNode>) -> Option<String> {
         .map(|a| a.address.clone())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 50]
+            .iter()
+            .map(|n| backoff(*n).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 256, 300, 300]);
+    }
+}
+
 fn key(es: &EdgeService) -> String {
     format!("{}/{}", es.namespace().unwrap_or_default(), es.name_any())
 }
@@ -106,6 +127,11 @@ fn older(a: &EdgeService, b: &EdgeService) -> bool {
 async fn reconcile(es: Arc<EdgeService>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&es, &ctx).await;
+    if result.is_ok()
+        && let Ok(mut failures) = ctx.failures.lock()
+    {
+        failures.remove(&ObjectRef::from_obj(es.as_ref()));
+    }
     ctx.metrics
         .reconciled("edgeservice", started.elapsed(), result.is_err());
     result
@@ -472,9 +498,18 @@ async fn publish_events(
     }
 }
 
-fn error_policy(es: Arc<EdgeService>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(edgeservice = %key(&es), error = %err, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+fn error_policy(es: Arc<EdgeService>, err: &Error, ctx: Arc<Context>) -> Action {
+    let failures = match ctx.failures.lock() {
+        Ok(mut map) => {
+            let n = map.entry(ObjectRef::from_obj(es.as_ref())).or_insert(0);
+            *n += 1;
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(failures);
+    tracing::warn!(edgeservice = %key(&es), error = %err, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
 
 /// EdgeServices a change to `node` may concern: those whose selector matches
@@ -572,6 +607,7 @@ pub async fn run(
         recorder,
         metrics,
         settings,
+        failures: Default::default(),
     });
     let for_nodes = services.clone();
     let for_edge = services.clone();

@@ -71,6 +71,13 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
 
     let (ok, stderr) = kubectl_apply(plane, &ns.name, &VALID.replace("NAME", "good"));
     assert!(ok, "a valid EdgeService is accepted: {stderr}");
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/edgeservice.yaml"
+    ))
+    .unwrap();
+    let (ok, stderr) = kubectl_apply(plane, &ns.name, &example);
+    assert!(ok, "the README's example is accepted: {stderr}");
 
     let cases = [
         (
