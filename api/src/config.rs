@@ -36,6 +36,21 @@ pub struct ServiceConfig {
     pub relay_path: String,
     #[serde(default)]
     pub limits: Limits,
+    /// The other agents that run this service: channels span all of them
+    /// through the mesh. In a cluster the agent fills this from the
+    /// EdgeService's placement; a standalone config may list peers itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerSpec>,
+}
+
+/// Another agent running the same service, reached on its mesh port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerSpec {
+    /// The peer's node name; it must match the name the peer authenticates with.
+    pub node: String,
+    /// `host:port` of the peer's mesh listener.
+    pub address: String,
 }
 
 /// A compute or WebSocket handler.
@@ -175,6 +190,7 @@ impl AgentConfig {
                     ],
                     relay_path: default_relay_path(),
                     limits: Limits::default(),
+                    peers: vec![],
                 },
                 ServiceConfig {
                     name: "compute".into(),
@@ -187,6 +203,7 @@ impl AgentConfig {
                     channels: vec![],
                     relay_path: default_relay_path(),
                     limits: Limits::default(),
+                    peers: vec![],
                 },
             ],
         }
@@ -240,8 +257,19 @@ impl AgentConfig {
 impl ServiceConfig {
     /// Validates one service on its own, prefixing each field with `at`.
     pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
-        if let Err(why) = check_dns_label(&self.name) {
+        if let Err(why) = check_service_name(&self.name) {
             errors.push(FieldError::new(format!("{at}.name"), why));
+        }
+        for (j, peer) in self.peers.iter().enumerate() {
+            if peer.node.is_empty() {
+                errors.push(FieldError::new(format!("{at}.peers[{j}].node"), "must not be empty"));
+            }
+            if !peer.address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)) {
+                errors.push(FieldError::new(
+                    format!("{at}.peers[{j}].address"),
+                    format!("{:?} must be host:port", peer.address),
+                ));
+            }
         }
         if let Err(why) = check_path(&self.relay_path) {
             errors.push(FieldError::new(format!("{at}.relayPath"), why));
@@ -339,6 +367,15 @@ impl Limits {
             self.handshake_timeout_seconds >= 1,
             "must be at least 1".into(),
         );
+    }
+}
+
+/// A service is named by a DNS label, or `namespace/name` (two labels) when
+/// rendered from an EdgeService.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    match name.split_once('/') {
+        Some((namespace, rest)) => check_dns_label(namespace).and_then(|()| check_dns_label(rest)),
+        None => check_dns_label(name),
     }
 }
 
@@ -492,6 +529,27 @@ mod tests {
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("services[0].handlers[0].path"), "{err}");
         assert!(err.contains("relay path"), "{err}");
+    }
+
+    #[test]
+    fn service_names_may_carry_a_namespace() {
+        assert!(check_service_name("edge/chat").is_ok());
+        for bad in ["edge/", "/chat", "a/b/c", "Edge/chat"] {
+            assert!(check_service_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn peers_need_host_and_port() {
+        let mut config = AgentConfig::builtin_default();
+        config.services[0].peers = vec![
+            PeerSpec { node: "b".into(), address: "127.0.0.2:7946".into() },
+            PeerSpec { node: "".into(), address: "nowhere".into() },
+        ];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("services[0].peers[1].node"), "{err}");
+        assert!(err.contains("services[0].peers[1].address"), "{err}");
+        assert!(!err.contains("peers[0]"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,6 @@ pub mod error;
 pub mod wire;
 
 pub use config::{
-    AgentConfig, HandlerKind, HandlerSpec, Limits, ServiceConfig, SlowConsumerPolicy,
+    AgentConfig, HandlerKind, HandlerSpec, Limits, PeerSpec, ServiceConfig, SlowConsumerPolicy,
 };
 pub use error::{ConfigError, FieldError};

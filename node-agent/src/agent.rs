@@ -12,6 +12,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::sync::Arc;
+
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::plan::plan;
 use crate::service::RunningService;
@@ -19,6 +22,7 @@ use crate::service::RunningService;
 pub struct Agent {
     bind_ip: IpAddr,
     metrics: Metrics,
+    mesh: Option<Arc<Mesh>>,
     root: CancellationToken,
     state: Mutex<State>,
 }
@@ -47,10 +51,11 @@ pub struct ServiceStatus {
 }
 
 impl Agent {
-    pub fn new(bind_ip: IpAddr, metrics: Metrics) -> Agent {
+    pub fn new(bind_ip: IpAddr, metrics: Metrics, mesh: Option<Arc<Mesh>>) -> Agent {
         Agent {
             bind_ip,
             metrics,
+            mesh,
             root: CancellationToken::new(),
             state: Mutex::new(State::default()),
         }
@@ -76,6 +81,7 @@ impl Agent {
             .collect();
         let plan = plan(&current, config);
         if plan.is_noop() {
+            self.update_mesh(&state, config);
             return;
         }
         for (names, code, reason) in [
@@ -85,6 +91,9 @@ impl Agent {
             for name in names {
                 if let Some(service) = state.running.remove(name) {
                     tracing::info!(service = %name, reason, "stopping service");
+                    if let Some(mesh) = &self.mesh {
+                        mesh.remove_service(name);
+                    }
                     let tracker = service.stop(code, reason).await;
                     state.draining.push(tracker);
                 }
@@ -100,6 +109,7 @@ impl Agent {
                 service.clone(),
                 self.bind_ip,
                 self.metrics.clone(),
+                self.mesh.clone(),
                 &self.root,
             )
             .await
@@ -112,6 +122,17 @@ impl Agent {
                     state.failed.insert(name.clone(), err.to_string());
                 }
             }
+        }
+        self.update_mesh(&state, config);
+    }
+
+    /// Hands the mesh each running service's current peers; a peer change
+    /// needs no restart of the service.
+    fn update_mesh(&self, state: &State, config: &AgentConfig) {
+        let Some(mesh) = &self.mesh else { return };
+        for (name, running) in &state.running {
+            let peers = config.service(name).map(|s| s.peers.as_slice()).unwrap_or_default();
+            mesh.set_service(name, &running.runtime, peers);
         }
     }
 
@@ -162,6 +183,9 @@ impl Agent {
             let mut state = self.state.lock().await;
             state.shutting_down = true;
             self.root.cancel();
+            if let Some(mesh) = &self.mesh {
+                mesh.shutdown();
+            }
             let mut trackers = std::mem::take(&mut state.draining);
             let running = std::mem::take(&mut state.running);
             for (_, service) in running {

@@ -3,6 +3,7 @@
 //! - [`agent`]: the set of running services and how a new config is applied.
 //! - [`service`]: one service's listener, HTTP routing and WebSocket sessions.
 //! - [`relay`]: channel subscriptions and fan-out (the relay).
+//! - [`mesh`]: links to the peer agents of each service.
 //! - [`handlers`]: the compute handlers, as pure functions.
 //! - [`metrics`]: every Prometheus metric the agent exports.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
@@ -12,6 +13,7 @@ pub mod admin;
 pub mod agent;
 pub mod config_source;
 pub mod handlers;
+pub mod mesh;
 pub mod metrics;
 pub mod plan;
 pub mod relay;

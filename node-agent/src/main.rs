@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use edgewire_agent::{admin, agent::Agent, config_source, metrics::Metrics};
+use edgewire_agent::{admin, agent::Agent, config_source, mesh::Mesh, metrics::Metrics};
 use edgewire_api::AgentConfig;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,15 @@ struct Cli {
     /// How long shutdown waits for connections to close, in seconds.
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     drain_timeout: f64,
+    /// This node's name: how mesh peers know it (and, in a cluster, the Node).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Listen for mesh links from peer agents here (enables the mesh).
+    #[arg(long, env = "EDGEWIRE_MESH_ADDRESS")]
+    mesh_address: Option<SocketAddr>,
+    /// File holding the shared mesh secret (a mounted Kubernetes Secret).
+    #[arg(long, env = "EDGEWIRE_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
@@ -114,6 +123,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads the secret, binds the mesh listener and starts accepting peers.
+async fn start_mesh(cli: &Cli, address: SocketAddr, metrics: Metrics) -> anyhow::Result<Arc<Mesh>> {
+    let node = cli
+        .node_name
+        .clone()
+        .context("--mesh-address needs --node-name (or NODE_NAME)")?;
+    let path = cli
+        .mesh_secret_file
+        .as_ref()
+        .context("--mesh-address needs --mesh-secret-file: the mesh is never open without a secret")?;
+    let secret = std::fs::read(path).with_context(|| format!("cannot read the mesh secret {}", path.display()))?;
+    let secret = secret.trim_ascii().to_vec();
+    anyhow::ensure!(secret.len() >= 16, "the mesh secret in {} must be at least 16 bytes", path.display());
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for mesh links on {address}"))?;
+    tracing::info!(%address, node = %node, "mesh listening");
+    let mesh = Mesh::new(node, secret, metrics);
+    tokio::spawn(Arc::clone(&mesh).serve(listener));
+    Ok(mesh)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (config, source) = match &cli.config {
         Some(path) => {
@@ -128,8 +159,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 
     let metrics = Metrics::new();
-    let agent = Arc::new(Agent::new(cli.listen_address, metrics));
     let stop = CancellationToken::new();
+    let mesh = match cli.mesh_address {
+        Some(address) => Some(start_mesh(&cli, address, metrics.clone()).await?),
+        None => None,
+    };
+    let agent = Arc::new(Agent::new(cli.listen_address, metrics, mesh));
 
     let admin = admin::bind(cli.admin_address)
         .await

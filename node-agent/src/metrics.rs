@@ -27,10 +27,12 @@ pub enum DropReason {
     Unsupported,
     SlowConsumer,
     Protocol,
+    /// A publish for a peer whose mesh link is down or backed up.
+    MeshUnavailable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Oversize,
         DropReason::InvalidUtf8,
         DropReason::InvalidJson,
@@ -42,6 +44,7 @@ impl DropReason {
         DropReason::Unsupported,
         DropReason::SlowConsumer,
         DropReason::Protocol,
+        DropReason::MeshUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl DropReason {
             DropReason::Unsupported => "unsupported",
             DropReason::SlowConsumer => "slow_consumer",
             DropReason::Protocol => "protocol",
+            DropReason::MeshUnavailable => "mesh_unavailable",
         }
     }
 }

@@ -25,6 +25,17 @@ impl Plan {
     }
 }
 
+/// Whether two configs of a service differ in what its listener and
+/// connections run with. Peers are not part of that: the mesh follows them
+/// without a restart.
+pub fn needs_restart(current: &ServiceConfig, desired: &ServiceConfig) -> bool {
+    let strip = |s: &ServiceConfig| ServiceConfig {
+        peers: Vec::new(),
+        ..s.clone()
+    };
+    strip(current) != strip(desired)
+}
+
 /// `running` maps each running service to the config it runs with.
 pub fn plan(running: &BTreeMap<String, ServiceConfig>, desired: &AgentConfig) -> Plan {
     let mut plan = Plan::default();
@@ -35,7 +46,7 @@ pub fn plan(running: &BTreeMap<String, ServiceConfig>, desired: &AgentConfig) ->
     }
     for service in &desired.services {
         match running.get(&service.name) {
-            Some(current) if current == service => plan.keep.push(service.name.clone()),
+            Some(current) if !needs_restart(current, service) => plan.keep.push(service.name.clone()),
             Some(_) => plan.restart.push(service.name.clone()),
             None => plan.start.push(service.name.clone()),
         }
@@ -78,6 +89,18 @@ mod tests {
         assert_eq!(plan.restart, ["echo"]);
         assert_eq!(plan.start, ["extra"]);
         assert!(plan.keep.is_empty());
+    }
+
+    #[test]
+    fn a_peer_change_is_not_a_restart() {
+        let old = AgentConfig::builtin_default();
+        let mut new = old.clone();
+        new.services[0].peers.push(edgewire_api::PeerSpec {
+            node: "b".into(),
+            address: "127.0.0.2:7946".into(),
+        });
+        let plan = plan(&running(&old), &new);
+        assert!(plan.is_noop(), "{plan:?}");
     }
 
     #[test]

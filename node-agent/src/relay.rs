@@ -13,6 +13,8 @@ use edgewire_api::SlowConsumerPolicy;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::metrics::DeliveryPath;
+
 pub type ConnId = u64;
 
 /// One delivery waiting in a connection's send queue.
@@ -20,6 +22,18 @@ pub type ConnId = u64;
 pub struct Delivery {
     pub frame: Utf8Bytes,
     pub published_at: Instant,
+    /// Published here, or at a peer agent and carried over the mesh.
+    pub path: DeliveryPath,
+}
+
+/// What a subscribe or unsubscribe changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The subscription was added (or removed); false when it already was.
+    pub changed: bool,
+    /// The channel went from no local subscriber to one (or back): the
+    /// moment the mesh's peers must learn of this agent's interest.
+    pub edge: bool,
 }
 
 /// A subscriber's handle: its queue, and a way to tell it to go.
@@ -50,38 +64,53 @@ impl Hub {
         Hub::default()
     }
 
-    /// Adds a subscription; true when it is new.
-    pub fn subscribe(&self, channel: &str, id: ConnId, subscriber: Subscriber) -> bool {
+    /// Adds a subscription.
+    pub fn subscribe(&self, channel: &str, id: ConnId, subscriber: Subscriber) -> Change {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
-        channels
-            .entry(channel.to_string())
-            .or_default()
-            .insert(id, subscriber)
-            .is_none()
+        let subscribers = channels.entry(channel.to_string()).or_default();
+        let first = subscribers.is_empty();
+        let changed = subscribers.insert(id, subscriber).is_none();
+        Change {
+            changed,
+            edge: first && changed,
+        }
     }
 
-    /// Removes a subscription; true when there was one.
-    pub fn unsubscribe(&self, channel: &str, id: ConnId) -> bool {
+    /// Removes a subscription.
+    pub fn unsubscribe(&self, channel: &str, id: ConnId) -> Change {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
         let Some(subscribers) = channels.get_mut(channel) else {
-            return false;
+            return Change {
+                changed: false,
+                edge: false,
+            };
         };
-        let removed = subscribers.remove(&id).is_some();
+        let changed = subscribers.remove(&id).is_some();
+        let edge = changed && subscribers.is_empty();
         if subscribers.is_empty() {
             channels.remove(channel);
         }
-        removed
+        Change { changed, edge }
     }
 
-    /// Removes every subscription of a connection that went away.
+    /// Removes every subscription of a connection that went away; returns
+    /// the channels left without a local subscriber.
     pub fn remove_connection<'a>(
         &self,
         channels: impl IntoIterator<Item = &'a String>,
         id: ConnId,
-    ) {
-        for channel in channels {
-            self.unsubscribe(channel, id);
-        }
+    ) -> Vec<String> {
+        channels
+            .into_iter()
+            .filter(|channel| self.unsubscribe(channel, id).edge)
+            .cloned()
+            .collect()
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn active_channels(&self) -> Vec<String> {
+        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
+        channels.keys().cloned().collect()
     }
 
     pub fn subscriber_count(&self, channel: &str) -> usize {
@@ -95,6 +124,7 @@ impl Hub {
         channel: &str,
         frame: &Utf8Bytes,
         published_at: Instant,
+        path: DeliveryPath,
         policy: SlowConsumerPolicy,
     ) -> FanOut {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
@@ -106,6 +136,7 @@ impl Hub {
             let delivery = Delivery {
                 frame: frame.clone(),
                 published_at,
+                path,
             };
             match subscriber.queue.try_send(delivery) {
                 Ok(()) => report.queued += 1,
@@ -140,14 +171,15 @@ mod tests {
         let hub = Hub::new();
         let (a, mut a_rx, _) = subscriber(8);
         let (b, mut b_rx, _) = subscriber(8);
-        assert!(hub.subscribe("chat", 1, a.clone()));
-        assert!(!hub.subscribe("chat", 1, a), "second subscribe is not new");
-        hub.subscribe("chat", 2, b);
+        assert_eq!(hub.subscribe("chat", 1, a.clone()), Change { changed: true, edge: true });
+        assert_eq!(hub.subscribe("chat", 1, a), Change { changed: false, edge: false }, "not new");
+        assert_eq!(hub.subscribe("chat", 2, b), Change { changed: true, edge: false });
         for i in 0..5 {
             let report = hub.publish(
                 "chat",
                 &Utf8Bytes::from(format!("m{i}")),
                 Instant::now(),
+                DeliveryPath::Local,
                 SlowConsumerPolicy::Disconnect,
             );
             assert_eq!(report.queued, 2);
@@ -167,16 +199,18 @@ mod tests {
         let (a, mut a_rx, _) = subscriber(8);
         hub.subscribe("chat", 1, a.clone());
         hub.subscribe("news", 1, a);
-        assert!(hub.unsubscribe("chat", 1));
-        assert!(!hub.unsubscribe("chat", 1));
+        assert_eq!(hub.unsubscribe("chat", 1), Change { changed: true, edge: true });
+        assert_eq!(hub.unsubscribe("chat", 1), Change { changed: false, edge: false });
         let frame = Utf8Bytes::from_static("x");
         let policy = SlowConsumerPolicy::Drop;
         assert_eq!(
-            hub.publish("chat", &frame, Instant::now(), policy).queued,
+            hub.publish("chat", &frame, Instant::now(), DeliveryPath::Local, policy)
+                .queued,
             0
         );
         assert!(a_rx.try_recv().is_err());
-        hub.remove_connection(&["news".to_string()], 1);
+        assert_eq!(hub.active_channels(), ["news"]);
+        assert_eq!(hub.remove_connection(&["news".to_string()], 1), ["news"]);
         assert_eq!(hub.subscriber_count("news"), 0);
     }
 
@@ -194,7 +228,7 @@ mod tests {
             hub.subscribe("c", 2, fast);
             let mut total = FanOut::default();
             for _ in 0..3 {
-                let r = hub.publish("c", &frame, Instant::now(), policy);
+                let r = hub.publish("c", &frame, Instant::now(), DeliveryPath::Local, policy);
                 total.queued += r.queued;
                 total.dropped += r.dropped;
                 total.evicted += r.evicted;

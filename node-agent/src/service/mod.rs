@@ -12,11 +12,13 @@ use std::time::Duration;
 use edgewire_api::ServiceConfig;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::Metrics;
+use crate::mesh::Mesh;
+use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::relay::{ConnId, Hub};
 
 /// Read buffer per WebSocket. tungstenite allocates its read buffer eagerly
@@ -32,6 +34,8 @@ pub struct ServiceRuntime {
     pub config: ServiceConfig,
     pub metrics: Metrics,
     pub hub: Hub,
+    /// Links to the other agents running this service, when meshed.
+    pub mesh: Option<Arc<Mesh>>,
     ws_config: WebSocketConfig,
     open: AtomicU32,
     next_id: AtomicU64,
@@ -41,7 +45,7 @@ pub struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    fn new(config: ServiceConfig, metrics: Metrics, stop: CancellationToken) -> ServiceRuntime {
+    fn new(config: ServiceConfig, metrics: Metrics, mesh: Option<Arc<Mesh>>, stop: CancellationToken) -> ServiceRuntime {
         let max = config.limits.max_message_bytes as usize;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -56,6 +60,7 @@ impl ServiceRuntime {
             config,
             metrics,
             hub: Hub::new(),
+            mesh,
             ws_config,
             open: AtomicU32::new(0),
             next_id: AtomicU64::new(1),
@@ -67,6 +72,25 @@ impl ServiceRuntime {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Queues a relay frame for this agent's subscribers of `channel`,
+    /// counting what the slow-consumer policy dropped.
+    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, published_at: std::time::Instant, path: DeliveryPath) {
+        let report = self
+            .hub
+            .publish(channel, frame, published_at, path, self.config.limits.slow_consumer);
+        for _ in 0..report.dropped {
+            self.metrics.dropped(self.name(), DropReason::SlowConsumer);
+        }
+    }
+
+    /// Tells the mesh peers when a channel gains its first or loses its last
+    /// local subscriber.
+    pub fn interest_changed(&self, channel: &str, on: bool) {
+        if let Some(mesh) = &self.mesh {
+            mesh.interest(self.name(), channel, on);
+        }
     }
 
     fn next_conn_id(&self) -> ConnId {
@@ -147,6 +171,7 @@ impl RunningService {
         config: ServiceConfig,
         bind_ip: IpAddr,
         metrics: Metrics,
+        mesh: Option<Arc<Mesh>>,
         parent: &CancellationToken,
     ) -> Result<RunningService, BindError> {
         let addr = SocketAddr::new(bind_ip, config.port);
@@ -156,7 +181,7 @@ impl RunningService {
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
-        let runtime = Arc::new(ServiceRuntime::new(config, metrics, parent.child_token()));
+        let runtime = Arc::new(ServiceRuntime::new(config, metrics, mesh, parent.child_token()));
         let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime)));
         tracing::info!(service = runtime.name(), %local_addr, "service listening");
         Ok(RunningService {

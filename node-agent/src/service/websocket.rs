@@ -75,7 +75,9 @@ pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: Connec
         queue: None,
     };
     let end = session.serve(&mut sink, &mut stream).await;
-    runtime.hub.remove_connection(&session.subscriptions, id);
+    for channel in runtime.hub.remove_connection(&session.subscriptions, id) {
+        runtime.interest_changed(&channel, false);
+    }
     drop(session);
 
     match end {
@@ -280,13 +282,17 @@ impl Session {
             ClientMessage::Subscribe { id, channel } => {
                 self.known_channel(&id, &channel)?;
                 let subscriber = self.subscriber();
-                runtime.hub.subscribe(&channel, self.id, subscriber);
+                if runtime.hub.subscribe(&channel, self.id, subscriber).edge {
+                    runtime.interest_changed(&channel, true);
+                }
                 self.subscriptions.insert(channel.clone());
                 Ok(Some(ServerMessage::Subscribed { id, channel }))
             }
             ClientMessage::Unsubscribe { id, channel } => {
                 self.known_channel(&id, &channel)?;
-                runtime.hub.unsubscribe(&channel, self.id);
+                if runtime.hub.unsubscribe(&channel, self.id).edge {
+                    runtime.interest_changed(&channel, false);
+                }
                 self.subscriptions.remove(&channel);
                 Ok(Some(ServerMessage::Unsubscribed { id, channel }))
             }
@@ -300,16 +306,9 @@ impl Session {
                     }
                     .to_json(),
                 );
-                let report = runtime.hub.publish(
-                    &channel,
-                    &frame,
-                    published_at,
-                    runtime.config.limits.slow_consumer,
-                );
-                for _ in 0..report.dropped {
-                    runtime
-                        .metrics
-                        .dropped(runtime.name(), DropReason::SlowConsumer);
+                runtime.deliver(&channel, &frame, published_at, DeliveryPath::Local);
+                if let Some(mesh) = &runtime.mesh {
+                    mesh.forward(runtime.name(), &channel, &frame);
                 }
                 Ok(id.map(|id| ServerMessage::Published {
                     id: Some(id),
@@ -366,7 +365,7 @@ impl Session {
         while let Some(delivery) = next.take() {
             self.guarded(sink.feed(Message::Text(delivery.frame)))
                 .await?;
-            stamps.push(delivery.published_at);
+            stamps.push((delivery.published_at, delivery.path));
             if stamps.len() < MAX_BATCH {
                 next = self
                     .queue
@@ -376,13 +375,11 @@ impl Session {
         }
         self.guarded(sink.flush()).await?;
         let now = Instant::now();
-        for stamp in stamps {
+        for (stamp, path) in stamps {
             runtime.metrics.message(runtime.name(), Direction::Out);
-            runtime.metrics.latency(
-                runtime.name(),
-                DeliveryPath::Local,
-                now.duration_since(stamp).as_secs_f64(),
-            );
+            runtime
+                .metrics
+                .latency(runtime.name(), path, now.duration_since(stamp).as_secs_f64());
         }
         Ok(())
     }
