@@ -141,7 +141,9 @@ impl Default for Limits {
         Limits {
             max_connections: 10_000,
             max_message_bytes: 64 * 1024,
-            send_queue_messages: 256,
+            // Room for a burst from a fast publisher; the queue allocates
+            // as it fills, so an idle connection pays nothing for it.
+            send_queue_messages: 4096,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval_seconds: 20,
             idle_timeout_seconds: 60,
@@ -262,9 +264,14 @@ impl ServiceConfig {
         }
         for (j, peer) in self.peers.iter().enumerate() {
             if peer.node.is_empty() {
-                errors.push(FieldError::new(format!("{at}.peers[{j}].node"), "must not be empty"));
+                errors.push(FieldError::new(
+                    format!("{at}.peers[{j}].node"),
+                    "must not be empty",
+                ));
             }
-            if !peer.address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)) {
+            if !peer.address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }) {
                 errors.push(FieldError::new(
                     format!("{at}.peers[{j}].address"),
                     format!("{:?} must be host:port", peer.address),
@@ -543,8 +550,14 @@ mod tests {
     fn peers_need_host_and_port() {
         let mut config = AgentConfig::builtin_default();
         config.services[0].peers = vec![
-            PeerSpec { node: "b".into(), address: "127.0.0.2:7946".into() },
-            PeerSpec { node: "".into(), address: "nowhere".into() },
+            PeerSpec {
+                node: "b".into(),
+                address: "127.0.0.2:7946".into(),
+            },
+            PeerSpec {
+                node: "".into(),
+                address: "nowhere".into(),
+            },
         ];
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("services[0].peers[1].node"), "{err}");

@@ -131,7 +131,10 @@ impl Agent {
     fn update_mesh(&self, state: &State, config: &AgentConfig) {
         let Some(mesh) = &self.mesh else { return };
         for (name, running) in &state.running {
-            let peers = config.service(name).map(|s| s.peers.as_slice()).unwrap_or_default();
+            let peers = config
+                .service(name)
+                .map(|s| s.peers.as_slice())
+                .unwrap_or_default();
             mesh.set_service(name, &running.runtime, peers);
         }
     }

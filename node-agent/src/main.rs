@@ -129,13 +129,17 @@ async fn start_mesh(cli: &Cli, address: SocketAddr, metrics: Metrics) -> anyhow:
         .node_name
         .clone()
         .context("--mesh-address needs --node-name (or NODE_NAME)")?;
-    let path = cli
-        .mesh_secret_file
-        .as_ref()
-        .context("--mesh-address needs --mesh-secret-file: the mesh is never open without a secret")?;
-    let secret = std::fs::read(path).with_context(|| format!("cannot read the mesh secret {}", path.display()))?;
+    let path = cli.mesh_secret_file.as_ref().context(
+        "--mesh-address needs --mesh-secret-file: the mesh is never open without a secret",
+    )?;
+    let secret = std::fs::read(path)
+        .with_context(|| format!("cannot read the mesh secret {}", path.display()))?;
     let secret = secret.trim_ascii().to_vec();
-    anyhow::ensure!(secret.len() >= 16, "the mesh secret in {} must be at least 16 bytes", path.display());
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "the mesh secret in {} must be at least 16 bytes",
+        path.display()
+    );
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen for mesh links on {address}"))?;

@@ -123,6 +123,7 @@ pub struct Metrics {
     messages: IntCounterVec,
     dropped: IntCounterVec,
     pub mesh_peers: IntGaugeVec,
+    pub mesh_messages: IntCounterVec,
     config_reloads: IntCounterVec,
 }
 
@@ -191,6 +192,11 @@ impl Metrics {
                 "Mesh links to peer agents by state.",
                 &["service", "state"],
             ),
+            mesh_messages: counter(
+                "edgewire_mesh_messages_total",
+                "Publishes sent to and received from mesh peers.",
+                &["service", "direction"],
+            ),
             config_reloads: counter(
                 "edgewire_config_reloads_total",
                 "Config reloads by outcome (applied or rejected).",
@@ -207,6 +213,7 @@ impl Metrics {
             Box::new(metrics.messages.clone()),
             Box::new(metrics.dropped.clone()),
             Box::new(metrics.mesh_peers.clone()),
+            Box::new(metrics.mesh_messages.clone()),
             Box::new(metrics.config_reloads.clone()),
         ];
         for collector in collectors {
@@ -242,6 +249,9 @@ impl Metrics {
         }
         for state in ["connected", "connecting"] {
             self.mesh_peers.with_label_values(&[service, state]);
+        }
+        for direction in ["sent", "received"] {
+            self.mesh_messages.with_label_values(&[service, direction]);
         }
     }
 

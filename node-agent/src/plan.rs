@@ -46,7 +46,9 @@ pub fn plan(running: &BTreeMap<String, ServiceConfig>, desired: &AgentConfig) ->
     }
     for service in &desired.services {
         match running.get(&service.name) {
-            Some(current) if !needs_restart(current, service) => plan.keep.push(service.name.clone()),
+            Some(current) if !needs_restart(current, service) => {
+                plan.keep.push(service.name.clone())
+            }
             Some(_) => plan.restart.push(service.name.clone()),
             None => plan.start.push(service.name.clone()),
         }

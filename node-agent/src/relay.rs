@@ -171,9 +171,28 @@ mod tests {
         let hub = Hub::new();
         let (a, mut a_rx, _) = subscriber(8);
         let (b, mut b_rx, _) = subscriber(8);
-        assert_eq!(hub.subscribe("chat", 1, a.clone()), Change { changed: true, edge: true });
-        assert_eq!(hub.subscribe("chat", 1, a), Change { changed: false, edge: false }, "not new");
-        assert_eq!(hub.subscribe("chat", 2, b), Change { changed: true, edge: false });
+        assert_eq!(
+            hub.subscribe("chat", 1, a.clone()),
+            Change {
+                changed: true,
+                edge: true
+            }
+        );
+        assert_eq!(
+            hub.subscribe("chat", 1, a),
+            Change {
+                changed: false,
+                edge: false
+            },
+            "not new"
+        );
+        assert_eq!(
+            hub.subscribe("chat", 2, b),
+            Change {
+                changed: true,
+                edge: false
+            }
+        );
         for i in 0..5 {
             let report = hub.publish(
                 "chat",
@@ -199,8 +218,20 @@ mod tests {
         let (a, mut a_rx, _) = subscriber(8);
         hub.subscribe("chat", 1, a.clone());
         hub.subscribe("news", 1, a);
-        assert_eq!(hub.unsubscribe("chat", 1), Change { changed: true, edge: true });
-        assert_eq!(hub.unsubscribe("chat", 1), Change { changed: false, edge: false });
+        assert_eq!(
+            hub.unsubscribe("chat", 1),
+            Change {
+                changed: true,
+                edge: true
+            }
+        );
+        assert_eq!(
+            hub.unsubscribe("chat", 1),
+            Change {
+                changed: false,
+                edge: false
+            }
+        );
         let frame = Utf8Bytes::from_static("x");
         let policy = SlowConsumerPolicy::Drop;
         assert_eq!(

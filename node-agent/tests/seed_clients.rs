@@ -11,8 +11,50 @@ use std::process::Command;
 
 use support::*;
 
+/// `EDGEWIRE_PYTHON`, or a virtualenv in `target/test-venv` that this test
+/// creates (once) with the seed clients' packages.
 fn python() -> String {
-    std::env::var("EDGEWIRE_PYTHON").unwrap_or_else(|_| "python3".into())
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(find_or_make_python).clone()
+}
+
+fn find_or_make_python() -> String {
+    if let Ok(python) = std::env::var("EDGEWIRE_PYTHON") {
+        return python;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join("target/test-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 -m venv {} failed",
+            venv.display()
+        );
+    }
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed/requirements.txt");
+    let installed = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements)
+        .status();
+    assert!(
+        installed.is_ok_and(|s| s.success()),
+        "installing {} failed",
+        requirements.display()
+    );
+    python.display().to_string()
 }
 
 fn run_seed_client(file: &str) -> String {
@@ -26,7 +68,7 @@ fn run_seed_client(file: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("ModuleNotFoundError"),
-        "{file} needs websockets and requests; run the README's test command, or set EDGEWIRE_PYTHON to a Python that has them:\n{stderr}"
+        "{file} needs websockets and requests (see tests/seed/requirements.txt):\n{stderr}"
     );
     assert!(out.status.success(), "{file} failed:\n{stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -6,20 +6,43 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum LinkFrame {
     /// Acceptor to dialer, first: prove yourself against this nonce.
-    Challenge { nonce: String },
+    Challenge {
+        nonce: String,
+    },
     /// Dialer's answer, with its own nonce for the acceptor to answer.
-    Hello { node: String, proof: String, nonce: String },
+    Hello {
+        node: String,
+        proof: String,
+        nonce: String,
+    },
     /// Acceptor's answer: authenticated both ways.
-    Welcome { node: String, proof: String },
+    Welcome {
+        node: String,
+        proof: String,
+    },
     /// The sender has local subscribers on these channels of `service`
     /// (a full snapshot, sent when the link comes up).
-    Interest { service: String, channels: Vec<String> },
-    Subscribe { service: String, channel: String },
-    Unsubscribe { service: String, channel: String },
+    Interest {
+        service: String,
+        channels: Vec<String>,
+    },
+    Subscribe {
+        service: String,
+        channel: String,
+    },
+    Unsubscribe {
+        service: String,
+        channel: String,
+    },
     /// A publish at the sender: `message` is the relay frame to deliver as
     /// is; `sent_us` the publish time (µs since the Unix epoch) for the
     /// mesh latency metric.
-    Message { service: String, channel: String, message: String, sent_us: u64 },
+    Message {
+        service: String,
+        channel: String,
+        message: String,
+        sent_us: u64,
+    },
 }
 
 impl LinkFrame {

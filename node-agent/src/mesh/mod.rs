@@ -112,10 +112,21 @@ impl Mesh {
 
     /// Registers a local service and the peers that also run it, and brings
     /// the outbound links in line.
-    pub fn set_service(self: &Arc<Self>, name: &str, runtime: &Arc<ServiceRuntime>, peers: &[PeerSpec]) {
+    pub fn set_service(
+        self: &Arc<Self>,
+        name: &str,
+        runtime: &Arc<ServiceRuntime>,
+        peers: &[PeerSpec],
+    ) {
         let mut inner = self.lock();
-        inner.services.insert(name.to_string(), Arc::downgrade(runtime));
-        let peers: Vec<PeerSpec> = peers.iter().filter(|p| p.node != self.node).cloned().collect();
+        inner
+            .services
+            .insert(name.to_string(), Arc::downgrade(runtime));
+        let peers: Vec<PeerSpec> = peers
+            .iter()
+            .filter(|p| p.node != self.node)
+            .cloned()
+            .collect();
         inner.peers_by_service.insert(name.to_string(), peers);
         self.reconcile_links(&mut inner);
     }
@@ -131,7 +142,9 @@ impl Mesh {
         let mut wanted: HashMap<String, String> = HashMap::new();
         for peers in inner.peers_by_service.values() {
             for peer in peers {
-                wanted.entry(peer.node.clone()).or_insert_with(|| peer.address.clone());
+                wanted
+                    .entry(peer.node.clone())
+                    .or_insert_with(|| peer.address.clone());
             }
         }
         inner.links.retain(|node, link| {
@@ -148,7 +161,13 @@ impl Mesh {
             let (tx, rx) = mpsc::channel(LINK_QUEUE);
             let connected = Arc::new(AtomicBool::new(false));
             let stop = self.stop.child_token();
-            tokio::spawn(Arc::clone(self).dial_loop(node.clone(), address.clone(), rx, Arc::clone(&connected), stop.clone()));
+            tokio::spawn(Arc::clone(self).dial_loop(
+                node.clone(),
+                address.clone(),
+                rx,
+                Arc::clone(&connected),
+                stop.clone(),
+            ));
             inner.links.insert(
                 node,
                 Link {
@@ -166,11 +185,22 @@ impl Mesh {
         for (service, peers) in &inner.peers_by_service {
             let up = peers
                 .iter()
-                .filter(|p| inner.links.get(&p.node).is_some_and(|l| l.connected.load(Ordering::Acquire)))
+                .filter(|p| {
+                    inner
+                        .links
+                        .get(&p.node)
+                        .is_some_and(|l| l.connected.load(Ordering::Acquire))
+                })
                 .count() as i64;
             let total = peers.len() as i64;
-            self.metrics.mesh_peers.with_label_values(&[service, "connected"]).set(up);
-            self.metrics.mesh_peers.with_label_values(&[service, "connecting"]).set(total - up);
+            self.metrics
+                .mesh_peers
+                .with_label_values(&[service, "connected"])
+                .set(up);
+            self.metrics
+                .mesh_peers
+                .with_label_values(&[service, "connecting"])
+                .set(total - up);
         }
     }
 
@@ -223,7 +253,12 @@ impl Mesh {
                 .get(node)
                 .filter(|l| l.connected.load(Ordering::Acquire))
                 .is_some_and(|l| l.tx.try_send(frame.clone()).is_ok());
-            if !sent {
+            if sent {
+                self.metrics
+                    .mesh_messages
+                    .with_label_values(&[service, "sent"])
+                    .inc();
+            } else {
                 self.metrics.dropped(service, DropReason::MeshUnavailable);
             }
         }
@@ -267,7 +302,12 @@ impl Mesh {
         let (mut sink, mut stream) = ws.split();
         let challenge = auth::nonce();
         if sink
-            .send(Message::text(LinkFrame::Challenge { nonce: challenge.clone() }.to_json()))
+            .send(Message::text(
+                LinkFrame::Challenge {
+                    nonce: challenge.clone(),
+                }
+                .to_json(),
+            ))
             .await
             .is_err()
         {
@@ -358,9 +398,18 @@ impl Mesh {
             } => {
                 let runtime = self.lock().services.get(&service).and_then(Weak::upgrade);
                 let Some(runtime) = runtime else { return };
+                self.metrics
+                    .mesh_messages
+                    .with_label_values(&[&service, "received"])
+                    .inc();
                 let age = Duration::from_micros(now_us().saturating_sub(sent_us));
                 let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                runtime.deliver(&channel, &Utf8Bytes::from(message), published_at, DeliveryPath::Mesh);
+                runtime.deliver(
+                    &channel,
+                    &Utf8Bytes::from(message),
+                    published_at,
+                    DeliveryPath::Mesh,
+                );
             }
             LinkFrame::Challenge { .. } | LinkFrame::Hello { .. } | LinkFrame::Welcome { .. } => {}
         }
@@ -444,7 +493,9 @@ impl Mesh {
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let (mut sink, mut stream) = ws.split();
-        let Ok(Some(LinkFrame::Challenge { nonce })) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await else {
+        let Ok(Some(LinkFrame::Challenge { nonce })) =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await
+        else {
             return Err("no challenge from the peer".into());
         };
         let ours = auth::nonce();
@@ -453,17 +504,24 @@ impl Mesh {
             proof: auth::prove(&self.secret, Role::Dialer, &nonce, &self.node),
             nonce: ours.clone(),
         };
-        sink.send(Message::text(hello.to_json())).await.map_err(|e| e.to_string())?;
+        sink.send(Message::text(hello.to_json()))
+            .await
+            .map_err(|e| e.to_string())?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await {
-            Ok(Some(LinkFrame::Welcome { node: theirs, proof }))
-                if theirs == node && auth::verify(&self.secret, Role::Acceptor, &ours, &theirs, &proof) =>
+            Ok(Some(LinkFrame::Welcome {
+                node: theirs,
+                proof,
+            })) if theirs == node
+                && auth::verify(&self.secret, Role::Acceptor, &ours, &theirs, &proof) =>
             {
                 Ok((sink, stream))
             }
             Ok(Some(LinkFrame::Welcome { node: theirs, .. })) if theirs != node => {
                 Err(format!("the peer at {address} is {theirs:?}, not {node:?}"))
             }
-            _ => Err("the peer refused or failed authentication (is the mesh secret the same?)".into()),
+            _ => Err(
+                "the peer refused or failed authentication (is the mesh secret the same?)".into(),
+            ),
         }
     }
 

@@ -64,12 +64,25 @@ mod tests {
             // subs[node] = channels with local subscribers there.
             let subs: Vec<BTreeSet<&str>> = nodes
                 .iter()
-                .map(|_| channels.iter().copied().filter(|_| rng.below(2) == 0).collect())
+                .map(|_| {
+                    channels
+                        .iter()
+                        .copied()
+                        .filter(|_| rng.below(2) == 0)
+                        .collect()
+                })
                 .collect();
             let interest: HashMap<String, BTreeSet<(String, String)>> = nodes
                 .iter()
                 .zip(&subs)
-                .map(|(n, s)| (n.clone(), s.iter().map(|c| ("svc".to_string(), c.to_string())).collect()))
+                .map(|(n, s)| {
+                    (
+                        n.clone(),
+                        s.iter()
+                            .map(|c| ("svc".to_string(), c.to_string()))
+                            .collect(),
+                    )
+                })
                 .collect();
 
             // links[(from, to)] carries (publisher, seq, channel).
@@ -89,14 +102,22 @@ mod tests {
                     if subs[from].contains(channel) {
                         delivered[from].push(msg);
                     }
-                    let peers: Vec<String> = nodes.iter().filter(|n| **n != nodes[from]).cloned().collect();
+                    let peers: Vec<String> = nodes
+                        .iter()
+                        .filter(|n| **n != nodes[from])
+                        .cloned()
+                        .collect();
                     for to in targets(true, "svc", channel, &peers, &interest) {
                         let to = nodes.iter().position(|n| n == to).unwrap();
                         links.entry((from, to)).or_default().push_back(msg);
                     }
                 } else {
                     // Deliver the head of a random non-empty link.
-                    let busy: Vec<(usize, usize)> = links.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+                    let busy: Vec<(usize, usize)> = links
+                        .iter()
+                        .filter(|(_, q)| !q.is_empty())
+                        .map(|(k, _)| *k)
+                        .collect();
                     if busy.is_empty() {
                         continue;
                     }
@@ -107,7 +128,8 @@ mod tests {
                         delivered[to].push(msg);
                     }
                     // A message from the mesh is never forwarded.
-                    let peers: Vec<String> = nodes.iter().filter(|n| **n != nodes[to]).cloned().collect();
+                    let peers: Vec<String> =
+                        nodes.iter().filter(|n| **n != nodes[to]).cloned().collect();
                     assert!(targets(false, "svc", msg.2, &peers, &interest).is_empty());
                 }
             }
@@ -121,22 +143,43 @@ mod tests {
                 }
             }
             for (node, got) in delivered.iter().enumerate() {
-                let want: Vec<_> = published.iter().copied().filter(|m| subs[node].contains(m.2)).collect();
+                let want: Vec<_> = published
+                    .iter()
+                    .copied()
+                    .filter(|m| subs[node].contains(m.2))
+                    .collect();
                 let mut sorted = got.clone();
                 sorted.sort();
                 let mut want_sorted = want.clone();
                 want_sorted.sort();
-                assert_eq!(sorted, want_sorted, "seed {seed}: node {node} got a message twice or missed one");
+                assert_eq!(
+                    sorted, want_sorted,
+                    "seed {seed}: node {node} got a message twice or missed one"
+                );
                 for publisher in 0..nodes.len() {
-                    let order: Vec<usize> = got.iter().filter(|m| m.0 == publisher).map(|m| m.1).collect();
-                    assert!(order.windows(2).all(|w| w[0] < w[1]), "seed {seed}: order broken at node {node}");
+                    let order: Vec<usize> = got
+                        .iter()
+                        .filter(|m| m.0 == publisher)
+                        .map(|m| m.1)
+                        .collect();
+                    assert!(
+                        order.windows(2).all(|w| w[0] < w[1]),
+                        "seed {seed}: order broken at node {node}"
+                    );
                 }
             }
             let needed: usize = published
                 .iter()
-                .map(|m| (0..nodes.len()).filter(|n| *n != m.0 && subs[*n].contains(m.2)).count())
+                .map(|m| {
+                    (0..nodes.len())
+                        .filter(|n| *n != m.0 && subs[*n].contains(m.2))
+                        .count()
+                })
                 .sum();
-            assert_eq!(hops, needed, "seed {seed}: interest routing sends only where subscribers are");
+            assert_eq!(
+                hops, needed,
+                "seed {seed}: interest routing sends only where subscribers are"
+            );
         }
     }
 }

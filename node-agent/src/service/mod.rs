@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use edgewire_api::ServiceConfig;
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,7 +45,12 @@ pub struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    fn new(config: ServiceConfig, metrics: Metrics, mesh: Option<Arc<Mesh>>, stop: CancellationToken) -> ServiceRuntime {
+    fn new(
+        config: ServiceConfig,
+        metrics: Metrics,
+        mesh: Option<Arc<Mesh>>,
+        stop: CancellationToken,
+    ) -> ServiceRuntime {
         let max = config.limits.max_message_bytes as usize;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -76,10 +81,20 @@ impl ServiceRuntime {
 
     /// Queues a relay frame for this agent's subscribers of `channel`,
     /// counting what the slow-consumer policy dropped.
-    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, published_at: std::time::Instant, path: DeliveryPath) {
-        let report = self
-            .hub
-            .publish(channel, frame, published_at, path, self.config.limits.slow_consumer);
+    pub fn deliver(
+        &self,
+        channel: &str,
+        frame: &Utf8Bytes,
+        published_at: std::time::Instant,
+        path: DeliveryPath,
+    ) {
+        let report = self.hub.publish(
+            channel,
+            frame,
+            published_at,
+            path,
+            self.config.limits.slow_consumer,
+        );
         for _ in 0..report.dropped {
             self.metrics.dropped(self.name(), DropReason::SlowConsumer);
         }
@@ -181,7 +196,12 @@ impl RunningService {
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
-        let runtime = Arc::new(ServiceRuntime::new(config, metrics, mesh, parent.child_token()));
+        let runtime = Arc::new(ServiceRuntime::new(
+            config,
+            metrics,
+            mesh,
+            parent.child_token(),
+        ));
         let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime)));
         tracing::info!(service = runtime.name(), %local_addr, "service listening");
         Ok(RunningService {

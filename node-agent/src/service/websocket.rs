@@ -377,9 +377,11 @@ impl Session {
         let now = Instant::now();
         for (stamp, path) in stamps {
             runtime.metrics.message(runtime.name(), Direction::Out);
-            runtime
-                .metrics
-                .latency(runtime.name(), path, now.duration_since(stamp).as_secs_f64());
+            runtime.metrics.latency(
+                runtime.name(),
+                path,
+                now.duration_since(stamp).as_secs_f64(),
+            );
         }
         Ok(())
     }

@@ -47,13 +47,18 @@ impl AgentProcess {
 
     /// Starts the agent without waiting; `config` None runs the built-in default.
     pub fn spawn(config: Option<&str>, extra_args: &[&str]) -> AgentProcess {
+        AgentProcess::spawn_on("127.0.0.1", config, extra_args)
+    }
+
+    /// Starts the agent with its services (and admin endpoint) on `ip`.
+    pub fn spawn_on(ip: &str, config: Option<&str>, extra_args: &[&str]) -> AgentProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("agent.yaml");
         let log_path = dir.path().join("agent.log");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("{ip}:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgewire-agent"));
         cmd.arg("--listen-address")
-            .arg("127.0.0.1")
+            .arg(ip)
             .arg("--admin-address")
             .arg(admin.to_string())
             .arg("--reload-interval")
