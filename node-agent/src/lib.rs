@@ -8,9 +8,11 @@
 //! - [`metrics`]: every Prometheus metric the agent exports.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config_source`]: the config file and its reloads.
+//! - [`cluster`]: cluster mode: placement, EdgeNode heartbeats, offline state.
 
 pub mod admin;
 pub mod agent;
+pub mod cluster;
 pub mod config_source;
 pub mod handlers;
 pub mod mesh;

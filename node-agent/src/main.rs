@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use edgewire_agent::{admin, agent::Agent, config_source, mesh::Mesh, metrics::Metrics};
+use edgewire_agent::{admin, agent::Agent, cluster, config_source, mesh::Mesh, metrics::Metrics};
 use edgewire_api::AgentConfig;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +22,27 @@ use tracing_subscriber::EnvFilter;
     about = "edgewire's edge node agent: WebSocket relay, compute handlers and metrics"
 )]
 struct Cli {
-    /// Config file (YAML or JSON). Without it the built-in default runs.
-    #[arg(long, env = "EDGEWIRE_CONFIG")]
+    /// Config file (YAML or JSON). Without it (and without --cluster) the
+    /// built-in default runs.
+    #[arg(long, env = "EDGEWIRE_CONFIG", conflicts_with = "cluster")]
     config: Option<PathBuf>,
+    /// Run as a cluster node: follow the EdgeServices placed on --node-name
+    /// (in-cluster credentials, or $KUBECONFIG) and report its EdgeNode.
+    #[arg(long, env = "EDGEWIRE_CLUSTER")]
+    cluster: bool,
+    /// In a cluster: the address written to this node's EdgeNode, where
+    /// clients and peers reach it. Defaults to --listen-address.
+    #[arg(long, env = "NODE_IP")]
+    advertise_address: Option<String>,
+    /// In a cluster: where the last received config is kept for offline restarts.
+    #[arg(long, env = "EDGEWIRE_STATE_DIR", default_value = "/var/lib/edgewire")]
+    state_dir: PathBuf,
+    /// In a cluster: seconds between EdgeNode heartbeats.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    heartbeat_interval: f64,
+    /// In a cluster: a KEY=VALUE label for this node's EdgeNode; repeatable.
+    #[arg(long = "edge-node-label", value_parser = key_value)]
+    edge_node_labels: Vec<(String, String)>,
     /// Address the services listen on.
     #[arg(long, env = "EDGEWIRE_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     listen_address: IpAddr,
@@ -70,6 +88,12 @@ fn seconds(text: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
         _ => Err(format!("{text:?} is not a positive number of seconds")),
     }
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
@@ -149,6 +173,40 @@ async fn start_mesh(cli: &Cli, address: SocketAddr, metrics: Metrics) -> anyhow:
     Ok(mesh)
 }
 
+/// Connects to the cluster and starts following this node's placement.
+async fn start_cluster(
+    cli: &Cli,
+    agent: Arc<Agent>,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let node = cli
+        .node_name
+        .clone()
+        .context("--cluster needs --node-name (or NODE_NAME, from the downward API)")?;
+    let advertise_address = match &cli.advertise_address {
+        Some(address) => address.clone(),
+        None if !cli.listen_address.is_unspecified() => cli.listen_address.to_string(),
+        None => anyhow::bail!(
+            "--cluster needs --advertise-address (or NODE_IP) when listening on {}",
+            cli.listen_address
+        ),
+    };
+    // Building the client reads credentials only; it does not need the API
+    // server to be up, so an agent starting offline still serves.
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes credentials (in-cluster or $KUBECONFIG)")?;
+    let options = cluster::Options {
+        node,
+        advertise_address,
+        mesh_port: cli.mesh_address.map(|a| a.port()),
+        state_dir: cli.state_dir.clone(),
+        heartbeat_interval: Duration::from_secs_f64(cli.heartbeat_interval),
+        edge_node_labels: cli.edge_node_labels.iter().cloned().collect(),
+    };
+    Ok(tokio::spawn(cluster::run(agent, client, options, stop)))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (config, source) = match &cli.config {
         Some(path) => {
@@ -176,7 +234,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     tracing::info!(address = %cli.admin_address, "admin endpoint (/metrics, /healthz, /readyz) listening");
     let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&agent), stop.clone()));
 
-    agent.apply(&config).await;
+    let cluster_task = if cli.cluster {
+        Some(start_cluster(&cli, Arc::clone(&agent), stop.clone()).await?)
+    } else {
+        agent.apply(&config).await;
+        None
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         services = config.services.len(),
@@ -214,6 +277,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     stop.cancel();
     let _ = admin_task.await;
     if let Some(task) = watch_task {
+        let _ = task.await;
+    }
+    if let Some(task) = cluster_task {
         let _ = task.await;
     }
     if drained {

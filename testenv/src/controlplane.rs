@@ -280,19 +280,7 @@ impl ControlPlane {
         )?;
         let client = plane.client().await?;
         plane
-            .wait_for_async("kube-apiserver /readyz", || {
-                let client = client.clone();
-                async move {
-                    let request = http::Request::get("/readyz")
-                        .body(Vec::new())
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .request_text(request)
-                        .await
-                        .map(|body| body.trim() == "ok")
-                        .map_err(|e| e.to_string())
-                }
-            })
+            .wait_for_async("kube-apiserver /readyz", || readyz(client.clone()))
             .await?;
 
         plane.launch(
@@ -438,6 +426,68 @@ impl ControlPlane {
         }
     }
 
+    /// Stops one component (e.g. `kube-apiserver`, to test what happens
+    /// while the API is out of reach); `start_component` brings it back.
+    pub fn stop_component(&mut self, name: &str) -> Result<(), Error> {
+        let component = self
+            .components
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| Error::Setup(format!("no component {name}")))?;
+        process::stop_all(std::slice::from_mut(component), STOP_GRACE);
+        Ok(())
+    }
+
+    /// Starts a stopped component again with the same flags and ports, and
+    /// waits until it is ready (the API server: `/readyz`). Components that
+    /// gave up while it was away (the controller manager exits when the API
+    /// server vanishes mid-start) are started again too, as a kubelet would.
+    pub async fn start_component(&mut self, name: &str) -> Result<(), Error> {
+        self.restart(name)?;
+        if name == "kube-apiserver" {
+            let client = self.client().await?;
+            let started = Instant::now();
+            loop {
+                if readyz(client.clone()).await == Ok(true) {
+                    break;
+                }
+                if started.elapsed() > START_TIMEOUT {
+                    return Err(Error::Timeout {
+                        what: "kube-apiserver /readyz after a restart".into(),
+                        last: String::new(),
+                        log: String::new(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let exited: Vec<String> = self
+            .components
+            .iter_mut()
+            .filter_map(|c| matches!(c.child.try_wait(), Ok(Some(_))).then(|| c.name.clone()))
+            .collect();
+        for other in exited {
+            self.restart(&other)?;
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, name: &str) -> Result<(), Error> {
+        let index = self
+            .components
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| Error::Setup(format!("no component {name}")))?;
+        let old = &self.components[index];
+        let restarted =
+            process::start(name, &old.program, &old.args, old.log.clone(), old.detached)?;
+        self.components[index] = restarted;
+        if !self.detached {
+            process::register(self.id, self.pids(), self.dir.clone());
+        }
+        Ok(())
+    }
+
     /// A client with the admin identity.
     pub async fn client(&self) -> Result<kube::Client, Error> {
         client_for(&self.kubeconfig).await
@@ -524,6 +574,17 @@ pub fn stop_detached(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
     process::stop_pids(&state.pids, STOP_GRACE);
     std::fs::remove_dir_all(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+}
+
+async fn readyz(client: kube::Client) -> Result<bool, String> {
+    let request = http::Request::get("/readyz")
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
+    client
+        .request_text(request)
+        .await
+        .map(|body| body.trim() == "ok")
+        .map_err(|e| e.to_string())
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client, Error> {

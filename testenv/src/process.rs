@@ -24,6 +24,10 @@ pub struct Component {
     pub name: String,
     pub child: Child,
     pub log: PathBuf,
+    /// How it was started, so it can be started again.
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub detached: bool,
 }
 
 impl Component {
@@ -117,6 +121,9 @@ pub fn start(
         name: name.to_string(),
         child,
         log,
+        program: program.to_path_buf(),
+        args: args.to_vec(),
+        detached,
     })
 }
 

@@ -52,6 +52,16 @@ impl AgentProcess {
 
     /// Starts the agent with its services (and admin endpoint) on `ip`.
     pub fn spawn_on(ip: &str, config: Option<&str>, extra_args: &[&str]) -> AgentProcess {
+        AgentProcess::spawn_with_env(ip, config, extra_args, &[])
+    }
+
+    /// As `spawn_on`, with extra environment variables.
+    pub fn spawn_with_env(
+        ip: &str,
+        config: Option<&str>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("agent.yaml");
         let log_path = dir.path().join("agent.log");
@@ -66,6 +76,7 @@ impl AgentProcess {
             .arg("--log-level")
             .arg("debug")
             .args(extra_args)
+            .envs(env.iter().copied())
             .env_remove("EDGEWIRE_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -269,4 +280,26 @@ pub async fn expect_close(ws: &mut Client) -> CloseFrame {
 pub async fn request(ws: &mut Client, request: Value) -> Value {
     send_text(ws, request.to_string()).await;
     next_json(ws).await
+}
+
+/// A binary of another workspace package, next to this test's own build
+/// (`cargo test --workspace` builds every package's binaries). Built here
+/// when a narrower `cargo test -p` left it out.
+pub fn workspace_binary(package: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join(package);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", package, "--bin", package])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+    }
+    assert!(path.exists(), "{} is missing", path.display());
+    path
 }

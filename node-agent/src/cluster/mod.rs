@@ -1,0 +1,234 @@
+//! Cluster mode: the agent follows the operator's placement (a read-only
+//! watch of EdgeServices), keeps its node's EdgeNode up to date, and keeps
+//! serving from its stored config while the API server is out of reach.
+
+pub mod render;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
+use futures_util::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+
+const FIELD_MANAGER: &str = "edgewire-agent";
+/// Placement changes usually come in bursts (one per EdgeService status
+/// write); apply once they settle.
+const SETTLE: Duration = Duration::from_millis(200);
+/// A status change is reported at once, but no more often than this.
+const MIN_REPORT_GAP: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub node: String,
+    /// Where clients and peers reach this agent; written to the EdgeNode.
+    pub advertise_address: String,
+    pub mesh_port: Option<u16>,
+    pub state_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub edge_node_labels: BTreeMap<String, String>,
+}
+
+/// EdgeServices this node could not run, with the reason, for the EdgeNode.
+type Rejected = Arc<Mutex<Vec<(String, String)>>>;
+
+pub async fn run(agent: Arc<Agent>, client: Client, options: Options, stop: CancellationToken) {
+    if let Some(config) = state::load(&options.state_dir) {
+        tracing::info!(
+            services = config.services.len(),
+            path = %state::path(&options.state_dir).display(),
+            "serving the stored config until the API server answers"
+        );
+        agent.apply(&config).await;
+    }
+    let rejected: Rejected = Arc::default();
+    let report_now = Arc::new(Notify::new());
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        Arc::clone(&agent),
+        client.clone(),
+        options.clone(),
+        Arc::clone(&rejected),
+        Arc::clone(&report_now),
+        stop.clone(),
+    ));
+    follow_placement(agent, client, options, rejected, report_now, stop).await;
+    let _ = heartbeat.await;
+}
+
+/// Watches EdgeServices and applies what is placed on this node.
+async fn follow_placement(
+    agent: Arc<Agent>,
+    client: Client,
+    options: Options,
+    rejected: Rejected,
+    report_now: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let (reader, writer) = reflector::store::<EdgeService>();
+    let mut events = watcher(Api::<EdgeService>::all(client), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .boxed();
+    let mut dirty = false;
+    let mut listed = false;
+    let mut api_down = false;
+    let mut last_applied = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            event = events.next() => match event {
+                Some(Ok(event @ (watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone))) => {
+                    listed |= matches!(event, watcher::Event::InitDone);
+                    if api_down {
+                        tracing::info!("API server reachable again; catching up");
+                        api_down = false;
+                    }
+                    dirty = true;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => {
+                    if !api_down {
+                        tracing::warn!(%err, "lost the API server; serving the last config and retrying");
+                        api_down = true;
+                    }
+                }
+                None => return,
+            },
+            // Only render from a complete listing: an empty cache must never
+            // read as "nothing is placed here".
+            _ = tokio::time::sleep(SETTLE), if dirty && listed => {
+                dirty = false;
+                let services: Vec<EdgeService> = reader.state().iter().map(|es| es.as_ref().clone()).collect();
+                let rendered = render::render(&options.node, &services, options.mesh_port.unwrap_or(0));
+                for (name, why) in &rendered.rejected {
+                    tracing::error!(service = %name, %why, "cannot run this EdgeService here");
+                }
+                *rejected.lock().unwrap_or_else(|e| e.into_inner()) = rendered.rejected.clone();
+                if last_applied.as_ref() != Some(&rendered.config) {
+                    tracing::info!(services = rendered.config.services.len(), "placement changed; applying");
+                    agent.apply(&rendered.config).await;
+                    if let Err(err) = state::save(&options.state_dir, &rendered.config) {
+                        tracing::warn!(%err, "cannot store the config for offline restarts");
+                    }
+                    last_applied = Some(rendered.config);
+                    report_now.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// The EdgeNode's status from what the agent runs.
+async fn node_status(agent: &Agent, rejected: &Rejected) -> serde_json::Value {
+    let mut services: Vec<NodeService> = agent
+        .status()
+        .await
+        .into_iter()
+        .filter_map(|s| {
+            let (namespace, name) = s.name.split_once('/')?;
+            Some(NodeService {
+                namespace: namespace.into(),
+                name: name.into(),
+                listening: s.listening,
+                error: s.error,
+                connections: i64::from(s.connections),
+            })
+        })
+        .collect();
+    for (key, why) in rejected.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        if let Some((namespace, name)) = key.split_once('/') {
+            services.push(NodeService {
+                namespace: namespace.into(),
+                name: name.into(),
+                listening: false,
+                error: Some(why.clone()),
+                connections: 0,
+            });
+        }
+    }
+    let connections: i64 = services.iter().map(|s| s.connections).sum();
+    json!({
+        "lastHeartbeat": Timestamp::now().to_string(),
+        "agentVersion": env!("CARGO_PKG_VERSION"),
+        "serviceCount": services.len(),
+        "connections": connections,
+        "services": services,
+    })
+}
+
+/// Reports this node every heartbeat interval, and soon after a change.
+async fn heartbeat_loop(
+    agent: Arc<Agent>,
+    client: Client,
+    options: Options,
+    rejected: Rejected,
+    report_now: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let api: Api<EdgeNode> = Api::all(client);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut spec_written = false;
+    let mut failing = false;
+    loop {
+        if !spec_written {
+            let mut node = EdgeNode::new(
+                &options.node,
+                EdgeNodeSpec {
+                    address: options.advertise_address.clone(),
+                    mesh_port: options.mesh_port.map(i32::from),
+                },
+            );
+            node.metadata = ObjectMeta {
+                name: Some(options.node.clone()),
+                labels: Some(options.edge_node_labels.clone()),
+                ..ObjectMeta::default()
+            };
+            spec_written = api
+                .patch(&options.node, &params, &Patch::Apply(&node))
+                .await
+                .is_ok();
+        }
+        let status = json!({
+            "apiVersion": EdgeNode::api_version(&()),
+            "kind": EdgeNode::kind(&()),
+            "status": node_status(&agent, &rejected).await,
+        });
+        match api
+            .patch_status(&options.node, &params, &Patch::Apply(&status))
+            .await
+        {
+            Ok(_) => {
+                if failing {
+                    tracing::info!("heartbeats reach the API server again");
+                }
+                failing = false;
+            }
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(%err, "heartbeat failed; still serving, will retry");
+                }
+                failing = true;
+                // The EdgeNode may have been deleted: write it again next time.
+                spec_written = false;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(options.heartbeat_interval) => {}
+            _ = report_now.notified() => {
+                tokio::time::sleep(MIN_REPORT_GAP).await;
+            }
+        }
+    }
+}

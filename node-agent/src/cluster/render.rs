@@ -1,0 +1,193 @@
+//! The agent's config in a cluster, as a pure function of the EdgeServices:
+//! every EdgeService whose placement names this node becomes a service named
+//! `namespace/name`, with the other placed nodes as its mesh peers.
+
+use edgewire_api::crd::EdgeService;
+use edgewire_api::{AgentConfig, PeerSpec, ServiceConfig};
+
+/// What to run, and the EdgeServices that could not be run here (with why).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    pub config: AgentConfig,
+    pub rejected: Vec<(String, String)>,
+}
+
+fn key(es: &EdgeService) -> String {
+    format!(
+        "{}/{}",
+        es.metadata.namespace.as_deref().unwrap_or_default(),
+        es.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+pub fn render(node: &str, services: &[EdgeService], mesh_port: u16) -> Rendered {
+    let mut placed: Vec<&EdgeService> = services
+        .iter()
+        .filter(|es| es.metadata.deletion_timestamp.is_none())
+        .filter(|es| {
+            es.status
+                .as_ref()
+                .is_some_and(|s| s.placement.iter().any(|p| p.node == node))
+        })
+        .collect();
+    // Oldest first, so that if two ever claim one port here, the older wins
+    // (the operator's rule too).
+    placed.sort_by_key(|es| (es.metadata.creation_timestamp.clone().map(|t| t.0), key(es)));
+
+    let mut rendered = Rendered::default();
+    for es in placed {
+        let name = key(es);
+        let Ok(port) = u16::try_from(es.spec.port) else {
+            rendered
+                .rejected
+                .push((name, format!("port {} is out of range", es.spec.port)));
+            continue;
+        };
+        let peers = es
+            .status
+            .iter()
+            .flat_map(|s| s.placement.iter())
+            .filter(|p| p.node != node)
+            .filter_map(|p| {
+                let address = p.address.as_deref()?;
+                let host = if address.contains(':') {
+                    format!("[{address}]")
+                } else {
+                    address.to_string()
+                };
+                Some(PeerSpec {
+                    node: p.node.clone(),
+                    address: format!("{host}:{mesh_port}"),
+                })
+            })
+            .collect();
+        let service = ServiceConfig {
+            name: name.clone(),
+            port,
+            handlers: es.spec.handlers.clone(),
+            channels: es.spec.channels.clone(),
+            relay_path: es.spec.relay_path.clone(),
+            limits: es.spec.limits.clone(),
+            peers,
+        };
+        let mut errors = Vec::new();
+        service.validate_into("spec", &mut errors);
+        if let Some(taken) = rendered.config.services.iter().find(|s| s.port == port) {
+            errors.push(edgewire_api::FieldError::new(
+                "spec.port",
+                format!("port {port} is already used here by {}", taken.name),
+            ));
+        }
+        if errors.is_empty() {
+            rendered.config.services.push(service);
+        } else {
+            let why = errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            rendered.rejected.push((name, why));
+        }
+    }
+    rendered
+}
+
+#[cfg(test)]
+mod tests {
+    use edgewire_api::crd::{EdgeServiceSpec, EdgeServiceStatus, NodePlacement, PlacementState};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn es(name: &str, port: i32, nodes: &[(&str, Option<&str>)], created: i64) -> EdgeService {
+        let mut es = EdgeService::new(
+            name,
+            EdgeServiceSpec {
+                node_selector: Default::default(),
+                placement: Default::default(),
+                port,
+                handlers: vec![],
+                channels: vec![],
+                relay_path: "/relay".into(),
+                limits: Default::default(),
+                expose: Default::default(),
+            },
+        );
+        es.metadata.namespace = Some("edge".into());
+        es.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        es.status = Some(EdgeServiceStatus {
+            placement: nodes
+                .iter()
+                .map(|(n, a)| NodePlacement {
+                    node: n.to_string(),
+                    address: a.map(str::to_string),
+                    state: PlacementState::Ready,
+                    message: None,
+                })
+                .collect(),
+            ..EdgeServiceStatus::default()
+        });
+        es
+    }
+
+    #[test]
+    fn runs_what_is_placed_here_with_the_others_as_peers() {
+        let services = [
+            es(
+                "chat",
+                8765,
+                &[
+                    ("a", Some("10.0.0.1")),
+                    ("b", Some("10.0.0.2")),
+                    ("c", None),
+                ],
+                1,
+            ),
+            es("elsewhere", 9000, &[("b", Some("10.0.0.2"))], 2),
+        ];
+        let r = render("a", &services, 7946);
+        assert!(r.rejected.is_empty());
+        assert_eq!(r.config.services.len(), 1);
+        let s = &r.config.services[0];
+        assert_eq!((s.name.as_str(), s.port), ("edge/chat", 8765));
+        assert_eq!(
+            s.peers,
+            vec![PeerSpec {
+                node: "b".into(),
+                address: "10.0.0.2:7946".into()
+            }],
+            "a peer without an address yet is left out"
+        );
+        r.config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_port_clash_here_keeps_the_older_service() {
+        let services = [
+            es("newer", 8000, &[("a", None)], 5),
+            es("older", 8000, &[("a", None)], 1),
+        ];
+        let r = render("a", &services, 7946);
+        assert_eq!(r.config.services[0].name, "edge/older");
+        assert_eq!(r.rejected.len(), 1);
+        assert_eq!(r.rejected[0].0, "edge/newer");
+        assert!(
+            r.rejected[0].1.contains("already used here by edge/older"),
+            "{:?}",
+            r.rejected
+        );
+    }
+
+    #[test]
+    fn ipv6_peers_are_bracketed() {
+        let services = [es(
+            "v6",
+            8000,
+            &[("a", None), ("b", Some("2001:db8::2"))],
+            1,
+        )];
+        let r = render("a", &services, 7946);
+        assert_eq!(r.config.services[0].peers[0].address, "[2001:db8::2]:7946");
+    }
+}
