@@ -197,73 +197,71 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         &identity,
         Duration::from_secs(args.lease_duration),
     );
-    tracing::info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "acquiring leadership");
-    if !elector.acquire(&stop).await {
-        health.ready.store(false, Ordering::Release);
-        let _ = admin_task.await;
-        return Ok(ExitCode::SUCCESS);
-    }
-    tracing::info!(%identity, "leading; starting controllers");
-    metrics.set_leader(true);
-
-    let lost = CancellationToken::new();
-    let holder = tokio::spawn({
-        let elector = elector.clone();
-        let (stop, lost) = (stop.clone(), lost.clone());
-        async move { elector.hold(stop, lost).await }
-    });
-    let controllers_stop = CancellationToken::new();
     let settings = controller::Settings {
         heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
         eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
     };
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "edgewire-operator".into(),
-            instance: Some(identity.clone()),
-        },
-    );
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
         node_selector: args.node_selector.clone(),
     };
-    let es = tokio::spawn(controller::run(
-        client.clone(),
-        recorder,
-        metrics.clone(),
-        settings.clone(),
-        scope,
-        controllers_stop.clone(),
-    ));
-    let en = tokio::spawn(edgenode::run(
-        client,
-        metrics.clone(),
-        settings,
-        args.node_selector.clone(),
-        controllers_stop.clone(),
-    ));
-
-    let lost_lease = tokio::select! {
-        _ = stop.cancelled() => false,
-        _ = lost.cancelled() => true,
-    };
-    health.ready.store(false, Ordering::Release);
-    controllers_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = es.await;
-        let _ = en.await;
-    })
-    .await;
-    metrics.set_leader(false);
-    stop.cancel();
-    let _ = holder.await;
-    let _ = admin_task.await;
-    if lost_lease {
-        // Another replica may be leading now; exit so this one restarts as a standby.
-        return Ok(ExitCode::FAILURE);
+    tracing::info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "acquiring leadership");
+    // Lead until stopped. Losing the lease (e.g. the API server was away for
+    // longer than the lease) stops the controllers and goes back to standby:
+    // another replica may be leading by now.
+    while elector.acquire(&stop).await {
+        tracing::info!(%identity, "leading; starting controllers");
+        metrics.set_leader(true);
+        let lost = CancellationToken::new();
+        let holder = tokio::spawn({
+            let elector = elector.clone();
+            let (stop, lost) = (stop.clone(), lost.clone());
+            async move { elector.hold(stop, lost).await }
+        });
+        let controllers_stop = CancellationToken::new();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "edgewire-operator".into(),
+                instance: Some(identity.clone()),
+            },
+        );
+        let es = tokio::spawn(controller::run(
+            client.clone(),
+            recorder,
+            metrics.clone(),
+            settings.clone(),
+            scope.clone(),
+            controllers_stop.clone(),
+        ));
+        let en = tokio::spawn(edgenode::run(
+            client.clone(),
+            metrics.clone(),
+            settings.clone(),
+            args.node_selector.clone(),
+            controllers_stop.clone(),
+        ));
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = lost.cancelled() => {}
+        }
+        controllers_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = es.await;
+            let _ = en.await;
+        })
+        .await;
+        metrics.set_leader(false);
+        let _ = holder.await;
+        if stop.is_cancelled() {
+            elector.release().await;
+            break;
+        }
+        tracing::warn!(%identity, "lost leadership; controllers stopped, standing by");
     }
-    elector.release().await;
+    health.ready.store(false, Ordering::Release);
+    stop.cancel();
+    let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

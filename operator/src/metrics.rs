@@ -1,7 +1,7 @@
 //! The operator's own metrics: reconcile duration, errors and writes per
 //! controller, EdgeServices by readiness, and leadership.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgewire_api::crd::EdgeService;
@@ -23,7 +23,7 @@ struct Inner {
     writes: IntCounterVec,
     edgeservices: IntGaugeVec,
     leader: IntGauge,
-    services: OnceLock<Store<EdgeService>>,
+    services: Mutex<Option<Store<EdgeService>>>,
 }
 
 impl Metrics {
@@ -90,7 +90,7 @@ impl Metrics {
                 writes,
                 edgeservices,
                 leader,
-                services: OnceLock::new(),
+                services: Mutex::new(None),
             }),
         }
     }
@@ -116,13 +116,24 @@ impl Metrics {
         self.inner.leader.set(i64::from(leader));
     }
 
-    /// The EdgeService cache the readiness gauge is counted from.
+    /// The EdgeService cache the readiness gauge is counted from (the
+    /// current leader term's).
     pub fn watch_services(&self, store: Store<EdgeService>) {
-        let _ = self.inner.services.set(store);
+        *self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(store);
     }
 
     pub fn render(&self) -> String {
-        if let Some(store) = self.inner.services.get() {
+        let store = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(store) = store {
             let (mut ready, mut not_ready) = (0, 0);
             for es in store.state() {
                 let is_ready = es.status.as_ref().is_some_and(|s| {
