@@ -6,73 +6,7 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
-
 use support::*;
-
-/// `EDGEWIRE_PYTHON`, or a virtualenv in `target/test-venv` that this test
-/// creates (once) with the seed clients' packages.
-fn python() -> String {
-    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PYTHON.get_or_init(find_or_make_python).clone()
-}
-
-fn find_or_make_python() -> String {
-    if let Ok(python) = std::env::var("EDGEWIRE_PYTHON") {
-        return python;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = root.join("target/test-venv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let made = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "python3 -m venv {} failed",
-            venv.display()
-        );
-    }
-    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed/requirements.txt");
-    let installed = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&requirements)
-        .status();
-    assert!(
-        installed.is_ok_and(|s| s.success()),
-        "installing {} failed",
-        requirements.display()
-    );
-    python.display().to_string()
-}
-
-fn run_seed_client(file: &str) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/seed")
-        .join(file);
-    let out = Command::new(python())
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} {}: {e}", python(), script.display()));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("ModuleNotFoundError"),
-        "{file} needs websockets and requests (see tests/seed/requirements.txt):\n{stderr}"
-    );
-    assert!(out.status.success(), "{file} failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[tokio::test]
 async fn the_seed_clients_work_unchanged_against_the_default_config() {

@@ -1,0 +1,523 @@
+//! End to end, the way a user meets edgewire: `helm install` of the chart
+//! into a real control plane with kwok edge nodes; the operator and the
+//! agents run as processes with the chart's service-account credentials (pods
+//! are simulated); `kubectl apply -f examples/...` as the README says; the
+//! seed's clients and a channel subscriber through the placed nodes; a real
+//! Prometheus scraping agents and operator and answering PromQL; `helm
+//! upgrade` keeps clients served; `helm uninstall` cleans up.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgewire_testenv::{ControlPlane, NodeSpec, Options};
+use serde_json::{Value, json};
+use support::*;
+
+const RELEASE: &str = "edgewire";
+const SYSTEM: &str = "edgewire-system";
+const DEMO: &str = "demo";
+/// edge-0 is on 127.0.0.1 so that the seed's clients, which dial localhost
+/// and 0.0.0.0, reach it unchanged.
+const NODES: [(&str, &str, &str); 3] = [
+    ("edge-0", "127.0.0.1", "zone-a"),
+    ("edge-1", "127.0.0.41", "zone-b"),
+    ("edge-2", "127.0.0.42", "zone-c"),
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(mut cmd: Command) -> String {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kubectl(plane: &ControlPlane, args: &[&str]) -> String {
+    let mut cmd = plane.kubectl().unwrap();
+    cmd.args(args);
+    run(cmd)
+}
+
+fn helm(plane: &ControlPlane, args: &[&str]) -> String {
+    let mut cmd = plane.helm().unwrap();
+    cmd.args(args);
+    run(cmd)
+}
+
+/// A kubeconfig for a service account of the chart, with a fresh token, as a
+/// pod of that service account would have.
+fn service_account_kubeconfig(plane: &ControlPlane, account: &str, dir: &Path) -> PathBuf {
+    let token = kubectl(
+        plane,
+        &["create", "token", account, "-n", SYSTEM, "--duration=2h"],
+    );
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": plane.server, "certificate-authority": plane.pki.ca.cert}}],
+        "users": [{"name": account, "user": {"token": token.trim()}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": account}}],
+        "current-context": "c",
+    });
+    let path = dir.join(format!("{account}.kubeconfig"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+async fn prometheus_query(port: u16, query: &str) -> Value {
+    let path = format!(
+        "/api/v1/query?query={}",
+        form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
+    );
+    let (status, body) = http_get(format!("127.0.0.1:{port}").parse().unwrap(), &path)
+        .await
+        .unwrap_or((0, String::new()));
+    if status != 200 {
+        return Value::Null;
+    }
+    serde_json::from_str(&body).unwrap_or(Value::Null)
+}
+
+/// Polls a PromQL query until its first sample satisfies `ok`.
+async fn wait_promql(port: u16, query: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = prometheus_query(port, query).await;
+        let value = answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value
+            && ok(v)
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PromQL {query} never satisfied; last answer {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
+    let prometheus =
+        which("prometheus").expect("Debian's prometheus package (scripts/test.sh installs it)");
+    let plane = ControlPlane::start(Options {
+        kwok: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let client = plane.client().await.unwrap();
+    let specs: Vec<NodeSpec> = NODES
+        .iter()
+        .map(|(name, ip, zone)| {
+            NodeSpec::new(*name)
+                .label("edgewire.dev/edge", "true")
+                .label("topology.kubernetes.io/zone", zone)
+                .internal_ip(*ip)
+        })
+        .collect();
+    edgewire_testenv::add_nodes(&client, &specs).await.unwrap();
+
+    // helm install, as the README says.
+    let chart = repo().join("charts/edgewire");
+    helm(
+        &plane,
+        &[
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "-n",
+            SYSTEM,
+            "--create-namespace",
+        ],
+    );
+    // kwok runs the chart's pods as simulated pods on the nodes.
+    wait_for(
+        "the agent DaemonSet scheduled on the three edge nodes",
+        || {
+            kubectl(
+                &plane,
+                &[
+                    "get",
+                    "daemonset",
+                    "edgewire-agent",
+                    "-n",
+                    SYSTEM,
+                    "-o",
+                    "jsonpath={.status.numberReady}",
+                ],
+            ) == "3"
+        },
+    )
+    .await;
+
+    // The processes that stand in for the pods, with the pods' credentials.
+    let operator_kc = service_account_kubeconfig(&plane, "edgewire-operator", work.path());
+    let agent_kc = service_account_kubeconfig(&plane, "edgewire-agent", work.path());
+    let secret_b64 = kubectl(
+        &plane,
+        &[
+            "get",
+            "secret",
+            "edgewire-mesh",
+            "-n",
+            SYSTEM,
+            "-o",
+            "jsonpath={.data.secret}",
+        ],
+    );
+    let secret_file = work.path().join("mesh-secret");
+    std::fs::write(&secret_file, decode_base64(&secret_b64)).unwrap();
+
+    let operator_metrics = free_port();
+    let operator = Killed(
+        Command::new(workspace_binary("edgewire-operator"))
+            .args([
+                "run",
+                "--metrics-address",
+                &format!("127.0.0.1:{operator_metrics}"),
+            ])
+            .args([
+                "--lease-namespace",
+                SYSTEM,
+                "--lease-name",
+                "edgewire-operator",
+                "--heartbeat-timeout",
+                "5",
+            ])
+            .env("KUBECONFIG", &operator_kc)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("operator.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mesh_port = 7946;
+    let mut agents = Vec::new();
+    for (name, ip, _) in NODES {
+        let state = work.path().join(format!("state-{name}"));
+        agents.push(AgentProcess::spawn_with_env(
+            ip,
+            None,
+            &[
+                "--cluster",
+                "--node-name",
+                name,
+                "--advertise-address",
+                ip,
+                "--mesh-address",
+                &format!("{ip}:{mesh_port}"),
+                "--mesh-secret-file",
+                secret_file.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1",
+            ],
+            &[("KUBECONFIG", agent_kc.to_str().unwrap())],
+        ));
+    }
+    for agent in &agents {
+        agent.wait_ready().await;
+    }
+
+    // kubectl apply -f examples/..., exactly as the README does.
+    kubectl(&plane, &["create", "namespace", DEMO]);
+    for example in ["examples/edgeservice.yaml", "examples/compute.yaml"] {
+        kubectl(
+            &plane,
+            &[
+                "apply",
+                "-n",
+                DEMO,
+                "-f",
+                repo().join(example).to_str().unwrap(),
+            ],
+        );
+    }
+    wait_for(
+        "kubectl get es shows chat and compute ready on 3/3 nodes",
+        || {
+            let table = kubectl(&plane, &["get", "es", "-n", DEMO]);
+            table
+                .lines()
+                .filter(|l| l.contains("3/3") && l.contains("True"))
+                .count()
+                == 2
+        },
+    )
+    .await;
+    let table = kubectl(&plane, &["get", "es", "-n", DEMO]);
+    assert!(
+        table.starts_with("NAME") && table.contains("NODES") && table.contains("CONNECTIONS"),
+        "{table}"
+    );
+    let edgenodes = kubectl(&plane, &["get", "edgenodes"]);
+    assert_eq!(
+        edgenodes.lines().filter(|l| l.contains("True")).count(),
+        3,
+        "{edgenodes}"
+    );
+
+    // The seed's clients, unchanged, through the placed node on localhost.
+    assert_eq!(
+        run_seed_client("ws_client.py"),
+        "Received data: Echo: Hello, WebSocket!\n"
+    );
+    assert_eq!(run_seed_client("http_client.py"), "Result: 3\n");
+
+    // A channel subscriber on one node hears a publish made at another.
+    let node =
+        |i: usize| -> std::net::SocketAddr { format!("{}:8765", NODES[i].1).parse().unwrap() };
+    let mut subscriber = connect(node(1), "/relay").await;
+    assert_eq!(
+        request(
+            &mut subscriber,
+            json!({"type": "subscribe", "channel": "chat", "id": 1})
+        )
+        .await["type"],
+        "subscribed"
+    );
+    let mut publisher = connect(node(0), "/relay").await;
+    let mut got = None;
+    for round in 0..200 {
+        send_text(
+            &mut publisher,
+            json!({"type": "publish", "channel": "chat", "data": {"round": round}}).to_string(),
+        )
+        .await;
+        if let Ok(msg) =
+            tokio::time::timeout(Duration::from_millis(100), next_json(&mut subscriber)).await
+        {
+            got = Some(msg);
+            break;
+        }
+    }
+    let got = got.expect("a publish at edge-0 reached the subscriber at edge-1");
+    assert_eq!(got["channel"], "chat");
+
+    // A real Prometheus scrapes the agents and the operator.
+    let prom_port = free_port();
+    let targets: Vec<String> = agents.iter().map(|a| format!("'{}'", a.admin)).collect();
+    let prom_config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: edgewire-agents\n    static_configs: [{{targets: [{}]}}]\n  - job_name: edgewire-operator\n    static_configs: [{{targets: ['127.0.0.1:{operator_metrics}']}}]\n",
+        targets.join(", ")
+    );
+    let prom_dir = work.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::write(prom_dir.join("prometheus.yml"), prom_config).unwrap();
+    let _prometheus = Killed(
+        Command::new(prometheus)
+            .arg(format!(
+                "--config.file={}",
+                prom_dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_promql(prom_port, r#"count(up{job="edgewire-agents"} == 1)"#, |v| {
+        v == 3.0
+    })
+    .await;
+    wait_promql(prom_port, r#"up{job="edgewire-operator"}"#, |v| v == 1.0).await;
+    // Two relay connections are open on chat (subscriber at edge-1, publisher at edge-0).
+    wait_promql(
+        prom_port,
+        r#"sum(edgewire_connections{service="demo/chat"})"#,
+        |v| v >= 2.0,
+    )
+    .await;
+    wait_promql(
+        prom_port,
+        r#"sum(edgewire_message_latency_seconds_count{service="demo/chat",path="mesh"})"#,
+        |v| v >= 1.0,
+    )
+    .await;
+    wait_promql(
+        prom_port,
+        r#"sum(edgewire_handshake_duration_seconds_count{service="demo/chat"})"#,
+        |v| v >= 2.0,
+    )
+    .await;
+    let p99 = wait_promql(
+        prom_port,
+        r#"histogram_quantile(0.99, sum by (le) (edgewire_handshake_duration_seconds_bucket{service="demo/chat"}))"#,
+        |v| v > 0.0,
+    )
+    .await;
+    assert!(p99.is_finite());
+    wait_promql(
+        prom_port,
+        r#"edgewire_operator_edgeservices{ready="true"}"#,
+        |v| v == 2.0,
+    )
+    .await;
+
+    // helm upgrade to a new chart configuration: EdgeServices stay, clients stay served.
+    helm(
+        &plane,
+        &[
+            "upgrade",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "-n",
+            SYSTEM,
+            "--set",
+            "operator.replicas=1",
+            "--set",
+            "metrics.annotations=false",
+        ],
+    );
+    let after = kubectl(&plane, &["get", "es", "-n", DEMO, "-o", "name"]);
+    assert_eq!(after.lines().count(), 2, "{after}");
+    let secret_after = kubectl(
+        &plane,
+        &[
+            "get",
+            "secret",
+            "edgewire-mesh",
+            "-n",
+            SYSTEM,
+            "-o",
+            "jsonpath={.data.secret}",
+        ],
+    );
+    assert_eq!(
+        secret_after, secret_b64,
+        "the mesh secret survives upgrades"
+    );
+    send_text(
+        &mut publisher,
+        json!({"type": "publish", "channel": "chat", "data": "after upgrade"}).to_string(),
+    )
+    .await;
+    let mut heard = false;
+    for _ in 0..50 {
+        let msg = next_json(&mut subscriber).await;
+        if msg["data"] == "after upgrade" {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "the subscriber kept its service across the upgrade");
+
+    // helm uninstall removes what the chart made; the CRDs and EdgeServices
+    // stay, as the README says (Helm never deletes CRDs).
+    drop(operator);
+    helm(&plane, &["uninstall", RELEASE, "-n", SYSTEM, "--wait"]);
+    for (kind, name) in [
+        ("deployment", "edgewire-operator"),
+        ("daemonset", "edgewire-agent"),
+        ("secret", "edgewire-mesh"),
+        ("serviceaccount", "edgewire-agent"),
+    ] {
+        let left = kubectl(
+            &plane,
+            &[
+                "get",
+                kind,
+                name,
+                "-n",
+                SYSTEM,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ],
+        );
+        assert!(
+            left.trim().is_empty(),
+            "{kind}/{name} survived helm uninstall"
+        );
+    }
+    let roles = kubectl(
+        &plane,
+        &[
+            "get",
+            "clusterrole",
+            "edgewire-operator",
+            "edgewire-agent",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
+    );
+    assert!(roles.trim().is_empty(), "{roles}");
+    let crds = kubectl(&plane, &["get", "crd", "-o", "name"]);
+    assert!(crds.contains("edgeservices.edgewire.dev"), "{crds}");
+    // Deleting the EdgeServices then removes their Services and EndpointSlices.
+    kubectl(
+        &plane,
+        &["delete", "es", "--all", "-n", DEMO, "--wait=true"],
+    );
+    wait_for("operator-made Services garbage-collected", || {
+        kubectl(&plane, &["get", "services", "-n", DEMO, "-o", "name"])
+            .trim()
+            .is_empty()
+    })
+    .await;
+    drop(agents);
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+fn decode_base64(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.trim().bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}

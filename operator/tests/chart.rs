@@ -1,0 +1,327 @@
+//! The Helm chart: lint, its CRDs in sync with `crds/`, and `helm template`
+//! output for each combination of values that matters.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/edgewire"))
+}
+
+fn helm() -> Command {
+    let mut helm =
+        Command::new(edgewire_testenv::binary("helm").expect("helm from testenv/build.sh"));
+    let home = std::env::temp_dir().join("edgewire-chart-test-helm");
+    helm.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    helm
+}
+
+/// `helm template` with `--set` values; the rendered objects.
+fn render(sets: &[&str]) -> Vec<Value> {
+    let mut cmd = helm();
+    cmd.args([
+        "template",
+        "ew",
+        chart().to_str().unwrap(),
+        "--namespace",
+        "edgewire-system",
+    ]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .filter_map(|doc| {
+            let v = Value::deserialize(doc).ok()?;
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+}
+
+fn kinds(objects: &[Value]) -> Vec<String> {
+    let mut k: Vec<String> = objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap_or("").to_string())
+        .collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn lint_is_clean() {
+    let out = helm()
+        .args(["lint", "--strict", chart().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("[WARNING]") && !text.contains("[ERROR]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let top = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds"));
+    let mut names: Vec<_> = std::fs::read_dir(&top)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    let mut in_chart: Vec<_> = std::fs::read_dir(chart().join("crds"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    in_chart.sort();
+    assert_eq!(names, in_chart);
+    for name in names {
+        assert_eq!(
+            std::fs::read(top.join(&name)).unwrap(),
+            std::fs::read(chart().join("crds").join(&name)).unwrap(),
+            "charts/edgewire/crds/{name:?} differs from crds/; copy it over"
+        );
+    }
+}
+
+#[test]
+fn defaults_render_a_restricted_operator_and_a_host_network_agent() {
+    let objects = render(&[]);
+    let operator = find(&objects, "Deployment", "ew-operator").expect("operator Deployment");
+    assert_eq!(operator["spec"]["replicas"], 2);
+    let pod = &operator["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"][0],
+        "ALL"
+    );
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(container["resources"]["requests"].is_object());
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.contains(&"run") && args.contains(&"--lease-name=ew-operator"),
+        "{args:?}"
+    );
+    assert_eq!(
+        operator["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+
+    let agent = find(&objects, "DaemonSet", "ew-agent").expect("agent DaemonSet");
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["nodeSelector"]["edgewire.dev/edge"], "true");
+    assert!(pod["tolerations"].as_array().is_some_and(|t| !t.is_empty()));
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    let node_name = env.iter().find(|e| e["name"] == "NODE_NAME").unwrap();
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["hostPath"]["path"] == "/var/lib/edgewire")
+    );
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "ew-mesh")
+    );
+    assert_eq!(
+        pod["containers"][0]["securityContext"]["capabilities"]["add"][0],
+        "NET_BIND_SERVICE"
+    );
+    let secret = find(&objects, "Secret", "ew-mesh").expect("a generated mesh secret");
+    assert!(
+        secret["data"]["secret"]
+            .as_str()
+            .is_some_and(|s| s.len() >= 24)
+    );
+
+    // Nothing for the Prometheus Operator unless asked.
+    let k = kinds(&objects);
+    for absent in [
+        "PodMonitor",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+    ] {
+        assert!(
+            !k.contains(&absent.to_string()),
+            "{absent} rendered by default: {k:?}"
+        );
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let objects = render(&[]);
+    let rules = |name: &str| -> Vec<(String, String, Vec<String>)> {
+        let role =
+            find(&objects, "ClusterRole", name).unwrap_or_else(|| panic!("ClusterRole {name}"));
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                let verbs: Vec<String> = r["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect();
+                let groups = r["apiGroups"].as_array().unwrap().clone();
+                r["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(move |res| {
+                        let verbs = verbs.clone();
+                        groups.clone().into_iter().map(move |g| {
+                            (
+                                g.as_str().unwrap().to_string(),
+                                res.as_str().unwrap().to_string(),
+                                verbs.clone(),
+                            )
+                        })
+                    })
+            })
+            .collect()
+    };
+    let agent = rules("ew-agent");
+    let can = |rules: &[(String, String, Vec<String>)], resource: &str, verb: &str| {
+        rules.iter().any(|(_, r, v)| {
+            r == resource && (v.iter().any(|x| x == verb) || v.iter().any(|x| x == "*"))
+        })
+    };
+    assert!(can(&agent, "edgeservices", "watch"));
+    assert!(
+        !can(&agent, "edgeservices", "patch"),
+        "agents only read EdgeServices"
+    );
+    assert!(!can(&agent, "edgeservices/status", "patch"));
+    assert!(can(&agent, "edgenodes/status", "patch"));
+    assert!(
+        !can(&agent, "secrets", "get"),
+        "the mesh secret is mounted, not read from the API"
+    );
+    let operator = rules("ew-operator");
+    assert!(can(&operator, "endpointslices", "delete"));
+    assert!(can(&operator, "edgeservices/status", "patch"));
+    assert!(!can(&operator, "edgeservices", "delete"));
+    assert!(!can(&operator, "secrets", "get"));
+    assert!(
+        agent
+            .iter()
+            .chain(&operator)
+            .all(|(_, _, v)| !v.iter().any(|x| x == "*")),
+        "no wildcards"
+    );
+    let lease =
+        find(&objects, "Role", "ew-operator-leader-election").expect("namespaced lease role");
+    assert_eq!(lease["metadata"]["namespace"], "edgewire-system");
+}
+
+#[test]
+fn monitoring_objects_when_enabled() {
+    let objects = render(&[
+        "metrics.podMonitor.enabled=true",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.grafanaDashboard.enabled=true",
+        "metrics.annotations=false",
+    ]);
+    let pm = find(&objects, "PodMonitor", "ew-agent").expect("PodMonitor");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "admin");
+    let sm = find(&objects, "ServiceMonitor", "ew-operator").expect("ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    let rule = find(&objects, "PrometheusRule", "ew-alerts").expect("PrometheusRule");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert!(
+        alerts.contains(&"EdgewireEdgeServiceNotReady"),
+        "{alerts:?}"
+    );
+    let dashboard = find(&objects, "ConfigMap", "ew-dashboard").expect("dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value = serde_json::from_str(dashboard["data"]["edgewire.json"].as_str().unwrap())
+        .expect("dashboard JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
+    assert!(
+        agent["spec"]["template"]["metadata"]["annotations"].is_null(),
+        "annotations off"
+    );
+}
+
+#[test]
+fn an_existing_mesh_secret_is_used_not_created() {
+    let objects = render(&["mesh.existingSecret=my-mesh"]);
+    assert!(find(&objects, "Secret", "ew-mesh").is_none());
+    let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
+    let volumes = agent["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "my-mesh")
+    );
+}
+
+#[test]
+fn bad_values_are_refused_by_the_schema() {
+    for (set, needle) in [
+        ("agent.meshPort=70000", "meshPort"),
+        ("operator.replicaz=1", "replicaz"),
+        ("agent.stateDir=relative", "stateDir"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ] {
+        let out = helm()
+            .args(["template", "ew", chart().to_str().unwrap(), "--set", set])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{set} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{set}: {err}");
+    }
+}
