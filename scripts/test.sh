@@ -15,6 +15,15 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 cargo --version
 
+stage "Debian packages (prometheus for the end-to-end test)"
+if ! command -v prometheus >/dev/null 2>&1; then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+prometheus --version 2>&1 | head -n 1
+
 stage "Python packages for the seed clients (virtualenv in target/test-venv)"
 venv="$root/target/test-venv"
 if [[ ! -x "$venv/bin/python" ]]; then
@@ -33,6 +42,9 @@ cargo fmt --all --check
 
 stage "cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+
+stage "cargo build (every binary, for the tests that start them)"
+cargo build --locked --workspace --bins
 
 stage "cargo test"
 cargo test --locked --workspace
