@@ -19,13 +19,11 @@ use support::*;
 const SECRET: &str = "a mesh secret of enough length";
 
 fn crds() -> Vec<CustomResourceDefinition> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds");
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            serde_yaml_ng::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap()
-        })
-        .collect()
+    edgewire_testenv::read_crds(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds"
+    )))
+    .expect("the committed CRDs")
 }
 
 struct Operator(Child);

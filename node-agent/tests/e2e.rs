@@ -185,18 +185,7 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     // The processes that stand in for the pods, with the pods' credentials.
     let operator_kc = service_account_kubeconfig(&plane, "edgewire-operator", work.path());
     let agent_kc = service_account_kubeconfig(&plane, "edgewire-agent", work.path());
-    let secret_b64 = kubectl(
-        &plane,
-        &[
-            "get",
-            "secret",
-            "edgewire-mesh",
-            "-n",
-            SYSTEM,
-            "-o",
-            "jsonpath={.data.secret}",
-        ],
-    );
+    let secret_b64 = mesh_secret(&plane);
     let secret_file = work.path().join("mesh-secret");
     std::fs::write(&secret_file, decode_base64(&secret_b64)).unwrap();
 
@@ -409,18 +398,7 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     );
     let after = kubectl(&plane, &["get", "es", "-n", DEMO, "-o", "name"]);
     assert_eq!(after.lines().count(), 2, "{after}");
-    let secret_after = kubectl(
-        &plane,
-        &[
-            "get",
-            "secret",
-            "edgewire-mesh",
-            "-n",
-            SYSTEM,
-            "-o",
-            "jsonpath={.data.secret}",
-        ],
-    );
+    let secret_after = mesh_secret(&plane);
     assert_eq!(
         secret_after, secret_b64,
         "the mesh secret survives upgrades"
@@ -495,6 +473,22 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     })
     .await;
     drop(agents);
+}
+
+/// The chart's mesh secret, base64 as stored.
+fn mesh_secret(plane: &ControlPlane) -> String {
+    kubectl(
+        plane,
+        &[
+            "get",
+            "secret",
+            "edgewire-mesh",
+            "-n",
+            SYSTEM,
+            "-o",
+            "jsonpath={.data.secret}",
+        ],
+    )
 }
 
 fn which(program: &str) -> Option<PathBuf> {

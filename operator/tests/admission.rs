@@ -8,13 +8,11 @@ use edgewire_testenv::TestNamespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 fn committed_crds() -> Vec<CustomResourceDefinition> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds");
-    let mut crds = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        crds.push(serde_yaml_ng::from_str(&text).unwrap());
-    }
-    crds
+    edgewire_testenv::read_crds(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds"
+    )))
+    .expect("the committed CRDs")
 }
 
 /// `kubectl apply -f -` of `yaml`; returns (success, stderr).

@@ -113,8 +113,8 @@ pub fn bin_dir() -> Result<PathBuf, Error> {
     .map_err(Error::Setup)
 }
 
-pub fn binary(name: &str) -> Result<PathBuf, Error> {
-    let path = bin_dir()?.join(name);
+/// A file `testenv/build.sh` puts in the cache, or an error saying so.
+fn built(path: PathBuf) -> Result<PathBuf, Error> {
     if path.is_file() {
         Ok(path)
     } else {
@@ -125,19 +125,16 @@ pub fn binary(name: &str) -> Result<PathBuf, Error> {
     }
 }
 
+pub fn binary(name: &str) -> Result<PathBuf, Error> {
+    built(bin_dir()?.join(name))
+}
+
 fn kwok_stages() -> Result<PathBuf, Error> {
-    let path = bin_dir()?
+    let cache = bin_dir()?;
+    let dir = cache
         .parent()
-        .map(|p| p.join("kwok-stages.yaml"))
         .ok_or_else(|| Error::Setup("the bin dir has no parent".into()))?;
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::Setup(format!(
-            "{} is missing; run testenv/build.sh",
-            path.display()
-        )))
-    }
+    built(dir.join("kwok-stages.yaml"))
 }
 
 /// A port that is free now. The bind-and-release race is harmless here: a

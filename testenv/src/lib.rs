@@ -133,6 +133,24 @@ impl Drop for TestNamespace {
     }
 }
 
+/// The CRDs in the YAML files of `dir` (one per file), e.g. the repository's
+/// `crds/`.
+pub fn read_crds(dir: &std::path::Path) -> Result<Vec<CustomResourceDefinition>, Error> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    let mut crds = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io("listing CRDs", e))?.path();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        crds.push(
+            serde_yaml_ng::from_str(&text)
+                .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?,
+        );
+    }
+    Ok(crds)
+}
+
 /// Installs CRDs with server-side apply and waits until each is Established.
 pub async fn install_crds(
     client: &kube::Client,

@@ -40,8 +40,16 @@ pub struct Options {
     pub edge_node_labels: BTreeMap<String, String>,
 }
 
-/// EdgeServices this node could not run, with the reason, for the EdgeNode.
-type Rejected = Arc<Mutex<Vec<(String, String)>>>;
+/// What the placement follower and the heartbeat share.
+struct Shared {
+    agent: Arc<Agent>,
+    client: Client,
+    options: Options,
+    /// EdgeServices this node could not run, with the reason, for the EdgeNode.
+    rejected: Mutex<Vec<(String, String)>>,
+    /// Asks for a heartbeat now (the services changed).
+    report_now: Notify,
+}
 
 pub async fn run(agent: Arc<Agent>, client: Client, options: Options, stop: CancellationToken) {
     if let Some(config) = state::load(&options.state_dir) {
@@ -52,34 +60,35 @@ pub async fn run(agent: Arc<Agent>, client: Client, options: Options, stop: Canc
         );
         agent.apply(&config).await;
     }
-    let rejected: Rejected = Arc::default();
-    let report_now = Arc::new(Notify::new());
-    let heartbeat = tokio::spawn(heartbeat_loop(
-        Arc::clone(&agent),
-        client.clone(),
-        options.clone(),
-        Arc::clone(&rejected),
-        Arc::clone(&report_now),
-        stop.clone(),
-    ));
-    follow_placement(agent, client, options, rejected, report_now, stop).await;
+    let shared = Arc::new(Shared {
+        agent,
+        client,
+        options,
+        rejected: Mutex::default(),
+        report_now: Notify::new(),
+    });
+    let heartbeat = tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop.clone()));
+    follow_placement(&shared, stop).await;
     let _ = heartbeat.await;
 }
 
 /// Watches EdgeServices and applies what is placed on this node.
-async fn follow_placement(
-    agent: Arc<Agent>,
-    client: Client,
-    options: Options,
-    rejected: Rejected,
-    report_now: Arc<Notify>,
-    stop: CancellationToken,
-) {
+async fn follow_placement(shared: &Shared, stop: CancellationToken) {
+    let Shared {
+        agent,
+        client,
+        options,
+        rejected,
+        report_now,
+    } = shared;
     let (reader, writer) = reflector::store::<EdgeService>();
-    let mut events = watcher(Api::<EdgeService>::all(client), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .boxed();
+    let mut events = watcher(
+        Api::<EdgeService>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .boxed();
     let mut dirty = false;
     let mut listed = false;
     let mut api_down = false;
@@ -130,7 +139,7 @@ async fn follow_placement(
 }
 
 /// The EdgeNode's status from what the agent runs.
-async fn node_status(agent: &Agent, rejected: &Rejected) -> serde_json::Value {
+async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> serde_json::Value {
     let mut services: Vec<NodeService> = agent
         .status()
         .await
@@ -168,15 +177,15 @@ async fn node_status(agent: &Agent, rejected: &Rejected) -> serde_json::Value {
 }
 
 /// Reports this node every heartbeat interval, and soon after a change.
-async fn heartbeat_loop(
-    agent: Arc<Agent>,
-    client: Client,
-    options: Options,
-    rejected: Rejected,
-    report_now: Arc<Notify>,
-    stop: CancellationToken,
-) {
-    let api: Api<EdgeNode> = Api::all(client);
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let Shared {
+        agent,
+        client,
+        options,
+        rejected,
+        report_now,
+    } = shared.as_ref();
+    let api: Api<EdgeNode> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut spec_written = false;
     let mut failing = false;
@@ -202,7 +211,7 @@ async fn heartbeat_loop(
         let status = json!({
             "apiVersion": EdgeNode::api_version(&()),
             "kind": EdgeNode::kind(&()),
-            "status": node_status(&agent, &rejected).await,
+            "status": node_status(agent, rejected).await,
         });
         match api
             .patch_status(&options.node, &params, &Patch::Apply(&status))

@@ -24,13 +24,11 @@ pub const EDGE_LABEL: &str = "edgewire.dev/edge";
 pub const HEARTBEAT_TIMEOUT_SECS: u64 = 3;
 
 pub fn committed_crds() -> Vec<CustomResourceDefinition> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds");
-    let mut crds = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        crds.push(serde_yaml_ng::from_str(&text).unwrap());
-    }
-    crds
+    edgewire_testenv::read_crds(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds"
+    )))
+    .expect("the committed CRDs")
 }
 
 /// Everything one test needs: the control plane, a namespace, a client.
