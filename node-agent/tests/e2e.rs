@@ -381,13 +381,22 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     )
     .await;
 
-    // helm upgrade to a new chart configuration: EdgeServices stay, clients stay served.
+    // helm upgrade to a new chart version (and new values): EdgeServices
+    // stay, clients stay served.
+    let next = work.path().join("chart-next");
+    copy_dir(&chart, &next);
+    let chart_yaml = std::fs::read_to_string(next.join("Chart.yaml")).unwrap();
+    std::fs::write(
+        next.join("Chart.yaml"),
+        chart_yaml.replace("version: 0.1.0", "version: 0.1.1"),
+    )
+    .unwrap();
     helm(
         &plane,
         &[
             "upgrade",
             RELEASE,
-            chart.to_str().unwrap(),
+            next.to_str().unwrap(),
             "-n",
             SYSTEM,
             "--set",
@@ -396,6 +405,8 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
             "metrics.annotations=false",
         ],
     );
+    let listed = helm(&plane, &["list", "-n", SYSTEM]);
+    assert!(listed.contains("edgewire-0.1.1"), "{listed}");
     let after = kubectl(&plane, &["get", "es", "-n", DEMO, "-o", "name"]);
     assert_eq!(after.lines().count(), 2, "{after}");
     let secret_after = mesh_secret(&plane);
@@ -489,6 +500,19 @@ fn mesh_secret(plane: &ControlPlane) -> String {
             "jsonpath={.data.secret}",
         ],
     )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 fn which(program: &str) -> Option<PathBuf> {
