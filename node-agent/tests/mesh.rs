@@ -360,3 +360,44 @@ async fn a_wrong_mesh_secret_is_refused() {
     );
     assert!(bad.log().contains("mesh dial failed"), "{}", bad.log());
 }
+
+#[tokio::test]
+async fn a_frozen_peer_does_not_stall_the_others() {
+    let cluster = Cluster::new();
+    let all = [0, 1, 2];
+    let agents: Vec<AgentProcess> = all
+        .iter()
+        .map(|i| cluster.start(*i, &all, "good"))
+        .collect();
+    for agent in &agents {
+        agent.wait_ready().await;
+        wait_peers(agent, 2.0).await;
+    }
+    let mut at_b = subscriber(cluster.addr(1), "news").await;
+    let mut at_c = subscriber(cluster.addr(2), "news").await;
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
+    settle(&mut publisher, &mut [&mut at_b, &mut at_c]).await;
+
+    // B stops dead (SIGSTOP): its sockets stay open but nothing is read.
+    agents[1].signal("STOP");
+    let payload = "x".repeat(2000);
+    let count = 3000;
+    for n in 0..count {
+        send_text(
+            &mut publisher,
+            json!({"type": "publish", "channel": "news", "data": {"tag": "f", "n": n, "pad": payload}}).to_string(),
+        )
+        .await;
+    }
+    // C gets every message, in order, while B is frozen: the link to B has
+    // its own queue and task, so nothing waits on B.
+    for n in 0..count {
+        let msg = next_json(&mut at_c).await;
+        assert_eq!(msg["data"]["n"], n, "message {n} at C");
+    }
+    agents[1].signal("CONT");
+    // B recovers: its link is redialed (or resumes) and it is served again.
+    wait_peers(&agents[0], 2.0).await;
+    let mut at_b = subscriber(cluster.addr(1), "news").await;
+    settle(&mut publisher, &mut [&mut at_b, &mut at_c]).await;
+}
