@@ -48,6 +48,8 @@ struct World {
     mesh_port: u16,
     secret: tempfile::NamedTempFile,
     nodes: Vec<Node>,
+    /// The operator's log, shown when a wait fails.
+    logs: tempfile::TempDir,
 }
 
 impl World {
@@ -100,13 +102,18 @@ impl World {
                 &format!("edgewire.dev/test={}", self.namespace),
             ])
             .args(["--heartbeat-timeout", "4"])
+            .args(["--log-level", "edgewire_operator=debug,info"])
             .env("KUBECONFIG", &self.plane.kubeconfig)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.operator_log()).expect("operator log"))
             .spawn()
             .expect("start the operator");
         Operator(child)
+    }
+
+    fn operator_log(&self) -> std::path::PathBuf {
+        self.logs.path().join("operator.log")
     }
 
     async fn es(&self) -> EdgeService {
@@ -130,8 +137,9 @@ impl World {
             }
             assert!(
                 Instant::now() < deadline,
-                "{what}: not 3/3 ready: {:?}",
-                self.es().await.status
+                "{what}: not 3/3 ready: {:?}\noperator log:\n{}",
+                self.es().await.status,
+                std::fs::read_to_string(self.operator_log()).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -261,6 +269,7 @@ async fn agents_follow_placement_mesh_and_survive_the_api_going_away() {
         mesh_port: free_port(),
         secret,
         nodes,
+        logs: tempfile::tempdir().unwrap(),
     };
     let _operator = world.operator();
     let mut agents: Vec<Option<AgentProcess>> = (0..3).map(|i| Some(world.agent(i))).collect();

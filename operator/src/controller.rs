@@ -25,6 +25,7 @@ use crate::desired::{self, MANAGED_BY_LABEL, MANAGER};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, Decision, Freshness, PortClaim};
 use crate::status::{self, NodeReport};
+use crate::watch::{ViewHealth, WatchBackoff};
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -45,6 +46,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub settings: Settings,
+    /// Whether the EdgeNode cache is behind (its watch failed and has not
+    /// delivered since): heartbeats in it may look stale when they are not.
+    pub edge_view: Arc<ViewHealth>,
     /// Consecutive failures per EdgeService, for the retry backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<EdgeService>, u32>>,
 }
@@ -155,6 +159,13 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         .is_err()
     {
         return Err(Error::CachesNotReady);
+    }
+    // Right after an API server outage the cached heartbeats are old; judged
+    // now, every node would look stale and leave the endpoints. Wait for the
+    // watch to catch up instead.
+    if ctx.edge_view.behind(ctx.settings.heartbeat_timeout) {
+        tracing::debug!(edgeservice = %key(es), "EdgeNode cache behind; deciding later");
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let now = Timestamp::now();
     let edge_nodes: BTreeMap<String, Arc<EdgeNode>> = ctx
@@ -575,22 +586,25 @@ pub async fn run(
 
     let (nodes, node_writer) = reflector::store::<Node>();
     let node_stream = watcher(Api::<Node>::all(client.clone()), node_wc.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(node_writer)
         .touched_objects();
     let (edge_nodes, edge_writer) = reflector::store::<EdgeNode>();
+    let edge_view = Arc::new(ViewHealth::default());
+    let view = Arc::clone(&edge_view);
     let edge_stream = watcher(Api::<EdgeNode>::all(client.clone()), node_wc)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(edge_writer)
+        .inspect(move |event| view.observe(event))
         .touched_objects();
     let (owned_services, svc_writer) = reflector::store::<Service>();
     let svc_stream = watcher(scope.api::<Service>(&client), owned_wc.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(svc_writer)
         .touched_objects();
     let (owned_slices, slice_writer) = reflector::store::<EndpointSlice>();
     let slice_stream = watcher(scope.api::<EndpointSlice>(&client), owned_wc)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .reflect(slice_writer)
         .touched_objects();
 
@@ -607,6 +621,7 @@ pub async fn run(
         recorder,
         metrics,
         settings,
+        edge_view,
         failures: Default::default(),
     });
     let for_nodes = services.clone();
@@ -626,6 +641,7 @@ pub async fn run(
                 node.as_deref().map(|n| n.labels()),
             )
         })
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(stop.cancelled_owned());
     controller
         .run(reconcile, error_policy, ctx)

@@ -19,6 +19,7 @@ use crate::controller::{Settings, freshness};
 use crate::desired::MANAGER;
 use crate::metrics::Metrics;
 use crate::placement::Freshness;
+use crate::watch::WatchBackoff;
 
 struct Ctx {
     client: Client,
@@ -116,6 +117,7 @@ pub async fn run(
         settings,
     });
     Controller::new(Api::<EdgeNode>::all(client), wc)
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})

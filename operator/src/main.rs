@@ -3,7 +3,8 @@
 //! A map: `controller.rs` is the EdgeService reconcile loop; `placement.rs`,
 //! `desired.rs` and `status.rs` are its pure decisions; `edgenode.rs` keeps
 //! EdgeNode readiness; `leader.rs` is leader election; `metrics.rs` and
-//! `admin.rs` are what Prometheus and the kubelet probes see.
+//! `admin.rs` are what Prometheus and the kubelet probes see; `watch.rs` is
+//! how the watches ride out an API server outage.
 
 mod admin;
 mod controller;
@@ -14,6 +15,7 @@ mod leader;
 mod metrics;
 mod placement;
 mod status;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -157,14 +159,24 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let client = kube::Client::try_default()
+    let metrics = metrics::Metrics::new();
+    let config = kube::Config::infer()
         .await
         .context("no Kubernetes credentials (in-cluster or $KUBECONFIG)")?;
+    let counted = metrics.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&tower::util::MapRequestLayer::new(
+            move |request: http::Request<kube::client::Body>| {
+                counted.api_request(&request);
+                request
+            },
+        ))
+        .build();
     let identity = args
         .identity
         .clone()
         .unwrap_or_else(|| format!("edgewire-operator-{}", std::process::id()));
-    let metrics = metrics::Metrics::new();
     let health = Arc::new(admin::Health::default());
     let stop = CancellationToken::new();
 

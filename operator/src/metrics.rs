@@ -1,5 +1,6 @@
 //! The operator's own metrics: reconcile duration, errors and writes per
-//! controller, EdgeServices by readiness, and leadership.
+//! controller, requests to the API server, EdgeServices by readiness, and
+//! leadership.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +22,7 @@ struct Inner {
     reconcile_duration: HistogramVec,
     reconcile_errors: IntCounterVec,
     writes: IntCounterVec,
+    api_requests: IntCounterVec,
     edgeservices: IntGaugeVec,
     leader: IntGauge,
     services: Mutex<Option<Store<EdgeService>>>,
@@ -55,6 +57,14 @@ impl Metrics {
             &["kind"],
         )
         .expect("static metric");
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "edgewire_operator_api_requests_total",
+                "Requests sent to the API server, by verb (a watch counts once, when it starts).",
+            ),
+            &["verb"],
+        )
+        .expect("static metric");
         let edgeservices = IntGaugeVec::new(
             Opts::new(
                 "edgewire_operator_edgeservices",
@@ -73,6 +83,7 @@ impl Metrics {
             Box::new(reconcile_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
             Box::new(writes.clone()),
+            Box::new(api_requests.clone()),
             Box::new(edgeservices.clone()),
             Box::new(leader.clone()),
         ] {
@@ -88,6 +99,7 @@ impl Metrics {
                 reconcile_duration,
                 reconcile_errors,
                 writes,
+                api_requests,
                 edgeservices,
                 leader,
                 services: Mutex::new(None),
@@ -110,6 +122,14 @@ impl Metrics {
 
     pub fn write(&self, kind: &str) {
         self.inner.writes.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts one request to the API server.
+    pub fn api_request<B>(&self, request: &http::Request<B>) {
+        self.inner
+            .api_requests
+            .with_label_values(&[verb(request.method(), request.uri().query())])
+            .inc();
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -161,5 +181,55 @@ impl Metrics {
             tracing::error!(%err, "encoding metrics failed");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The Kubernetes verb of a request, from its method and query: a bounded
+/// label (names and namespaces are left out).
+pub fn verb(method: &http::Method, query: Option<&str>) -> &'static str {
+    let watching =
+        query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    match *method {
+        http::Method::GET if watching => "watch",
+        http::Method::GET => "get",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbs_from_requests() {
+        let m = |s: &str| http::Method::from_bytes(s.as_bytes()).unwrap();
+        assert_eq!(
+            verb(&m("GET"), Some("watch=true&resourceVersion=5")),
+            "watch"
+        );
+        assert_eq!(verb(&m("GET"), Some("labelSelector=a")), "get");
+        assert_eq!(verb(&m("GET"), None), "get");
+        assert_eq!(verb(&m("PATCH"), Some("fieldManager=x")), "patch");
+        assert_eq!(verb(&m("POST"), None), "create");
+        assert_eq!(verb(&m("OPTIONS"), None), "other");
+    }
+
+    #[test]
+    fn counted_requests_are_rendered() {
+        let metrics = Metrics::new();
+        let request = http::Request::patch("/apis/x?fieldManager=y")
+            .body(())
+            .unwrap();
+        metrics.api_request(&request);
+        metrics.api_request(&request);
+        assert!(
+            metrics
+                .render()
+                .contains("edgewire_operator_api_requests_total{verb=\"patch\"} 2")
+        );
     }
 }
