@@ -1,0 +1,193 @@
+//! Connections and the three dialects: `raw` (text echo, or broadcast of any
+//! text), `relay` (edgewire's JSON envelope) and `nats` (the NATS protocol
+//! over WebSocket). Connections can be spread over several loopback source
+//! addresses, since one source address runs out of ephemeral ports near 28k.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Dialect {
+    Raw,
+    Relay,
+    Nats,
+}
+
+/// How to reach a server: the dialect and the source addresses to spread
+/// connections over.
+#[derive(Args, Clone, Debug)]
+pub struct Dial {
+    #[arg(long, value_enum, default_value_t = Dialect::Raw)]
+    pub dialect: Dialect,
+    /// Comma-separated loopback source addresses to spread connections over.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub source: Vec<IpAddr>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+/// `ip:port` of a `ws://` URL, refusing anything that is not loopback.
+pub fn server_of(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url.strip_prefix("ws://").context("only ws:// URLs")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let addr: SocketAddr = authority
+        .parse()
+        .with_context(|| format!("{authority} is not ip:port"))?;
+    if !addr.ip().is_loopback() {
+        bail!("benchmarks only talk to loopback; {addr} is not");
+    }
+    Ok(addr)
+}
+
+impl Dial {
+    /// Connection number `n` to `url`, from the `n`th source address (round
+    /// robin), with the dialect's session set up.
+    pub async fn connect(&self, url: &str, n: usize) -> anyhow::Result<Ws> {
+        let server = server_of(url)?;
+        let (socket, source) = if server.is_ipv6() {
+            (
+                TcpSocket::new_v6()?,
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            )
+        } else {
+            (TcpSocket::new_v4()?, self.source[n % self.source.len()])
+        };
+        if !source.is_loopback() {
+            bail!("source address {source} is not loopback");
+        }
+        socket.bind(SocketAddr::new(source, 0))?;
+        let tcp = socket.connect(server).await?;
+        tcp.set_nodelay(true)?;
+        let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)).await?;
+        if self.dialect == Dialect::Nats {
+            // INFO, then CONNECT and a PING/PONG so the session is live.
+            next_text(&mut ws).await?;
+            ws.send(Message::text(
+                "CONNECT {\"verbose\":false,\"pedantic\":false}\r\nPING\r\n",
+            ))
+            .await?;
+            while !next_text(&mut ws).await?.contains("PONG") {}
+        }
+        Ok(ws)
+    }
+}
+
+pub async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        match ws.next().await.context("closed")?? {
+            Message::Text(t) => return Ok(t.to_string()),
+            Message::Binary(b) => return Ok(String::from_utf8_lossy(&b).into_owned()),
+            Message::Close(f) => bail!("closed by the server: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The payloads of the messages delivered in one NATS frame: a server may
+/// put several `MSG`s (and a `PING`) into one WebSocket frame.
+pub fn nats_payloads(frame: &str) -> (Vec<String>, bool) {
+    let mut payloads = Vec::new();
+    let mut ping = false;
+    let mut lines = frame.split("\r\n");
+    while let Some(line) = lines.next() {
+        if line.starts_with("MSG ") {
+            payloads.push(lines.next().unwrap_or_default().to_string());
+        } else if line == "PING" {
+            ping = true;
+        }
+    }
+    (payloads, ping)
+}
+
+/// Reads until at least one delivered message arrives; returns the payloads
+/// of all that came in that frame. Relay payloads are the `data` string;
+/// raw payloads are the text itself.
+pub async fn next_deliveries(ws: &mut Ws, dialect: Dialect) -> anyhow::Result<Vec<String>> {
+    loop {
+        let text = next_text(ws).await?;
+        match dialect {
+            Dialect::Raw => return Ok(vec![text]),
+            Dialect::Relay => {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("not JSON from the relay: {text}"))?;
+                match v["type"].as_str() {
+                    Some("message") => {
+                        let data = v["data"].as_str().unwrap_or_default().to_string();
+                        return Ok(vec![data]);
+                    }
+                    Some("error") => bail!("the relay answered an error: {text}"),
+                    _ => {}
+                }
+            }
+            Dialect::Nats => {
+                let (payloads, ping) = nats_payloads(&text);
+                if ping {
+                    ws.send(Message::text("PONG\r\n")).await?;
+                }
+                if !payloads.is_empty() {
+                    return Ok(payloads);
+                }
+            }
+        }
+    }
+}
+
+/// Subscribes a connection to `topic` in the dialect; for raw, nothing to do.
+pub async fn subscribe(ws: &mut Ws, dialect: Dialect, topic: &str) -> anyhow::Result<()> {
+    match dialect {
+        Dialect::Raw => Ok(()),
+        Dialect::Relay => {
+            ws.send(Message::text(
+                json!({"type": "subscribe", "channel": topic}).to_string(),
+            ))
+            .await?;
+            let reply = next_text(ws).await?;
+            anyhow::ensure!(reply.contains("subscribed"), "subscribe refused: {reply}");
+            Ok(())
+        }
+        Dialect::Nats => {
+            ws.send(Message::text(format!("SUB {topic} 1\r\nPING\r\n")))
+                .await?;
+            while !next_text(ws).await?.contains("PONG") {}
+            Ok(())
+        }
+    }
+}
+
+pub fn publish_frame(dialect: Dialect, topic: &str, payload: &str) -> String {
+    match dialect {
+        Dialect::Raw => payload.to_string(),
+        Dialect::Relay => json!({"type": "publish", "channel": topic, "data": payload}).to_string(),
+        Dialect::Nats => format!("PUB {topic} {}\r\n{payload}\r\n", payload.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_nats_messages_in_one_frame() {
+        let frame = "MSG fan 1 2\r\nm1\r\nPING\r\nMSG fan 1 2\r\nm2\r\n";
+        assert_eq!(nats_payloads(frame), (vec!["m1".into(), "m2".into()], true));
+        assert_eq!(nats_payloads("PONG\r\n"), (vec![], false));
+    }
+
+    #[test]
+    fn only_loopback_targets() {
+        assert!(server_of("ws://127.0.0.1:80/relay").is_ok());
+        assert!(server_of("ws://[::1]:80/").is_ok());
+        assert!(server_of("ws://10.0.0.1:80/").is_err());
+        assert!(server_of("wss://127.0.0.1:80/").is_err());
+    }
+}

@@ -1,0 +1,250 @@
+//! Simulated agents, one per node, writing what a real agent writes: its
+//! EdgeNode, a heartbeat every interval, and soon after its placement
+//! changes, the services placed on it reported as listening. One watch of
+//! EdgeServices stands in for the agents' watches.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
+use futures_util::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+const FIELD_MANAGER: &str = "edgewire-agent";
+/// Status writes in flight at once, for all simulated agents together.
+const CONCURRENT_WRITES: usize = 16;
+
+type ServiceKey = (String, String);
+
+#[derive(Default)]
+struct Placed {
+    by_node: HashMap<String, BTreeSet<ServiceKey>>,
+    by_service: HashMap<ServiceKey, BTreeSet<String>>,
+}
+
+pub struct Agents {
+    stop: CancellationToken,
+    pub writes: Arc<AtomicU64>,
+    pub failures: Arc<AtomicU64>,
+}
+
+impl Agents {
+    /// Creates each node's EdgeNode with a first heartbeat, then keeps them
+    /// beating every `interval` until dropped.
+    pub async fn start(
+        client: Client,
+        namespace: &str,
+        nodes: Vec<(String, String)>,
+        interval: Duration,
+    ) -> anyhow::Result<Agents> {
+        let api: Api<EdgeNode> = Api::all(client.clone());
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let created = futures_util::stream::iter(nodes.iter().cloned())
+            .map(|(name, address)| {
+                let (api, params) = (api.clone(), params.clone());
+                async move {
+                    let node = EdgeNode::new(
+                        &name,
+                        EdgeNodeSpec {
+                            address,
+                            mesh_port: None,
+                        },
+                    );
+                    api.patch(&name, &params, &Patch::Apply(&node)).await?;
+                    api.patch_status(&name, &params, &Patch::Apply(status(&[])))
+                        .await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .collect::<Vec<_>>()
+            .await;
+        created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+
+        let stop = CancellationToken::new();
+        let placed = Arc::new(Mutex::new(Placed::default()));
+        let notify: Arc<HashMap<String, Arc<Notify>>> = Arc::new(
+            nodes
+                .iter()
+                .map(|(n, _)| (n.clone(), Arc::new(Notify::new())))
+                .collect(),
+        );
+        let writes = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(AtomicU64::new(0));
+        let permits = Arc::new(Semaphore::new(CONCURRENT_WRITES));
+
+        tokio::spawn(follow_placement(
+            Api::namespaced(client, namespace),
+            Arc::clone(&placed),
+            Arc::clone(&notify),
+            stop.clone(),
+        ));
+        let count = nodes.len().max(1) as u32;
+        for (i, (node, _)) in nodes.into_iter().enumerate() {
+            let beat = Beat {
+                api: api.clone(),
+                node: node.clone(),
+                placed: Arc::clone(&placed),
+                wake: Arc::clone(&notify[&node]),
+                permits: Arc::clone(&permits),
+                writes: Arc::clone(&writes),
+                failures: Arc::clone(&failures),
+                interval,
+                // Spread the heartbeats evenly over the interval, as
+                // independently started agents would be.
+                offset: interval.mul_f64(f64::from(i as u32) / f64::from(count)),
+            };
+            tokio::spawn(beat.run(stop.clone()));
+        }
+        Ok(Agents {
+            stop,
+            writes,
+            failures,
+        })
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn status(services: &[NodeService]) -> serde_json::Value {
+    json!({
+        "apiVersion": "edgewire.dev/v1alpha1",
+        "kind": "EdgeNode",
+        "status": {
+            "lastHeartbeat": Timestamp::now().to_string(),
+            "agentVersion": "bench",
+            "serviceCount": services.len(),
+            "connections": 0,
+            "services": services,
+        },
+    })
+}
+
+/// Keeps `placed` in step with the EdgeServices' `status.placement`, and
+/// wakes the agents whose services changed.
+async fn follow_placement(
+    api: Api<EdgeService>,
+    placed: Arc<Mutex<Placed>>,
+    notify: Arc<HashMap<String, Arc<Notify>>>,
+    stop: CancellationToken,
+) {
+    let mut events = watcher(api, watcher::Config::default()).boxed();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = events.next() => event,
+        };
+        let (es, deleted) = match event {
+            Some(Ok(watcher::Event::Apply(es) | watcher::Event::InitApply(es))) => (es, false),
+            Some(Ok(watcher::Event::Delete(es))) => (es, true),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => {
+                // The watcher retries by itself; pace it.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            None => return,
+        };
+        let key = (es.namespace().unwrap_or_default(), es.name_any());
+        let now: BTreeSet<String> = if deleted {
+            BTreeSet::new()
+        } else {
+            es.status
+                .iter()
+                .flat_map(|s| s.placement.iter().map(|p| p.node.clone()))
+                .collect()
+        };
+        let changed: Vec<String> = {
+            let mut placed = placed.lock().unwrap_or_else(|e| e.into_inner());
+            let before = placed
+                .by_service
+                .insert(key.clone(), now.clone())
+                .unwrap_or_default();
+            let changed: Vec<String> = before.symmetric_difference(&now).cloned().collect();
+            for node in before.difference(&now) {
+                if let Some(set) = placed.by_node.get_mut(node) {
+                    set.remove(&key);
+                }
+            }
+            for node in now.difference(&before) {
+                placed
+                    .by_node
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            changed
+        };
+        for node in changed {
+            if let Some(n) = notify.get(&node) {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+struct Beat {
+    api: Api<EdgeNode>,
+    node: String,
+    placed: Arc<Mutex<Placed>>,
+    wake: Arc<Notify>,
+    permits: Arc<Semaphore>,
+    writes: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    interval: Duration,
+    offset: Duration,
+}
+
+impl Beat {
+    async fn run(self, stop: CancellationToken) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut next = tokio::time::Instant::now() + self.offset;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.wake.notified() => {}
+            }
+            let services: Vec<NodeService> = {
+                let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+                placed
+                    .by_node
+                    .get(&self.node)
+                    .into_iter()
+                    .flatten()
+                    .map(|(namespace, name)| NodeService {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        listening: true,
+                        error: None,
+                        connections: 0,
+                    })
+                    .collect()
+            };
+            let Ok(_permit) = self.permits.acquire().await else {
+                return;
+            };
+            match self
+                .api
+                .patch_status(&self.node, &params, &Patch::Apply(status(&services)))
+                .await
+            {
+                Ok(_) => self.writes.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
+            };
+            next = tokio::time::Instant::now() + self.interval;
+        }
+    }
+}
