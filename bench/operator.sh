@@ -3,7 +3,8 @@
 # operator and the benchmark, the test control plane's binaries (cached by
 # testenv/build.sh), then 1,000 kwok nodes and 500 EdgeServices on a real
 # control plane. Writes bench/results/operator.md. Arguments go to
-# edgewire-opbench (e.g. --nodes 100 --services 50 for a short run).
+# edgewire-opbench (e.g. --nodes 100 --services 50 for a short run); a run
+# with arguments prints its report and leaves the committed one alone.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -17,5 +18,6 @@ EDGEWIRE_TESTENV_BIN=$(bash testenv/build.sh | tail -n 1)
 export EDGEWIRE_TESTENV_BIN
 
 stage "benchmark"
-"$target/release/edgewire-opbench" --operator "$target/release/edgewire-operator" \
-  --out bench/results/operator.md "$@"
+args=("$@")
+[[ $# -gt 0 ]] || args=(--out bench/results/operator.md)
+"$target/release/edgewire-opbench" --operator "$target/release/edgewire-operator" "${args[@]}"

@@ -25,6 +25,7 @@ use crate::desired::{self, MANAGED_BY_LABEL, MANAGER};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, Decision, Freshness, PortClaim};
 use crate::status::{self, NodeReport};
+use crate::triggers::{self, Changes};
 use crate::watch::{ViewHealth, WatchBackoff};
 
 #[derive(Clone, Debug)]
@@ -624,22 +625,36 @@ pub async fn run(
         edge_view,
         failures: Default::default(),
     });
-    let for_nodes = services.clone();
-    let for_edge = services.clone();
-    let nodes_for_edge = nodes.clone();
+    let (for_nodes, nodes_seen, node_changes) =
+        (services.clone(), nodes.clone(), Changes::default());
+    let (for_edge, nodes_for_edge, edge_seen, edge_changes) = (
+        services.clone(),
+        nodes.clone(),
+        edge_nodes.clone(),
+        Changes::default(),
+    );
+    let edge_settings = ctx.settings.clone();
     let controller = controller
         .owns_stream(svc_stream)
         .owns_stream(slice_stream)
         .watches_stream(node_stream, move |node: Node| {
-            affected(&for_nodes, &node.name_any(), Some(node.labels()))
+            let name = node.name_any();
+            let exists = nodes_seen.get(&ObjectRef::new(&name)).is_some();
+            if !node_changes.changed(&name, triggers::node_digest(&node), exists) {
+                return Vec::new();
+            }
+            affected(&for_nodes, &name, Some(node.labels()))
         })
         .watches_stream(edge_stream, move |en: EdgeNode| {
-            let node = nodes_for_edge.get(&ObjectRef::new(&en.name_any()));
-            affected(
-                &for_edge,
-                &en.name_any(),
-                node.as_deref().map(|n| n.labels()),
-            )
+            let name = en.name_any();
+            let exists = edge_seen.get(&ObjectRef::new(&name)).is_some();
+            let fresh =
+                freshness(Some(&en), Timestamp::now(), &edge_settings).0 == Freshness::Fresh;
+            if !edge_changes.changed(&name, triggers::edge_node_digest(&en, fresh), exists) {
+                return Vec::new();
+            }
+            let node = nodes_for_edge.get(&ObjectRef::new(&name));
+            affected(&for_edge, &name, node.as_deref().map(|n| n.labels()))
         })
         .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(stop.cancelled_owned());

@@ -4,7 +4,8 @@
 //! `desired.rs` and `status.rs` are its pure decisions; `edgenode.rs` keeps
 //! EdgeNode readiness; `leader.rs` is leader election; `metrics.rs` and
 //! `admin.rs` are what Prometheus and the kubelet probes see; `watch.rs` is
-//! how the watches ride out an API server outage.
+//! how the watches ride out an API server outage; `triggers.rs` which
+//! Node and EdgeNode changes are worth a reconcile.
 
 mod admin;
 mod controller;
@@ -15,6 +16,7 @@ mod leader;
 mod metrics;
 mod placement;
 mod status;
+mod triggers;
 mod watch;
 
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! changes, the services placed on it reported as listening. One watch of
 //! EdgeServices stands in for the agents' watches.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +17,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::fleet::EDGE_LABEL;
 
 const FIELD_MANAGER: &str = "edgewire-agent";
 /// Status writes in flight at once, for all simulated agents together.
@@ -51,13 +53,19 @@ impl Agents {
             .map(|(name, address)| {
                 let (api, params) = (api.clone(), params.clone());
                 async move {
-                    let node = EdgeNode::new(
+                    let mut node = EdgeNode::new(
                         &name,
                         EdgeNodeSpec {
                             address,
                             mesh_port: None,
                         },
                     );
+                    // The operator's node selector applies to EdgeNodes too;
+                    // agents label theirs with --edge-node-label.
+                    node.metadata.labels = Some(BTreeMap::from([(
+                        EDGE_LABEL.to_string(),
+                        "true".to_string(),
+                    )]));
                     api.patch(&name, &params, &Patch::Apply(&node)).await?;
                     api.patch_status(&name, &params, &Patch::Apply(status(&[])))
                         .await?;
