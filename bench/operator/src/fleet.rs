@@ -98,13 +98,12 @@ pub fn deployment(shape: &Shape, j: usize) -> anyhow::Result<Deployment> {
     }))?)
 }
 
-/// The relabel burst: `count` nodes spread over the fleet, each moved to the
-/// next site. Returns (node index, new site).
+/// The relabel burst: `count` nodes, each moved to the next site. Nodes
+/// are taken in index order, which goes round the sites, so each site loses
+/// and gains the same few nodes and every service keeps somewhere to run.
+/// Returns (node index, new site).
 pub fn relabels(shape: &Shape, count: usize) -> Vec<(usize, String)> {
-    let step = (shape.nodes / count.max(1)).max(1);
-    (0..shape.nodes)
-        .step_by(step)
-        .take(count)
+    (0..count.min(shape.nodes))
         .map(|i| (i, site((i % shape.sites + 1) % shape.sites)))
         .collect()
 }
@@ -154,5 +153,14 @@ mod tests {
         let nodes: std::collections::BTreeSet<usize> = moves.iter().map(|m| m.0).collect();
         assert_eq!(nodes.len(), 100);
         assert!(moves.iter().all(|(i, s)| *s != site(i % SHAPE.sites)));
+        // Every site still has enough nodes for a service's maxNodes.
+        let mut site_of: Vec<String> = (0..SHAPE.nodes).map(|i| site(i % SHAPE.sites)).collect();
+        for (i, s) in moves {
+            site_of[i] = s;
+        }
+        for s in 0..SHAPE.sites {
+            let left = site_of.iter().filter(|x| **x == site(s)).count();
+            assert!(left >= SHAPE.max_nodes, "site {s} keeps {left} nodes");
+        }
     }
 }
