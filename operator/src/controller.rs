@@ -646,6 +646,7 @@ pub async fn run(
             if !node_changes.changed(&name, triggers::node_digest(&node), exists) {
                 return Vec::new();
             }
+            tracing::debug!(node = %name, exists, "node change");
             affected(&for_nodes, &name, Some(node.labels()))
         })
         .watches_stream(edge_stream, move |en: EdgeNode| {
@@ -656,6 +657,7 @@ pub async fn run(
             if !edge_changes.changed(&name, triggers::edge_node_digest(&en, fresh), exists) {
                 return Vec::new();
             }
+            tracing::debug!(edgenode = %name, exists, fresh, "edgenode change");
             let node = nodes_for_edge.get(&ObjectRef::new(&name));
             affected(&for_edge, &name, node.as_deref().map(|n| n.labels()))
         })

@@ -63,6 +63,9 @@ struct Cli {
     /// Upper bound on each wait, in seconds.
     #[arg(long, default_value_t = 900)]
     phase_timeout: u64,
+    /// The operator's --log-level (its log is kept; the path is printed).
+    #[arg(long, default_value = "warn")]
+    operator_log_level: String,
     /// Skip the Deployment peer.
     #[arg(long)]
     no_peer: bool,
@@ -160,8 +163,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .await
     .context("creating the EdgeNodes")?;
 
-    let mut operator =
-        Operator::start(&cli.operator, &plane, NAMESPACE, cli.heartbeat_timeout).await?;
+    let mut operator = Operator::start(
+        &cli.operator,
+        &plane,
+        NAMESPACE,
+        cli.heartbeat_timeout,
+        &cli.operator_log_level,
+    )
+    .await?;
     progress(
         started,
         format!("operator leading; RSS {} MiB", operator.rss_kib() / 1024),
@@ -231,6 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.agent_failures = agents.failures.load(std::sync::atomic::Ordering::Relaxed);
     drop(agents);
     operator.stop();
+    progress(
+        started,
+        format!("the operator's log: {}", operator.log.display()),
+    );
 
     // The peer: the same intent as Deployments, on a quiet control plane.
     if !cli.no_peer {

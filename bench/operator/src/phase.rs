@@ -22,6 +22,9 @@ use crate::progress;
 use crate::promtext::{Scrape, quantile};
 
 const CONCURRENCY: usize = 16;
+
+/// How long a wait took, or how far it got before its limit.
+pub type Waited = Result<Duration, String>;
 // Readiness is polled by listing; the figures have this resolution.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -64,7 +67,7 @@ impl Bench {
         what: &str,
         t0: Instant,
         mut check: F,
-    ) -> anyhow::Result<Option<Duration>>
+    ) -> anyhow::Result<Waited>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<(bool, String)>>,
@@ -73,14 +76,17 @@ impl Bench {
         loop {
             let (done, state) = check().await?;
             if done {
-                return Ok(Some(t0.elapsed()));
+                return Ok(Ok(t0.elapsed()));
             }
             if t0.elapsed() > self.limit {
                 self.progress(format!(
                     "  {what}: not reached in {:?} ({state})",
                     self.limit
                 ));
-                return Ok(None);
+                return Ok(Err(format!(
+                    "not reached in {} s: {state}",
+                    self.limit.as_secs()
+                )));
             }
             if last_line.elapsed() >= Duration::from_secs(5) {
                 self.progress(format!("  {what}: {state}"));
@@ -90,7 +96,7 @@ impl Bench {
         }
     }
 
-    pub async fn wait_nodes_ready(&self, count: usize) -> anyhow::Result<Option<Duration>> {
+    pub async fn wait_nodes_ready(&self, count: usize) -> anyhow::Result<Waited> {
         let api: Api<Node> = Api::all(self.client.clone());
         let selector = ListParams::default().labels(&format!("{}=true", fleet::EDGE_LABEL));
         self.wait_for("nodes Ready", Instant::now(), || async {
@@ -151,11 +157,12 @@ impl Bench {
         site_of: &BTreeMap<String, String>,
         count: usize,
         t0: Instant,
-    ) -> anyhow::Result<Option<Duration>> {
+    ) -> anyhow::Result<Waited> {
         let api: Api<EdgeService> = Api::namespaced(self.client.clone(), namespace);
         self.wait_for("EdgeServices settled", t0, || async {
             let list = api.list(&ListParams::default()).await?;
             let (mut ready, mut misplaced) = (0, 0);
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
             for es in &list.items {
                 let Some(status) = &es.status else { continue };
                 let is_ready = status.observed_generation == es.metadata.generation
@@ -170,10 +177,18 @@ impl Bench {
                     .all(|p| site_of.get(&p.node) == wanted);
                 ready += usize::from(is_ready && placed_well);
                 misplaced += usize::from(!placed_well);
+                if !is_ready {
+                    let reason = status.conditions.iter().find(|c| c.type_ == "Ready");
+                    *reasons
+                        .entry(reason.map_or("none".into(), |c| c.reason.clone()))
+                        .or_default() += 1;
+                }
             }
             Ok((
                 ready >= count,
-                format!("{ready}/{count} Ready and placed right, {misplaced} on moved nodes"),
+                format!(
+                    "{ready}/{count} Ready and placed right, {misplaced} on moved nodes; not Ready: {reasons:?}"
+                ),
             ))
         })
         .await
@@ -208,7 +223,7 @@ impl Bench {
         count: usize,
         replicas: usize,
         t0: Instant,
-    ) -> anyhow::Result<Option<Duration>> {
+    ) -> anyhow::Result<Waited> {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
         self.wait_for("Deployments available", t0, || async {
             let list = api.list(&ListParams::default()).await?;
@@ -236,7 +251,8 @@ impl Bench {
 pub struct Operator {
     child: Child,
     metrics_port: u16,
-    _dir: tempfile::TempDir,
+    /// Kept after the run, for a look at what the operator did.
+    pub log: std::path::PathBuf,
 }
 
 impl Operator {
@@ -245,8 +261,12 @@ impl Operator {
         plane: &ControlPlane,
         namespace: &str,
         heartbeat_timeout: u64,
+        log_level: &str,
     ) -> anyhow::Result<Operator> {
-        let dir = tempfile::tempdir()?;
+        let log = std::env::temp_dir().join(format!(
+            "edgewire-opbench-operator-{}.log",
+            std::process::id()
+        ));
         let metrics_port = edgewire_testenv::free_port()?;
         let mut command = Command::new(binary);
         // An interrupted benchmark must not leave the operator running.
@@ -267,17 +287,20 @@ impl Operator {
             .args(["--node-selector", &format!("{}=true", fleet::EDGE_LABEL)])
             .args(["--identity", "bench"])
             .args(["--heartbeat-timeout", &heartbeat_timeout.to_string()])
-            .args(["--log-level", "warn"])
+            .args(["--log-level", log_level])
             .env("KUBECONFIG", &plane.kubeconfig)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("operator.log"))?)
+            .stderr(
+                std::fs::File::create(&log)
+                    .with_context(|| format!("creating {}", log.display()))?,
+            )
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let operator = Operator {
             child,
             metrics_port,
-            _dir: dir,
+            log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while operator.scrape().await.sum("edgewire_operator_leader", "") < 1.0 {
@@ -392,12 +415,12 @@ pub struct Report {
     heartbeat_interval: u64,
     heartbeat_timeout: u64,
     pub applied_in: Duration,
-    pub all_ready: Option<Duration>,
+    pub all_ready: Waited,
     pub apply: Figures,
     pub steady: Figures,
     pub steady_seconds: f64,
     pub relabelled: usize,
-    pub relabel_settled: Option<Duration>,
+    pub relabel_settled: Waited,
     pub relabel: Figures,
     pub idle_rss_kib: u64,
     pub apply_rss_kib: u64,
@@ -405,13 +428,14 @@ pub struct Report {
     pub max_rss_kib: u64,
     pub agent_writes: u64,
     pub agent_failures: u64,
-    pub peer_all_available: Option<Duration>,
+    pub peer_all_available: Waited,
 }
 
-fn secs(d: Option<Duration>) -> String {
-    d.map_or("not reached".into(), |d| {
-        format!("{:.1} s", d.as_secs_f64())
-    })
+fn secs(d: &Waited) -> String {
+    match d {
+        Ok(d) => format!("{:.1} s", d.as_secs_f64()),
+        Err(state) => state.clone(),
+    }
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -431,12 +455,12 @@ impl Report {
             heartbeat_interval,
             heartbeat_timeout,
             applied_in: Duration::ZERO,
-            all_ready: None,
+            all_ready: Err("not run".into()),
             apply: Figures::default(),
             steady: Figures::default(),
             steady_seconds: 0.0,
             relabelled: 0,
-            relabel_settled: None,
+            relabel_settled: Err("not run".into()),
             relabel: Figures::default(),
             idle_rss_kib: 0,
             apply_rss_kib: 0,
@@ -444,7 +468,7 @@ impl Report {
             max_rss_kib: 0,
             agent_writes: 0,
             agent_failures: 0,
-            peer_all_available: None,
+            peer_all_available: Err("not run".into()),
         }
     }
 
@@ -466,8 +490,8 @@ impl Report {
             )
         };
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let ratio = match (self.all_ready, self.peer_all_available) {
-            (Some(a), Some(b)) if b.as_secs_f64() > 0.0 => {
+        let ratio = match (&self.all_ready, &self.peer_all_available) {
+            (Ok(a), Ok(b)) if b.as_secs_f64() > 0.0 => {
                 let r = a.as_secs_f64() / b.as_secs_f64();
                 format!("{r:.2} ({})", if r < 1.0 { "better" } else { "worse" })
             }
@@ -487,13 +511,13 @@ impl Report {
                 "| {} services on {} nodes each: apply to all Ready / Available | {} | {} | {ratio} |",
                 s.services,
                 s.max_nodes,
-                secs(self.all_ready),
-                secs(self.peer_all_available)
+                secs(&self.all_ready),
+                secs(&self.peer_all_available)
             ),
             format!(
                 "| burst of {} node relabels: to every service Ready on its site's nodes | {} | not comparable: a Deployment's pods stay where they were scheduled | |",
                 self.relabelled,
-                secs(self.relabel_settled)
+                secs(&self.relabel_settled)
             ),
             String::new(),
             "| phase | EdgeService reconciles | EdgeNode reconciles | reconcile p50 | reconcile p99 | API requests | per reconcile | writes | per reconcile | errors |".into(),
