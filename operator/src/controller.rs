@@ -179,6 +179,7 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
     let mut candidates = Vec::new();
     let mut reports = BTreeMap::new();
     let es_key = key(es);
+    let es_name = es.name_any();
     for node in ctx.nodes.state() {
         let name = node.name_any();
         // Only nodes the service selects, or is still placed on, can be
@@ -202,7 +203,7 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             .and_then(|e| e.status.as_ref())
             .and_then(|s| {
                 s.services.iter().find(|s| {
-                    Some(&s.namespace) == es.metadata.namespace.as_ref() && s.name == es.name_any()
+                    Some(&s.namespace) == es.metadata.namespace.as_ref() && s.name == es_name
                 })
             })
             .map(|s| (s.listening, s.error.clone(), s.connections));

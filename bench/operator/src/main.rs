@@ -61,7 +61,7 @@ struct Cli {
     #[arg(long, default_value_t = 60)]
     heartbeat_timeout: u64,
     /// Upper bound on each wait, in seconds.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 600)]
     phase_timeout: u64,
     /// The operator's --log-level (its log is kept; the path is printed).
     #[arg(long, default_value = "warn")]
