@@ -22,7 +22,7 @@ use crate::fleet::EDGE_LABEL;
 
 const FIELD_MANAGER: &str = "edgewire-agent";
 /// Status writes in flight at once, for all simulated agents together.
-const CONCURRENT_WRITES: usize = 16;
+const CONCURRENT_WRITES: usize = 64;
 
 type ServiceKey = (String, String);
 
@@ -36,6 +36,10 @@ pub struct Agents {
     stop: CancellationToken,
     pub writes: Arc<AtomicU64>,
     pub failures: Arc<AtomicU64>,
+    /// How late the latest heartbeat was written, at worst, in ms: if this
+    /// nears the operator's heartbeat timeout, the harness (not the
+    /// operator) made nodes stale.
+    pub latest_ms: Arc<AtomicU64>,
 }
 
 impl Agents {
@@ -87,6 +91,7 @@ impl Agents {
         );
         let writes = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
+        let latest_ms = Arc::new(AtomicU64::new(0));
         let permits = Arc::new(Semaphore::new(CONCURRENT_WRITES));
 
         tokio::spawn(follow_placement(
@@ -105,6 +110,7 @@ impl Agents {
                 permits: Arc::clone(&permits),
                 writes: Arc::clone(&writes),
                 failures: Arc::clone(&failures),
+                latest_ms: Arc::clone(&latest_ms),
                 interval,
                 // Spread the heartbeats evenly over the interval, as
                 // independently started agents would be.
@@ -116,6 +122,7 @@ impl Agents {
             stop,
             writes,
             failures,
+            latest_ms,
         })
     }
 }
@@ -211,6 +218,7 @@ struct Beat {
     permits: Arc<Semaphore>,
     writes: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
+    latest_ms: Arc<AtomicU64>,
     interval: Duration,
     offset: Duration,
 }
@@ -252,7 +260,10 @@ impl Beat {
                 Ok(_) => self.writes.fetch_add(1, Ordering::Relaxed),
                 Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
             };
-            next = tokio::time::Instant::now() + self.interval;
+            let now = tokio::time::Instant::now();
+            let late = now.saturating_duration_since(next).as_millis() as u64;
+            self.latest_ms.fetch_max(late, Ordering::Relaxed);
+            next = now + self.interval;
         }
     }
 }

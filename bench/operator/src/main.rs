@@ -238,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     report.agent_writes = agents.writes.load(std::sync::atomic::Ordering::Relaxed);
     report.agent_failures = agents.failures.load(std::sync::atomic::Ordering::Relaxed);
+    report.heartbeat_late_ms = agents.latest_ms.load(std::sync::atomic::Ordering::Relaxed);
     drop(agents);
     operator.stop();
     progress(

@@ -14,6 +14,8 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -25,8 +27,57 @@ const CONCURRENCY: usize = 16;
 
 /// How long a wait took, or how far it got before its limit.
 pub type Waited = Result<Duration, String>;
-// Readiness is polled by listing; the figures have this resolution.
-const POLL: Duration = Duration::from_millis(500);
+/// How often a wait looks at its cache: the figures' resolution.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Every object of a kind in a namespace, kept current by a watch. The
+/// waits read this cache: listing hundreds of objects every poll would load
+/// the API server whose work is being timed.
+struct Watched<K: kube::Resource + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash,
+{
+    store: Store<K>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<K> Watched<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    async fn start(client: &Client, namespace: &str) -> anyhow::Result<Watched<K>> {
+        let (store, writer) = reflector::store();
+        let events = watcher(
+            Api::<K>::namespaced(client.clone(), namespace),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer);
+        // The watcher retries its own errors; draining the stream is all.
+        let task = tokio::spawn(events.for_each(|_| async {}));
+        store
+            .wait_until_ready()
+            .await
+            .context("the watch never listed")?;
+        Ok(Watched { store, task })
+    }
+}
+
+impl<K: kube::Resource + 'static> Drop for Watched<K>
+where
+    K::DynamicType: Eq + std::hash::Hash,
+{
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// What every step needs: the client, the bound on each wait, and the
 /// run's start for progress lines.
@@ -158,12 +209,11 @@ impl Bench {
         count: usize,
         t0: Instant,
     ) -> anyhow::Result<Waited> {
-        let api: Api<EdgeService> = Api::namespaced(self.client.clone(), namespace);
+        let watched = Watched::<EdgeService>::start(&self.client, namespace).await?;
         self.wait_for("EdgeServices settled", t0, || async {
-            let list = api.list(&ListParams::default()).await?;
             let (mut ready, mut misplaced) = (0, 0);
             let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-            for es in &list.items {
+            for es in watched.store.state() {
                 let Some(status) = &es.status else { continue };
                 let is_ready = status.observed_generation == es.metadata.generation
                     && status
@@ -224,11 +274,11 @@ impl Bench {
         replicas: usize,
         t0: Instant,
     ) -> anyhow::Result<Waited> {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let watched = Watched::<Deployment>::start(&self.client, namespace).await?;
         self.wait_for("Deployments available", t0, || async {
-            let list = api.list(&ListParams::default()).await?;
-            let available = list
-                .items
+            let available = watched
+                .store
+                .state()
                 .iter()
                 .filter(|d| {
                     d.status
@@ -428,6 +478,7 @@ pub struct Report {
     pub max_rss_kib: u64,
     pub agent_writes: u64,
     pub agent_failures: u64,
+    pub heartbeat_late_ms: u64,
     pub peer_all_available: Waited,
 }
 
@@ -468,6 +519,7 @@ impl Report {
             max_rss_kib: 0,
             agent_writes: 0,
             agent_failures: 0,
+            heartbeat_late_ms: 0,
             peer_all_available: Err("not run".into()),
         }
     }
@@ -528,13 +580,16 @@ impl Report {
             String::new(),
             format!(
                 "Operator memory (RSS): {} at start, {} with every service Ready, {} after the relabels, {} at peak. \
-                 Simulated agents wrote {} EdgeNode statuses ({} failed).",
+                 Simulated agents wrote {} EdgeNode statuses ({} failed); their latest heartbeat was {:.1} s \
+                 late (nodes go stale after {} s).",
                 mib(self.idle_rss_kib),
                 mib(self.apply_rss_kib),
                 mib(self.relabel_rss_kib),
                 mib(self.max_rss_kib),
                 self.agent_writes,
-                self.agent_failures
+                self.agent_failures,
+                self.heartbeat_late_ms as f64 / 1000.0,
+                self.heartbeat_timeout
             ),
         ]
         .join("\n")
