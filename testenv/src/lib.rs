@@ -133,6 +133,21 @@ impl Drop for TestNamespace {
     }
 }
 
+/// The whole response (status line, headers, body) to `GET path` on
+/// 127.0.0.1:`port`, or an empty string when nothing answers there: how
+/// tests and benchmarks read a process' `/metrics`.
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let _ = tcp.write_all(request.as_bytes()).await;
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out).await;
+    out
+}
+
 /// The CRDs in the YAML files of `dir` (one per file), e.g. the repository's
 /// `crds/`.
 pub fn read_crds(dir: &std::path::Path) -> Result<Vec<CustomResourceDefinition>, Error> {

@@ -364,17 +364,7 @@ impl Operator {
     }
 
     pub async fn scrape(&self) -> Scrape {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await
-        else {
-            return Scrape::default();
-        };
-        let _ = tcp
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await;
-        let mut out = String::new();
-        let _ = tcp.read_to_string(&mut out).await;
-        Scrape::parse(&out)
+        Scrape::parse(&edgewire_testenv::http_get(self.metrics_port, "/metrics").await)
     }
 
     fn status_kib(&self, field: &str) -> u64 {

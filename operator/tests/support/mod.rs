@@ -301,17 +301,7 @@ impl Operator {
     }
 
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await
-        else {
-            return String::new();
-        };
-        let _ = tcp
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await;
-        let mut out = String::new();
-        let _ = tcp.read_to_string(&mut out).await;
-        out
+        edgewire_testenv::http_get(self.metrics_port, "/metrics").await
     }
 
     pub async fn metric(&self, series: &str) -> f64 {
