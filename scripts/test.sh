@@ -15,12 +15,15 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 cargo --version
 
-stage "Debian packages (prometheus for the end-to-end test)"
-if ! command -v prometheus >/dev/null 2>&1; then
+stage "Debian packages (prometheus for the end-to-end test, faketime for the clock-skew tests)"
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+[[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]] || missing+=(faketime)
+if (( ${#missing[@]} )); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 prometheus --version 2>&1 | head -n 1
 

@@ -2,8 +2,8 @@
 //! decide (pure functions in `placement`, `desired`, `status`), then write
 //! only what differs, with server-side apply under one field manager.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService, EdgeServiceStatus, PlacementState};
@@ -13,20 +13,24 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::caches::{self, touched};
 use crate::desired::{self, MANAGED_BY_LABEL, MANAGER};
+use crate::freshness::{HeartbeatClock, Timeouts};
+use crate::index::{self, Index};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, Decision, Freshness, PortClaim};
+use crate::queue::CoalescingQueue;
 use crate::status::{self, NodeReport};
 use crate::triggers::{self, Changes};
-use crate::watch::{ViewHealth, WatchBackoff};
+use crate::watch::WatchBackoff;
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -35,6 +39,20 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// A node stale for this long is replaced in the placement.
     pub eviction_timeout: Duration,
+    /// A change in connection counts alone reaches EdgeService status at
+    /// most this often.
+    pub status_interval: Duration,
+    /// EdgeServices reconciled at the same time, at most.
+    pub concurrency: u16,
+}
+
+impl Settings {
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            heartbeat: self.heartbeat_timeout,
+            eviction: self.eviction_timeout,
+        }
+    }
 }
 
 pub struct Context {
@@ -47,11 +65,18 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub settings: Settings,
-    /// Whether the EdgeNode cache is behind (its watch failed and has not
-    /// delivered since): heartbeats in it may look stale when they are not.
-    pub edge_view: Arc<ViewHealth>,
+    /// When each node's heartbeat was seen to change.
+    pub clock: Arc<HeartbeatClock>,
+    /// Node names by `label=value`.
+    pub nodes_by_label: Arc<Index>,
+    /// EdgeService `namespace/name` by port.
+    pub services_by_port: Arc<Index>,
+    /// Owned EndpointSlice `namespace/name` by owner uid.
+    pub slices_by_owner: Arc<Index>,
     /// Consecutive failures per EdgeService, for the retry backoff.
-    pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<EdgeService>, u32>>,
+    pub failures: Mutex<HashMap<ObjectRef<EdgeService>, u32>>,
+    /// When each EdgeService's connection count was last written.
+    pub connections_written: Mutex<HashMap<ObjectRef<EdgeService>, Instant>>,
 }
 
 /// Retry delay after `failures` consecutive failures: 1 s doubling to 5 min.
@@ -67,26 +92,6 @@ pub enum Error {
     Desired(#[from] desired::DesiredError),
     #[error("the caches did not fill in time")]
     CachesNotReady,
-}
-
-/// How fresh a node's agent is, from its EdgeNode's heartbeat.
-pub fn freshness(
-    edge_node: Option<&EdgeNode>,
-    now: Timestamp,
-    settings: &Settings,
-) -> (Freshness, Option<Duration>) {
-    let Some(beat) = edge_node.and_then(|e| e.status.as_ref()?.last_heartbeat.as_ref()) else {
-        return (Freshness::Gone, None);
-    };
-    let age = now.duration_since(beat.0);
-    let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
-    if age <= settings.heartbeat_timeout {
-        (Freshness::Fresh, Some(settings.heartbeat_timeout - age))
-    } else if age <= settings.eviction_timeout {
-        (Freshness::Stale, Some(settings.eviction_timeout - age))
-    } else {
-        (Freshness::Gone, None)
-    }
 }
 
 fn node_address(node: &Node, edge_node: Option<&EdgeNode>) -> Option<String> {
@@ -161,37 +166,51 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
     {
         return Err(Error::CachesNotReady);
     }
-    // Right after an API server outage the cached heartbeats are old; judged
-    // now, every node would look stale and leave the endpoints. Wait for the
-    // watch to catch up instead.
-    if ctx.edge_view.behind(ctx.settings.heartbeat_timeout) {
-        tracing::debug!(edgeservice = %key(es), "EdgeNode cache behind; deciding later");
+    // While the EdgeNode watch is failing, the cache cannot show heartbeats:
+    // judge nothing until it delivers again (then every node gets a full
+    // timeout of grace, see `freshness`).
+    if ctx.clock.behind() {
+        tracing::debug!(edgeservice = %key(es), "EdgeNode view behind; deciding later");
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let now = Timestamp::now();
-    let placed_now: std::collections::BTreeSet<&str> = es
+    let es_ref = ObjectRef::from_obj(es);
+    let previous: Vec<String> = es
         .status
         .iter()
-        .flat_map(|s| s.placement.iter().map(|p| p.node.as_str()))
+        .flat_map(|s| s.placement.iter().map(|p| p.node.clone()))
         .collect();
+    let placed_now: std::collections::HashSet<&str> = previous.iter().map(String::as_str).collect();
 
     let mut next_check: Option<Duration> = None;
     let mut candidates = Vec::new();
     let mut reports = BTreeMap::new();
-    let es_key = key(es);
     let es_name = es.name_any();
-    for node in ctx.nodes.state() {
-        let name = node.name_any();
-        // Only nodes the service selects, or is still placed on, can be
-        // part of its decision; with thousands of nodes, skipping the rest
-        // is most of a reconcile's cost.
+    // Only nodes the service selects, or is still placed on, can be part of
+    // its decision; with thousands of nodes, looking at no others is most of
+    // a reconcile's cost.
+    let selected = ctx
+        .nodes_by_label
+        .narrowest(&index::label_keys(&es.spec.node_selector))
+        .unwrap_or_else(|| ctx.nodes.state().iter().map(|n| n.name_any()).collect());
+    let mut names: Vec<String> = selected
+        .into_iter()
+        .chain(previous.iter().cloned())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let Some(node) = ctx.nodes.get(&ObjectRef::new(&name)) else {
+            continue;
+        };
         let placed = placed_now.contains(name.as_str());
         if !placed && !placement::matches_selector(&es.spec.node_selector, node.labels()) {
             continue;
         }
         let edge_node = ctx.edge_nodes.get(&ObjectRef::new(&name));
         let edge_node = edge_node.as_deref();
-        let (fresh, changes_in) = freshness(edge_node, now, &ctx.settings);
+        let (fresh, changes_in) =
+            edge_node.map_or((Freshness::Gone, None), |en| ctx.clock.freshness(en));
         let address = node_address(&node, edge_node);
         candidates.push(Candidate {
             name: name.clone(),
@@ -222,32 +241,9 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         }
     }
 
-    let claims: Vec<PortClaim> = ctx
-        .services
-        .state()
-        .iter()
-        .filter(|other| other.spec.port == es.spec.port && key(other) != es_key && older(other, es))
-        .flat_map(|other| {
-            let owner = key(other);
-            other
-                .status
-                .iter()
-                .flat_map(|s| s.placement.iter())
-                .map(move |p| PortClaim {
-                    owner: owner.clone(),
-                    node: p.node.clone(),
-                    port: other.spec.port,
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let previous: Vec<String> = es
-        .status
-        .iter()
-        .flat_map(|s| s.placement.iter().map(|p| p.node.clone()))
-        .collect();
+    let claims = port_claims(es, ctx);
     let decision = placement::place(&es.spec, &candidates, &previous, &claims);
-    let new_status = status::compute(
+    let mut new_status = status::compute(
         &decision,
         &reports,
         es.status.as_ref(),
@@ -255,8 +251,42 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         &Time(now),
     );
 
-    apply_service(es, ctx).await?;
-    apply_slices(es, &new_status, ctx).await?;
+    let foreign = foreign_service(es, ctx).await?;
+    match &foreign {
+        // The name is taken by a Service this EdgeService does not own:
+        // never take it over (nor attach endpoints to it), say so.
+        Some(message) => {
+            status::service_conflict(
+                &mut new_status,
+                es.status.as_ref(),
+                message,
+                es.metadata.generation,
+                &Time(now),
+            );
+        }
+        None => {
+            apply_service(es, ctx).await?;
+            apply_slices(es, &new_status, ctx).await?;
+        }
+    }
+    // Connection counts change all the time; alone, they are written at
+    // most every `status_interval`.
+    let mut connections_due: Option<Duration> = None;
+    if let Some(old) = es.status.as_ref()
+        && status::only_connections_differ(old, &new_status)
+    {
+        let last = ctx
+            .connections_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&es_ref)
+            .copied();
+        let since = last.map_or(Duration::MAX, |t| t.elapsed());
+        if since < ctx.settings.status_interval {
+            new_status.connections = old.connections;
+            connections_due = Some(ctx.settings.status_interval - since);
+        }
+    }
     if es.status.as_ref() != Some(&new_status) {
         let api: Api<EdgeService> =
             Api::namespaced(ctx.client.clone(), &es.namespace().unwrap_or_default());
@@ -272,15 +302,92 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         )
         .await?;
         ctx.metrics.write("edgeservice_status");
-        publish_events(es, es.status.as_ref(), &new_status, &decision, ctx).await;
+        ctx.connections_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(es_ref, Instant::now());
+        publish_events(
+            es,
+            es.status.as_ref(),
+            &new_status,
+            &decision,
+            foreign.as_deref(),
+            ctx,
+        )
+        .await;
     }
     // Come back when a placed node's heartbeat turns stale or its staleness
-    // turns into eviction, so endpoints follow within the stated time.
-    let wait = next_check
-        .map(|d| d + Duration::from_millis(200))
-        .unwrap_or(Duration::from_secs(300))
-        .min(Duration::from_secs(300));
+    // turns into eviction, so endpoints follow within the stated time; and
+    // at least every `status_interval`, for the connection counts.
+    let wait = [
+        next_check.map(|d| d + Duration::from_millis(200)),
+        connections_due,
+    ]
+    .into_iter()
+    .flatten()
+    .fold(ctx.settings.status_interval, Duration::min);
     Ok(Action::requeue(wait))
+}
+
+/// `namespace/name` as an ObjectRef.
+fn object_ref<K>(key: &str) -> Option<ObjectRef<K>>
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
+    let (ns, name) = key.split_once('/')?;
+    Some(ObjectRef::new(name).within(ns))
+}
+
+/// The ports older EdgeServices hold on nodes, where this one's port is the same.
+fn port_claims(es: &EdgeService, ctx: &Context) -> Vec<PortClaim> {
+    let es_key = key(es);
+    ctx.services_by_port
+        .get(&es.spec.port.to_string())
+        .iter()
+        .filter_map(|k| ctx.services.get(&object_ref(k)?))
+        .filter(|other| {
+            other.spec.port == es.spec.port && key(other) != es_key && older(other.as_ref(), es)
+        })
+        .flat_map(|other| {
+            let owner = key(&other);
+            other
+                .status
+                .iter()
+                .flat_map(|s| s.placement.iter())
+                .map(|p| PortClaim {
+                    owner: owner.clone(),
+                    node: p.node.clone(),
+                    port: other.spec.port,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A message naming the Service in the EdgeService's name that it does not
+/// own, if there is one. The cache holds only the Services this operator
+/// labelled; anything else is looked up.
+async fn foreign_service(es: &EdgeService, ctx: &Context) -> Result<Option<String>, Error> {
+    let ns = es.namespace().unwrap_or_default();
+    let name = es.name_any();
+    let owned = |svc: &Service| {
+        svc.owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == es.metadata.uid.as_ref())
+    };
+    if let Some(cached) = ctx.owned_services.get(&ObjectRef::new(&name).within(&ns))
+        && owned(&cached)
+    {
+        return Ok(None);
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.get_opt(&name).await? {
+        Some(svc) if !owned(&svc) => Ok(Some(format!(
+            "Service {ns}/{name} exists and is not owned by this EdgeService; it is left alone"
+        ))),
+        _ => Ok(None),
+    }
 }
 
 /// Server-side applies the Service when the cached one differs from desired.
@@ -398,7 +505,14 @@ async fn apply_slices(
         .iter()
         .filter_map(|s| s.metadata.name.as_deref())
         .collect();
-    for stale in ctx.owned_slices.state() {
+    let owned = uid
+        .as_deref()
+        .map(|uid| ctx.slices_by_owner.get(uid))
+        .unwrap_or_default();
+    for stale in owned
+        .iter()
+        .filter_map(|k| ctx.owned_slices.get(&object_ref(k)?))
+    {
         let owned_here = stale.namespace().as_deref() == Some(ns.as_str())
             && stale
                 .owner_references()
@@ -424,6 +538,7 @@ async fn publish_events(
     old: Option<&EdgeServiceStatus>,
     new: &EdgeServiceStatus,
     decision: &Decision,
+    foreign: Option<&str>,
     ctx: &Context,
 ) {
     let state_of = |s: Option<&EdgeServiceStatus>| -> BTreeMap<String, PlacementState> {
@@ -499,6 +614,20 @@ async fn publish_events(
             format!("port {} is taken on {}", es.spec.port, list.join(", ")),
         ));
     }
+    let old_foreign = old.is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == status::SERVICE_CONFLICT)
+    });
+    if let Some(message) = foreign
+        && !old_foreign
+    {
+        events.push((
+            EventType::Warning,
+            status::SERVICE_CONFLICT,
+            message.to_string(),
+        ));
+    }
     let reference = es.object_ref(&());
     for (type_, reason, note) in events {
         let event = Event {
@@ -549,6 +678,19 @@ fn affected(
         .collect()
 }
 
+/// The other EdgeServices on `es`'s port: when its placement changes, the
+/// younger ones must look again (two created in the same second may both
+/// have chosen a node before either had written its placement).
+fn same_port(services: &Store<EdgeService>, es: &EdgeService) -> Vec<ObjectRef<EdgeService>> {
+    let me = key(es);
+    services
+        .state()
+        .iter()
+        .filter(|other| other.spec.port == es.spec.port && key(other) != me)
+        .map(|other| ObjectRef::from_obj(other.as_ref()))
+        .collect()
+}
+
 /// What this operator instance manages.
 #[derive(Clone, Debug, Default)]
 pub struct Scope {
@@ -573,6 +715,23 @@ impl Scope {
     }
 }
 
+/// Queues the EdgeService that owns each object an event touches.
+fn owners_of<K>(
+    queue: Arc<CoalescingQueue<ObjectRef<EdgeService>>>,
+) -> impl FnMut(&Store<K>, &caches::WatchEvent<K>) + Send + 'static
+where
+    K: Resource + Clone + Send + 'static,
+    K::DynamicType: Eq + std::hash::Hash,
+{
+    move |_, event| {
+        for (object, _) in touched(event) {
+            if let Some((ns, name)) = caches::owner(&object) {
+                queue.push(ObjectRef::new(&name).within(&ns));
+            }
+        }
+    }
+}
+
 /// Runs the EdgeService controller until `stop` fires.
 pub async fn run(
     client: Client,
@@ -580,91 +739,149 @@ pub async fn run(
     metrics: Metrics,
     settings: Settings,
     scope: Scope,
+    clock: Arc<HeartbeatClock>,
     stop: CancellationToken,
 ) {
-    let wc = watcher::Config::default();
     let mut node_wc = watcher::Config::default();
     if let Some(selector) = &scope.node_selector {
         node_wc = node_wc.labels(selector);
     }
     let owned_wc = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
+    let queue = CoalescingQueue::<ObjectRef<EdgeService>>::new();
+    let nodes_by_label = Arc::new(Index::default());
+    let services_by_port = Arc::new(Index::default());
+    let slices_by_owner = Arc::new(Index::default());
+    // The caches' tasks end with the controller, not only with `stop`.
+    let tasks_stop = stop.child_token();
 
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let node_stream = watcher(Api::<Node>::all(client.clone()), node_wc.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(node_writer)
-        .touched_objects();
-    let (edge_nodes, edge_writer) = reflector::store::<EdgeNode>();
-    let edge_view = Arc::new(ViewHealth::default());
-    let view = Arc::clone(&edge_view);
-    let edge_stream = watcher(Api::<EdgeNode>::all(client.clone()), node_wc)
-        .backoff(WatchBackoff::default())
-        .reflect(edge_writer)
-        .inspect(move |event| view.observe(event))
-        .touched_objects();
-    let (owned_services, svc_writer) = reflector::store::<Service>();
-    let svc_stream = watcher(scope.api::<Service>(&client), owned_wc.clone())
-        .backoff(WatchBackoff::default())
-        .reflect(svc_writer)
-        .touched_objects();
-    let (owned_slices, slice_writer) = reflector::store::<EndpointSlice>();
-    let slice_stream = watcher(scope.api::<EndpointSlice>(&client), owned_wc)
-        .backoff(WatchBackoff::default())
-        .reflect(slice_writer)
-        .touched_objects();
-
-    let controller = Controller::new(scope.api::<EdgeService>(&client), wc);
-    let services = controller.store();
+    // EdgeServices: each change reconciles the service itself; a change of
+    // its placement also its neighbours on the same port.
+    let placements = Changes::default();
+    let (services, es_task) = {
+        let (queue, by_port) = (Arc::clone(&queue), Arc::clone(&services_by_port));
+        caches::spawn(
+            scope.api::<EdgeService>(&client),
+            watcher::Config::default(),
+            caches::trim_meta,
+            move |services, event| {
+                by_port.apply(event, key, |es| vec![es.spec.port.to_string()]);
+                for (es, exists) in touched(event) {
+                    queue.push(ObjectRef::from_obj(&es));
+                    if placements.changed(&key(&es), triggers::placement_digest(&es), exists) {
+                        queue.extend(same_port(services, &es));
+                    }
+                }
+            },
+            tasks_stop.clone(),
+        )
+    };
     metrics.watch_services(services.clone());
+
+    let (nodes, node_task) = {
+        let (queue, services) = (Arc::clone(&queue), services.clone());
+        let by_label = Arc::clone(&nodes_by_label);
+        let changes = Changes::default();
+        caches::spawn(
+            Api::<Node>::all(client.clone()),
+            node_wc.clone(),
+            caches::trim_node,
+            move |_, event| {
+                by_label.apply(event, |n| n.name_any(), |n| index::label_keys(n.labels()));
+                for (node, exists) in touched(event) {
+                    let name = node.name_any();
+                    if changes.changed(&name, triggers::node_digest(&node), exists) {
+                        tracing::debug!(node = %name, exists, "node change");
+                        queue.extend(affected(&services, &name, exists.then(|| node.labels())));
+                    }
+                }
+            },
+            tasks_stop.clone(),
+        )
+    };
+    let (edge_nodes, edge_task) = {
+        let (queue, services, nodes) = (Arc::clone(&queue), services.clone(), nodes.clone());
+        let clock = Arc::clone(&clock);
+        let changes = Changes::default();
+        caches::spawn(
+            Api::<EdgeNode>::all(client.clone()),
+            node_wc,
+            caches::trim_meta,
+            move |_, event| {
+                clock.watch_event(event);
+                for (en, exists) in touched(event) {
+                    let name = en.name_any();
+                    let fresh = if exists {
+                        clock.observe(&en);
+                        clock.freshness(&en).0 == Freshness::Fresh
+                    } else {
+                        clock.forget(&name);
+                        false
+                    };
+                    if changes.changed(&name, triggers::edge_node_digest(&en, fresh), exists) {
+                        tracing::debug!(edgenode = %name, exists, fresh, "edgenode change");
+                        let node = nodes.get(&ObjectRef::new(&name));
+                        queue.extend(affected(
+                            &services,
+                            &name,
+                            node.as_deref().map(|n| n.labels()),
+                        ));
+                    }
+                }
+            },
+            tasks_stop.clone(),
+        )
+    };
+    // Owned objects: a change (a user's edit, a deletion) reconciles the owner.
+    let (owned_services, svc_task) = caches::spawn(
+        scope.api::<Service>(&client),
+        owned_wc.clone(),
+        caches::trim_meta,
+        owners_of(Arc::clone(&queue)),
+        tasks_stop.clone(),
+    );
+    let (owned_slices, slice_task) = {
+        let mut owners = owners_of(Arc::clone(&queue));
+        let by_owner = Arc::clone(&slices_by_owner);
+        caches::spawn(
+            scope.api::<EndpointSlice>(&client),
+            owned_wc,
+            caches::trim_meta,
+            move |store, event| {
+                by_owner.apply(
+                    event,
+                    |s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+                    |s| s.owner_references().iter().map(|o| o.uid.clone()).collect(),
+                );
+                owners(store, event);
+            },
+            tasks_stop.clone(),
+        )
+    };
+
     let ctx = Arc::new(Context {
         client,
         services: services.clone(),
-        nodes: nodes.clone(),
-        edge_nodes: edge_nodes.clone(),
-        owned_services: owned_services.clone(),
-        owned_slices: owned_slices.clone(),
+        nodes,
+        edge_nodes,
+        owned_services,
+        owned_slices,
         recorder,
         metrics,
-        settings,
-        edge_view,
-        failures: Default::default(),
+        settings: settings.clone(),
+        clock,
+        nodes_by_label,
+        services_by_port,
+        slices_by_owner,
+        failures: Mutex::default(),
+        connections_written: Mutex::default(),
     });
-    let (for_nodes, nodes_seen, node_changes) =
-        (services.clone(), nodes.clone(), Changes::default());
-    let (for_edge, nodes_for_edge, edge_seen, edge_changes) = (
-        services.clone(),
-        nodes.clone(),
-        edge_nodes.clone(),
-        Changes::default(),
-    );
-    let edge_settings = ctx.settings.clone();
-    let controller = controller
-        .owns_stream(svc_stream)
-        .owns_stream(slice_stream)
-        .watches_stream(node_stream, move |node: Node| {
-            let name = node.name_any();
-            let exists = nodes_seen.get(&ObjectRef::new(&name)).is_some();
-            if !node_changes.changed(&name, triggers::node_digest(&node), exists) {
-                return Vec::new();
-            }
-            tracing::debug!(node = %name, exists, "node change");
-            affected(&for_nodes, &name, Some(node.labels()))
-        })
-        .watches_stream(edge_stream, move |en: EdgeNode| {
-            let name = en.name_any();
-            let exists = edge_seen.get(&ObjectRef::new(&name)).is_some();
-            let fresh =
-                freshness(Some(&en), Timestamp::now(), &edge_settings).0 == Freshness::Fresh;
-            if !edge_changes.changed(&name, triggers::edge_node_digest(&en, fresh), exists) {
-                return Vec::new();
-            }
-            tracing::debug!(edgenode = %name, exists, fresh, "edgenode change");
-            let node = nodes_for_edge.get(&ObjectRef::new(&name));
-            affected(&for_edge, &name, node.as_deref().map(|n| n.labels()))
-        })
+    // Every trigger arrives through the queue; the controller's own trigger
+    // stream stays empty.
+    Controller::for_stream(futures_util::stream::pending(), services)
+        .with_config(kube_controller::Config::default().concurrency(settings.concurrency))
+        .reconcile_on(Arc::clone(&queue).stream())
         .trigger_backoff(WatchBackoff::default())
-        .graceful_shutdown_on(stop.cancelled_owned());
-    controller
+        .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
@@ -672,4 +889,8 @@ pub async fn run(
             }
         })
         .await;
+    tasks_stop.cancel();
+    for task in [es_task, node_task, edge_task, svc_task, slice_task] {
+        let _ = task.await;
+    }
 }

@@ -1,5 +1,6 @@
 //! The EdgeNode controller: writes each EdgeNode's `Ready` condition from its
-//! heartbeat's freshness, only when it changes, and comes back when it will.
+//! heartbeat's freshness (as the shared `HeartbeatClock` judges it), only
+//! when it changes, and comes back when it will.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,8 +16,8 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::{Settings, freshness};
 use crate::desired::MANAGER;
+use crate::freshness::HeartbeatClock;
 use crate::metrics::Metrics;
 use crate::placement::Freshness;
 use crate::watch::WatchBackoff;
@@ -24,17 +25,12 @@ use crate::watch::WatchBackoff;
 struct Ctx {
     client: Client,
     metrics: Metrics,
-    settings: Settings,
+    clock: Arc<HeartbeatClock>,
 }
 
-/// The Ready condition an EdgeNode should carry now, keeping the transition
-/// time of an unchanged status.
-pub fn ready_condition(
-    node: &EdgeNode,
-    now: Timestamp,
-    settings: &Settings,
-) -> (Condition, Option<Duration>) {
-    let (fresh, changes_in) = freshness(Some(node), now, settings);
+/// The Ready condition an EdgeNode should carry now, given how fresh its
+/// heartbeat is, keeping the transition time of an unchanged status.
+pub fn ready_condition(node: &EdgeNode, fresh: Freshness, now: Timestamp) -> Condition {
     let (status, reason, message) = match (
         fresh,
         node.status.as_ref().and_then(|s| s.last_heartbeat.as_ref()),
@@ -52,20 +48,25 @@ pub fn ready_condition(
             .iter()
             .find(|c| c.type_ == "Ready" && c.status == status)
     });
-    let condition = Condition {
+    Condition {
         type_: "Ready".into(),
         status: status.into(),
         reason: reason.into(),
         message: message.into(),
         observed_generation: node.metadata.generation,
         last_transition_time: old.map_or(Time(now), |c| c.last_transition_time.clone()),
-    };
-    (condition, changes_in)
+    }
 }
 
 async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
     let started = Instant::now();
-    let (condition, changes_in) = ready_condition(&node, Timestamp::now(), &ctx.settings);
+    // While the EdgeNode watch is failing, no heartbeat can be seen: judge
+    // nothing until it delivers again.
+    if ctx.clock.behind() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let (fresh, changes_in) = ctx.clock.freshness(&node);
+    let condition = ready_condition(&node, fresh, Timestamp::now());
     let current = node
         .status
         .as_ref()
@@ -103,7 +104,7 @@ fn error_policy(_node: Arc<EdgeNode>, err: &kube::Error, _ctx: Arc<Ctx>) -> Acti
 pub async fn run(
     client: Client,
     metrics: Metrics,
-    settings: Settings,
+    clock: Arc<HeartbeatClock>,
     selector: Option<String>,
     stop: CancellationToken,
 ) {
@@ -114,7 +115,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         metrics,
-        settings,
+        clock,
     });
     Controller::new(Api::<EdgeNode>::all(client), wc)
         .trigger_backoff(WatchBackoff::default())

@@ -5,16 +5,23 @@
 //! EdgeNode readiness; `leader.rs` is leader election; `metrics.rs` and
 //! `admin.rs` are what Prometheus and the kubelet probes see; `watch.rs` is
 //! how the watches ride out an API server outage; `triggers.rs` which
-//! Node and EdgeNode changes are worth a reconcile.
+//! Node and EdgeNode changes are worth a reconcile; `caches.rs` runs each
+//! watch on its own task and `queue.rs` carries what they learn to the
+//! controller; `freshness.rs` judges heartbeats by when they were seen;
+//! `index.rs` keeps the lookups a reconcile needs.
 
 mod admin;
+mod caches;
 mod controller;
 mod crdgen;
 mod desired;
 mod edgenode;
+mod freshness;
+mod index;
 mod leader;
 mod metrics;
 mod placement;
+mod queue;
 mod status;
 mod triggers;
 mod watch;
@@ -84,6 +91,13 @@ struct RunArgs {
     /// Seconds a node may stay stale before its services move elsewhere.
     #[arg(long, default_value_t = 300)]
     eviction_timeout: u64,
+    /// Seconds between EdgeService status writes whose only change is a
+    /// connection count.
+    #[arg(long, default_value_t = 30)]
+    status_interval: u64,
+    /// EdgeServices reconciled at the same time, at most.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
     #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
     log_level: String,
     #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -214,6 +228,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = controller::Settings {
         heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
         eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
+        status_interval: Duration::from_secs(args.status_interval),
+        concurrency: args.reconcile_concurrency,
     };
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
@@ -240,18 +256,22 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 instance: Some(identity.clone()),
             },
         );
+        // A new term observes heartbeats afresh: every node gets a full
+        // heartbeat timeout from now before it can be judged stale.
+        let clock = Arc::new(freshness::HeartbeatClock::new(settings.timeouts()));
         let es = tokio::spawn(controller::run(
             client.clone(),
             recorder,
             metrics.clone(),
             settings.clone(),
             scope.clone(),
+            Arc::clone(&clock),
             controllers_stop.clone(),
         ));
         let en = tokio::spawn(edgenode::run(
             client.clone(),
             metrics.clone(),
-            settings.clone(),
+            clock,
             args.node_selector.clone(),
             controllers_stop.clone(),
         ));

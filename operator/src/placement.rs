@@ -49,8 +49,9 @@ pub struct PortClaim {
 pub struct Decision {
     /// The chosen nodes, sorted by name.
     pub nodes: Vec<String>,
-    /// Eligible nodes left out because an older EdgeService holds the port
-    /// there: node -> that EdgeService.
+    /// Nodes this service would have used but for an older EdgeService
+    /// holding the port there: node -> that EdgeService. Empty when the
+    /// claims cost it nothing (it has as many nodes as without them).
     pub conflicts: BTreeMap<String, String>,
 }
 
@@ -91,6 +92,7 @@ pub fn place(
         })
         .collect();
 
+    let previous_list = previous;
     let previous: BTreeSet<&str> = previous.iter().map(String::as_str).collect();
     // Kept: previously placed nodes that still match and have not been gone
     // for the eviction time.
@@ -136,30 +138,45 @@ pub fn place(
         }
     }
 
-    // Fill up: each new node from the least used domain.
+    // Fill up: each new node from the least used domain (ties: the domain,
+    // then the node, by name). A heap of domains keeps this O(n log d).
     let mut chosen = kept;
-    while chosen.len() < max && !fresh_new.is_empty() {
-        let counts = domain_counts(&chosen, domain);
-        let pick = fresh_new
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, c)| {
-                (
-                    counts.get(&domain(c)).copied().unwrap_or(0),
-                    domain(c),
-                    c.name.clone(),
-                )
-            })
-            .map(|(i, _)| i);
-        match pick {
-            Some(i) => chosen.push(fresh_new.remove(i)),
-            None => break,
+    let mut counts = domain_counts(&chosen, domain);
+    let mut waiting: BTreeMap<String, std::collections::VecDeque<&Candidate>> = BTreeMap::new();
+    for c in fresh_new {
+        waiting.entry(domain(c)).or_default().push_back(c);
+    }
+    let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(usize, String)>> = waiting
+        .keys()
+        .map(|d| std::cmp::Reverse((counts.get(d).copied().unwrap_or(0), d.clone())))
+        .collect();
+    while chosen.len() < max {
+        let Some(std::cmp::Reverse((count, d))) = heap.pop() else {
+            break;
+        };
+        let Some(next) = waiting.get_mut(&d).and_then(|q| q.pop_front()) else {
+            continue;
+        };
+        chosen.push(next);
+        counts.insert(d.clone(), count + 1);
+        if waiting.get(&d).is_some_and(|q| !q.is_empty()) {
+            heap.push(std::cmp::Reverse((count + 1, d)));
         }
     }
 
     let mut nodes: Vec<String> = chosen.into_iter().map(|c| c.name.clone()).collect();
     nodes.sort();
-    // A conflict only matters where this service would otherwise have gone.
+    // A conflict only matters where it kept this service off a node it
+    // would otherwise have used: with no claims at all, it would have had
+    // more nodes.
+    if !conflicts.is_empty() {
+        let unclaimed = place(spec, candidates, previous_list, &[]);
+        if unclaimed.nodes.len() > nodes.len() {
+            conflicts.retain(|node, _| unclaimed.nodes.contains(node) && !nodes.contains(node));
+        } else {
+            conflicts.clear();
+        }
+    }
     Decision { nodes, conflicts }
 }
 
@@ -336,5 +353,59 @@ mod tests {
             d.conflicts,
             BTreeMap::from([("a".to_string(), "ns/older".to_string())])
         );
+    }
+
+    #[test]
+    fn a_claim_is_a_conflict_only_where_it_cost_a_node() {
+        let nodes = [
+            node("a", &[EDGE], Freshness::Fresh),
+            node("b", &[EDGE], Freshness::Fresh),
+            node("c", &[EDGE], Freshness::Fresh),
+        ];
+        let claim = |n: &str| PortClaim {
+            owner: "ns/older".into(),
+            node: n.into(),
+            port: 8765,
+        };
+        // One node wanted, two free: the claim on "a" costs nothing.
+        let d = place(&spec(&[EDGE], Some(1), None), &nodes, &[], &[claim("a")]);
+        assert_eq!(d.nodes, ["b"]);
+        assert!(d.conflicts.is_empty(), "{:?}", d.conflicts);
+        // Three wanted: the claims on "a" and "b" each cost one.
+        let d = place(
+            &spec(&[EDGE], Some(3), None),
+            &nodes,
+            &[],
+            &[claim("a"), claim("b")],
+        );
+        assert_eq!(d.nodes, ["c"]);
+        assert_eq!(d.conflicts.keys().collect::<Vec<_>>(), ["a", "b"]);
+        // Two wanted, "a" claimed: "b" and "c" serve; nothing lost.
+        let d = place(&spec(&[EDGE], Some(2), None), &nodes, &[], &[claim("a")]);
+        assert_eq!(d.nodes, ["b", "c"]);
+        assert!(d.conflicts.is_empty());
+    }
+
+    #[test]
+    fn filling_thousands_of_nodes_across_domains_is_balanced_and_ordered() {
+        let z = "zone";
+        let zones = ["a", "b", "c", "d"];
+        let nodes: Vec<Candidate> = (0..10_000)
+            .map(|i| {
+                node(
+                    &format!("n{i:05}"),
+                    &[EDGE, (z, zones[i % zones.len()])],
+                    Freshness::Fresh,
+                )
+            })
+            .collect();
+        let d = place(&spec(&[EDGE], Some(6), Some(z)), &nodes, &[], &[]);
+        // Round robin over the zones, the first names in each.
+        assert_eq!(
+            d.nodes,
+            ["n00000", "n00001", "n00002", "n00003", "n00004", "n00005"]
+        );
+        let all = place(&spec(&[EDGE], None, Some(z)), &nodes, &[], &[]);
+        assert_eq!(all.nodes.len(), 10_000);
     }
 }

@@ -70,6 +70,47 @@ fn condition(
     }
 }
 
+/// Whether `new` differs from `old` in the connection count alone.
+pub fn only_connections_differ(old: &EdgeServiceStatus, new: &EdgeServiceStatus) -> bool {
+    old.connections != new.connections
+        && *old
+            == (EdgeServiceStatus {
+                connections: old.connections,
+                ..new.clone()
+            })
+}
+
+/// The Degraded reason for a Service in the EdgeService's name that it does
+/// not own.
+pub const SERVICE_CONFLICT: &str = "ServiceConflict";
+
+/// Marks `status` Degraded because the EdgeService's Service name is taken by
+/// a Service it does not own (`message` names it). This outranks every
+/// other Degraded reason: clients cannot reach the service through the
+/// cluster at all.
+pub fn service_conflict(
+    status: &mut EdgeServiceStatus,
+    old: Option<&EdgeServiceStatus>,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let degraded = condition(
+        old_conditions,
+        "Degraded",
+        true,
+        SERVICE_CONFLICT,
+        message.to_string(),
+        generation,
+        now,
+    );
+    match status.conditions.iter_mut().find(|c| c.type_ == "Degraded") {
+        Some(c) => *c = degraded,
+        None => status.conditions.push(degraded),
+    }
+}
+
 /// The status to write. `old` is the current status (for transition times).
 pub fn compute(
     decision: &Decision,
@@ -347,5 +388,55 @@ mod tests {
         let stale = BTreeMap::from([("a".to_string(), report(false, Some((true, None, 0))))]);
         let changed = compute(&decision, &stale, Some(&first), Some(1), &time(99));
         assert_eq!(cond(&changed, "Ready").last_transition_time, time(99));
+    }
+
+    #[test]
+    fn a_connection_count_alone_is_told_apart() {
+        let decision = Decision {
+            nodes: vec!["a".into()],
+            conflicts: BTreeMap::new(),
+        };
+        let with = |n| BTreeMap::from([("a".to_string(), report(true, Some((true, None, n))))]);
+        let old = compute(&decision, &with(2), None, Some(1), &time(10));
+        let busier = compute(&decision, &with(9), Some(&old), Some(1), &time(20));
+        assert!(only_connections_differ(&old, &busier));
+        assert!(!only_connections_differ(&old, &old));
+        let stale = BTreeMap::from([("a".to_string(), report(false, Some((true, None, 9))))]);
+        let changed = compute(&decision, &stale, Some(&old), Some(1), &time(20));
+        assert!(!only_connections_differ(&old, &changed));
+    }
+
+    #[test]
+    fn a_foreign_service_marks_the_status_degraded() {
+        let decision = Decision {
+            nodes: vec!["a".into()],
+            conflicts: BTreeMap::new(),
+        };
+        let reports = BTreeMap::from([("a".to_string(), report(true, Some((true, None, 0))))]);
+        let mut s = compute(&decision, &reports, None, Some(3), &time(10));
+        service_conflict(&mut s, None, "Service ns/chat exists", Some(3), &time(10));
+        let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", SERVICE_CONFLICT)
+        );
+        assert_eq!(degraded.observed_generation, Some(3));
+        assert_eq!(
+            s.conditions
+                .iter()
+                .filter(|c| c.type_ == "Degraded")
+                .count(),
+            1
+        );
+        // Unchanged on the next pass: same transition time.
+        let mut again = compute(&decision, &reports, Some(&s), Some(3), &time(50));
+        service_conflict(
+            &mut again,
+            Some(&s),
+            "Service ns/chat exists",
+            Some(3),
+            &time(50),
+        );
+        assert_eq!(again, s);
     }
 }

@@ -12,11 +12,12 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 
-use edgewire_api::crd::EdgeNode;
+use edgewire_api::crd::{EdgeNode, EdgeService};
 use k8s_openapi::api::core::v1::Node;
 
 /// What EdgeService status reads from an EdgeNode, as a hash; `fresh` is
-/// whether its heartbeat is fresh now.
+/// whether its heartbeat is fresh now. Connection counts are left out: they
+/// change all the time, and status takes them up on its own schedule.
 pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     let mut h = DefaultHasher::new();
     fresh.hash(&mut h);
@@ -25,11 +26,22 @@ pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     en.spec.mesh_port.hash(&mut h);
     if let Some(status) = &en.status {
         for s in &status.services {
-            (&s.namespace, &s.name, s.listening, &s.error, s.connections).hash(&mut h);
+            (&s.namespace, &s.name, s.listening, &s.error).hash(&mut h);
         }
         for c in status.conditions.iter().filter(|c| c.type_ == "Ready") {
             c.status.hash(&mut h);
         }
+    }
+    h.finish()
+}
+
+/// What other EdgeServices' placement reads from an EdgeService, as a hash:
+/// its port and the nodes it is placed on.
+pub fn placement_digest(es: &EdgeService) -> u64 {
+    let mut h = DefaultHasher::new();
+    es.spec.port.hash(&mut h);
+    for p in es.status.iter().flat_map(|s| s.placement.iter()) {
+        p.node.hash(&mut h);
     }
     h.finish()
 }
@@ -114,6 +126,13 @@ mod tests {
         assert_ne!(base, edge_node_digest(&node(110, true, "False"), true));
         // A stale node heartbeating again.
         assert_ne!(base, edge_node_digest(&node(110, true, "True"), false));
+        // Connection counts alone are not news either.
+        let mut busier = node(110, true, "True");
+        if let Some(status) = busier.status.as_mut() {
+            status.services[0].connections = 500;
+            status.connections = 500;
+        }
+        assert_eq!(base, edge_node_digest(&busier, true));
         let mut relabelled = node(100, true, "True");
         relabelled.metadata.labels = Some([("zone".to_string(), "b".to_string())].into());
         assert_ne!(base, edge_node_digest(&relabelled, true));

@@ -307,6 +307,164 @@ async fn port_conflicts_are_reported_not_placed() {
 }
 
 #[tokio::test]
+async fn a_claimed_node_the_service_did_not_need_is_no_conflict() {
+    let env = Env::new("noconflict").await;
+    let nodes = env.nodes(&["a", "b", "c"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+
+    env.apply_es(&es_yaml("first", 7100, Some(1))).await;
+    let first = env.wait_es("first", "ready", ready).await;
+    // One node wanted, two free of the port: the claim costs nothing.
+    env.apply_es(&es_yaml("second", 7100, Some(1))).await;
+    let second = env.wait_es("second", "ready", ready).await;
+    assert_ne!(placed(&first), placed(&second));
+    // Give a wrong condition time to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = env.es_api().get("second").await.unwrap();
+    assert_eq!(condition(&second, "Placed"), Some(("True", "Placed")));
+    assert_eq!(
+        condition(&second, "Degraded"),
+        Some(("False", "AsExpected")),
+        "{:?}",
+        second.status
+    );
+    assert!(
+        !events_for(&env, "second")
+            .await
+            .iter()
+            .any(|e| e.1 == "PortConflict"),
+        "a PortConflict event for a port that cost nothing"
+    );
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn services_on_one_port_created_together_never_share_a_node() {
+    let env = Env::new("sameport").await;
+    let nodes = env
+        .nodes(&["a", "b", "c", "d"], &[(EDGE_LABEL, "true")])
+        .await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+    // Pairs of services on one port, each pair applied at once: both of a
+    // pair may first choose the same node.
+    let pairs = [7201, 7202, 7203, 7204, 7205];
+    let applies = pairs.iter().flat_map(|port| {
+        let env = &env;
+        [format!("p{port}-x"), format!("p{port}-y")]
+            .map(move |name| async move { env.apply_es(&es_yaml(&name, *port, Some(1))).await })
+    });
+    futures_util::future::join_all(applies).await;
+    for port in pairs {
+        let (x, y) = (format!("p{port}-x"), format!("p{port}-y"));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let a = env.es_api().get(&x).await.unwrap();
+            let b = env.es_api().get(&y).await.unwrap();
+            let (pa, pb) = (placed(&a), placed(&b));
+            if ready(&a) && ready(&b) && pa.len() == 1 && pb.len() == 1 && pa != pb {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "port {port}: {x} on {pa:?}, {y} on {pb:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn a_service_the_operator_did_not_create_is_never_taken_over() {
+    let env = Env::new("foreign").await;
+    let nodes = env.nodes(&["a"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let services: Api<Service> = Api::namespaced(env.client.clone(), env.name());
+    let mine: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "chat", "labels": {"app": "mine"}},
+        "spec": {"selector": {"app": "mine"}, "ports": [{"port": 80, "name": "http"}]},
+    }))
+    .unwrap();
+    let mine = services.create(&Default::default(), &mine).await.unwrap();
+    let _op = Operator::start(&env, "op-1");
+
+    env.apply_es(&es_yaml("chat", 7300, None)).await;
+    let es = env
+        .wait_es("chat", "Degraded=ServiceConflict", |es| {
+            condition(es, "Degraded") == Some(("True", "ServiceConflict"))
+        })
+        .await;
+    let degraded = es
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+        .unwrap();
+    assert!(
+        degraded.message.contains(&format!("{}/chat", env.name())),
+        "{degraded:?}"
+    );
+    let event = wait_event(&env, "chat", "ServiceConflict").await;
+    assert_eq!(event.0, "Warning");
+    // Still placed: the node serves at its own address.
+    assert_eq!(placed(&es), nodes);
+    // The user's Service is as the user made it, and has no endpoints of ours.
+    let now = services.get("chat").await.unwrap();
+    assert!(now.owner_references().is_empty(), "{:?}", now.metadata);
+    assert_eq!(now.spec, mine.spec);
+    assert_eq!(now.metadata.labels, mine.metadata.labels);
+    assert!(endpoint_addresses(&env, "chat").await.is_empty());
+
+    // Deleting the EdgeService leaves the user's Service alone.
+    env.es_api()
+        .delete("chat", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.es_api().get_opt("chat").await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "EdgeService not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = services.get_opt("chat").await.unwrap();
+    assert_eq!(
+        after.map(|s| s.metadata.uid),
+        Some(mine.metadata.uid),
+        "the user's Service was deleted with the EdgeService"
+    );
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
+async fn connection_counts_alone_do_not_rewrite_status_every_heartbeat() {
+    let env = Env::new("conns").await;
+    let nodes = env.nodes(&["a", "b"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::churning(env.client.clone(), env.name(), &nodes);
+    let op = Operator::start(&env, "op-1");
+    env.apply_es(&es_yaml("busy", 7400, None)).await;
+    let es = env.wait_es("busy", "ready", ready).await;
+    assert!(es.status.as_ref().unwrap().connections > 0);
+    let writes = r#"edgewire_operator_writes_total{kind="edgeservice_status"}"#;
+    let reconciles =
+        r#"edgewire_operator_reconcile_duration_seconds_count{controller="edgeservice"}"#;
+    // Let the first placement settle, then count over 10 s of heartbeats
+    // (two nodes, every 500 ms, each with a new connection count).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (w0, r0) = (op.metric(writes).await, op.metric(reconciles).await);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (w1, r1) = (op.metric(writes).await, op.metric(reconciles).await);
+    // The default status interval is 30 s: at most one connection update
+    // in the window (against ~40 changed heartbeats).
+    assert!(w1 - w0 <= 1.0, "{} status writes in 10 s", w1 - w0);
+    assert!(r1 - r0 <= 3.0, "{} reconciles in 10 s", r1 - r0);
+    env.cleanup_nodes(&nodes).await;
+}
+
+#[tokio::test]
 async fn deleting_an_edgeservice_garbage_collects_what_it_owned() {
     let env = Env::new("gc").await;
     let nodes = env.nodes(&["a"], &[(EDGE_LABEL, "true")]).await;

@@ -185,6 +185,16 @@ pub struct Heartbeats {
 
 impl Heartbeats {
     pub fn start(client: Client, namespace: &str, nodes: &[String]) -> Heartbeats {
+        Heartbeats::spawn(client, namespace, nodes, false)
+    }
+
+    /// Like `start`, but every heartbeat reports a different connection
+    /// count, as busy agents do.
+    pub fn churning(client: Client, namespace: &str, nodes: &[String]) -> Heartbeats {
+        Heartbeats::spawn(client, namespace, nodes, true)
+    }
+
+    fn spawn(client: Client, namespace: &str, nodes: &[String], churn: bool) -> Heartbeats {
         let beating = Arc::new(Mutex::new(
             nodes
                 .iter()
@@ -196,7 +206,10 @@ impl Heartbeats {
         let task = tokio::spawn(async move {
             let edge_nodes: Api<EdgeNode> = Api::all(client.clone());
             let services: Api<EdgeService> = Api::namespaced(client, &namespace);
+            let mut round: i64 = 0;
             loop {
+                round += 1;
+                let connections = if churn { 10 + round % 7 } else { 2 };
                 let names: Vec<String> = services
                     .list(&Default::default())
                     .await
@@ -220,7 +233,7 @@ impl Heartbeats {
                             name: name.clone(),
                             listening: true,
                             error: None,
-                            connections: 2,
+                            connections,
                         })
                         .collect();
                     let patch = json!({
@@ -230,7 +243,7 @@ impl Heartbeats {
                             "lastHeartbeat": now.to_string(),
                             "services": reported,
                             "serviceCount": reported.len(),
-                            "connections": 2 * reported.len(),
+                            "connections": connections * reported.len() as i64,
                         },
                     });
                     let _ = edge_nodes
