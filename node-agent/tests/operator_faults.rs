@@ -69,15 +69,17 @@ impl Fleet {
         let mut specs = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
             let name = format!("edge-{i}");
+            let advertised = advertised(ip);
             specs.push(
                 NodeSpec::new(&name)
                     .label("edgewire.dev/edge", "true")
                     .label("edgewire.dev/test", &namespace)
-                    .internal_ip(*ip),
+                    .internal_ip(&advertised),
             );
             nodes.push((
                 name,
                 ip.to_string(),
+                advertised,
                 tempfile::tempdir().expect("state dir"),
             ));
         }
@@ -306,11 +308,15 @@ impl Recorder {
                 watcher::Config::default().labels("kubernetes.io/service-name=chat"),
             )
             .default_backoff()
-            .reflect(writer)
-            .applied_objects();
+            .reflect(writer);
             futures_util::pin_mut!(stream);
             while let Some(event) = stream.next().await {
-                if event.is_ok() {
+                // The store changes on these; during a (re)list it is
+                // replaced at InitDone, all at once.
+                if let Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) = event
+                {
                     let all: Vec<EndpointSlice> =
                         store.state().iter().map(|s| (**s).clone()).collect();
                     sets.lock().expect("lock").push(ready_addresses(&all));

@@ -241,7 +241,12 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         }
     }
 
-    let claims = port_claims(es, ctx);
+    let Some(claims) = port_claims(es, ctx) else {
+        // An older service on this port has not decided yet: decide after
+        // it (its placement change queues this one), never beside it.
+        tracing::debug!(edgeservice = %key(es), "an older service on the port is deciding");
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
     let decision = placement::place(&es.spec, &candidates, &previous, &claims);
     let mut new_status = status::compute(
         &decision,
@@ -339,30 +344,44 @@ where
     Some(ObjectRef::new(name).within(ns))
 }
 
-/// The ports older EdgeServices hold on nodes, where this one's port is the same.
-fn port_claims(es: &EdgeService, ctx: &Context) -> Vec<PortClaim> {
+/// The ports older EdgeServices hold on nodes, where this one's port is the
+/// same; None while one of them has not yet placed its current spec (a
+/// decision made beside it could pick the same node).
+fn port_claims(es: &EdgeService, ctx: &Context) -> Option<Vec<PortClaim>> {
     let es_key = key(es);
-    ctx.services_by_port
+    let older_ones: Vec<Arc<EdgeService>> = ctx
+        .services_by_port
         .get(&es.spec.port.to_string())
         .iter()
         .filter_map(|k| ctx.services.get(&object_ref(k)?))
         .filter(|other| {
             other.spec.port == es.spec.port && key(other) != es_key && older(other.as_ref(), es)
         })
+        .collect();
+    let undecided = |other: &EdgeService| {
+        other.metadata.deletion_timestamp.is_none()
+            && other.status.as_ref().and_then(|s| s.observed_generation)
+                != other.metadata.generation
+    };
+    if older_ones.iter().any(|o| undecided(o)) {
+        return None;
+    }
+    let claims = older_ones
+        .iter()
         .flat_map(|other| {
-            let owner = key(&other);
+            let owner = key(other);
             other
                 .status
                 .iter()
                 .flat_map(|s| s.placement.iter())
-                .map(|p| PortClaim {
+                .map(move |p| PortClaim {
                     owner: owner.clone(),
                     node: p.node.clone(),
                     port: other.spec.port,
                 })
-                .collect::<Vec<_>>()
         })
-        .collect()
+        .collect();
+    Some(claims)
 }
 
 /// A message naming the Service in the EdgeService's name that it does not

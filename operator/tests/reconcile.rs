@@ -3,13 +3,17 @@
 
 mod support;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgewire_api::crd::{EdgeService, PlacementState};
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use support::*;
 
 fn es_yaml(name: &str, port: u16, max_nodes: Option<u32>) -> String {
@@ -346,6 +350,35 @@ async fn services_on_one_port_created_together_never_share_a_node() {
         .nodes(&["a", "b", "c", "d"], &[(EDGE_LABEL, "true")])
         .await;
     let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    // Every version of every EdgeService's placement, as a watch sees them:
+    // a pair sharing a node even for a moment is a clash.
+    let clashes = Arc::new(Mutex::new(Vec::<String>::new()));
+    let watch = {
+        let (api, clashes) = (env.es_api(), Arc::clone(&clashes));
+        tokio::spawn(async move {
+            let mut placed_now: BTreeMap<String, (i32, Vec<String>)> = BTreeMap::new();
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(es)) = stream.next().await {
+                let name = es.name_any();
+                let mine = placed(&es);
+                for (other, (port, theirs)) in &placed_now {
+                    if *other != name
+                        && *port == es.spec.port
+                        && mine.iter().any(|n| theirs.contains(n))
+                    {
+                        clashes
+                            .lock()
+                            .unwrap()
+                            .push(format!("{name} {mine:?} and {other} {theirs:?}"));
+                    }
+                }
+                placed_now.insert(name, (es.spec.port, mine));
+            }
+        })
+    };
     let _op = Operator::start(&env, "op-1");
     // Pairs of services on one port, each pair applied at once: both of a
     // pair may first choose the same node.
@@ -373,6 +406,12 @@ async fn services_on_one_port_created_together_never_share_a_node() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    watch.abort();
+    let clashes = clashes.lock().unwrap().clone();
+    assert!(
+        clashes.is_empty(),
+        "services on one port shared a node: {clashes:?}"
+    );
     env.cleanup_nodes(&nodes).await;
 }
 
@@ -392,8 +431,9 @@ async fn a_service_the_operator_did_not_create_is_never_taken_over() {
 
     env.apply_es(&es_yaml("chat", 7300, None)).await;
     let es = env
-        .wait_es("chat", "Degraded=ServiceConflict", |es| {
-            condition(es, "Degraded") == Some(("True", "ServiceConflict"))
+        // Still placed: the node serves at its own address.
+        .wait_es("chat", "placed, Degraded=ServiceConflict", |es| {
+            condition(es, "Degraded") == Some(("True", "ServiceConflict")) && placed(es) == nodes
         })
         .await;
     let degraded = es
@@ -407,8 +447,6 @@ async fn a_service_the_operator_did_not_create_is_never_taken_over() {
     );
     let event = wait_event(&env, "chat", "ServiceConflict").await;
     assert_eq!(event.0, "Warning");
-    // Still placed: the node serves at its own address.
-    assert_eq!(placed(&es), nodes);
     // The user's Service is as the user made it, and has no endpoints of ours.
     let now = services.get("chat").await.unwrap();
     assert!(now.owner_references().is_empty(), "{:?}", now.metadata);
@@ -458,9 +496,11 @@ async fn connection_counts_alone_do_not_rewrite_status_every_heartbeat() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (w1, r1) = (op.metric(writes).await, op.metric(reconciles).await);
     // The default status interval is 30 s: at most one connection update
-    // in the window (against ~40 changed heartbeats).
+    // in the window, against ~40 heartbeats with new counts. Reconciles come
+    // from the staleness timer alone (every ~3 s with these tests' 3 s
+    // heartbeat timeout), not from the heartbeats.
     assert!(w1 - w0 <= 1.0, "{} status writes in 10 s", w1 - w0);
-    assert!(r1 - r0 <= 3.0, "{} reconciles in 10 s", r1 - r0);
+    assert!(r1 - r0 <= 8.0, "{} reconciles in 10 s", r1 - r0);
     env.cleanup_nodes(&nodes).await;
 }
 

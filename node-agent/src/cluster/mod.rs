@@ -119,7 +119,7 @@ async fn follow_placement(shared: &Shared, stop: CancellationToken) {
             _ = tokio::time::sleep(SETTLE), if dirty && listed => {
                 dirty = false;
                 let services: Vec<EdgeService> = reader.state().iter().map(|es| es.as_ref().clone()).collect();
-                let rendered = render::render(&options.node, &services, options.mesh_port.unwrap_or(0));
+                let rendered = render::render(&options.node, &services, options.mesh_port);
                 for (name, why) in &rendered.rejected {
                     tracing::error!(service = %name, %why, "cannot run this EdgeService here");
                 }

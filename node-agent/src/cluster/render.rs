@@ -20,7 +20,9 @@ fn key(es: &EdgeService) -> String {
     )
 }
 
-pub fn render(node: &str, services: &[EdgeService], mesh_port: u16) -> Rendered {
+/// `mesh_port` is None when this agent runs no mesh: its services then
+/// serve their local clients only, with no peers to dial.
+pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> Rendered {
     let mut placed: Vec<&EdgeService> = services
         .iter()
         .filter(|es| es.metadata.deletion_timestamp.is_none())
@@ -49,6 +51,7 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: u16) -> Rendered 
             .flat_map(|s| s.placement.iter())
             .filter(|p| p.node != node)
             .filter_map(|p| {
+                let mesh_port = mesh_port?;
                 let address = p.address.as_deref()?;
                 let host = if address.contains(':') {
                     format!("[{address}]")
@@ -146,7 +149,7 @@ mod tests {
             ),
             es("elsewhere", 9000, &[("b", Some("10.0.0.2"))], 2),
         ];
-        let r = render("a", &services, 7946);
+        let r = render("a", &services, Some(7946));
         assert!(r.rejected.is_empty());
         assert_eq!(r.config.services.len(), 1);
         let s = &r.config.services[0];
@@ -168,7 +171,7 @@ mod tests {
             es("newer", 8000, &[("a", None)], 5),
             es("older", 8000, &[("a", None)], 1),
         ];
-        let r = render("a", &services, 7946);
+        let r = render("a", &services, Some(7946));
         assert_eq!(r.config.services[0].name, "edge/older");
         assert_eq!(r.rejected.len(), 1);
         assert_eq!(r.rejected[0].0, "edge/newer");
@@ -187,7 +190,21 @@ mod tests {
             &[("a", None), ("b", Some("2001:db8::2"))],
             1,
         )];
-        let r = render("a", &services, 7946);
+        let r = render("a", &services, Some(7946));
         assert_eq!(r.config.services[0].peers[0].address, "[2001:db8::2]:7946");
+    }
+
+    #[test]
+    fn without_a_mesh_the_services_run_with_no_peers() {
+        let services = [es(
+            "solo",
+            8000,
+            &[("a", Some("10.0.0.1")), ("b", Some("10.0.0.2"))],
+            1,
+        )];
+        let r = render("a", &services, None);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        assert!(r.config.services[0].peers.is_empty());
+        r.config.validate().unwrap();
     }
 }
