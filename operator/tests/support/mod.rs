@@ -288,6 +288,8 @@ impl Operator {
             .args(["--node-selector", &format!("{TEST_LABEL}={}", env.name())])
             .args(["--identity", identity])
             .args(["--lease-duration", "6"])
+            .args(["--renew-deadline", "4"])
+            .args(["--retry-period", "1"])
             .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT_SECS.to_string()])
             .args(["--eviction-timeout", "120"])
             .args(["--log-level", "edgewire_operator=debug,info"])
