@@ -141,9 +141,10 @@ impl Elector {
             }
             Standing::Free | Standing::Ours => {}
         }
-        let mut next = lease.clone();
+        let previous = lease.spec.clone();
+        let mut next = lease;
         next.spec = Some(rules::claim(
-            lease.spec.as_ref(),
+            previous.as_ref(),
             &self.identity,
             self.timing.lease_duration,
             Timestamp::now(),
