@@ -2,7 +2,8 @@
 //!
 //! A map: `controller.rs` is the EdgeService reconcile loop; `placement.rs`,
 //! `desired.rs` and `status.rs` are its pure decisions; `edgenode.rs` keeps
-//! EdgeNode readiness; `leader.rs` is leader election; `metrics.rs` and
+//! EdgeNode readiness; `leader.rs` is leader election (and its write
+//! fence); `metrics.rs` and
 //! `admin.rs` are what Prometheus and the kubelet probes see; `watch.rs` is
 //! how the watches ride out an API server outage; `triggers.rs` which
 //! Node and EdgeNode changes are worth a reconcile; `caches.rs` runs each
@@ -75,9 +76,18 @@ struct RunArgs {
     /// This replica's name in the Lease; the pod name in a cluster.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds without a renewal before another replica takes the lease.
+    /// Seconds a standby waits, after it last saw the Lease change, before
+    /// it takes the Lease over.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
+    /// Seconds the leader goes on leading without a successful renewal;
+    /// shorter than the lease duration, so it has stopped writing before a
+    /// standby may take over.
+    #[arg(long, default_value_t = 10)]
+    renew_deadline: u64,
+    /// Seconds between renewals, and between a standby's tries.
+    #[arg(long, default_value_t = 2)]
+    retry_period: u64,
     /// Only EdgeServices of this namespace (all namespaces when unset).
     #[arg(long, env = "EDGEWIRE_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -174,21 +184,49 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let metrics = metrics::Metrics::new();
-    let config = kube::Config::infer()
-        .await
-        .context("no Kubernetes credentials (in-cluster or $KUBECONFIG)")?;
+/// How long in-flight reconciles may take to finish on a clean shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A client of the API server that counts the requests it sends and, with a
+/// fence, sends writes only while the fence is open.
+fn api_client(
+    config: kube::Config,
+    metrics: &metrics::Metrics,
+    fence: Option<leader::Fence>,
+) -> anyhow::Result<kube::Client> {
     let counted = metrics.clone();
-    let client = kube::client::ClientBuilder::try_from(config)
+    let builder = kube::client::ClientBuilder::try_from(config)
         .context("building the Kubernetes client")?
         .with_layer(&tower::util::MapRequestLayer::new(
             move |request: http::Request<kube::client::Body>| {
                 counted.api_request(&request);
                 request
             },
-        ))
-        .build();
+        ));
+    Ok(match fence {
+        Some(fence) => builder
+            .with_layer(&tower::filter::FilterLayer::new(fence))
+            .build(),
+        None => builder.build(),
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let timing = leader::Timing::new(
+        Duration::from_secs(args.lease_duration),
+        Duration::from_secs(args.renew_deadline),
+        Duration::from_secs(args.retry_period),
+    )
+    .context("--lease-duration, --renew-deadline, --retry-period")?;
+    let metrics = metrics::Metrics::new();
+    let config = kube::Config::infer()
+        .await
+        .context("no Kubernetes credentials (in-cluster or $KUBECONFIG)")?;
+    // The controllers write through the fence; the elector must reach the
+    // Lease while not leading, so it has a client of its own.
+    let fence = leader::Fence::default();
+    let client = api_client(config.clone(), &metrics, Some(fence.clone()))?;
+    let lease_client = api_client(config, &metrics, None)?;
     let identity = args
         .identity
         .clone()
@@ -218,12 +256,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         signals.cancel();
     });
 
-    let elector = leader::Elector::new(
-        client.clone(),
+    let mut elector = leader::Elector::new(
+        lease_client,
         &args.lease_namespace,
         &args.lease_name,
         &identity,
-        Duration::from_secs(args.lease_duration),
+        timing,
     );
     let settings = controller::Settings {
         heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
@@ -237,17 +275,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     tracing::info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "acquiring leadership");
     // Lead until stopped. Losing the lease (e.g. the API server was away for
-    // longer than the lease) stops the controllers and goes back to standby:
-    // another replica may be leading by now.
-    while elector.acquire(&stop).await {
+    // longer than the renew deadline, or this process was frozen) aborts the
+    // controllers and goes back to standby: another replica may lead by now.
+    while let Some(acquired) = elector.acquire(&stop).await {
+        fence.open_until(acquired + timing.renew_deadline);
         tracing::info!(%identity, "leading; starting controllers");
         metrics.set_leader(true);
-        let lost = CancellationToken::new();
-        let holder = tokio::spawn({
-            let elector = elector.clone();
-            let (stop, lost) = (stop.clone(), lost.clone());
-            async move { elector.hold(stop, lost).await }
-        });
         let controllers_stop = CancellationToken::new();
         let recorder = Recorder::new(
             client.clone(),
@@ -259,7 +292,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // A new term observes heartbeats afresh: every node gets a full
         // heartbeat timeout from now before it can be judged stale.
         let clock = Arc::new(freshness::HeartbeatClock::new(settings.timeouts()));
-        let es = tokio::spawn(controller::run(
+        let mut controllers = tokio::task::JoinSet::new();
+        controllers.spawn(controller::run(
             client.clone(),
             recorder,
             metrics.clone(),
@@ -268,30 +302,41 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Arc::clone(&clock),
             controllers_stop.clone(),
         ));
-        let en = tokio::spawn(edgenode::run(
+        controllers.spawn(edgenode::run(
             client.clone(),
             metrics.clone(),
             clock,
             args.node_selector.clone(),
             controllers_stop.clone(),
         ));
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = lost.cancelled() => {}
-        }
-        controllers_stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            let _ = es.await;
-            let _ = en.await;
-        })
-        .await;
-        metrics.set_leader(false);
-        let _ = holder.await;
-        if stop.is_cancelled() {
+        let ended = elector.hold(&fence, &stop).await;
+        if let leader::Ended::Stopped = ended {
+            // Still the leader: in-flight reconciles may finish while the
+            // Lease is ours, then it is handed over at once.
+            controllers_stop.cancel();
+            let grace = fence
+                .remaining(std::time::Instant::now())
+                .unwrap_or_default()
+                .min(SHUTDOWN_GRACE);
+            if tokio::time::timeout(grace, async {
+                while controllers.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
+            {
+                controllers.shutdown().await;
+            }
+            fence.close();
+            metrics.set_leader(false);
             elector.release().await;
             break;
         }
-        tracing::warn!(%identity, "lost leadership; controllers stopped, standing by");
+        // Not (surely) the leader any more: nothing may be written from
+        // now on, and nothing in flight may finish.
+        fence.close();
+        controllers.shutdown().await;
+        metrics.set_leader(false);
+        tracing::warn!(%identity, reason = %ended, "lost leadership; controllers stopped, standing by");
     }
     health.ready.store(false, Ordering::Release);
     stop.cancel();

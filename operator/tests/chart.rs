@@ -110,6 +110,17 @@ fn defaults_render_a_restricted_operator_and_a_host_network_agent() {
     let objects = render(&[]);
     let operator = find(&objects, "Deployment", "ew-operator").expect("operator Deployment");
     assert_eq!(operator["spec"]["replicas"], 2);
+    let args = &operator["spec"]["template"]["spec"]["containers"][0]["args"];
+    for arg in [
+        "--lease-duration=15",
+        "--renew-deadline=10",
+        "--retry-period=2",
+    ] {
+        assert!(
+            args.as_array().unwrap().iter().any(|a| a == arg),
+            "{arg}: {args:?}"
+        );
+    }
     let pod = &operator["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let container = &pod["containers"][0];
@@ -315,6 +326,7 @@ fn bad_values_are_refused_by_the_schema() {
         ("operator.replicaz=1", "replicaz"),
         ("agent.stateDir=relative", "stateDir"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("operator.leaseDuration=6", "renewDeadline < leaseDuration"),
     ] {
         let out = helm()
             .args(["template", "ew", chart().to_str().unwrap(), "--set", set])

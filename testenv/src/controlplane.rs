@@ -31,6 +31,10 @@ pub struct Options {
     pub detached: bool,
     /// Where to put the data; a new temporary directory when None.
     pub dir: Option<PathBuf>,
+    /// An audit policy (YAML) for the API server. When set, the API server
+    /// writes its audit log, one JSON event a line, to
+    /// [`ControlPlane::audit_log`].
+    pub audit_policy: Option<String>,
 }
 
 /// The ports the control plane listens on, all on 127.0.0.1.
@@ -272,6 +276,7 @@ impl ControlPlane {
                     ),
                     format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 ],
+                audit_args(&dir, options.audit_policy.as_deref())?,
             ]
             .concat(),
         )?;
@@ -485,6 +490,12 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The API server's audit log (written only when started with
+    /// `Options::audit_policy`).
+    pub fn audit_log(&self) -> PathBuf {
+        audit_log_path(&self.dir)
+    }
+
     /// A client with the admin identity.
     pub async fn client(&self) -> Result<kube::Client, Error> {
         client_for(&self.kubeconfig).await
@@ -571,6 +582,29 @@ pub fn stop_detached(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
     process::stop_pids(&state.pids, STOP_GRACE);
     std::fs::remove_dir_all(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+}
+
+fn audit_log_path(dir: &Path) -> PathBuf {
+    dir.join("logs").join("audit.log")
+}
+
+/// The API server's audit flags for `policy`, written next to the data;
+/// none without a policy.
+fn audit_args(dir: &Path, policy: Option<&str>) -> Result<Vec<String>, Error> {
+    let Some(policy) = policy else {
+        return Ok(Vec::new());
+    };
+    let file = dir.join("audit-policy.yaml");
+    std::fs::write(&file, policy)
+        .map_err(|e| Error::io(format!("writing {}", file.display()), e))?;
+    Ok(vec![
+        format!("--audit-policy-file={}", path(&file)),
+        format!("--audit-log-path={}", path(&audit_log_path(dir))),
+        "--audit-log-format=json".into(),
+        // Requests wait for their events to be written, so none is dropped
+        // when the log falls behind (the log backend's default, said aloud).
+        "--audit-log-mode=blocking".into(),
+    ])
 }
 
 async fn readyz(client: kube::Client) -> Result<bool, String> {

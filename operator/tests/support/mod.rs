@@ -281,6 +281,15 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(env: &Env, identity: &str) -> Operator {
+        Operator::start_with_kubeconfig(env, identity, &env.plane.kubeconfig)
+    }
+
+    /// As `start`, with the credentials of another kubeconfig.
+    pub fn start_with_kubeconfig(
+        env: &Env,
+        identity: &str,
+        kubeconfig: &std::path::Path,
+    ) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
         let metrics_port = edgewire_testenv::free_port().unwrap();
@@ -292,10 +301,12 @@ impl Operator {
             .args(["--node-selector", &format!("{TEST_LABEL}={}", env.name())])
             .args(["--identity", identity])
             .args(["--lease-duration", "6"])
+            .args(["--renew-deadline", "4"])
+            .args(["--retry-period", "1"])
             .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT_SECS.to_string()])
             .args(["--eviction-timeout", "120"])
             .args(["--log-level", "edgewire_operator=debug,info"])
-            .env("KUBECONFIG", &env.plane.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -311,6 +322,10 @@ impl Operator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub async fn metrics(&self) -> String {
