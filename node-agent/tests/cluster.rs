@@ -230,15 +230,7 @@ async fn agents_follow_placement_mesh_and_survive_the_api_going_away() {
         .unwrap();
     // The control plane is this test's own, so a fixed namespace will do.
     let namespace = "cluster".to_string();
-    let ns = k8s_openapi::api::core::v1::Namespace {
-        metadata: kube::api::ObjectMeta {
-            name: Some(namespace.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::all(client.clone())
-        .create(&Default::default(), &ns)
+    edgewire_testenv::create_namespace(&client, &namespace)
         .await
         .unwrap();
     let mut secret = tempfile::NamedTempFile::new().unwrap();

@@ -54,15 +54,7 @@ impl Fleet {
             .await
             .expect("install CRDs");
         let namespace = "faults".to_string();
-        let ns = k8s_openapi::api::core::v1::Namespace {
-            metadata: kube::api::ObjectMeta {
-                name: Some(namespace.clone()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::all(client.clone())
-            .create(&Default::default(), &ns)
+        edgewire_testenv::create_namespace(&client, &namespace)
             .await
             .expect("namespace");
         let mut nodes = Vec::new();

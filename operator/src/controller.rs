@@ -259,8 +259,10 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
     let foreign = foreign_service(es, ctx).await?;
     match &foreign {
         // The name is taken by a Service this EdgeService does not own:
-        // never take it over (nor attach endpoints to it), say so.
+        // never take it over, nor attach endpoints to it (slices of ours
+        // from before it appeared go), and say so.
         Some(message) => {
+            prune_slices(es, &[], ctx).await?;
             status::service_conflict(
                 &mut new_status,
                 es.status.as_ref(),
@@ -502,7 +504,6 @@ async fn apply_slices(
     let want = desired::endpoint_slices(es, &status.placement)?;
     let ns = es.namespace().unwrap_or_default();
     let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    let uid = es.uid();
     for slice in &want {
         let name = slice.metadata.name.clone().unwrap_or_default();
         let current = ctx.owned_slices.get(&ObjectRef::new(&name).within(&ns));
@@ -524,6 +525,14 @@ async fn apply_slices(
         .iter()
         .filter_map(|s| s.metadata.name.as_deref())
         .collect();
+    prune_slices(es, &wanted, ctx).await
+}
+
+/// Deletes the EndpointSlices `es` owns other than `keep`.
+async fn prune_slices(es: &EdgeService, keep: &[&str], ctx: &Context) -> Result<(), Error> {
+    let ns = es.namespace().unwrap_or_default();
+    let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = es.uid();
     let owned = uid
         .as_deref()
         .map(|uid| ctx.slices_by_owner.get(uid))
@@ -537,7 +546,7 @@ async fn apply_slices(
                 .owner_references()
                 .iter()
                 .any(|o| Some(&o.uid) == uid.as_ref());
-        if owned_here && !wanted.contains(&stale.name_any().as_str()) {
+        if owned_here && !keep.contains(&stale.name_any().as_str()) {
             match api
                 .delete(&stale.name_any(), &DeleteParams::default())
                 .await

@@ -60,7 +60,8 @@ enum Cmd {
         dir: Option<PathBuf>,
     },
     /// Run the controllers (in-cluster credentials, or $KUBECONFIG).
-    Run(RunArgs),
+    // Boxed: the flags outweigh every other subcommand.
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -144,7 +145,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(code) => code,
                 Err(err) => {
                     tracing::error!("{err:#}");

@@ -81,6 +81,22 @@ pub async fn shared() -> Result<&'static ControlPlane, Error> {
         .await
 }
 
+/// Creates the namespace `name`: for a test or benchmark with a control
+/// plane of its own, where a fixed name will do.
+pub async fn create_namespace(client: &kube::Client, name: &str) -> Result<(), Error> {
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    Ok(())
+}
+
 /// A namespace of its own for one test, deleted when dropped (also when the
 /// test panics). Deletion goes through kubectl so it needs no async runtime.
 pub struct TestNamespace {
