@@ -35,6 +35,8 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// A node stale for this long is replaced in the placement.
     pub eviction_timeout: Duration,
+    /// The host ports EdgeServices may use.
+    pub ports: crate::ports::PortPolicy,
 }
 
 pub struct Context {
@@ -89,20 +91,10 @@ pub fn freshness(
     }
 }
 
+/// Only the Node's own addresses (see `address`); the EdgeNode's claim
+/// chooses among them.
 fn node_address(node: &Node, edge_node: Option<&EdgeNode>) -> Option<String> {
-    if let Some(address) = edge_node
-        .map(|e| e.spec.address.clone())
-        .filter(|a| !a.is_empty())
-    {
-        return Some(address);
-    }
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address.clone())
+    crate::address::decide(node, edge_node.map(|e| e.spec.address.as_str())).address
 }
 
 #[cfg(test)]
@@ -246,14 +238,24 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         .iter()
         .flat_map(|s| s.placement.iter().map(|p| p.node.clone()))
         .collect();
-    let decision = placement::place(&es.spec, &candidates, &previous, &claims);
-    let new_status = status::compute(
+    // A port outside the allowed range is never placed.
+    let refused = (ctx.settings.ports)
+        .check(&es.namespace().unwrap_or_default(), es.spec.port)
+        .err();
+    let decision = match refused {
+        Some(_) => Decision::default(),
+        None => placement::place(&es.spec, &candidates, &previous, &claims),
+    };
+    let mut new_status = status::compute(
         &decision,
         &reports,
         es.status.as_ref(),
         es.metadata.generation,
         &Time(now),
     );
+    if let Some(refusal) = &refused {
+        crate::ports::mark_refused(&mut new_status, refusal, es.status.as_ref(), &Time(now));
+    }
 
     apply_service(es, ctx).await?;
     apply_slices(es, &new_status, ctx).await?;
@@ -498,6 +500,9 @@ async fn publish_events(
             "PortConflict",
             format!("port {} is taken on {}", es.spec.port, list.join(", ")),
         ));
+    }
+    if let Some(note) = crate::ports::newly_refused(old, new) {
+        events.push((EventType::Warning, crate::ports::PORT_NOT_ALLOWED, note));
     }
     let reference = es.object_ref(&());
     for (type_, reason, note) in events {

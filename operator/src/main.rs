@@ -7,6 +7,7 @@
 //! how the watches ride out an API server outage; `triggers.rs` which
 //! Node and EdgeNode changes are worth a reconcile.
 
+mod address;
 mod admin;
 mod controller;
 mod crdgen;
@@ -15,6 +16,7 @@ mod edgenode;
 mod leader;
 mod metrics;
 mod placement;
+mod ports;
 mod status;
 mod triggers;
 mod watch;
@@ -52,14 +54,20 @@ enum Cmd {
         dir: Option<PathBuf>,
     },
     /// Run the controllers (in-cluster credentials, or $KUBECONFIG).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "EDGEWIRE_METRICS_ADDRESS", default_value = "0.0.0.0:9181")]
+    #[arg(long, env = "EDGEWIRE_METRICS_ADDRESS", default_value = "0.0.0.0:9181", value_parser = admin::parse_address)]
     metrics_address: SocketAddr,
+    /// Connections the metrics endpoint serves at once; more wait to be accepted.
+    #[arg(long, env = "EDGEWIRE_ADMIN_MAX_CONNECTIONS", default_value_t = admin::Limits::default().max_connections)]
+    admin_max_connections: usize,
+    /// Seconds a metrics client has to send a complete request head.
+    #[arg(long, env = "EDGEWIRE_ADMIN_HEADER_TIMEOUT", default_value_t = admin::Limits::default().header_timeout.as_secs())]
+    admin_header_timeout: u64,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "edgewire-system")]
     lease_namespace: String,
@@ -84,6 +92,17 @@ struct RunArgs {
     /// Seconds a node may stay stale before its services move elsewhere.
     #[arg(long, default_value_t = 300)]
     eviction_timeout: u64,
+    /// The host ports EdgeServices may use, `MIN-MAX`; others are not placed.
+    #[arg(long, env = "EDGEWIRE_HOST_PORTS", default_value = "1024-65535")]
+    host_ports: ports::PortRange,
+    /// Namespaces whose EdgeServices may also use ports below the range
+    /// (comma-separated).
+    #[arg(
+        long,
+        env = "EDGEWIRE_PRIVILEGED_PORT_NAMESPACES",
+        value_delimiter = ','
+    )]
+    privileged_port_namespaces: Vec<String>,
     #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
     log_level: String,
     #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -120,7 +139,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(code) => code,
                 Err(err) => {
                     tracing::error!("{err:#}");
@@ -189,6 +208,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         listener,
         metrics.clone(),
         Arc::clone(&health),
+        admin::Limits {
+            max_connections: args.admin_max_connections,
+            header_timeout: Duration::from_secs(args.admin_header_timeout.max(1)),
+        },
         stop.clone(),
     ));
     health.ready.store(true, Ordering::Release);
@@ -214,6 +237,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = controller::Settings {
         heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout),
         eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
+        ports: ports::PortPolicy {
+            range: args.host_ports,
+            privileged_namespaces: (args.privileged_port_namespaces.iter())
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
+        },
     };
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
@@ -242,7 +272,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         let es = tokio::spawn(controller::run(
             client.clone(),
-            recorder,
+            recorder.clone(),
             metrics.clone(),
             settings.clone(),
             scope.clone(),
@@ -250,6 +280,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ));
         let en = tokio::spawn(edgenode::run(
             client.clone(),
+            recorder,
             metrics.clone(),
             settings.clone(),
             args.node_selector.clone(),
