@@ -46,9 +46,15 @@ struct Cli {
     /// Address the services listen on.
     #[arg(long, env = "EDGEWIRE_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     listen_address: IpAddr,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "EDGEWIRE_ADMIN_ADDRESS", default_value = "0.0.0.0:9180")]
+    /// Address of /metrics, /healthz and /readyz (IP:PORT).
+    #[arg(long, env = "EDGEWIRE_ADMIN_ADDRESS", default_value = "0.0.0.0:9180", value_parser = admin::parse_address)]
     admin_address: SocketAddr,
+    /// Connections the admin endpoint serves at once; more wait to be accepted.
+    #[arg(long, env = "EDGEWIRE_ADMIN_MAX_CONNECTIONS", default_value_t = admin::Limits::default().max_connections)]
+    admin_max_connections: usize,
+    /// Seconds an admin client has to send a complete request head.
+    #[arg(long, env = "EDGEWIRE_ADMIN_HEADER_TIMEOUT", default_value_t = admin::Limits::default().header_timeout.as_secs_f64(), value_parser = seconds)]
+    admin_header_timeout: f64,
     /// Log filter: a level (info, debug...) or tracing directives.
     #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
     log_level: String,
@@ -232,7 +238,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on admin address {}", cli.admin_address))?;
     tracing::info!(address = %cli.admin_address, "admin endpoint (/metrics, /healthz, /readyz) listening");
-    let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&agent), stop.clone()));
+    let limits = admin::Limits {
+        max_connections: cli.admin_max_connections,
+        header_timeout: Duration::from_secs_f64(cli.admin_header_timeout),
+    };
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        Arc::clone(&agent),
+        limits,
+        stop.clone(),
+    ));
 
     let cluster_task = if cli.cluster {
         Some(start_cluster(&cli, Arc::clone(&agent), stop.clone()).await?)

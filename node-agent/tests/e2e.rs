@@ -64,12 +64,19 @@ fn helm(plane: &ControlPlane, args: &[&str]) -> String {
 }
 
 /// A kubeconfig for a service account of the chart, with a fresh token, as a
-/// pod of that service account would have.
-fn service_account_kubeconfig(plane: &ControlPlane, account: &str, dir: &Path) -> PathBuf {
-    let token = kubectl(
-        plane,
-        &["create", "token", account, "-n", SYSTEM, "--duration=2h"],
-    );
+/// pod of that service account would have; bound to that pod when named (as
+/// the kubelet's projected token is: the API server then knows its node).
+fn service_account_kubeconfig(
+    plane: &ControlPlane,
+    account: &str,
+    pod: Option<&str>,
+    dir: &Path,
+) -> PathBuf {
+    let mut args = vec!["create", "token", account, "-n", SYSTEM, "--duration=2h"];
+    if let Some(pod) = pod {
+        args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
+    }
+    let token = kubectl(plane, &args);
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -78,7 +85,7 @@ fn service_account_kubeconfig(plane: &ControlPlane, account: &str, dir: &Path) -
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": account}}],
         "current-context": "c",
     });
-    let path = dir.join(format!("{account}.kubeconfig"));
+    let path = dir.join(format!("{account}-{}.kubeconfig", pod.unwrap_or("unbound")));
     std::fs::write(&path, config.to_string()).unwrap();
     path
 }
@@ -183,8 +190,7 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     .await;
 
     // The processes that stand in for the pods, with the pods' credentials.
-    let operator_kc = service_account_kubeconfig(&plane, "edgewire-operator", work.path());
-    let agent_kc = service_account_kubeconfig(&plane, "edgewire-agent", work.path());
+    let operator_kc = service_account_kubeconfig(&plane, "edgewire-operator", None, work.path());
     let secret_b64 = mesh_secret(&plane);
     let secret_file = work.path().join("mesh-secret");
     std::fs::write(&secret_file, decode_base64(&secret_b64)).unwrap();
@@ -215,6 +221,25 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     let mesh_port = 7946;
     let mut agents = Vec::new();
     for (name, ip, _) in NODES {
+        // The token of the DaemonSet's pod on this node: the chart's
+        // admission policy lets it write this node's EdgeNode only.
+        let pod = kubectl(
+            &plane,
+            &[
+                "get",
+                "pods",
+                "-n",
+                SYSTEM,
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "--field-selector",
+                &format!("spec.nodeName={name}"),
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+            ],
+        );
+        let agent_kc =
+            service_account_kubeconfig(&plane, "edgewire-agent", Some(pod.trim()), work.path());
         let state = work.path().join(format!("state-{name}"));
         agents.push(AgentProcess::spawn_with_env(
             ip,

@@ -44,6 +44,8 @@ pub struct Settings {
     pub status_interval: Duration,
     /// EdgeServices reconciled at the same time, at most.
     pub concurrency: u16,
+    /// The host ports EdgeServices may use.
+    pub ports: crate::ports::PortPolicy,
 }
 
 impl Settings {
@@ -94,20 +96,10 @@ pub enum Error {
     CachesNotReady,
 }
 
+/// Only the Node's own addresses (see `address`); the EdgeNode's claim
+/// chooses among them.
 fn node_address(node: &Node, edge_node: Option<&EdgeNode>) -> Option<String> {
-    if let Some(address) = edge_node
-        .map(|e| e.spec.address.clone())
-        .filter(|a| !a.is_empty())
-    {
-        return Some(address);
-    }
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address.clone())
+    crate::address::decide(node, edge_node.map(|e| e.spec.address.as_str())).address
 }
 
 #[cfg(test)]
@@ -247,7 +239,14 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         tracing::debug!(edgeservice = %key(es), "an older service on the port is deciding");
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
-    let decision = placement::place(&es.spec, &candidates, &previous, &claims);
+    // A port outside the allowed range is never placed.
+    let refused = (ctx.settings.ports)
+        .check(&es.namespace().unwrap_or_default(), es.spec.port)
+        .err();
+    let decision = match refused {
+        Some(_) => Decision::default(),
+        None => placement::place(&es.spec, &candidates, &previous, &claims),
+    };
     let mut new_status = status::compute(
         &decision,
         &reports,
@@ -255,6 +254,9 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         es.metadata.generation,
         &Time(now),
     );
+    if let Some(refusal) = &refused {
+        crate::ports::mark_refused(&mut new_status, refusal, es.status.as_ref(), &Time(now));
+    }
 
     let foreign = foreign_service(es, ctx).await?;
     match &foreign {
@@ -655,6 +657,9 @@ async fn publish_events(
             status::SERVICE_CONFLICT,
             message.to_string(),
         ));
+    }
+    if let Some(note) = crate::ports::newly_refused(old, new) {
+        events.push((EventType::Warning, crate::ports::PORT_NOT_ALLOWED, note));
     }
     let reference = es.object_ref(&());
     for (type_, reason, note) in events {

@@ -1,17 +1,22 @@
 //! The EdgeNode controller: writes each EdgeNode's `Ready` condition from its
 //! heartbeat's freshness (as the shared `HeartbeatClock` judges it), only
-//! when it changes, and comes back when it will.
+//! when it changes, and comes back when it will; and its `Degraded`
+//! condition when the agent claims an address its Node does not have (with
+//! a Warning Event: the claim is ignored).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::EdgeNode;
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +31,13 @@ struct Ctx {
     client: Client,
     metrics: Metrics,
     clock: Arc<HeartbeatClock>,
+    nodes: Store<Node>,
+    recorder: Recorder,
 }
+
+/// Why an EdgeNode is Degraded because of its address.
+pub const ADDRESS_NOT_ON_NODE: &str = "AddressNotOnNode";
+pub const NODE_NOT_FOUND: &str = "NodeNotFound";
 
 /// The Ready condition an EdgeNode should carry now, given how fresh its
 /// heartbeat is, keeping the transition time of an unchanged status.
@@ -58,6 +69,54 @@ pub fn ready_condition(node: &EdgeNode, fresh: Freshness, now: Timestamp) -> Con
     }
 }
 
+/// The Degraded condition an EdgeNode should carry: True when its agent
+/// claims an address that is not one of its Node's (the operator uses the
+/// Node's own address instead) or when there is no such Node.
+pub fn address_condition(edge: &EdgeNode, node: Option<&Node>, now: Timestamp) -> Condition {
+    let (status, reason, message) = match node {
+        None => (
+            "True",
+            NODE_NOT_FOUND,
+            format!(
+                "there is no Node named {}; the EdgeNode is not used",
+                edge.name_any()
+            ),
+        ),
+        Some(node) => {
+            let decision = crate::address::decide(node, Some(&edge.spec.address));
+            match decision.rejected_claim {
+                Some(claim) => (
+                    "True",
+                    ADDRESS_NOT_ON_NODE,
+                    format!(
+                        "spec.address {claim} is not one of the Node's addresses ({}); endpoints use {}",
+                        crate::address::node_ips(node).join(", "),
+                        decision.address.as_deref().unwrap_or("none"),
+                    ),
+                ),
+                None => (
+                    "False",
+                    "AddressOnNode",
+                    "the address is one of the Node's".to_string(),
+                ),
+            }
+        }
+    };
+    let old = edge.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded" && c.status == status)
+    });
+    Condition {
+        type_: "Degraded".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: edge.metadata.generation,
+        last_transition_time: old.map_or(Time(now), |c| c.last_transition_time.clone()),
+    }
+}
+
 async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
     let started = Instant::now();
     // While the EdgeNode watch is failing, no heartbeat can be seen: judge
@@ -65,19 +124,34 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
     if ctx.clock.behind() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    let now = Timestamp::now();
+    // A Node missing only because its cache has not listed yet is not a
+    // reason to call the EdgeNode degraded.
+    if tokio::time::timeout(Duration::from_secs(30), ctx.nodes.wait_until_ready())
+        .await
+        .is_err()
+    {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let (fresh, changes_in) = ctx.clock.freshness(&node);
-    let condition = ready_condition(&node, fresh, Timestamp::now());
-    let current = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let condition = ready_condition(&node, fresh, now);
+    let own = ctx.nodes.get(&ObjectRef::new(&node.name_any()));
+    let degraded = address_condition(&node, own.as_deref(), now);
+    let current = |type_: &str| {
+        node.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+    };
+    let newly_degraded = degraded.status == "True"
+        && current("Degraded").is_none_or(|c| c.status != "True" || c.reason != degraded.reason);
     let mut result = Ok(());
-    if current != Some(&condition) {
+    if current("Ready") != Some(&condition) || current("Degraded") != Some(&degraded) {
         let api: Api<EdgeNode> = Api::all(ctx.client.clone());
+        // The conditions list is atomic: apply both every time.
         let patch = json!({
             "apiVersion": EdgeNode::api_version(&()),
             "kind": EdgeNode::kind(&()),
-            "status": {"conditions": [condition]},
+            "status": {"conditions": [condition, degraded]},
         });
         result = api
             .patch_status(
@@ -87,6 +161,22 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
             )
             .await
             .map(|_| ctx.metrics.write("edgenode_status"));
+        // Deleted since the cache saw it: nothing left to report on.
+        if matches!(&result, Err(kube::Error::Api(e)) if e.code == 404) {
+            return Ok(Action::await_change());
+        }
+        if result.is_ok() && newly_degraded {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: degraded.reason.clone(),
+                note: Some(degraded.message.clone()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(err) = ctx.recorder.publish(&event, &node.object_ref(&())).await {
+                tracing::warn!(%err, "could not publish an event");
+            }
+        }
     }
     ctx.metrics
         .reconciled("edgenode", started.elapsed(), result.is_err());
@@ -103,6 +193,7 @@ fn error_policy(_node: Arc<EdgeNode>, err: &kube::Error, _ctx: Arc<Ctx>) -> Acti
 
 pub async fn run(
     client: Client,
+    recorder: Recorder,
     metrics: Metrics,
     clock: Arc<HeartbeatClock>,
     selector: Option<String>,
@@ -112,15 +203,87 @@ pub async fn run(
     if let Some(selector) = &selector {
         wc = wc.labels(selector);
     }
+    // The Nodes, for their addresses: a Node's change is its EdgeNode's.
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
+        .backoff(WatchBackoff::default())
+        // Only the addresses are read here: the rest of a Node (its image
+        // list above all) is not worth a second copy in memory.
+        .modify(crate::caches::trim_node)
+        .reflect(node_writer)
+        .touched_objects();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         metrics,
         clock,
+        nodes,
+        recorder,
     });
     Controller::new(Api::<EdgeNode>::all(client), wc)
+        .watches_stream(node_stream, |node: Node| {
+            Some(ObjectRef::<EdgeNode>::new(&node.name_any()))
+        })
         .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgewire_api::crd::EdgeNodeSpec;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
+
+    fn node(ip: &str) -> Node {
+        Node {
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.into(),
+                }]),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    fn edge(address: &str) -> EdgeNode {
+        EdgeNode::new(
+            "edge-1",
+            EdgeNodeSpec {
+                address: address.into(),
+                mesh_port: None,
+            },
+        )
+    }
+
+    #[test]
+    fn an_address_not_on_the_node_is_degraded_and_says_what_is_used() {
+        let now = Timestamp::now();
+        let c = address_condition(&edge("192.0.2.66"), Some(&node("10.0.0.5")), now);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", ADDRESS_NOT_ON_NODE)
+        );
+        assert!(c.message.contains("192.0.2.66") && c.message.contains("endpoints use 10.0.0.5"));
+        let ok = address_condition(&edge("10.0.0.5"), Some(&node("10.0.0.5")), now);
+        assert_eq!(ok.status, "False");
+        let missing = address_condition(&edge("10.0.0.5"), None, now);
+        assert_eq!(missing.reason, NODE_NOT_FOUND);
+    }
+
+    #[test]
+    fn an_unchanged_condition_keeps_its_transition_time() {
+        let earlier = Timestamp::from_second(1_700_000_000).unwrap();
+        let mut en = edge("192.0.2.66");
+        let first = address_condition(&en, Some(&node("10.0.0.5")), earlier);
+        en.status = Some(edgewire_api::crd::EdgeNodeStatus {
+            conditions: vec![first.clone()],
+            ..Default::default()
+        });
+        let again = address_condition(&en, Some(&node("10.0.0.5")), Timestamp::now());
+        assert_eq!(again, first);
+    }
 }

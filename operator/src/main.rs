@@ -11,6 +11,7 @@
 //! controller; `freshness.rs` judges heartbeats by when they were seen;
 //! `index.rs` keeps the lookups a reconcile needs.
 
+mod address;
 mod admin;
 mod caches;
 mod controller;
@@ -22,6 +23,7 @@ mod index;
 mod leader;
 mod metrics;
 mod placement;
+mod ports;
 mod queue;
 mod status;
 mod triggers;
@@ -67,8 +69,14 @@ enum Cmd {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "EDGEWIRE_METRICS_ADDRESS", default_value = "0.0.0.0:9181")]
+    #[arg(long, env = "EDGEWIRE_METRICS_ADDRESS", default_value = "0.0.0.0:9181", value_parser = admin::parse_address)]
     metrics_address: SocketAddr,
+    /// Connections the metrics endpoint serves at once; more wait to be accepted.
+    #[arg(long, env = "EDGEWIRE_ADMIN_MAX_CONNECTIONS", default_value_t = admin::Limits::default().max_connections)]
+    admin_max_connections: usize,
+    /// Seconds a metrics client has to send a complete request head.
+    #[arg(long, env = "EDGEWIRE_ADMIN_HEADER_TIMEOUT", default_value_t = admin::Limits::default().header_timeout.as_secs())]
+    admin_header_timeout: u64,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "edgewire-system")]
     lease_namespace: String,
@@ -109,6 +117,17 @@ struct RunArgs {
     /// EdgeServices reconciled at the same time, at most.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
+    /// The host ports EdgeServices may use, `MIN-MAX`; others are not placed.
+    #[arg(long, env = "EDGEWIRE_HOST_PORTS", default_value = "1024-65535")]
+    host_ports: ports::PortRange,
+    /// Namespaces whose EdgeServices may also use ports below the range
+    /// (comma-separated).
+    #[arg(
+        long,
+        env = "EDGEWIRE_PRIVILEGED_PORT_NAMESPACES",
+        value_delimiter = ','
+    )]
+    privileged_port_namespaces: Vec<String>,
     #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
     log_level: String,
     #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -242,6 +261,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         listener,
         metrics.clone(),
         Arc::clone(&health),
+        admin::Limits {
+            max_connections: args.admin_max_connections,
+            header_timeout: Duration::from_secs(args.admin_header_timeout.max(1)),
+        },
         stop.clone(),
     ));
     health.ready.store(true, Ordering::Release);
@@ -269,6 +292,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
         status_interval: Duration::from_secs(args.status_interval),
         concurrency: args.reconcile_concurrency,
+        ports: ports::PortPolicy {
+            range: args.host_ports,
+            privileged_namespaces: (args.privileged_port_namespaces.iter())
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
+        },
     };
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
@@ -296,7 +326,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut controllers = tokio::task::JoinSet::new();
         controllers.spawn(controller::run(
             client.clone(),
-            recorder,
+            recorder.clone(),
             metrics.clone(),
             settings.clone(),
             scope.clone(),
@@ -305,6 +335,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ));
         controllers.spawn(edgenode::run(
             client.clone(),
+            recorder,
             metrics.clone(),
             clock,
             args.node_selector.clone(),

@@ -173,9 +173,9 @@ fn defaults_render_a_restricted_operator_and_a_host_network_agent() {
             .iter()
             .any(|v| v["secret"]["secretName"] == "ew-mesh")
     );
-    assert_eq!(
-        pod["containers"][0]["securityContext"]["capabilities"]["add"][0],
-        "NET_BIND_SERVICE"
+    assert!(
+        pod["containers"][0]["securityContext"]["capabilities"]["add"].is_null(),
+        "no capability beyond none by default: EdgeServices may not use ports below 1024"
     );
     let secret = find(&objects, "Secret", "ew-mesh").expect("a generated mesh secret");
     assert!(
@@ -336,4 +336,151 @@ fn bad_values_are_refused_by_the_schema() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{set}: {err}");
     }
+}
+
+fn args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn each_agent_is_confined_to_its_own_edgenode_at_admission() {
+    let objects = render(&[]);
+    let policy = find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "ew-agent-own-edgenode",
+    )
+    .expect("the EdgeNode policy");
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    let rule = &policy["spec"]["matchConstraints"]["resourceRules"][0];
+    assert_eq!(
+        rule["resources"],
+        serde_json::json!(["edgenodes", "edgenodes/status"])
+    );
+    let matched = policy["spec"]["matchConditions"][0]["expression"]
+        .as_str()
+        .unwrap();
+    assert!(
+        matched.contains("system:serviceaccount:edgewire-system:ew-agent"),
+        "{matched}"
+    );
+    assert!(
+        policy["spec"]["validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["reason"] == "Forbidden")
+    );
+    let binding = find(
+        &objects,
+        "ValidatingAdmissionPolicyBinding",
+        "ew-agent-own-edgenode",
+    )
+    .expect("its binding");
+    assert_eq!(binding["spec"]["validationActions"][0], "Deny");
+}
+
+#[test]
+fn host_ports_are_limited_at_admission_and_by_the_operator() {
+    let objects = render(&[]);
+    let policy = find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "ew-edgeservice-host-ports",
+    )
+    .expect("the host-port policy");
+    let text = policy.to_string();
+    assert!(text.contains("variables.port >= 1024"), "{text}");
+    assert!(text.contains("variables.port <= 65535"), "{text}");
+    assert!(
+        find(
+            &objects,
+            "ValidatingAdmissionPolicyBinding",
+            "ew-edgeservice-host-ports"
+        )
+        .is_some()
+    );
+    let operator = find(&objects, "Deployment", "ew-operator").unwrap();
+    let a = args(&operator["spec"]["template"]["spec"]["containers"][0]);
+    assert!(a.contains(&"--host-ports=1024-65535".to_string()), "{a:?}");
+    assert!(
+        !a.iter()
+            .any(|x| x.starts_with("--privileged-port-namespaces")),
+        "{a:?}"
+    );
+
+    // Privileged ports for listed namespaces: the agent gets the capability.
+    let objects = render(&["hostPorts.privilegedNamespaces={ingress,edge}"]);
+    let operator = find(&objects, "Deployment", "ew-operator").unwrap();
+    let a = args(&operator["spec"]["template"]["spec"]["containers"][0]);
+    assert!(
+        a.contains(&"--privileged-port-namespaces=ingress,edge".to_string()),
+        "{a:?}"
+    );
+    let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
+    assert_eq!(
+        agent["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            [0],
+        "NET_BIND_SERVICE"
+    );
+    let policy = find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "ew-edgeservice-host-ports",
+    )
+    .unwrap();
+    assert!(
+        policy.to_string().contains(r#"[\"ingress\",\"edge\"]"#),
+        "{policy}"
+    );
+    let objects = render(&["hostPorts.min=80"]);
+    let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
+    assert_eq!(
+        agent["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            [0],
+        "NET_BIND_SERVICE"
+    );
+}
+
+#[test]
+fn admin_endpoints_listen_on_the_pods_address_by_default() {
+    let objects = render(&[]);
+    let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
+    let a = args(&agent["spec"]["template"]["spec"]["containers"][0]);
+    assert!(
+        a.contains(&"--admin-address=$(NODE_IP):9180".to_string()),
+        "{a:?}"
+    );
+    let operator = find(&objects, "Deployment", "ew-operator").unwrap();
+    let container = &operator["spec"]["template"]["spec"]["containers"][0];
+    let a = args(container);
+    assert!(
+        a.contains(&"--metrics-address=$(POD_IP):9181".to_string()),
+        "{a:?}"
+    );
+    let env = container["env"].as_array().unwrap();
+    assert!(env.iter().any(
+        |e| e["name"] == "POD_IP" && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    ));
+
+    let objects = render(&[
+        "agent.adminAddress=0.0.0.0",
+        "operator.metricsAddress=0.0.0.0",
+    ]);
+    let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
+    assert!(
+        args(&agent["spec"]["template"]["spec"]["containers"][0])
+            .contains(&"--admin-address=0.0.0.0:9180".to_string())
+    );
+    let operator = find(&objects, "Deployment", "ew-operator").unwrap();
+    assert!(
+        args(&operator["spec"]["template"]["spec"]["containers"][0])
+            .contains(&"--metrics-address=0.0.0.0:9181".to_string())
+    );
 }

@@ -132,11 +132,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     progress(started, format!("creating {} kwok nodes", shape.nodes));
     let specs: Vec<NodeSpec> = (0..shape.nodes)
         .map(|i| {
-            fleet::node_labels(&shape, i)
-                .iter()
-                .fold(NodeSpec::new(fleet::node_name(i)), |n, (k, v)| {
-                    n.label(k, v)
-                })
+            fleet::node_labels(&shape, i).iter().fold(
+                // The operator takes endpoint addresses from the Node.
+                NodeSpec::new(fleet::node_name(i)).internal_ip(fleet::node_address(i)),
+                |n, (k, v)| n.label(k, v),
+            )
         })
         .collect();
     let bench = Bench {

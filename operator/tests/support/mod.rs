@@ -54,13 +54,16 @@ impl Env {
     }
 
     /// `n` kwok nodes named `<ns>-<i>`, labelled for this test (and `extra`),
-    /// each with an EdgeNode at 192.0.2.x (a documentation range: never
-    /// contacted, but valid in EndpointSlices).
+    /// each with the InternalIP 192.0.2.x (a documentation range: never
+    /// contacted, but valid in EndpointSlices) and an EdgeNode claiming it.
     pub async fn nodes(&self, names: &[&str], extra: &[(&str, &str)]) -> Vec<String> {
         let mut specs = Vec::new();
-        for name in names {
-            let mut spec =
-                NodeSpec::new(format!("{}-{name}", self.name())).label(TEST_LABEL, self.name());
+        for (i, name) in names.iter().enumerate() {
+            let node_name = format!("{}-{name}", self.name());
+            let ip = format!("192.0.2.{}", address_octet(&node_name, i));
+            let mut spec = NodeSpec::new(node_name)
+                .label(TEST_LABEL, self.name())
+                .internal_ip(ip);
             for (k, v) in extra {
                 spec = spec.label(k, v);
             }
@@ -368,5 +371,67 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `helm template` of the chart as release `release` in the test namespace,
+/// with `--set` values; the rendered objects.
+pub fn render_chart(env: &Env, release: &str, sets: &[&str]) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/edgewire");
+    let mut helm = env.plane.helm().unwrap();
+    helm.args(["template", release, chart, "--namespace", env.name()]);
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let out = helm.output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .filter_map(|doc| serde_json::Value::deserialize(doc).ok())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Objects applied with kubectl, deleted again when dropped (also when the
+/// test fails).
+pub struct Applied {
+    file: tempfile::NamedTempFile,
+    plane: &'static ControlPlane,
+}
+
+impl Applied {
+    pub fn new(plane: &'static ControlPlane, objects: &[serde_json::Value]) -> Applied {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+        std::fs::write(file.path(), list.to_string()).unwrap();
+        let out = plane
+            .kubectl()
+            .unwrap()
+            .args(["apply", "-f"])
+            .arg(file.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Applied { file, plane }
+    }
+}
+
+impl Drop for Applied {
+    fn drop(&mut self) {
+        if let Ok(mut kubectl) = self.plane.kubectl() {
+            let _ = kubectl
+                .args(["delete", "--ignore-not-found", "--wait=false", "-f"])
+                .arg(self.file.path())
+                .output();
+        }
     }
 }
