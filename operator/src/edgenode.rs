@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::EdgeNode;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -125,33 +125,41 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let now = Timestamp::now();
-    // A Node missing only because its cache has not listed yet is not a
-    // reason to call the EdgeNode degraded.
-    if tokio::time::timeout(Duration::from_secs(30), ctx.nodes.wait_until_ready())
-        .await
-        .is_err()
-    {
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    }
     let (fresh, changes_in) = ctx.clock.freshness(&node);
     let condition = ready_condition(&node, fresh, now);
-    let own = ctx.nodes.get(&ObjectRef::new(&node.name_any()));
-    let degraded = address_condition(&node, own.as_deref(), now);
     let current = |type_: &str| {
         node.status
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
     };
-    let newly_degraded = degraded.status == "True"
-        && current("Degraded").is_none_or(|c| c.status != "True" || c.reason != degraded.reason);
+    // Until the Nodes have been listed a missing Node says nothing: keep
+    // what Degraded says (Ready does not wait) and look again shortly.
+    let nodes_listed = ctx.nodes.wait_until_ready().now_or_never().is_some();
+    let own = ctx.nodes.get(&ObjectRef::new(&node.name_any()));
+    let degraded = if nodes_listed || own.is_some() {
+        Some(address_condition(&node, own.as_deref(), now))
+    } else {
+        current("Degraded").cloned()
+    };
+    let changes_in = if nodes_listed {
+        changes_in
+    } else {
+        tracing::debug!(edgenode = %node.name_any(), "Nodes not listed yet; address check later");
+        Some(changes_in.map_or(Duration::from_secs(1), |d| d.min(Duration::from_secs(1))))
+    };
+    let newly_degraded = degraded.as_ref().filter(|d| {
+        d.status == "True"
+            && current("Degraded").is_none_or(|c| c.status != "True" || c.reason != d.reason)
+    });
     let mut result = Ok(());
-    if current("Ready") != Some(&condition) || current("Degraded") != Some(&degraded) {
+    if current("Ready") != Some(&condition) || current("Degraded") != degraded.as_ref() {
         let api: Api<EdgeNode> = Api::all(ctx.client.clone());
-        // The conditions list is atomic: apply both every time.
+        // The conditions list is atomic: apply all of them every time.
+        let conditions: Vec<&Condition> = std::iter::once(&condition).chain(&degraded).collect();
         let patch = json!({
             "apiVersion": EdgeNode::api_version(&()),
             "kind": EdgeNode::kind(&()),
-            "status": {"conditions": [condition, degraded]},
+            "status": {"conditions": conditions},
         });
         result = api
             .patch_status(
@@ -165,7 +173,7 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
         if matches!(&result, Err(kube::Error::Api(e)) if e.code == 404) {
             return Ok(Action::await_change());
         }
-        if result.is_ok() && newly_degraded {
+        if let (true, Some(degraded)) = (result.is_ok(), newly_degraded) {
             let event = Event {
                 type_: EventType::Warning,
                 reason: degraded.reason.clone(),
