@@ -20,7 +20,7 @@ pub mod frame;
 pub mod outbox;
 pub mod routing;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::auth::Role;
 use self::frame::{LinkFrame, Publish, now_us};
-use self::outbox::{Outbox, Refused};
+use self::outbox::{Outbox, Queued, Refused};
 use crate::budget::Budget;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::service::ServiceRuntime;
@@ -653,11 +653,19 @@ impl Mesh {
                 }
             }
         };
+        // Publishes taken from the queue and not yet written; whatever is
+        // left here when the link ends (the writer may be cut off mid-batch)
+        // is counted as dropped.
+        let mut in_flight = VecDeque::new();
         let why = tokio::select! {
             _ = stop.cancelled() => "stopped",
             why = reader => why,
-            why = self.write_link(node, &mut sink, outbox, binary) => why,
+            why = self.write_link(node, &mut sink, outbox, binary, &mut in_flight) => why,
         };
+        for lost in in_flight {
+            self.metrics
+                .dropped(&lost.service, DropReason::MeshUnavailable);
+        }
         if why == "stopped" {
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
@@ -672,6 +680,7 @@ impl Mesh {
         sink: &mut LinkSink,
         outbox: &Outbox,
         binary: bool,
+        in_flight: &mut VecDeque<Queued>,
     ) -> LinkEnd {
         for service in self.services_with(node) {
             let frame = self.snapshot_of(&service);
@@ -707,40 +716,40 @@ impl Mesh {
                 }
                 continue;
             }
-            let batch = outbox.take_batch(BATCH_FRAMES, BATCH_BYTES);
-            if batch.is_empty() {
+            in_flight.extend(outbox.take_batch(BATCH_FRAMES, BATCH_BYTES));
+            if in_flight.is_empty() {
                 tokio::select! {
                     _ = outbox.wait() => {}
                     _ = tokio::time::sleep_until(next_ping) => {}
                 }
             } else {
-                let mut batch = batch.into_iter();
-                while let Some(queued) = batch.next() {
+                while let Some(queued) = in_flight.front() {
                     let message = if binary {
-                        Message::Binary(queued.frame.clone())
+                        Some(Message::Binary(queued.frame.clone()))
                     } else {
                         // An older peer: the same publish as JSON.
-                        match Publish::decode(queued.frame.clone()) {
-                            Ok(publish) => Message::text(publish.to_legacy().to_json()),
-                            Err(_) => {
-                                self.metrics
-                                    .dropped(&queued.service, DropReason::MeshUnavailable);
-                                continue;
-                            }
-                        }
+                        Publish::decode(queued.frame.clone())
+                            .ok()
+                            .map(|publish| Message::text(publish.to_legacy().to_json()))
                     };
-                    if let Err(why) = within(sink.feed(message)).await {
-                        // Taken from the queue but not written: dropped.
-                        for lost in std::iter::once(queued).chain(batch) {
-                            self.metrics
-                                .dropped(&lost.service, DropReason::MeshUnavailable);
-                        }
+                    let written = message.is_some();
+                    if let Some(message) = message
+                        && let Err(why) = within(sink.feed(message)).await
+                    {
                         return why;
                     }
-                    self.metrics
-                        .mesh_messages
-                        .with_label_values(&[&queued.service, "sent"])
-                        .inc();
+                    let Some(done) = in_flight.pop_front() else {
+                        break;
+                    };
+                    if written {
+                        self.metrics
+                            .mesh_messages
+                            .with_label_values(&[&done.service, "sent"])
+                            .inc();
+                    } else {
+                        self.metrics
+                            .dropped(&done.service, DropReason::MeshUnavailable);
+                    }
                 }
                 if let Err(why) = within(sink.flush()).await {
                     return why;
