@@ -473,6 +473,27 @@ mod tests {
     }
 
     #[test]
+    fn send_queue_bytes_defaults_to_room_for_large_messages_and_must_hold_one() {
+        let mut limits = Limits::default();
+        assert_eq!(limits.send_queue_bytes(), 8 * 1024 * 1024);
+        limits.max_message_bytes = 16 * 1024 * 1024;
+        assert_eq!(limits.send_queue_bytes(), 32 * 1024 * 1024);
+        limits.send_queue_bytes = Some(1024 * 1024);
+        let mut errors = Vec::new();
+        limits.validate_into("limits", &mut errors);
+        assert_eq!(
+            errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(),
+            ["limits.sendQueueBytes"],
+            "smaller than the largest message"
+        );
+        limits.send_queue_bytes = Some(16 * 1024 * 1024);
+        let mut errors = Vec::new();
+        limits.validate_into("limits", &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(limits.send_queue_bytes(), 16 * 1024 * 1024);
+    }
+
+    #[test]
     fn builtin_default_is_valid_and_serves_the_seed_ports() {
         let config = AgentConfig::builtin_default();
         config.validate().expect("default config must validate");
