@@ -125,6 +125,11 @@ pub struct Limits {
     /// Messages queued for one connection before the slow-consumer policy applies.
     #[schemars(range(min = 1, max = 65536))]
     pub send_queue_messages: u32,
+    /// Bytes queued for one connection before the slow-consumer policy
+    /// applies. Default: 8 MiB, or twice `maxMessageBytes` when that is more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64, max = 1073741824))]
+    pub send_queue_bytes: Option<u32>,
     pub slow_consumer: SlowConsumerPolicy,
     /// How often the agent pings each client.
     #[schemars(range(min = 1))]
@@ -144,6 +149,7 @@ impl Default for Limits {
             // Room for a burst from a fast publisher; the queue allocates
             // as it fills, so an idle connection pays nothing for it.
             send_queue_messages: 4096,
+            send_queue_bytes: None,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval_seconds: 20,
             idle_timeout_seconds: 60,
@@ -155,6 +161,9 @@ impl Default for Limits {
 pub const MAX_MESSAGE_BYTES_CEILING: u32 = 16 * 1024 * 1024;
 const MIN_MESSAGE_BYTES: u32 = 64;
 const MAX_SEND_QUEUE: u32 = 1 << 16;
+const MAX_SEND_QUEUE_BYTES: u32 = 1 << 30;
+/// The default of [`Limits::send_queue_bytes`].
+pub const DEFAULT_SEND_QUEUE_BYTES: u32 = 8 * 1024 * 1024;
 const MAX_CHANNEL_NAME: usize = 128;
 
 fn default_relay_path() -> String {
@@ -338,6 +347,15 @@ impl ServiceConfig {
 }
 
 impl Limits {
+    /// The bytes one connection may have queued: `sendQueueBytes`, or its
+    /// default.
+    pub fn send_queue_bytes(&self) -> usize {
+        let bytes = self.send_queue_bytes.unwrap_or_else(|| {
+            DEFAULT_SEND_QUEUE_BYTES.max(self.max_message_bytes.saturating_mul(2))
+        });
+        bytes as usize
+    }
+
     fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
         let mut check = |field: &str, ok: bool, why: String| {
             if !ok {
@@ -359,6 +377,16 @@ impl Limits {
             (1..=MAX_SEND_QUEUE).contains(&self.send_queue_messages),
             format!("must be between 1 and {MAX_SEND_QUEUE}"),
         );
+        if let Some(bytes) = self.send_queue_bytes {
+            check(
+                "sendQueueBytes",
+                bytes >= self.max_message_bytes && bytes <= MAX_SEND_QUEUE_BYTES,
+                format!(
+                    "must be between maxMessageBytes ({}) and {MAX_SEND_QUEUE_BYTES}, so the largest message fits",
+                    self.max_message_bytes
+                ),
+            );
+        }
         check(
             "pingIntervalSeconds",
             self.ping_interval_seconds >= 1,
@@ -442,6 +470,27 @@ mod tests {
             ConfigError::Invalid(errors) => errors.into_iter().map(|e| e.field).collect(),
             other => panic!("expected validation errors, got {other}"),
         }
+    }
+
+    #[test]
+    fn send_queue_bytes_defaults_to_room_for_large_messages_and_must_hold_one() {
+        let mut limits = Limits::default();
+        assert_eq!(limits.send_queue_bytes(), 8 * 1024 * 1024);
+        limits.max_message_bytes = 16 * 1024 * 1024;
+        assert_eq!(limits.send_queue_bytes(), 32 * 1024 * 1024);
+        limits.send_queue_bytes = Some(1024 * 1024);
+        let mut errors = Vec::new();
+        limits.validate_into("limits", &mut errors);
+        assert_eq!(
+            errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(),
+            ["limits.sendQueueBytes"],
+            "smaller than the largest message"
+        );
+        limits.send_queue_bytes = Some(16 * 1024 * 1024);
+        let mut errors = Vec::new();
+        limits.validate_into("limits", &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(limits.send_queue_bytes(), 16 * 1024 * 1024);
     }
 
     #[test]

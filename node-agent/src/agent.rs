@@ -17,10 +17,11 @@ use std::sync::Arc;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::plan::plan;
-use crate::service::RunningService;
+use crate::service::{RunningService, Shared};
 
 pub struct Agent {
     bind_ip: IpAddr,
+    shared: Shared,
     metrics: Metrics,
     mesh: Option<Arc<Mesh>>,
     root: CancellationToken,
@@ -34,6 +35,10 @@ struct State {
     failed: BTreeMap<String, String>,
     /// Connections of stopped services that are still closing.
     draining: Vec<TaskTracker>,
+    /// Shutdown is near: the services still serve, but report themselves
+    /// as not listening, so the operator takes this node out of the
+    /// endpoints before the ports close.
+    leaving: bool,
     shutting_down: bool,
 }
 
@@ -51,11 +56,12 @@ pub struct ServiceStatus {
 }
 
 impl Agent {
-    pub fn new(bind_ip: IpAddr, metrics: Metrics, mesh: Option<Arc<Mesh>>) -> Agent {
+    pub fn new(bind_ip: IpAddr, shared: Shared) -> Agent {
         Agent {
             bind_ip,
-            metrics,
-            mesh,
+            metrics: shared.metrics.clone(),
+            mesh: shared.mesh.clone(),
+            shared,
             root: CancellationToken::new(),
             state: Mutex::new(State::default()),
         }
@@ -71,7 +77,7 @@ impl Agent {
     /// cannot be bound is reported in its status and retried on the next apply.
     pub async fn apply(&self, config: &AgentConfig) {
         let mut state = self.state.lock().await;
-        if state.shutting_down {
+        if state.shutting_down || state.leaving {
             return;
         }
         let current: BTreeMap<String, ServiceConfig> = state
@@ -105,14 +111,8 @@ impl Agent {
             let Some(service) = config.service(name) else {
                 continue;
             };
-            match RunningService::start(
-                service.clone(),
-                self.bind_ip,
-                self.metrics.clone(),
-                self.mesh.clone(),
-                &self.root,
-            )
-            .await
+            match RunningService::start(service.clone(), self.bind_ip, &self.shared, &self.root)
+                .await
             {
                 Ok(running) => {
                     state.running.insert(name.clone(), running);
@@ -141,12 +141,13 @@ impl Agent {
 
     pub async fn status(&self) -> Vec<ServiceStatus> {
         let state = self.state.lock().await;
+        let listening = !state.leaving;
         let mut out: Vec<ServiceStatus> = state
             .running
             .values()
             .map(|s| ServiceStatus {
                 name: s.runtime.name().to_string(),
-                listening: true,
+                listening,
                 address: Some(s.local_addr),
                 error: None,
                 connections: s.runtime.open_connections(),
@@ -166,7 +167,14 @@ impl Agent {
     /// Ready when every configured service listens and no shutdown has begun.
     pub async fn is_ready(&self) -> bool {
         let state = self.state.lock().await;
-        !state.shutting_down && state.failed.is_empty()
+        !state.shutting_down && !state.leaving && state.failed.is_empty()
+    }
+
+    /// The first step of a clean exit: from now on the status reports every
+    /// service as not listening (and `/readyz` fails), while the services
+    /// keep accepting and serving until [`Agent::shutdown`].
+    pub async fn leave(&self) {
+        self.state.lock().await.leaving = true;
     }
 
     /// Whether some configured service failed to start (so a retry is due).

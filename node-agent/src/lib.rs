@@ -3,6 +3,7 @@
 //! - [`agent`]: the set of running services and how a new config is applied.
 //! - [`service`]: one service's listener, HTTP routing and WebSocket sessions.
 //! - [`relay`]: channel subscriptions and fan-out (the relay).
+//! - [`budget`]: byte budgets for everything queued.
 //! - [`mesh`]: links to the peer agents of each service.
 //! - [`handlers`]: the compute handlers, as pure functions.
 //! - [`metrics`]: every Prometheus metric the agent exports.
@@ -12,6 +13,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod budget;
 pub mod cluster;
 pub mod config_source;
 pub mod handlers;

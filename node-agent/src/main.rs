@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use edgewire_agent::budget::Budget;
+use edgewire_agent::service::Shared;
 use edgewire_agent::{admin, agent::Agent, cluster, config_source, mesh::Mesh, metrics::Metrics};
 use edgewire_api::AgentConfig;
 use tokio::signal::unix::{SignalKind, signal};
@@ -66,6 +68,11 @@ struct Cli {
     /// How long shutdown waits for connections to close, in seconds.
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     drain_timeout: f64,
+    /// In a cluster, on SIGTERM: how long the agent, having reported its
+    /// services as not listening, waits for the operator to take this node
+    /// out of the endpoints before it closes its ports, in seconds.
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
+    leave_timeout: f64,
     /// This node's name: how mesh peers know it (and, in a cluster, the Node).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -75,6 +82,15 @@ struct Cli {
     /// File holding the shared mesh secret (a mounted Kubernetes Secret).
     #[arg(long, env = "EDGEWIRE_MESH_SECRET_FILE")]
     mesh_secret_file: Option<PathBuf>,
+    /// Bytes each mesh link may have queued for its peer; more is dropped
+    /// (counted as mesh_unavailable).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    mesh_link_queue_bytes: usize,
+    /// Bytes the agent may have queued in all, for every client and mesh
+    /// link together; more is dropped (counted as memory_budget). The
+    /// default leaves room under the chart's 512 MiB memory limit.
+    #[arg(long, env = "EDGEWIRE_QUEUE_BUDGET", default_value_t = 256 * 1024 * 1024)]
+    queue_budget: usize,
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
@@ -154,7 +170,12 @@ fn main() -> ExitCode {
 }
 
 /// Reads the secret, binds the mesh listener and starts accepting peers.
-async fn start_mesh(cli: &Cli, address: SocketAddr, metrics: Metrics) -> anyhow::Result<Arc<Mesh>> {
+async fn start_mesh(
+    cli: &Cli,
+    address: SocketAddr,
+    metrics: Metrics,
+    queue_budget: Arc<Budget>,
+) -> anyhow::Result<Arc<Mesh>> {
     let node = cli
         .node_name
         .clone()
@@ -174,7 +195,13 @@ async fn start_mesh(cli: &Cli, address: SocketAddr, metrics: Metrics) -> anyhow:
         .await
         .with_context(|| format!("cannot listen for mesh links on {address}"))?;
     tracing::info!(%address, node = %node, "mesh listening");
-    let mesh = Mesh::new(node, secret, metrics);
+    let mesh = Mesh::new(
+        node,
+        secret,
+        metrics,
+        cli.mesh_link_queue_bytes,
+        queue_budget,
+    );
     tokio::spawn(Arc::clone(&mesh).serve(listener));
     Ok(mesh)
 }
@@ -184,6 +211,7 @@ async fn start_cluster(
     cli: &Cli,
     agent: Arc<Agent>,
     stop: CancellationToken,
+    leave: cluster::Leave,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let node = cli
         .node_name
@@ -209,8 +237,11 @@ async fn start_cluster(
         state_dir: cli.state_dir.clone(),
         heartbeat_interval: Duration::from_secs_f64(cli.heartbeat_interval),
         edge_node_labels: cli.edge_node_labels.iter().cloned().collect(),
+        leave_timeout: Duration::from_secs_f64(cli.leave_timeout),
     };
-    Ok(tokio::spawn(cluster::run(agent, client, options, stop)))
+    Ok(tokio::spawn(cluster::run(
+        agent, client, options, stop, leave,
+    )))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -228,11 +259,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
+    let queue_budget = Budget::new(cli.queue_budget);
     let mesh = match cli.mesh_address {
-        Some(address) => Some(start_mesh(&cli, address, metrics.clone()).await?),
+        Some(address) => {
+            Some(start_mesh(&cli, address, metrics.clone(), Arc::clone(&queue_budget)).await?)
+        }
         None => None,
     };
-    let agent = Arc::new(Agent::new(cli.listen_address, metrics, mesh));
+    let shared = Shared {
+        metrics,
+        mesh,
+        queue_budget,
+    };
+    let agent = Arc::new(Agent::new(cli.listen_address, shared));
 
     let admin = admin::bind(cli.admin_address)
         .await
@@ -249,8 +288,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         stop.clone(),
     ));
 
+    let leave = CancellationToken::new();
+    let (left_tx, left) = tokio::sync::oneshot::channel();
     let cluster_task = if cli.cluster {
-        Some(start_cluster(&cli, Arc::clone(&agent), stop.clone()).await?)
+        let handoff = cluster::Leave {
+            now: leave.clone(),
+            done: left_tx,
+        };
+        Some(start_cluster(&cli, Arc::clone(&agent), stop.clone(), handoff).await?)
     } else {
         agent.apply(&config).await;
         None
@@ -282,6 +327,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
+    if cluster_task.is_some() {
+        // Out of the endpoints first, so no new client is sent to a port
+        // that is about to close; the services serve on meanwhile.
+        tracing::info!(
+            signal = which,
+            "shutting down: reporting the services as leaving"
+        );
+        agent.leave().await;
+        leave.cancel();
+        let bound = Duration::from_secs_f64(cli.leave_timeout) + Duration::from_secs(10);
+        let _ = tokio::time::timeout(bound, left).await;
+    }
     let drain = Duration::from_secs_f64(cli.drain_timeout);
     tracing::info!(
         signal = which,

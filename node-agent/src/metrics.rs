@@ -29,10 +29,12 @@ pub enum DropReason {
     Protocol,
     /// A publish for a peer whose mesh link is down or backed up.
     MeshUnavailable,
+    /// A delivery refused because the agent's global queue budget was spent.
+    MemoryBudget,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Oversize,
         DropReason::InvalidUtf8,
         DropReason::InvalidJson,
@@ -45,6 +47,7 @@ impl DropReason {
         DropReason::SlowConsumer,
         DropReason::Protocol,
         DropReason::MeshUnavailable,
+        DropReason::MemoryBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +64,7 @@ impl DropReason {
             DropReason::SlowConsumer => "slow_consumer",
             DropReason::Protocol => "protocol",
             DropReason::MeshUnavailable => "mesh_unavailable",
+            DropReason::MemoryBudget => "memory_budget",
         }
     }
 }

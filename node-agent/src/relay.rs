@@ -4,15 +4,18 @@
 //! Order per publisher holds because a publish is pushed into every queue
 //! before the publisher's next message is read, and each queue is FIFO. A full
 //! queue never blocks the publisher: the service's slow-consumer policy decides.
+//! Queues are bounded in messages and in bytes (`budget`); a frame is encoded
+//! once and every queue holds a reference to the same bytes.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use edgewire_api::SlowConsumerPolicy;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::budget::{Budget, Charge, Exceeded};
 use crate::metrics::DeliveryPath;
 
 pub type ConnId = u64;
@@ -24,6 +27,8 @@ pub struct Delivery {
     pub published_at: Instant,
     /// Published here, or at a peer agent and carried over the mesh.
     pub path: DeliveryPath,
+    /// The bytes this delivery holds of its queue's and the agent's budgets.
+    pub charge: Charge,
 }
 
 /// What a subscribe or unsubscribe changed.
@@ -40,6 +45,8 @@ pub struct Change {
 #[derive(Clone, Debug)]
 pub struct Subscriber {
     pub queue: mpsc::Sender<Delivery>,
+    /// The bytes its queue may hold.
+    pub budget: Arc<Budget>,
     /// Signalled (once) when the subscriber must be disconnected as a slow consumer.
     pub evict: mpsc::Sender<()>,
 }
@@ -48,8 +55,11 @@ pub struct Subscriber {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FanOut {
     pub queued: usize,
-    /// Deliveries that did not fit a full queue.
+    /// Deliveries that did not fit a full queue (in messages or bytes).
     pub dropped: usize,
+    /// Deliveries refused because the agent's global budget was spent; the
+    /// subscriber is not at fault, so no policy applies.
+    pub over_budget: usize,
     /// Subscribers told to disconnect under [`SlowConsumerPolicy::Disconnect`].
     pub evicted: usize,
 }
@@ -118,7 +128,8 @@ impl Hub {
         channels.get(channel).map_or(0, HashMap::len)
     }
 
-    /// Queues `frame` for every subscriber of `channel`.
+    /// Queues `frame` for every subscriber of `channel`, each delivery
+    /// charged to the subscriber's budget and to `global`.
     pub fn publish(
         &self,
         channel: &str,
@@ -126,6 +137,7 @@ impl Hub {
         published_at: Instant,
         path: DeliveryPath,
         policy: SlowConsumerPolicy,
+        global: &Arc<Budget>,
     ) -> FanOut {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         let mut report = FanOut::default();
@@ -133,23 +145,34 @@ impl Hub {
             return report;
         };
         for subscriber in subscribers.values() {
-            let delivery = Delivery {
-                frame: frame.clone(),
-                published_at,
-                path,
-            };
-            match subscriber.queue.try_send(delivery) {
-                Ok(()) => report.queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    report.dropped += 1;
-                    if policy == SlowConsumerPolicy::Disconnect
-                        && subscriber.evict.try_send(()).is_ok()
-                    {
-                        report.evicted += 1;
+            let full = match Charge::take(frame.len(), &subscriber.budget, global) {
+                Ok(charge) => {
+                    let delivery = Delivery {
+                        frame: frame.clone(),
+                        published_at,
+                        path,
+                        charge,
+                    };
+                    match subscriber.queue.try_send(delivery) {
+                        Ok(()) => false,
+                        Err(mpsc::error::TrySendError::Full(_)) => true,
+                        // The subscriber is between closing and unsubscribing.
+                        Err(mpsc::error::TrySendError::Closed(_)) => continue,
                     }
                 }
-                // The subscriber is between closing and unsubscribing.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(Exceeded::Queue) => true,
+                Err(Exceeded::Global) => {
+                    report.over_budget += 1;
+                    continue;
+                }
+            };
+            if !full {
+                report.queued += 1;
+                continue;
+            }
+            report.dropped += 1;
+            if policy == SlowConsumerPolicy::Disconnect && subscriber.evict.try_send(()).is_ok() {
+                report.evicted += 1;
             }
         }
         report
@@ -161,9 +184,29 @@ mod tests {
     use super::*;
 
     fn subscriber(capacity: usize) -> (Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>) {
+        subscriber_with(capacity, 1 << 20)
+    }
+
+    fn subscriber_with(
+        capacity: usize,
+        bytes: usize,
+    ) -> (Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>) {
         let (queue, rx) = mpsc::channel(capacity);
         let (evict, evict_rx) = mpsc::channel(1);
-        (Subscriber { queue, evict }, rx, evict_rx)
+        let budget = Budget::new(bytes);
+        (
+            Subscriber {
+                queue,
+                budget,
+                evict,
+            },
+            rx,
+            evict_rx,
+        )
+    }
+
+    fn global() -> Arc<Budget> {
+        Budget::new(1 << 30)
     }
 
     #[test]
@@ -200,6 +243,7 @@ mod tests {
                 Instant::now(),
                 DeliveryPath::Local,
                 SlowConsumerPolicy::Disconnect,
+                &global(),
             );
             assert_eq!(report.queued, 2);
         }
@@ -235,8 +279,15 @@ mod tests {
         let frame = Utf8Bytes::from_static("x");
         let policy = SlowConsumerPolicy::Drop;
         assert_eq!(
-            hub.publish("chat", &frame, Instant::now(), DeliveryPath::Local, policy)
-                .queued,
+            hub.publish(
+                "chat",
+                &frame,
+                Instant::now(),
+                DeliveryPath::Local,
+                policy,
+                &global()
+            )
+            .queued,
             0
         );
         assert!(a_rx.try_recv().is_err());
@@ -259,7 +310,14 @@ mod tests {
             hub.subscribe("c", 2, fast);
             let mut total = FanOut::default();
             for _ in 0..3 {
-                let r = hub.publish("c", &frame, Instant::now(), DeliveryPath::Local, policy);
+                let r = hub.publish(
+                    "c",
+                    &frame,
+                    Instant::now(),
+                    DeliveryPath::Local,
+                    policy,
+                    &global(),
+                );
                 total.queued += r.queued;
                 total.dropped += r.dropped;
                 total.evicted += r.evicted;
@@ -281,5 +339,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn queues_are_bounded_in_bytes_and_give_them_back() {
+        let global = Budget::new(1 << 20);
+        let frame = Utf8Bytes::from("x".repeat(1000));
+        let hub = Hub::new();
+        // Room for 3 deliveries of 1000 bytes (plus overhead) by bytes, 100 by count.
+        let (slow, mut slow_rx, _) = subscriber_with(100, 3 * 1100);
+        let (fast, mut fast_rx, _) = subscriber(100);
+        hub.subscribe("c", 1, slow);
+        hub.subscribe("c", 2, fast);
+        let mut dropped = 0;
+        for _ in 0..5 {
+            let r = hub.publish(
+                "c",
+                &frame,
+                Instant::now(),
+                DeliveryPath::Local,
+                SlowConsumerPolicy::Drop,
+                &global,
+            );
+            dropped += r.dropped;
+        }
+        assert_eq!(dropped, 2, "the slow queue holds 3 by bytes");
+        assert_eq!(global.used(), 8 * (1000 + crate::budget::ENTRY_OVERHEAD));
+        drop(slow_rx.try_recv().unwrap());
+        while fast_rx.try_recv().is_ok() {}
+        assert_eq!(global.used(), 2 * (1000 + crate::budget::ENTRY_OVERHEAD));
+        // A spent global budget refuses without blaming the subscriber.
+        let tight = Budget::new(500);
+        let r = hub.publish(
+            "c",
+            &frame,
+            Instant::now(),
+            DeliveryPath::Local,
+            SlowConsumerPolicy::Disconnect,
+            &tight,
+        );
+        assert_eq!(
+            (r.queued, r.dropped, r.over_budget, r.evicted),
+            (0, 0, 2, 0)
+        );
     }
 }

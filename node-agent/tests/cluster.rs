@@ -414,3 +414,163 @@ async fn agents_follow_placement_mesh_and_survive_the_api_going_away() {
     assert!(placed.values().all(|s| s == "Ready"), "{placed:?}");
     carries(&mut publisher, &mut [&mut at_1, &mut at_2], "api-back").await;
 }
+
+/// Whether an EndpointSlice of service `chat` in `namespace` lists `address`.
+async fn in_endpoint_slice(client: &kube::Client, namespace: &str, address: &str) -> bool {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let params = kube::api::ListParams::default().labels("kubernetes.io/service-name=chat");
+    match slices.list(&params).await {
+        Ok(list) => list.items.iter().any(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.addresses.iter().any(|a| a == address))
+        }),
+        Err(err) => panic!("cannot list EndpointSlices: {err}"),
+    }
+}
+
+/// A rolling upgrade stops an agent with SIGTERM. Its node must leave the
+/// service's EndpointSlice before its port stops accepting, so no client is
+/// sent to a closed port; its clients are then closed with 1001.
+///
+/// EndpointSlices refuse loopback addresses, so the agent advertises a
+/// documentation address (TEST-NET-1, never routed) while it listens on
+/// loopback; the test only reads the slice for that address.
+#[tokio::test]
+async fn a_terminating_agent_leaves_the_endpoints_before_its_port_closes() {
+    let plane = ControlPlane::start(Options {
+        kwok: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let client = plane.client().await.unwrap();
+    edgewire_testenv::install_crds(&client, &crds())
+        .await
+        .unwrap();
+    let namespace = "leaving".to_string();
+    let ns = k8s_openapi::api::core::v1::Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(namespace.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::all(client.clone())
+        .create(&Default::default(), &ns)
+        .await
+        .unwrap();
+    let (listen, advertise) = ("127.0.0.40", "192.0.2.40");
+    edgewire_testenv::add_nodes(
+        &client,
+        &[NodeSpec::new("edge-leaving")
+            .label("edgewire.dev/edge", "true")
+            .label("edgewire.dev/test", &namespace)
+            .internal_ip(advertise)],
+    )
+    .await
+    .unwrap();
+    let world = World {
+        plane,
+        namespace: namespace.clone(),
+        service_port: free_port(),
+        mesh_port: free_port(),
+        secret: tempfile::NamedTempFile::new().unwrap(),
+        nodes: vec![],
+        logs: tempfile::tempdir().unwrap(),
+    };
+    let _operator = world.operator();
+    let state = tempfile::tempdir().unwrap();
+    let label = format!("edgewire.dev/test={namespace}");
+    let mut agent = AgentProcess::spawn_with_env(
+        listen,
+        None,
+        &[
+            "--cluster",
+            "--node-name",
+            "edge-leaving",
+            "--advertise-address",
+            advertise,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+            "--edge-node-label",
+            &label,
+        ],
+        &[("KUBECONFIG", world.plane.kubeconfig.to_str().unwrap())],
+    );
+    let es_yaml = format!(
+        "apiVersion: edgewire.dev/v1alpha1\nkind: EdgeService\nmetadata: {{name: chat, namespace: {namespace}}}\nspec:\n  nodeSelector: {{edgewire.dev/edge: \"true\"}}\n  port: {}\n  handlers: [{{name: echo, kind: echo, path: /}}]\n",
+        world.service_port
+    );
+    let es: EdgeService = serde_yaml_ng::from_str(&es_yaml).unwrap();
+    Api::<EdgeService>::namespaced(client.clone(), &namespace)
+        .patch(
+            "chat",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&es),
+        )
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("{listen}:{}", world.service_port).parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !in_endpoint_slice(&client, &namespace, advertise).await {
+        assert!(
+            Instant::now() < deadline,
+            "the node never entered the EndpointSlice; agent log:\n{}\noperator log:\n{}",
+            agent.log(),
+            std::fs::read_to_string(world.operator_log()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    echo_works(addr, "before").await;
+    let mut client_ws = connect(addr, "/").await;
+
+    // SIGTERM, then watch both: the slice (as a load balancer would) and
+    // the port (as a new client would).
+    let started = Instant::now();
+    agent.signal("TERM");
+    let mut left_slice = None;
+    let mut port_closed = None;
+    while (left_slice.is_none() || port_closed.is_none())
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        if left_slice.is_none() && !in_endpoint_slice(&client, &namespace, advertise).await {
+            left_slice = Some(started.elapsed());
+        }
+        if port_closed.is_none()
+            && tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_or(true, |c| c.is_err())
+        {
+            port_closed = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (Some(left_slice), Some(port_closed)) = (left_slice, port_closed) else {
+        panic!(
+            "after SIGTERM: left the slice {left_slice:?}, port closed {port_closed:?}; agent log:\n{}",
+            agent.log()
+        );
+    };
+    eprintln!(
+        "after SIGTERM: out of the EndpointSlice at {left_slice:?}, port closed at {port_closed:?}"
+    );
+    assert!(
+        left_slice < port_closed,
+        "the port stopped accepting {port_closed:?} after SIGTERM, before the node left the EndpointSlice ({left_slice:?}); agent log:\n{}",
+        agent.log()
+    );
+    let frame = expect_close(&mut client_ws).await;
+    assert_eq!(
+        frame.code,
+        tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away
+    );
+    assert!(
+        agent.wait_exit(Duration::from_secs(30)).is_some(),
+        "the agent did not exit; log:\n{}",
+        agent.log()
+    );
+}

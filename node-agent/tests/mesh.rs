@@ -52,7 +52,7 @@ impl Cluster {
             })
             .collect();
         format!(
-            "services:\n  - name: chat\n    port: {}\n    channels: [{{name: news}}, {{name: quiet}}]\n    peers:\n{}\n",
+            "services:\n  - name: chat\n    port: {}\n    channels: [{{name: news}}, {{name: quiet}}, {{name: bulk}}]\n    limits: {{maxMessageBytes: 16777216}}\n    peers:\n{}\n",
             self.service_port,
             peers.join("\n")
         )
@@ -361,8 +361,27 @@ async fn a_wrong_mesh_secret_is_refused() {
     assert!(bad.log().contains("mesh dial failed"), "{}", bad.log());
 }
 
+fn peers_in(metrics: &str, state: &str) -> f64 {
+    metric_value(
+        metrics,
+        &format!(r#"edgewire_mesh_peers{{service="chat",state="{state}"}}"#),
+    )
+}
+
+fn mesh_sent(metrics: &str) -> f64 {
+    metric_value(
+        metrics,
+        r#"edgewire_mesh_messages_total{direction="sent",service="chat"}"#,
+    )
+}
+
+/// B stops dead for 60 s (SIGSTOP: its sockets stay open, nothing is read)
+/// while A publishes to subscribers at B and C. C keeps getting everything
+/// in order; A and C notice B within 20 s (its link reads `connecting`) and
+/// count what they cannot send it; every message for B is either sent or
+/// counted; after SIGCONT B relinks and is served again.
 #[tokio::test]
-async fn a_frozen_peer_does_not_stall_the_others() {
+async fn a_frozen_peer_is_noticed_counted_and_relinked() {
     let cluster = Cluster::new();
     let all = [0, 1, 2];
     let agents: Vec<AgentProcess> = all
@@ -378,26 +397,285 @@ async fn a_frozen_peer_does_not_stall_the_others() {
     let mut publisher = connect(cluster.addr(0), "/relay").await;
     settle(&mut publisher, &mut [&mut at_b, &mut at_c]).await;
 
-    // B stops dead (SIGSTOP): its sockets stay open but nothing is read.
+    // C's subscriber reads as it goes and checks the order.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<usize>();
+    let reader = tokio::spawn(async move {
+        let mut want = 0usize;
+        let mut done_rx = done_rx;
+        let mut total = None;
+        loop {
+            if total == Some(want) {
+                return want;
+            }
+            tokio::select! {
+                n = &mut done_rx, if total.is_none() => total = Some(n.expect("the count")),
+                msg = next_json(&mut at_c) => {
+                    assert_eq!(msg["data"]["n"], want, "message {want} at C");
+                    want += 1;
+                }
+            }
+        }
+    });
+
+    let before = agents[0].metrics().await;
+    let (sent_before, dropped_before) = (mesh_sent(&before), dropped_mesh(&before));
+    let frozen_at = Instant::now();
     agents[1].signal("STOP");
-    let payload = "x".repeat(2000);
-    let count = 3000;
-    for n in 0..count {
+    let pad = "x".repeat(16 * 1024);
+    let mut published = 0usize;
+    let publish = |n: usize| {
+        json!({"type": "publish", "channel": "news", "data": {"n": n, "pad": pad}}).to_string()
+    };
+    // Within 20 s both A (which keeps writing to B) and C (which only pings
+    // it) see B as down.
+    let mut noticed = [false, false];
+    while frozen_at.elapsed() < Duration::from_secs(20) && noticed != [true, true] {
+        for _ in 0..20 {
+            send_text(&mut publisher, publish(published)).await;
+            published += 1;
+        }
+        for (k, i) in [0, 2].into_iter().enumerate() {
+            noticed[k] = peers_in(&agents[i].metrics().await, "connecting") == 1.0;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        noticed,
+        [true, true],
+        "20 s after B froze, A and C still count it as connected (A: {}, C: {})",
+        peers_in(&agents[0].metrics().await, "connected"),
+        peers_in(&agents[2].metrics().await, "connected"),
+    );
+    // While B is down, what A publishes for it is counted as dropped.
+    let down = dropped_mesh(&agents[0].metrics().await);
+    for _ in 0..50 {
+        send_text(&mut publisher, publish(published)).await;
+        published += 1;
+    }
+    let mut counted = false;
+    for _ in 0..100 {
+        if dropped_mesh(&agents[0].metrics().await) >= down + 50.0 {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(counted, "A did not count its messages for the frozen B");
+    done_tx.send(published).unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("C got everything in time")
+            .unwrap(),
+        published
+    );
+    // Every message meant for B or C was either written to its link or
+    // counted as dropped: none vanished in a queue.
+    let after = agents[0].metrics().await;
+    assert_eq!(
+        (mesh_sent(&after) - sent_before) + (dropped_mesh(&after) - dropped_before),
+        2.0 * published as f64,
+        "sent + dropped at A, for {published} publishes to two peers"
+    );
+
+    // Stay frozen for 60 s in all, then resume: B relinks and is served.
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(frozen_at.elapsed())).await;
+    agents[1].signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while peers_in(&agents[0].metrics().await, "connected") != 2.0
+        || peers_in(&agents[1].metrics().await, "connected") != 2.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "B did not relink within 60 s of SIGCONT; A's log:\n{}",
+            agents[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut at_b = subscriber(cluster.addr(1), "news").await;
+    let mut at_c = subscriber(cluster.addr(2), "news").await;
+    settle(&mut publisher, &mut [&mut at_b, &mut at_c]).await;
+    for n in 0..50 {
         send_text(
             &mut publisher,
-            json!({"type": "publish", "channel": "news", "data": {"tag": "f", "n": n, "pad": payload}}).to_string(),
+            json!({"type": "publish", "channel": "news", "data": {"tag": "back", "n": n}})
+                .to_string(),
         )
         .await;
     }
-    // C gets every message, in order, while B is frozen: the link to B has
-    // its own queue and task, so nothing waits on B.
-    for n in 0..count {
-        let msg = next_json(&mut at_c).await;
-        assert_eq!(msg["data"]["n"], n, "message {n} at C");
+    expect_sequence(&mut at_b, "back", 50).await;
+    expect_sequence(&mut at_c, "back", 50).await;
+}
+
+fn dropped_mesh(metrics: &str) -> f64 {
+    metric_value(
+        metrics,
+        r#"edgewire_messages_dropped_total{reason="mesh_unavailable",service="chat"}"#,
+    )
+}
+
+/// Publishes 4 KiB messages on "bulk" at `publisher` (connected to `agent`)
+/// as fast as the agent takes them, until the agent counts messages its mesh
+/// links could not take (a link queue is full, or the link is down).
+async fn fill_links(agent: &AgentProcess, publisher: &mut Client) {
+    let pad = "b".repeat(4000);
+    for batch in 0..200 {
+        for n in 0..250 {
+            send_text(
+                publisher,
+                json!({"type": "publish", "channel": "bulk", "data": {"n": batch * 250 + n, "pad": pad}})
+                    .to_string(),
+            )
+            .await;
+        }
+        if dropped_mesh(&agent.metrics().await) > 0.0 {
+            return;
+        }
     }
-    agents[1].signal("CONT");
-    // B recovers: its link is redialed (or resumes) and it is served again.
-    wait_peers(&agents[0], 2.0).await;
+    panic!("the mesh links never filled; log:\n{}", agent.log());
+}
+
+/// Subscribes and unsubscribes clients on "news" at `addr` so that the
+/// channel goes from `start_subscribed` through several first-subscriber and
+/// last-unsubscriber edges, ending with one subscriber, which is returned.
+async fn churn(addr: std::net::SocketAddr, mut present: Option<Client>) -> Client {
+    for round in 0..5 {
+        if let Some(mut leaving) = present.take() {
+            let reply = request(
+                &mut leaving,
+                json!({"type": "unsubscribe", "channel": "news", "id": round}),
+            )
+            .await;
+            assert_eq!(reply["type"], "unsubscribed");
+        }
+        let first = subscriber(addr, "news").await;
+        let second = subscriber(addr, "news").await;
+        drop(first);
+        present = Some(second);
+        // Let the closed connection's unsubscribe happen before the next edge.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    present.expect("a subscriber is left")
+}
+
+/// Subscribers come and go at B and C while every mesh link towards A is
+/// full (A stalls for a moment while B and C publish unpaced bursts through
+/// it). Interest changes must still reach A: afterwards every subscriber
+/// present gets every later publish from A, once, in order.
+#[tokio::test]
+async fn interest_changes_survive_full_link_queues() {
+    let cluster = Cluster::new();
+    let all = [0, 1, 2];
+    let agents: Vec<AgentProcess> = all
+        .iter()
+        .map(|i| cluster.start(*i, &all, "good"))
+        .collect();
+    for agent in &agents {
+        agent.wait_ready().await;
+        wait_peers(agent, 2.0).await;
+    }
+    // A subscriber on "bulk" at A, so B and C forward their bursts to A.
+    let _bulk_at_a = subscriber(cluster.addr(0), "bulk").await;
+    let mut local = subscriber(cluster.addr(0), "news").await;
+    let at_c = subscriber(cluster.addr(2), "news").await;
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
+    let mut bulk_b = connect(cluster.addr(1), "/relay").await;
+    let mut bulk_c = connect(cluster.addr(2), "/relay").await;
+    let mut at_c = at_c;
+    settle(&mut publisher, &mut [&mut local, &mut at_c]).await;
+    // A has heard of the bulk subscriber's interest: B and C forward to it.
+    for (i, agent) in agents.iter().enumerate().skip(1) {
+        let mut heard = false;
+        let mut probe = connect(cluster.addr(i), "/relay").await;
+        for _ in 0..200 {
+            send_text(
+                &mut probe,
+                json!({"type": "publish", "channel": "bulk", "data": "probe"}).to_string(),
+            )
+            .await;
+            let sent = metric_value(
+                &agent.metrics().await,
+                r#"edgewire_mesh_messages_total{direction="sent",service="chat"}"#,
+            );
+            if sent > 0.0 {
+                heard = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(heard, "agent {i} never forwarded bulk to A");
+    }
+
+    // A stops reading; B's and C's links to A fill up.
+    agents[0].signal("STOP");
+    fill_links(&agents[1], &mut bulk_b).await;
+    fill_links(&agents[2], &mut bulk_c).await;
+    // Churn while the links are full: B goes from no subscriber to one, C
+    // from one to none and back, several times over.
+    let at_b = churn(cluster.addr(1), None).await;
+    let at_c = churn(cluster.addr(2), Some(at_c)).await;
+    agents[0].signal("CONT");
+
+    let (mut at_b, mut at_c) = (at_b, at_c);
+    settle(&mut publisher, &mut [&mut local, &mut at_b, &mut at_c]).await;
+    for n in 0..200 {
+        send_text(
+            &mut publisher,
+            json!({"type": "publish", "channel": "news", "data": {"tag": "after", "n": n}})
+                .to_string(),
+        )
+        .await;
+    }
+    for sub in [&mut local, &mut at_b, &mut at_c] {
+        expect_sequence(sub, "after", 200).await;
+        let reply = request(
+            sub,
+            json!({"type": "unsubscribe", "channel": "quiet", "id": "end"}),
+        )
+        .await;
+        assert_eq!(reply["type"], "unsubscribed", "no duplicates: {reply}");
+    }
+}
+
+/// A publish whose JSON is mostly escaped quotes (9 MB, under the 16 MiB
+/// message limit) crosses the mesh whole: the link carries the relay
+/// message as bytes, not as a JSON string that would escape it twice over.
+#[tokio::test]
+async fn a_quote_heavy_publish_crosses_the_mesh_whole() {
+    let cluster = Cluster::new();
+    let members = [0, 1];
+    let agents: Vec<AgentProcess> = members
+        .iter()
+        .map(|i| cluster.start(*i, &members, "good"))
+        .collect();
+    for agent in &agents {
+        agent.wait_ready().await;
+        wait_peers(agent, 1.0).await;
+    }
     let mut at_b = subscriber(cluster.addr(1), "news").await;
-    settle(&mut publisher, &mut [&mut at_b, &mut at_c]).await;
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
+    settle(&mut publisher, &mut [&mut at_b]).await;
+    let quotes = "\"".repeat(4_500_000);
+    send_text(
+        &mut publisher,
+        json!({"type": "publish", "channel": "news", "data": quotes}).to_string(),
+    )
+    .await;
+    send_text(
+        &mut publisher,
+        json!({"type": "publish", "channel": "news", "data": {"tag": "after", "n": 0}}).to_string(),
+    )
+    .await;
+    let got = next_json(&mut at_b).await;
+    assert!(
+        got["data"].as_str() == Some(quotes.as_str()),
+        "the large message arrived changed: {} bytes",
+        got["data"].as_str().map_or(0, str::len)
+    );
+    expect_sequence(&mut at_b, "after", 1).await;
+    assert!(
+        !agents[0].log().contains("mesh link to peer down"),
+        "the link survived: {}",
+        agents[0].log()
+    );
 }

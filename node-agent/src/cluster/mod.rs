@@ -2,6 +2,7 @@
 //! watch of EdgeServices), keeps its node's EdgeNode up to date, and keeps
 //! serving from its stored config while the API server is out of reach.
 
+pub mod leave;
 pub mod render;
 pub mod state;
 
@@ -17,7 +18,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource};
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
@@ -28,6 +29,11 @@ const FIELD_MANAGER: &str = "edgewire-agent";
 const SETTLE: Duration = Duration::from_millis(200);
 /// A status change is reported at once, but no more often than this.
 const MIN_REPORT_GAP: Duration = Duration::from_secs(1);
+/// The longest a leaving agent waits for its final heartbeat to be written.
+const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the operator has taken the node out of the EndpointSlices, the
+/// proxies that route by them need a moment to follow.
+const ENDPOINTS_SETTLE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -38,6 +44,18 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub edge_node_labels: BTreeMap<String, String>,
+    /// On leaving: the longest wait for the operator to take this node out
+    /// of the endpoints.
+    pub leave_timeout: Duration,
+}
+
+/// How `run` is told that the agent is about to exit, and how it says it
+/// has done what must come first.
+pub struct Leave {
+    /// Cancelled once the agent reports its services as not listening.
+    pub now: CancellationToken,
+    /// Sent when the node is out of the endpoints (or the wait ran out).
+    pub done: oneshot::Sender<()>,
 }
 
 /// What the placement follower and the heartbeat share.
@@ -49,9 +67,17 @@ struct Shared {
     rejected: Mutex<Vec<(String, String)>>,
     /// Asks for a heartbeat now (the services changed).
     report_now: Notify,
+    /// The EdgeServices as last seen.
+    services: reflector::Store<EdgeService>,
 }
 
-pub async fn run(agent: Arc<Agent>, client: Client, options: Options, stop: CancellationToken) {
+pub async fn run(
+    agent: Arc<Agent>,
+    client: Client,
+    options: Options,
+    stop: CancellationToken,
+    leave: Leave,
+) {
     if let Some(config) = state::load(&options.state_dir) {
         tracing::info!(
             services = config.services.len(),
@@ -60,28 +86,34 @@ pub async fn run(agent: Arc<Agent>, client: Client, options: Options, stop: Canc
         );
         agent.apply(&config).await;
     }
+    let (reader, writer) = reflector::store::<EdgeService>();
     let shared = Arc::new(Shared {
         agent,
         client,
         options,
         rejected: Mutex::default(),
         report_now: Notify::new(),
+        services: reader,
     });
-    let heartbeat = tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop.clone()));
-    follow_placement(&shared, stop).await;
+    let heartbeat = tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop.clone(), leave));
+    follow_placement(&shared, writer, stop).await;
     let _ = heartbeat.await;
 }
 
 /// Watches EdgeServices and applies what is placed on this node.
-async fn follow_placement(shared: &Shared, stop: CancellationToken) {
+async fn follow_placement(
+    shared: &Shared,
+    writer: reflector::store::Writer<EdgeService>,
+    stop: CancellationToken,
+) {
     let Shared {
         agent,
         client,
         options,
         rejected,
         report_now,
+        services: reader,
     } = shared;
-    let (reader, writer) = reflector::store::<EdgeService>();
     let mut events = watcher(
         Api::<EdgeService>::all(client.clone()),
         watcher::Config::default(),
@@ -177,13 +209,14 @@ async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> 
 }
 
 /// Reports this node every heartbeat interval, and soon after a change.
-async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Leave) {
     let Shared {
         agent,
         client,
         options,
         rejected,
         report_now,
+        services: _,
     } = shared.as_ref();
     let api: Api<EdgeNode> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -234,10 +267,73 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
         }
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = leave.now.cancelled() => break,
             _ = tokio::time::sleep(options.heartbeat_interval) => {}
             _ = report_now.notified() => {
                 tokio::time::sleep(MIN_REPORT_GAP).await;
             }
         }
     }
+    let left = tokio::select! {
+        _ = stop.cancelled() => return,
+        left = leave_endpoints(&shared, &api, &params) => left,
+    };
+    if left {
+        tracing::info!("out of the endpoints; closing the ports");
+    }
+    let _ = leave.done.send(());
+}
+
+/// The last heartbeat: every service reported as not listening, so the
+/// operator takes the node out of the endpoints; then waits (bounded) until
+/// the EdgeServices show that it has. False when the wait ran out or the API
+/// server could not be told.
+async fn leave_endpoints(shared: &Shared, api: &Api<EdgeNode>, params: &PatchParams) -> bool {
+    let status = json!({
+        "apiVersion": EdgeNode::api_version(&()),
+        "kind": EdgeNode::kind(&()),
+        "status": node_status(&shared.agent, &shared.rejected).await,
+    });
+    let written = tokio::time::timeout(
+        FINAL_REPORT_TIMEOUT,
+        api.patch_status(&shared.options.node, params, &Patch::Apply(&status)),
+    )
+    .await;
+    if !matches!(written, Ok(Ok(_))) {
+        tracing::warn!("could not report the services as leaving; closing the ports anyway");
+        return false;
+    }
+    let running: Vec<String> = shared
+        .agent
+        .status()
+        .await
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let out = async {
+        loop {
+            let services: Vec<EdgeService> = shared
+                .services
+                .state()
+                .iter()
+                .map(|es| es.as_ref().clone())
+                .collect();
+            if leave::out_of_endpoints(&shared.options.node, &services, &running) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(shared.options.leave_timeout, out)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            seconds = shared.options.leave_timeout.as_secs_f64(),
+            "the operator did not take this node out of the endpoints in time; closing the ports anyway"
+        );
+        return false;
+    }
+    tokio::time::sleep(ENDPOINTS_SETTLE).await;
+    true
 }

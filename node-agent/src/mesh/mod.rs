@@ -6,39 +6,52 @@
 //! links its peers dialed. Links authenticate both ways with the shared
 //! secret (`auth`). Peers learn which channels have subscribers here
 //! (interest), and a publish is forwarded only to peers with interest, one
-//! hop, never again (`routing`). Each link has a bounded queue: a slow or dead
-//! peer loses its own messages (counted) and never stalls the others. Dial
-//! failures back off exponentially with jitter.
+//! hop, never again (`routing`). Interest belongs to the peer, not to one
+//! connection: it outlives a dropped link until the peer's next snapshot.
+//! Each link has a bounded queue for data and its own lane for interest
+//! (`outbox`): a slow or dead peer loses its own messages (counted) and never
+//! stalls the others, and data never crowds out interest. Every write has a
+//! deadline and the link's reader judges silence on its own, so a peer that
+//! stops reading is noticed and redialed. Dial failures back off
+//! exponentially with jitter.
 
 pub mod auth;
 pub mod frame;
+pub mod outbox;
 pub mod routing;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use edgewire_api::PeerSpec;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use self::auth::Role;
-use self::frame::{LinkFrame, now_us};
+use self::frame::{LinkFrame, Publish, now_us};
+use self::outbox::{Outbox, Queued, Refused};
+use crate::budget::Budget;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::service::ServiceRuntime;
 
-/// Frames queued per outbound link before new ones are dropped.
-const LINK_QUEUE: usize = 8192;
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// A link that hears nothing (not even a pong) for this long is redialed.
 const DEAD_AFTER: Duration = Duration::from_secs(15);
+/// A link whose peer takes no bytes of one write (or flush) for this long is
+/// redialed: a stopped or black-holed peer must not wedge it for as long as
+/// TCP takes to give up.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// Publishes written per flush: bounded in count and in bytes, so pings go
+/// out between batches even on a slow path.
+const BATCH_FRAMES: usize = 256;
+const BATCH_BYTES: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -49,6 +62,10 @@ pub struct Mesh {
     node: String,
     secret: Arc<Vec<u8>>,
     metrics: Metrics,
+    /// Bytes each outbound link may have queued.
+    link_queue_bytes: usize,
+    /// The agent's budget for everything queued.
+    queue_budget: Arc<Budget>,
     inner: Mutex<Inner>,
     stop: CancellationToken,
     next_generation: AtomicU64,
@@ -59,19 +76,24 @@ struct Inner {
     services: HashMap<String, Weak<ServiceRuntime>>,
     peers_by_service: HashMap<String, Vec<PeerSpec>>,
     links: HashMap<String, Link>,
-    /// What each peer has subscribers for, from its inbound link.
+    /// What each peer has subscribers for. Kept when the peer's link to us
+    /// drops (the peer still has them, and our link to it may be healthy);
+    /// replaced by its snapshot when it links again; removed when it is no
+    /// longer a peer.
     remote_interest: HashMap<String, BTreeSet<(String, String)>>,
-    /// The current inbound connection of each peer, so an old one that ends
-    /// late does not clear the new one's interest.
-    inbound_generation: HashMap<String, u64>,
+    /// The current inbound connection of each peer: only it may change the
+    /// peer's interest, and a newer one stops an older one.
+    inbound: HashMap<String, (u64, CancellationToken)>,
 }
 
 struct Link {
     address: String,
-    tx: mpsc::Sender<LinkFrame>,
-    connected: Arc<AtomicBool>,
+    outbox: Arc<Outbox>,
     stop: CancellationToken,
 }
+
+/// Why a link ended, for the log.
+type LinkEnd = &'static str;
 
 /// Backoff before redial `attempt` (1-based): doubling from 200 ms to 30 s,
 /// scaled by a random factor in [0.5, 1.5) so peers do not redial in step.
@@ -94,12 +116,32 @@ fn link_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_LINK_FRAME))
 }
 
+/// Runs one write on a link within [`WRITE_DEADLINE`].
+async fn within<F>(write: F) -> Result<(), LinkEnd>
+where
+    F: std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+{
+    match tokio::time::timeout(WRITE_DEADLINE, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("write failed"),
+        Err(_) => Err("the peer took no bytes within the write deadline"),
+    }
+}
+
 impl Mesh {
-    pub fn new(node: String, secret: Vec<u8>, metrics: Metrics) -> Arc<Mesh> {
+    pub fn new(
+        node: String,
+        secret: Vec<u8>,
+        metrics: Metrics,
+        link_queue_bytes: usize,
+        queue_budget: Arc<Budget>,
+    ) -> Arc<Mesh> {
         Arc::new(Mesh {
             node,
             secret: Arc::new(secret),
             metrics,
+            link_queue_bytes,
+            queue_budget,
             inner: Mutex::new(Inner::default()),
             stop: CancellationToken::new(),
             next_generation: AtomicU64::new(1),
@@ -119,9 +161,13 @@ impl Mesh {
         peers: &[PeerSpec],
     ) {
         let mut inner = self.lock();
-        inner
+        let weak = Arc::downgrade(runtime);
+        // A restarted service starts with no subscribers: its peers learn
+        // that from a fresh snapshot.
+        let replaced = inner
             .services
-            .insert(name.to_string(), Arc::downgrade(runtime));
+            .insert(name.to_string(), weak.clone())
+            .is_some_and(|old| !Weak::ptr_eq(&old, &weak));
         let peers: Vec<PeerSpec> = peers
             .iter()
             .filter(|p| p.node != self.node)
@@ -129,10 +175,16 @@ impl Mesh {
             .collect();
         inner.peers_by_service.insert(name.to_string(), peers);
         self.reconcile_links(&mut inner);
+        if replaced {
+            inner.resync(name);
+        }
     }
 
     pub fn remove_service(self: &Arc<Self>, name: &str) {
         let mut inner = self.lock();
+        // Peers that stay linked for other services hear that this one has
+        // no subscribers here any more.
+        inner.resync(name);
         inner.services.remove(name);
         inner.peers_by_service.remove(name);
         self.reconcile_links(&mut inner);
@@ -154,26 +206,26 @@ impl Mesh {
             }
             keep
         });
+        inner
+            .remote_interest
+            .retain(|node, _| wanted.contains_key(node));
         for (node, address) in wanted {
             if inner.links.contains_key(&node) {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(LINK_QUEUE);
-            let connected = Arc::new(AtomicBool::new(false));
+            let outbox = Arc::new(Outbox::new(self.link_queue_bytes, &self.queue_budget));
             let stop = self.stop.child_token();
             tokio::spawn(Arc::clone(self).dial_loop(
                 node.clone(),
                 address.clone(),
-                rx,
-                Arc::clone(&connected),
+                Arc::clone(&outbox),
                 stop.clone(),
             ));
             inner.links.insert(
                 node,
                 Link {
                     address,
-                    tx,
-                    connected,
+                    outbox,
                     stop,
                 },
             );
@@ -185,12 +237,7 @@ impl Mesh {
         for (service, peers) in &inner.peers_by_service {
             let up = peers
                 .iter()
-                .filter(|p| {
-                    inner
-                        .links
-                        .get(&p.node)
-                        .is_some_and(|l| l.connected.load(Ordering::Acquire))
-                })
+                .filter(|p| inner.links.get(&p.node).is_some_and(|l| l.outbox.is_up()))
                 .count() as i64;
             let total = peers.len() as i64;
             self.metrics
@@ -204,62 +251,57 @@ impl Mesh {
         }
     }
 
-    /// Tells the peers of `service` that this agent now has (or no longer
-    /// has) subscribers on `channel`.
-    pub fn interest(&self, service: &str, channel: &str, on: bool) {
-        let frame = if on {
-            LinkFrame::Subscribe {
-                service: service.into(),
-                channel: channel.into(),
-            }
-        } else {
-            LinkFrame::Unsubscribe {
-                service: service.into(),
-                channel: channel.into(),
-            }
-        };
+    /// Tells the peers of `service` that this agent's subscribers on
+    /// `channel` changed (the first came or the last left). What is sent is
+    /// the channel's state when the link gets to it, never a stale notice.
+    pub fn interest(&self, service: &str, channel: &str) {
         let inner = self.lock();
         for peer in inner.peers_by_service.get(service).into_iter().flatten() {
-            if let Some(link) = inner.links.get(&peer.node)
-                && link.connected.load(Ordering::Acquire)
-            {
-                // A full queue loses this update; the snapshot on the next
-                // reconnect repairs it, and a dead link is redialed.
-                let _ = link.tx.try_send(frame.clone());
+            if let Some(link) = inner.links.get(&peer.node) {
+                link.outbox.interest_changed(service, channel);
             }
         }
     }
 
+    /// Whether `channel` of `service` has subscribers on this agent now.
+    fn has_subscribers(&self, service: &str, channel: &str) -> bool {
+        let runtime = self.lock().services.get(service).and_then(Weak::upgrade);
+        runtime.is_some_and(|r| r.hub.subscriber_count(channel) > 0)
+    }
+
     /// Sends a local publish to every peer with subscribers on the channel.
     pub fn forward(&self, service: &str, channel: &str, message: &Utf8Bytes) {
-        let inner = self.lock();
-        let Some(peers) = inner.peers_by_service.get(service) else {
-            return;
+        let outboxes: Vec<Option<Arc<Outbox>>> = {
+            let inner = self.lock();
+            let Some(peers) = inner.peers_by_service.get(service) else {
+                return;
+            };
+            let names: Vec<String> = peers.iter().map(|p| p.node.clone()).collect();
+            routing::targets(true, service, channel, &names, &inner.remote_interest)
+                .into_iter()
+                .map(|node| inner.links.get(node).map(|l| Arc::clone(&l.outbox)))
+                .collect()
         };
-        let names: Vec<String> = peers.iter().map(|p| p.node.clone()).collect();
-        let targets = routing::targets(true, service, channel, &names, &inner.remote_interest);
-        if targets.is_empty() {
+        if outboxes.is_empty() {
             return;
         }
-        let frame = LinkFrame::Message {
-            service: service.into(),
-            channel: channel.into(),
-            message: message.to_string(),
-            sent_us: now_us(),
+        // Encoded once; each link's queue holds a reference to the same bytes.
+        let frame = match Publish::encode(service, channel, now_us(), message.as_bytes()) {
+            Ok(frame) => frame,
+            Err(err) => {
+                tracing::warn!(service, channel, %err, "cannot forward a publish");
+                return;
+            }
         };
-        for node in targets {
-            let sent = inner
-                .links
-                .get(node)
-                .filter(|l| l.connected.load(Ordering::Acquire))
-                .is_some_and(|l| l.tx.try_send(frame.clone()).is_ok());
-            if sent {
-                self.metrics
-                    .mesh_messages
-                    .with_label_values(&[service, "sent"])
-                    .inc();
-            } else {
-                self.metrics.dropped(service, DropReason::MeshUnavailable);
+        let service_name: Arc<str> = Arc::from(service);
+        for outbox in outboxes {
+            let pushed = outbox.map_or(Err(Refused::Down), |o| o.push(&service_name, &frame));
+            match pushed {
+                Ok(()) => {}
+                Err(Refused::OverBudget) => self.metrics.dropped(service, DropReason::MemoryBudget),
+                Err(Refused::Down | Refused::Full) => {
+                    self.metrics.dropped(service, DropReason::MeshUnavailable)
+                }
             }
         }
     }
@@ -301,16 +343,16 @@ impl Mesh {
         };
         let (mut sink, mut stream) = ws.split();
         let challenge = auth::nonce();
-        if sink
-            .send(Message::text(
+        let sent = within(
+            sink.send(Message::text(
                 LinkFrame::Challenge {
                     nonce: challenge.clone(),
                 }
                 .to_json(),
-            ))
-            .await
-            .is_err()
-        {
+            )),
+        )
+        .await;
+        if sent.is_err() {
             return;
         }
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await;
@@ -326,67 +368,102 @@ impl Mesh {
                     code: CloseCode::Policy,
                     reason: "mesh authentication failed".into(),
                 };
-                let _ = sink.send(Message::Close(Some(close))).await;
+                let _ = within(sink.send(Message::Close(Some(close)))).await;
                 return;
             }
         };
         let welcome = LinkFrame::Welcome {
             node: self.node.clone(),
             proof: auth::prove(&self.secret, Role::Acceptor, &their_nonce, &self.node),
+            binary: true,
         };
-        if sink.send(Message::text(welcome.to_json())).await.is_err() {
+        if within(sink.send(Message::text(welcome.to_json())))
+            .await
+            .is_err()
+        {
             return;
         }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let superseded = self.stop.child_token();
         {
             let mut inner = self.lock();
-            inner.inbound_generation.insert(node.clone(), generation);
-            inner.remote_interest.insert(node.clone(), BTreeSet::new());
+            if let Some((_, older)) = inner
+                .inbound
+                .insert(node.clone(), (generation, superseded.clone()))
+            {
+                older.cancel();
+            }
         }
         tracing::info!(peer = %node, "mesh link from peer up");
 
-        loop {
+        let why = loop {
             let next = tokio::select! {
-                _ = self.stop.cancelled() => break,
+                biased;
+                _ = superseded.cancelled() => break "replaced by a newer link",
                 next = tokio::time::timeout(DEAD_AFTER, stream.next()) => next,
             };
-            let text = match next {
-                Ok(Some(Ok(Message::Text(text)))) => text,
-                Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
-                Ok(Some(Ok(_))) => continue,
-            };
-            match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                Ok(frame) => self.on_frame(&node, frame),
-                Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
+            match next {
+                Ok(Some(Ok(Message::Binary(frame)))) => match Publish::decode(frame) {
+                    Ok(publish) => self.on_publish(publish),
+                    Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
+                },
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    match serde_json::from_str::<LinkFrame>(text.as_str()) {
+                        Ok(frame) => self.on_frame(&node, generation, frame),
+                        Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
+                    }
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) => break "closed by the peer",
+                Ok(Some(Err(_))) => break "read failed",
+                Err(_) => break "the peer was silent too long",
+                Ok(Some(Ok(_))) => {}
             }
-        }
+        };
         // The dialer's ping answers need a flush; a closed link needs none.
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
         let mut inner = self.lock();
-        if inner.inbound_generation.get(&node) == Some(&generation) {
-            inner.inbound_generation.remove(&node);
-            inner.remote_interest.remove(&node);
+        if inner
+            .inbound
+            .get(&node)
+            .is_some_and(|(g, _)| *g == generation)
+        {
+            inner.inbound.remove(&node);
         }
-        tracing::info!(peer = %node, "mesh link from peer down");
+        tracing::info!(peer = %node, why, "mesh link from peer down");
     }
 
-    fn on_frame(&self, node: &str, frame: LinkFrame) {
+    fn on_frame(&self, node: &str, generation: u64, frame: LinkFrame) {
+        let current = |inner: &Inner| {
+            inner
+                .inbound
+                .get(node)
+                .is_some_and(|(g, _)| *g == generation)
+        };
         match frame {
             LinkFrame::Interest { service, channels } => {
                 let mut inner = self.lock();
+                if !current(&inner) {
+                    return;
+                }
                 let set = inner.remote_interest.entry(node.to_string()).or_default();
                 set.retain(|(s, _)| *s != service);
                 set.extend(channels.into_iter().map(|c| (service.clone(), c)));
             }
             LinkFrame::Subscribe { service, channel } => {
-                self.lock()
-                    .remote_interest
-                    .entry(node.to_string())
-                    .or_default()
-                    .insert((service, channel));
+                let mut inner = self.lock();
+                if current(&inner) {
+                    inner
+                        .remote_interest
+                        .entry(node.to_string())
+                        .or_default()
+                        .insert((service, channel));
+                }
             }
             LinkFrame::Unsubscribe { service, channel } => {
-                if let Some(set) = self.lock().remote_interest.get_mut(node) {
+                let mut inner = self.lock();
+                if current(&inner)
+                    && let Some(set) = inner.remote_interest.get_mut(node)
+                {
                     set.remove(&(service, channel));
                 }
             }
@@ -395,51 +472,66 @@ impl Mesh {
                 channel,
                 message,
                 sent_us,
-            } => {
-                let runtime = self.lock().services.get(&service).and_then(Weak::upgrade);
-                let Some(runtime) = runtime else { return };
-                self.metrics
-                    .mesh_messages
-                    .with_label_values(&[&service, "received"])
-                    .inc();
-                let age = Duration::from_micros(now_us().saturating_sub(sent_us));
-                let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                runtime.deliver(
-                    &channel,
-                    &Utf8Bytes::from(message),
-                    published_at,
-                    DeliveryPath::Mesh,
-                );
-            }
+            } => self.on_publish(Publish {
+                service,
+                channel,
+                sent_us,
+                message: Utf8Bytes::from(message),
+            }),
             LinkFrame::Challenge { .. } | LinkFrame::Hello { .. } | LinkFrame::Welcome { .. } => {}
         }
     }
 
-    fn set_connected(&self, node: &str, connected: &AtomicBool, up: bool) {
-        connected.store(up, Ordering::Release);
+    /// Delivers a publish from a peer to the local subscribers.
+    fn on_publish(&self, publish: Publish) {
+        let runtime = self
+            .lock()
+            .services
+            .get(&publish.service)
+            .and_then(Weak::upgrade);
+        let Some(runtime) = runtime else { return };
+        self.metrics
+            .mesh_messages
+            .with_label_values(&[&publish.service, "received"])
+            .inc();
+        let age = Duration::from_micros(now_us().saturating_sub(publish.sent_us));
+        let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        runtime.deliver(
+            &publish.channel,
+            &publish.message,
+            published_at,
+            DeliveryPath::Mesh,
+        );
+    }
+
+    fn link_state_changed(&self, node: &str, up: bool, why: LinkEnd) {
         let inner = self.lock();
         self.update_peer_gauges(&inner);
         drop(inner);
         if up {
             tracing::info!(peer = %node, "mesh link to peer up");
+        } else {
+            tracing::warn!(peer = %node, why, "mesh link to peer down; redialing");
         }
     }
 
-    /// The interest snapshot for a peer: our active channels of each service
-    /// we share with it.
-    fn snapshot_for(&self, node: &str) -> Vec<LinkFrame> {
+    /// The interest snapshot of `service` for a peer: our active channels.
+    fn snapshot_of(&self, service: &str) -> LinkFrame {
+        let runtime = self.lock().services.get(service).and_then(Weak::upgrade);
+        LinkFrame::Interest {
+            service: service.to_string(),
+            channels: runtime.map(|r| r.hub.active_channels()).unwrap_or_default(),
+        }
+    }
+
+    /// The services this agent shares with `node`.
+    fn services_with(&self, node: &str) -> Vec<String> {
         let inner = self.lock();
         inner
             .peers_by_service
             .iter()
             .filter(|(_, peers)| peers.iter().any(|p| p.node == node))
-            .filter_map(|(service, _)| {
-                let runtime = inner.services.get(service)?.upgrade()?;
-                Some(LinkFrame::Interest {
-                    service: service.clone(),
-                    channels: runtime.hub.active_channels(),
-                })
-            })
+            .map(|(service, _)| service.clone())
             .collect()
     }
 
@@ -448,8 +540,7 @@ impl Mesh {
         self: Arc<Self>,
         node: String,
         address: String,
-        mut rx: mpsc::Receiver<LinkFrame>,
-        connected: Arc<AtomicBool>,
+        outbox: Arc<Outbox>,
         stop: CancellationToken,
     ) {
         let mut attempt = 0u32;
@@ -457,17 +548,23 @@ impl Mesh {
             if stop.is_cancelled() {
                 break;
             }
-            match self.dial(&node, &address).await {
-                Ok((sink, stream)) => {
+            let dialed = tokio::select! {
+                _ = stop.cancelled() => break,
+                dialed = self.dial(&node, &address) => dialed,
+            };
+            match dialed {
+                Ok(link) => {
                     attempt = 0;
-                    // Frames queued for the previous connection are stale: the
-                    // snapshot below replaces the interest ones, and messages
-                    // queued while down were not promised.
-                    while rx.try_recv().is_ok() {}
-                    self.set_connected(&node, &connected, true);
-                    self.run_link(&node, sink, stream, &mut rx, &stop).await;
-                    self.set_connected(&node, &connected, false);
-                    tracing::info!(peer = %node, "mesh link to peer down");
+                    outbox.open();
+                    self.link_state_changed(&node, true, "");
+                    let why = self.run_link(&node, link, &outbox, &stop).await;
+                    // What was queued for this connection is lost with it:
+                    // counted, never silently discarded.
+                    for queued in outbox.close() {
+                        self.metrics
+                            .dropped(&queued.service, DropReason::MeshUnavailable);
+                    }
+                    self.link_state_changed(&node, false, why);
                 }
                 Err(err) => {
                     attempt += 1;
@@ -482,10 +579,10 @@ impl Mesh {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        connected.store(false, Ordering::Release);
+        outbox.close();
     }
 
-    async fn dial(&self, node: &str, address: &str) -> Result<(LinkSink, LinkStream), String> {
+    async fn dial(&self, node: &str, address: &str) -> Result<Dialed, String> {
         let url = format!("ws://{address}/mesh");
         let connect = tokio_tungstenite::connect_async_with_config(&url, Some(link_config()), true);
         let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
@@ -504,17 +601,22 @@ impl Mesh {
             proof: auth::prove(&self.secret, Role::Dialer, &nonce, &self.node),
             nonce: ours.clone(),
         };
-        sink.send(Message::text(hello.to_json()))
+        within(sink.send(Message::text(hello.to_json())))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(str::to_string)?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await {
             Ok(Some(LinkFrame::Welcome {
                 node: theirs,
                 proof,
+                binary,
             })) if theirs == node
                 && auth::verify(&self.secret, Role::Acceptor, &ours, &theirs, &proof) =>
             {
-                Ok((sink, stream))
+                Ok(Dialed {
+                    sink,
+                    stream,
+                    binary,
+                })
             }
             Ok(Some(LinkFrame::Welcome { node: theirs, .. })) if theirs != node => {
                 Err(format!("the peer at {address} is {theirs:?}, not {node:?}"))
@@ -525,67 +627,164 @@ impl Mesh {
         }
     }
 
+    /// Runs one connection of the outbound link until it fails or `stop`.
+    /// The reader and the writer run side by side: the reader judges the
+    /// peer's silence whatever the writer is blocked on, and every write has
+    /// its own deadline.
     async fn run_link(
         &self,
         node: &str,
-        mut sink: LinkSink,
-        mut stream: LinkStream,
-        rx: &mut mpsc::Receiver<LinkFrame>,
+        link: Dialed,
+        outbox: &Outbox,
         stop: &CancellationToken,
-    ) {
-        for frame in self.snapshot_for(node) {
-            if sink.send(Message::text(frame.to_json())).await.is_err() {
-                return;
+    ) -> LinkEnd {
+        let Dialed {
+            mut sink,
+            mut stream,
+            binary,
+        } = link;
+        let reader = async {
+            loop {
+                match tokio::time::timeout(DEAD_AFTER, stream.next()).await {
+                    Err(_) => return "the peer was silent too long",
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return "closed by the peer",
+                    Ok(Some(Err(_))) => return "read failed",
+                    Ok(Some(Ok(_))) => {}
+                }
+            }
+        };
+        // Publishes taken from the queue and not yet written; whatever is
+        // left here when the link ends (the writer may be cut off mid-batch)
+        // is counted as dropped.
+        let mut in_flight = VecDeque::new();
+        let why = tokio::select! {
+            _ = stop.cancelled() => "stopped",
+            why = reader => why,
+            why = self.write_link(node, &mut sink, outbox, binary, &mut in_flight) => why,
+        };
+        for lost in in_flight {
+            self.metrics
+                .dropped(&lost.service, DropReason::MeshUnavailable);
+        }
+        if why == "stopped" {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+        }
+        why
+    }
+
+    /// Writes interest (first, always) and queued publishes, and pings.
+    async fn write_link(
+        &self,
+        node: &str,
+        sink: &mut LinkSink,
+        outbox: &Outbox,
+        binary: bool,
+        in_flight: &mut VecDeque<Queued>,
+    ) -> LinkEnd {
+        for service in self.services_with(node) {
+            let frame = self.snapshot_of(&service);
+            if let Err(why) = within(sink.feed(Message::text(frame.to_json()))).await {
+                return why;
             }
         }
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut heard = Instant::now();
+        if let Err(why) = within(sink.flush()).await {
+            return why;
+        }
+        let mut next_ping = tokio::time::Instant::now() + PING_EVERY;
         loop {
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => {
-                    let _ = sink.send(Message::Close(None)).await;
-                    return;
-                }
-                // Keepalives first: a backlog of data never delays them.
-                _ = ping.tick() => {
-                    if heard.elapsed() > DEAD_AFTER {
-                        tracing::warn!(peer = %node, "mesh peer silent; redialing");
-                        return;
-                    }
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        return;
-                    }
-                }
-                read = stream.next() => match read {
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                    Some(Ok(_)) => heard = Instant::now(),
-                },
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { return };
-                    if sink.feed(Message::text(frame.to_json())).await.is_err() {
-                        return;
-                    }
-                    // Batch what is already queued into one flush.
-                    let mut batch = 0;
-                    while batch < 256 {
-                        let Ok(more) = rx.try_recv() else { break };
-                        if sink.feed(Message::text(more.to_json())).await.is_err() {
-                            return;
+            let interest = outbox.take_interest();
+            if !interest.is_empty() {
+                let frames = interest
+                    .snapshots
+                    .iter()
+                    .map(|service| self.snapshot_of(service))
+                    .chain(interest.channels.into_iter().map(|(service, channel)| {
+                        if self.has_subscribers(&service, &channel) {
+                            LinkFrame::Subscribe { service, channel }
+                        } else {
+                            LinkFrame::Unsubscribe { service, channel }
                         }
-                        batch += 1;
-                    }
-                    if sink.flush().await.is_err() {
-                        return;
+                    }));
+                for frame in frames {
+                    if let Err(why) = within(sink.feed(Message::text(frame.to_json()))).await {
+                        return why;
                     }
                 }
+                if let Err(why) = within(sink.flush()).await {
+                    return why;
+                }
+                continue;
+            }
+            in_flight.extend(outbox.take_batch(BATCH_FRAMES, BATCH_BYTES));
+            if in_flight.is_empty() {
+                tokio::select! {
+                    _ = outbox.wait() => {}
+                    _ = tokio::time::sleep_until(next_ping) => {}
+                }
+            } else {
+                while let Some(queued) = in_flight.front() {
+                    let message = if binary {
+                        Some(Message::Binary(queued.frame.clone()))
+                    } else {
+                        // An older peer: the same publish as JSON.
+                        Publish::decode(queued.frame.clone())
+                            .ok()
+                            .map(|publish| Message::text(publish.to_legacy().to_json()))
+                    };
+                    let written = message.is_some();
+                    if let Some(message) = message
+                        && let Err(why) = within(sink.feed(message)).await
+                    {
+                        return why;
+                    }
+                    let Some(done) = in_flight.pop_front() else {
+                        break;
+                    };
+                    if written {
+                        self.metrics
+                            .mesh_messages
+                            .with_label_values(&[&done.service, "sent"])
+                            .inc();
+                    } else {
+                        self.metrics
+                            .dropped(&done.service, DropReason::MeshUnavailable);
+                    }
+                }
+                if let Err(why) = within(sink.flush()).await {
+                    return why;
+                }
+            }
+            if tokio::time::Instant::now() >= next_ping {
+                if let Err(why) = within(sink.send(Message::Ping(Default::default()))).await {
+                    return why;
+                }
+                next_ping = tokio::time::Instant::now() + PING_EVERY;
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Asks every link of `service`'s peers to send its interest again.
+    fn resync(&self, service: &str) {
+        for peer in self.peers_by_service.get(service).into_iter().flatten() {
+            if let Some(link) = self.links.get(&peer.node) {
+                link.outbox.resync(service);
             }
         }
     }
 }
 
 type LinkWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// An authenticated outbound connection.
+struct Dialed {
+    sink: LinkSink,
+    stream: LinkStream,
+    /// The peer takes publishes as binary frames.
+    binary: bool,
+}
 type LinkSink = futures_util::stream::SplitSink<LinkWs, Message>;
 type LinkStream = futures_util::stream::SplitStream<LinkWs>;
 

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budget;
 use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::relay::{ConnId, Hub};
@@ -29,6 +30,17 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// dry, so a burst of deliveries leaves in few writes.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
+/// What every service of the agent shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Metrics,
+    /// Links to the other agents, when meshed.
+    pub mesh: Option<Arc<Mesh>>,
+    /// The budget for everything queued in the agent (send queues and mesh
+    /// links together).
+    pub queue_budget: Arc<Budget>,
+}
+
 /// State shared by every connection of one service.
 pub struct ServiceRuntime {
     pub config: ServiceConfig,
@@ -36,6 +48,8 @@ pub struct ServiceRuntime {
     pub hub: Hub,
     /// Links to the other agents running this service, when meshed.
     pub mesh: Option<Arc<Mesh>>,
+    /// The agent's budget for everything queued, shared by all services.
+    pub queue_budget: Arc<Budget>,
     ws_config: WebSocketConfig,
     open: AtomicU32,
     next_id: AtomicU64,
@@ -45,12 +59,8 @@ pub struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    fn new(
-        config: ServiceConfig,
-        metrics: Metrics,
-        mesh: Option<Arc<Mesh>>,
-        stop: CancellationToken,
-    ) -> ServiceRuntime {
+    fn new(config: ServiceConfig, shared: &Shared, stop: CancellationToken) -> ServiceRuntime {
+        let metrics = shared.metrics.clone();
         let max = config.limits.max_message_bytes as usize;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
@@ -65,7 +75,8 @@ impl ServiceRuntime {
             config,
             metrics,
             hub: Hub::new(),
-            mesh,
+            mesh: shared.mesh.clone(),
+            queue_budget: Arc::clone(&shared.queue_budget),
             ws_config,
             open: AtomicU32::new(0),
             next_id: AtomicU64::new(1),
@@ -94,17 +105,21 @@ impl ServiceRuntime {
             published_at,
             path,
             self.config.limits.slow_consumer,
+            &self.queue_budget,
         );
         for _ in 0..report.dropped {
             self.metrics.dropped(self.name(), DropReason::SlowConsumer);
+        }
+        for _ in 0..report.over_budget {
+            self.metrics.dropped(self.name(), DropReason::MemoryBudget);
         }
     }
 
     /// Tells the mesh peers when a channel gains its first or loses its last
     /// local subscriber.
-    pub fn interest_changed(&self, channel: &str, on: bool) {
+    pub fn interest_changed(&self, channel: &str) {
         if let Some(mesh) = &self.mesh {
-            mesh.interest(self.name(), channel, on);
+            mesh.interest(self.name(), channel);
         }
     }
 
@@ -185,8 +200,7 @@ impl RunningService {
     pub async fn start(
         config: ServiceConfig,
         bind_ip: IpAddr,
-        metrics: Metrics,
-        mesh: Option<Arc<Mesh>>,
+        shared: &Shared,
         parent: &CancellationToken,
     ) -> Result<RunningService, BindError> {
         let addr = SocketAddr::new(bind_ip, config.port);
@@ -196,12 +210,7 @@ impl RunningService {
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
-        let runtime = Arc::new(ServiceRuntime::new(
-            config,
-            metrics,
-            mesh,
-            parent.child_token(),
-        ));
+        let runtime = Arc::new(ServiceRuntime::new(config, shared, parent.child_token()));
         let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime)));
         tracing::info!(service = runtime.name(), %local_addr, "service listening");
         Ok(RunningService {

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::ProtocolError};
 
 use super::{ConnectionSlot, ServiceRuntime};
+use crate::budget::Budget;
 use crate::handlers;
 use crate::metrics::{DeliveryPath, Direction, DropReason};
 use crate::relay::{ConnId, Delivery, Subscriber};
@@ -76,7 +77,7 @@ pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: Connec
     };
     let end = session.serve(&mut sink, &mut stream).await;
     for channel in runtime.hub.remove_connection(&session.subscriptions, id) {
-        runtime.interest_changed(&channel, false);
+        runtime.interest_changed(&channel);
     }
     drop(session);
 
@@ -283,7 +284,7 @@ impl Session {
                 self.known_channel(&id, &channel)?;
                 let subscriber = self.subscriber();
                 if runtime.hub.subscribe(&channel, self.id, subscriber).edge {
-                    runtime.interest_changed(&channel, true);
+                    runtime.interest_changed(&channel);
                 }
                 self.subscriptions.insert(channel.clone());
                 Ok(Some(ServerMessage::Subscribed { id, channel }))
@@ -291,7 +292,7 @@ impl Session {
             ClientMessage::Unsubscribe { id, channel } => {
                 self.known_channel(&id, &channel)?;
                 if runtime.hub.unsubscribe(&channel, self.id).edge {
-                    runtime.interest_changed(&channel, false);
+                    runtime.interest_changed(&channel);
                 }
                 self.subscriptions.remove(&channel);
                 Ok(Some(ServerMessage::Unsubscribed { id, channel }))
@@ -348,11 +349,22 @@ impl Session {
     }
 
     fn subscriber(&mut self) -> Subscriber {
-        let capacity = self.runtime.config.limits.send_queue_messages as usize;
+        let limits = &self.runtime.config.limits;
+        let capacity = limits.send_queue_messages as usize;
+        let bytes = limits.send_queue_bytes();
         let (subscriber, _, _) = self.queue.get_or_insert_with(|| {
             let (queue, rx) = mpsc::channel(capacity);
             let (evict, evict_rx) = mpsc::channel(1);
-            (Subscriber { queue, evict }, rx, evict_rx)
+            let budget = Budget::new(bytes);
+            (
+                Subscriber {
+                    queue,
+                    budget,
+                    evict,
+                },
+                rx,
+                evict_rx,
+            )
         });
         subscriber.clone()
     }

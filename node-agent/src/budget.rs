@@ -1,0 +1,119 @@
+//! Memory budgets in bytes for what waits to be written: each queued
+//! message is charged to its queue's budget (a connection's send queue, a
+//! mesh link) and to the agent's global budget, and gives the bytes back when
+//! it is written or dropped. A message that does not fit is refused at once,
+//! so no slow reader, however slow, grows the agent past its budget.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// What a queued entry costs besides its bytes (queue slot, timestamps,
+/// reference counts), so that a flood of tiny messages is bounded too.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Which budget refused a charge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exceeded {
+    /// The queue's own budget: this reader is behind.
+    Queue,
+    /// The agent's global budget: everything queued together is at the limit.
+    Global,
+}
+
+/// Bytes held against a queue's budget and the global one, given back on drop.
+#[derive(Debug)]
+pub struct Charge {
+    bytes: usize,
+    queue: Arc<Budget>,
+    global: Arc<Budget>,
+}
+
+impl Charge {
+    /// Charges `bytes` (plus [`ENTRY_OVERHEAD`]) to both budgets, or to neither.
+    pub fn take(
+        bytes: usize,
+        queue: &Arc<Budget>,
+        global: &Arc<Budget>,
+    ) -> Result<Charge, Exceeded> {
+        let bytes = bytes + ENTRY_OVERHEAD;
+        if !queue.try_take(bytes) {
+            return Err(Exceeded::Queue);
+        }
+        if !global.try_take(bytes) {
+            queue.give_back(bytes);
+            return Err(Exceeded::Global);
+        }
+        Ok(Charge {
+            bytes,
+            queue: Arc::clone(queue),
+            global: Arc::clone(global),
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.queue.give_back(self.bytes);
+        self.global.give_back(self.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_fit_both_budgets_or_neither_and_come_back_on_drop() {
+        let global = Budget::new(1000);
+        let a = Budget::new(600);
+        let b = Budget::new(600);
+        let first = Charge::take(436, &a, &global).unwrap();
+        assert_eq!((a.used(), global.used()), (500, 500));
+        assert_eq!(Charge::take(100, &a, &global).unwrap_err(), Exceeded::Queue);
+        let second = Charge::take(436, &b, &global).unwrap();
+        assert_eq!(
+            Charge::take(10, &b, &global).unwrap_err(),
+            Exceeded::Global,
+            "74 more bytes would fit b (500 of 600) but not the global budget (1000 of 1000)"
+        );
+        assert_eq!(b.used(), 500, "a refused charge leaves nothing behind");
+        drop(first);
+        drop(second);
+        assert_eq!((a.used(), b.used(), global.used()), (0, 0, 0));
+    }
+}
