@@ -51,6 +51,29 @@ pub struct Subscriber {
     pub evict: mpsc::Sender<()>,
 }
 
+impl Subscriber {
+    /// A subscriber whose queue holds at most `capacity` messages and
+    /// `bytes` bytes, with the receiving ends of its queue and of its
+    /// eviction signal.
+    pub fn new(
+        capacity: usize,
+        bytes: usize,
+    ) -> (Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let (evict, evict_rx) = mpsc::channel(1);
+        let budget = Budget::new(bytes);
+        (
+            Subscriber {
+                queue,
+                budget,
+                evict,
+            },
+            rx,
+            evict_rx,
+        )
+    }
+}
+
 /// What one publish did, for the caller's metrics.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FanOut {
@@ -191,18 +214,7 @@ mod tests {
         capacity: usize,
         bytes: usize,
     ) -> (Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>) {
-        let (queue, rx) = mpsc::channel(capacity);
-        let (evict, evict_rx) = mpsc::channel(1);
-        let budget = Budget::new(bytes);
-        (
-            Subscriber {
-                queue,
-                budget,
-                evict,
-            },
-            rx,
-            evict_rx,
-        )
+        Subscriber::new(capacity, bytes)
     }
 
     fn global() -> Arc<Budget> {

@@ -18,7 +18,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::ProtocolError};
 
 use super::{ConnectionSlot, ServiceRuntime};
-use crate::budget::Budget;
 use crate::handlers;
 use crate::metrics::{DeliveryPath, Direction, DropReason};
 use crate::relay::{ConnId, Delivery, Subscriber};
@@ -352,20 +351,9 @@ impl Session {
         let limits = &self.runtime.config.limits;
         let capacity = limits.send_queue_messages as usize;
         let bytes = limits.send_queue_bytes();
-        let (subscriber, _, _) = self.queue.get_or_insert_with(|| {
-            let (queue, rx) = mpsc::channel(capacity);
-            let (evict, evict_rx) = mpsc::channel(1);
-            let budget = Budget::new(bytes);
-            (
-                Subscriber {
-                    queue,
-                    budget,
-                    evict,
-                },
-                rx,
-                evict_rx,
-            )
-        });
+        let (subscriber, _, _) = self
+            .queue
+            .get_or_insert_with(|| Subscriber::new(capacity, bytes));
         subscriber.clone()
     }
 
