@@ -65,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kwok: !no_kwok,
                 detached: true,
                 dir,
+                ..Options::default()
             })
             .await
             .context("starting the control plane")?;
