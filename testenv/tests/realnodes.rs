@@ -177,12 +177,12 @@ async fn real_nodes_run_pods_take_faults_and_leave_nothing_behind() {
     // A pod on each node runs in that node's pod range.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for (index, name) in cluster.node_names().iter().enumerate() {
-        pods.create(
-            &PostParams::default(),
-            &pause_pod(&format!("p{index}"), name),
-        )
-        .await
-        .expect("create pod");
+        // Accepted once the controller manager made the default service account.
+        let pod = pause_pod(&format!("p{index}"), name);
+        eventually("the pod accepted", async || {
+            pods.create(&PostParams::default(), &pod).await.is_ok()
+        })
+        .await;
     }
     for index in 0..2 {
         let pod_name = format!("p{index}");

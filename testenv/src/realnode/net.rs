@@ -181,6 +181,19 @@ pub fn conflicting_routes(routes: &str) -> Vec<String> {
 /// Removes the bridge (its routes go with it) and every node namespace,
 /// by name, whoever made them.
 pub fn down() {
+    // The host ends of the veth pairs first: deleting one end deletes both
+    // at once, where a deleted namespace takes its devices down later, in
+    // the background, and the next run would find the names taken.
+    if let Ok(links) = ip(&["-o", "link", "show"]) {
+        for link in links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name))
+            .filter(|name| name.starts_with(&format!("{PREFIX}-")))
+        {
+            let _ = ip(&["link", "del", link]);
+        }
+    }
     if let Ok(list) = ip(&["netns", "list"]) {
         for ns in list
             .lines()

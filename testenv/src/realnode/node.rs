@@ -80,10 +80,16 @@ pub fn cgroup_name(net: &NodeNet) -> String {
     net.netns.clone()
 }
 
-/// Every directory of every cgroup whose name starts with the prefix, in
-/// each hierarchy: what is removed after a run.
+/// Every cgroup whose name starts with the prefix, in every hierarchy (the
+/// kubelet also makes its cgroups in a hybrid host's unified one): what is
+/// removed after a run.
 pub fn prefixed_cgroups() -> Vec<PathBuf> {
-    cgroup_roots()
+    let root = Path::new("/sys/fs/cgroup");
+    let mut roots = cgroup_roots();
+    if root.join("unified").is_dir() {
+        roots.push(root.join("unified"));
+    }
+    roots
         .into_iter()
         .flat_map(|root| {
             std::fs::read_dir(&root)
