@@ -222,6 +222,20 @@ pub fn distroless_cc(binary: &Path) -> Result<Vec<ImageFile>, Error> {
     Ok(files)
 }
 
+/// A copy of `binary` in `dir` without its debug information: a debug
+/// build's binary is ten times the size of the release one, and every node
+/// imports it.
+pub fn without_debug_info(binary: &Path, dir: &Path) -> Result<PathBuf, Error> {
+    let name = binary
+        .file_name()
+        .ok_or_else(|| Error::Setup(format!("{} names no file", binary.display())))?;
+    let out = dir.join(name);
+    std::fs::copy(binary, &out)
+        .map_err(|e| Error::io(format!("copying {}", binary.display()), e))?;
+    run("strip", &["--strip-debug", &out.display().to_string()])?;
+    Ok(out)
+}
+
 /// A static program alone, e.g. the pause image.
 pub fn single_binary(binary: &Path, path: &str, reference: &str) -> ImageSpec {
     ImageSpec {
@@ -404,6 +418,46 @@ ENTRYPOINT ["/usr/local/bin/x"]
         assert_eq!(stage.copies, vec!["/usr/local/bin/x".to_string()]);
         assert_eq!(stage.user, "65532:65532");
         assert_eq!(stage.entrypoint, vec!["/usr/local/bin/x".to_string()]);
+    }
+
+    /// The project's Dockerfiles stay within what the builder reproduces, so
+    /// the images the tests run are laid out as the released ones.
+    #[test]
+    fn the_project_images_are_built_as_their_dockerfiles_say() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (dockerfile, binary) in [
+            ("operator/Dockerfile", "edgewire-operator"),
+            ("node-agent/Dockerfile", "edgewire-agent"),
+        ] {
+            let text = std::fs::read_to_string(root.join(dockerfile)).expect("Dockerfile");
+            let stage = final_stage(&text).expect("a final stage the builder reproduces");
+            let path = format!("/usr/local/bin/{binary}");
+            assert_eq!(stage.base, DISTROLESS_CC, "{dockerfile}");
+            assert_eq!(stage.copies, vec![path.clone()], "{dockerfile}");
+            assert_eq!(stage.user, "65532:65532", "{dockerfile}");
+            assert_eq!(stage.entrypoint, vec![path.clone()], "{dockerfile}");
+            // Any glibc program stands in for the binary.
+            let spec = from_dockerfile(
+                &root.join(dockerfile),
+                Path::new("/bin/true"),
+                &format!("edgewire/{binary}:test"),
+            )
+            .expect("an image spec");
+            assert_eq!(spec.name, format!("docker.io/edgewire/{binary}:test"));
+            assert_eq!(spec.entrypoint, vec![path.clone()]);
+            assert_eq!(spec.user, "65532:65532");
+            let paths: Vec<&str> = spec.files.iter().map(|f| f.path.as_str()).collect();
+            for wanted in [path.as_str(), CA_BUNDLE, "/etc/passwd", "/etc/group"] {
+                assert!(
+                    paths.contains(&wanted),
+                    "{dockerfile}: {wanted} in {paths:?}"
+                );
+            }
+            assert!(
+                paths.iter().any(|p| p.contains("libc.so")),
+                "{dockerfile}: glibc in {paths:?}"
+            );
+        }
     }
 
     #[test]
