@@ -461,6 +461,22 @@ async fn real_nodes_install_serve_survive_faults_upgrade_and_uninstall() {
     })
     .await;
 
+    wait_for("every agent Ready again before the upgrade", || {
+        kubectl(
+            plane,
+            &[
+                "get",
+                "daemonset",
+                "edgewire-agent",
+                "-n",
+                SYSTEM,
+                "-o",
+                "jsonpath={.status.numberReady}",
+            ],
+        ) == "3"
+    })
+    .await;
+
     // helm upgrade to a new image tag: the DaemonSet rolls one node at a
     // time, and at every moment at least two agents are ready.
     helm(
@@ -491,7 +507,26 @@ async fn real_nodes_install_serve_survive_faults_upgrade_and_uninstall() {
                     .any(|c| c["type"] == "Ready" && c["status"] == "True")
             })
             .count();
-        fewest_ready = fewest_ready.min(ready);
+        if ready < fewest_ready {
+            fewest_ready = ready;
+            let states: Vec<String> = items
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {} deleting={} ready={}",
+                        p["spec"]["nodeName"],
+                        p["spec"]["containers"][0]["image"],
+                        p["metadata"]["deletionTimestamp"].is_string(),
+                        p["status"]["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    )
+                })
+                .collect();
+            eprintln!("fewest agents ready so far: {ready}: {states:?}");
+        }
         let all_next = items.len() == 3
             && ready == 3
             && items.iter().all(|p| {
