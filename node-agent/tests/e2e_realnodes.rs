@@ -87,11 +87,11 @@ fn diagnose(plane: &ControlPlane) -> String {
             "--tail=10",
         ][..],
     ] {
-        if let Ok(mut cmd) = plane.kubectl() {
-            if let Ok(out) = cmd.args(args).output() {
-                report.push_str(&String::from_utf8_lossy(&out.stdout));
-                report.push_str(&String::from_utf8_lossy(&out.stderr));
-            }
+        if let Ok(mut cmd) = plane.kubectl()
+            && let Ok(out) = cmd.args(args).output()
+        {
+            report.push_str(&String::from_utf8_lossy(&out.stdout));
+            report.push_str(&String::from_utf8_lossy(&out.stderr));
         }
     }
     report
@@ -347,18 +347,16 @@ async fn real_nodes_install_serve_survive_faults_upgrade_and_uninstall() {
     step("EdgeServices Ready");
 
     // The seed's clients, unchanged, on every node.
-    for index in 0..names.len() {
+    for (index, name) in names.iter().enumerate() {
         assert_eq!(
             seed_client_on(&cluster, index, "ws_client.py"),
             "Received data: Echo: Hello, WebSocket!\n",
-            "echo on {}",
-            names[index]
+            "echo on {name}"
         );
         assert_eq!(
             seed_client_on(&cluster, index, "http_client.py"),
             "Result: 3\n",
-            "add on {}",
-            names[index]
+            "add on {name}"
         );
     }
     step("seed clients answered on every node");
@@ -377,12 +375,11 @@ async fn real_nodes_install_serve_survive_faults_upgrade_and_uninstall() {
         ],
     );
     let url = format!("http://{cluster_ip}:5000/add?a=2&b=3");
-    for index in 0..names.len() {
+    for (index, name) in names.iter().enumerate() {
         let answer = get_from_node(&cluster, index, &url);
         assert!(
             answer.as_deref().is_some_and(|a| a.contains('5')),
-            "compute's ClusterIP from {}: {answer:?}",
-            names[index]
+            "compute's ClusterIP from {name}: {answer:?}"
         );
     }
     let all: Vec<String> = {

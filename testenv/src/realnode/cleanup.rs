@@ -121,7 +121,7 @@ fn remove_stale_shim_sockets() {
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             let name = path.display().to_string();
-            if !live.iter().any(|l| *l == name) {
+            if !live.contains(&name) {
                 let _ = std::fs::remove_file(&path);
             }
         }
