@@ -27,6 +27,17 @@ if (( ${#missing[@]} )); then
 fi
 prometheus --version 2>&1 | head -n 1
 
+stage "Debian packages for the real nodes (containerd, runc, CNI plugins, iptables)"
+if ! command -v containerd >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1 ||
+  [[ ! -x /usr/lib/cni/bridge ]] || ! command -v iptables >/dev/null 2>&1; then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    containerd runc containernetworking-plugins iptables >/dev/null
+fi
+containerd --version
+
 stage "Python packages for the seed clients (virtualenv in target/test-venv)"
 venv="$root/target/test-venv"
 if [[ ! -x "$venv/bin/python" ]]; then

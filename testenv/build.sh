@@ -55,7 +55,8 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
 done
 
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+# kubelet and kube-proxy run the real nodes (testenv/src/realnode).
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   build "$cmd" "$here/go/kubernetes" "$k8s_ldflags" "k8s.io/kubernetes/cmd/$cmd"
 done
 build etcd "$here/go/etcd" "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=release-${ETCD_VERSION}" go.etcd.io/etcd/server/v3
@@ -63,6 +64,17 @@ install_gomod kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=$KUBERNETES_VERSION"
 install_gomod helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
+
+# The pod sandbox process of the real nodes' pause image: static, so the image
+# holds nothing else.
+if [[ -x "$bin/pause" ]]; then
+  log "pause: cached"
+else
+  log "pause: building $here/realnode-pause.c"
+  cc -Os -static -o "$bin/.pause.tmp" "$here/realnode-pause.c"
+  strip "$bin/.pause.tmp"
+  mv "$bin/.pause.tmp" "$bin/pause"
+fi
 
 # kwok v0.8 simulates nothing unless given its stages; take them from the
 # kwok module of the pinned version rather than keeping copies here.

@@ -13,14 +13,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::kubeconfig;
+use crate::listeners;
 use crate::pki::Pki;
 use crate::process::{self, Component};
 
 /// How long each component gets to come up on a busy two-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often a component is started on new ports after finding one taken.
+const PORT_ATTEMPTS: usize = 5;
 /// Kubernetes needs a service range to allocate from; nothing is ever sent to it.
 const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's address: the first of `SERVICE_CIDR`.
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -35,6 +40,19 @@ pub struct Options {
     /// writes its audit log, one JSON event a line, to
     /// [`ControlPlane::audit_log`].
     pub audit_policy: Option<String>,
+    /// Ports to try first instead of free ones; any found taken is replaced.
+    pub first_ports: Option<Ports>,
+    /// Serve the API to real nodes too (see `realnode`).
+    pub node_access: Option<NodeAccess>,
+}
+
+/// How real nodes (kubelets in network namespaces on a bridge) reach the API
+/// server: it listens and advertises on the host's address on that bridge
+/// instead of 127.0.0.1, and authorizes kubelets as a real cluster does (Node
+/// authorization, NodeRestriction, a client certificate towards kubelets).
+#[derive(Clone, Debug)]
+pub struct NodeAccess {
+    pub address: std::net::Ipv4Addr,
 }
 
 /// The ports the control plane listens on, all on 127.0.0.1.
@@ -141,8 +159,9 @@ fn kwok_stages() -> Result<PathBuf, Error> {
     built(dir.join("kwok-stages.yaml"))
 }
 
-/// A port that is free now. The bind-and-release race is harmless here: a
-/// component that loses it fails to start, and the error says so.
+/// A port that is free now. Something else may take it before the component
+/// that is given it binds it; `launch_listening` starts that component again
+/// on another port.
 pub fn free_port() -> Result<u16, Error> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -174,21 +193,151 @@ impl ControlPlane {
         };
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| Error::io("creating the log dir", e))?;
-        let pki = Pki::generate(&dir.join("pki"))?;
-        let ports = Ports {
-            etcd_client: free_port()?,
-            etcd_peer: free_port()?,
-            apiserver: free_port()?,
-            controller_manager: free_port()?,
-            scheduler: free_port()?,
-            kwok: if options.kwok {
-                Some(free_port()?)
-            } else {
-                None
+        let api_address = options
+            .node_access
+            .as_ref()
+            .map_or_else(|| "127.0.0.1".to_string(), |a| a.address.to_string());
+        let extra_sans: Vec<String> = options
+            .node_access
+            .iter()
+            .map(|a| a.address.to_string())
+            .collect();
+        let pki = Pki::generate(&dir.join("pki"), &extra_sans)?;
+        let node_flags: Vec<String> = match &options.node_access {
+            None => s(&["--authorization-mode=RBAC"]),
+            Some(_) => vec![
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path(&pki.kubelet_client.cert)
+                ),
+                format!("--kubelet-client-key={}", path(&pki.kubelet_client.key)),
+                // Node names are not in any DNS; logs and exec go to the address.
+                "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+            ],
+        };
+        let mut ports = match &options.first_ports {
+            Some(first) => first.clone(),
+            None => Ports {
+                etcd_client: free_port()?,
+                etcd_peer: free_port()?,
+                apiserver: free_port()?,
+                controller_manager: free_port()?,
+                scheduler: free_port()?,
+                kwok: if options.kwok {
+                    Some(free_port()?)
+                } else {
+                    None
+                },
             },
         };
-        let server = format!("https://127.0.0.1:{}", ports.apiserver);
+        if options.kwok && ports.kwok.is_none() {
+            ports.kwok = Some(free_port()?);
+        }
         let kubeconfig = dir.join("admin.kubeconfig");
+        let kcm_kubeconfig = dir.join("controller-manager.kubeconfig");
+        let scheduler_kubeconfig = dir.join("scheduler.kubeconfig");
+
+        let mut plane = ControlPlane {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            dir: dir.clone(),
+            server: String::new(),
+            kubeconfig: kubeconfig.clone(),
+            ports: ports.clone(),
+            pki: pki.clone(),
+            components: Vec::new(),
+            detached: options.detached,
+            keep_running: false,
+            stopped: false,
+        };
+        let etcd_dir = dir.join("etcd");
+        plane
+            .launch_listening(
+                "etcd",
+                &mut ports,
+                |p| {
+                    p.etcd_client = free_port()?;
+                    p.etcd_peer = free_port()?;
+                    // Whatever the failed start wrote names the old ports.
+                    let _ = std::fs::remove_dir_all(&etcd_dir);
+                    Ok(())
+                },
+                |p| {
+                    let client = format!("http://127.0.0.1:{}", p.etcd_client);
+                    let peer = format!("http://127.0.0.1:{}", p.etcd_peer);
+                    vec![
+                        "--name=testenv".into(),
+                        format!("--data-dir={}", path(&etcd_dir)),
+                        format!("--listen-client-urls={client}"),
+                        format!("--advertise-client-urls={client}"),
+                        format!("--listen-peer-urls={peer}"),
+                        format!("--initial-advertise-peer-urls={peer}"),
+                        format!("--initial-cluster=testenv={peer}"),
+                        // A test cluster does not need its writes on disk before the
+                        // ack; this keeps etcd off the critical path of every test.
+                        "--unsafe-no-fsync".into(),
+                        "--log-level=warn".into(),
+                    ]
+                },
+                |p| vec![p.etcd_client, p.etcd_peer],
+            )
+            .await?;
+        let etcd_client_port = ports.etcd_client;
+        plane
+            .wait_for("etcd", || etcd_healthy(etcd_client_port))
+            .await?;
+
+        let etcd_client = format!("http://127.0.0.1:{}", ports.etcd_client);
+        let apiserver_dir = dir.join("apiserver");
+        let audit = audit_args(&dir, options.audit_policy.as_deref())?;
+        plane
+            .launch_listening(
+                "kube-apiserver",
+                &mut ports,
+                |p| {
+                    p.apiserver = free_port()?;
+                    Ok(())
+                },
+                |p| {
+                    [
+                        vec![
+                            format!("--bind-address={api_address}"),
+                            format!("--advertise-address={api_address}"),
+                        ],
+                        node_flags.clone(),
+                        s(&[
+                            "--allow-privileged=true",
+                            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                            "--enable-priority-and-fairness=false",
+                            "--profiling=false",
+                        ]),
+                        vec![
+                            format!("--etcd-servers={etcd_client}"),
+                            format!("--secure-port={}", p.apiserver),
+                            format!("--cert-dir={}", path(&apiserver_dir)),
+                            format!("--tls-cert-file={}", path(&pki.serving.cert)),
+                            format!("--tls-private-key-file={}", path(&pki.serving.key)),
+                            format!("--client-ca-file={}", path(&pki.ca.cert)),
+                            format!(
+                                "--service-account-key-file={}",
+                                path(&pki.service_account_pub)
+                            ),
+                            format!(
+                                "--service-account-signing-key-file={}",
+                                path(&pki.service_account_key)
+                            ),
+                            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                        ],
+                        audit.clone(),
+                    ]
+                    .concat()
+                },
+                |p| vec![p.apiserver],
+            )
+            .await?;
+        // The kubeconfigs name the API server's port, known only now.
+        let server = format!("https://{api_address}:{}", ports.apiserver);
         let write = |file: &Path, text: String| {
             std::fs::write(file, text)
                 .map_err(|e| Error::io(format!("writing {}", file.display()), e))
@@ -197,7 +346,6 @@ impl ControlPlane {
             &kubeconfig,
             kubeconfig::render(&server, &pki.ca.cert, "admin", &pki.admin),
         )?;
-        let kcm_kubeconfig = dir.join("controller-manager.kubeconfig");
         write(
             &kcm_kubeconfig,
             kubeconfig::render(
@@ -207,149 +355,105 @@ impl ControlPlane {
                 &pki.controller_manager,
             ),
         )?;
-        let scheduler_kubeconfig = dir.join("scheduler.kubeconfig");
         write(
             &scheduler_kubeconfig,
             kubeconfig::render(&server, &pki.ca.cert, "scheduler", &pki.scheduler),
         )?;
-
-        let mut plane = ControlPlane {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            dir: dir.clone(),
-            server,
-            kubeconfig: kubeconfig.clone(),
-            ports: ports.clone(),
-            pki: pki.clone(),
-            components: Vec::new(),
-            detached: options.detached,
-            keep_running: false,
-            stopped: false,
-        };
-        let etcd_client = format!("http://127.0.0.1:{}", ports.etcd_client);
-        let etcd_peer = format!("http://127.0.0.1:{}", ports.etcd_peer);
-        plane.launch(
-            "etcd",
-            vec![
-                "--name=testenv".into(),
-                format!("--data-dir={}", path(&dir.join("etcd"))),
-                format!("--listen-client-urls={etcd_client}"),
-                format!("--advertise-client-urls={etcd_client}"),
-                format!("--listen-peer-urls={etcd_peer}"),
-                format!("--initial-advertise-peer-urls={etcd_peer}"),
-                format!("--initial-cluster=testenv={etcd_peer}"),
-                // A test cluster does not need its writes on disk before the
-                // ack; this keeps etcd off the critical path of every test.
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
-        )?;
-        plane
-            .wait_for("etcd", || etcd_healthy(ports.etcd_client))
-            .await?;
-
-        plane.launch(
-            "kube-apiserver",
-            [
-                s(&[
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    "--authorization-mode=RBAC",
-                    "--allow-privileged=true",
-                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                    "--enable-priority-and-fairness=false",
-                    "--profiling=false",
-                ]),
-                vec![
-                    format!("--etcd-servers={etcd_client}"),
-                    format!("--secure-port={}", ports.apiserver),
-                    format!("--cert-dir={}", path(&dir.join("apiserver"))),
-                    format!("--tls-cert-file={}", path(&pki.serving.cert)),
-                    format!("--tls-private-key-file={}", path(&pki.serving.key)),
-                    format!("--client-ca-file={}", path(&pki.ca.cert)),
-                    format!(
-                        "--service-account-key-file={}",
-                        path(&pki.service_account_pub)
-                    ),
-                    format!(
-                        "--service-account-signing-key-file={}",
-                        path(&pki.service_account_key)
-                    ),
-                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                ],
-                audit_args(&dir, options.audit_policy.as_deref())?,
-            ]
-            .concat(),
-        )?;
+        plane.server = server;
         let client = plane.client().await?;
         plane
             .wait_for_async("kube-apiserver /readyz", || readyz(client.clone()))
             .await?;
 
-        plane.launch(
-            "kube-controller-manager",
-            vec![
-                format!("--kubeconfig={}", path(&kcm_kubeconfig)),
-                format!("--authentication-kubeconfig={}", path(&kcm_kubeconfig)),
-                format!("--authorization-kubeconfig={}", path(&kcm_kubeconfig)),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.controller_manager),
-                format!("--cert-dir={}", path(&dir.join("controller-manager"))),
-                "--leader-elect=false".into(),
-                // As kubeadm runs it: each controller under its own service account,
-                // with the RBAC roles Kubernetes bootstraps for it.
-                "--use-service-account-credentials=true".into(),
-                format!(
-                    "--service-account-private-key-file={}",
-                    path(&pki.service_account_key)
-                ),
-                format!("--root-ca-file={}", path(&pki.ca.cert)),
-                format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
-                format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
-                // Simulated nodes come and go in tests; do not wait five
-                // minutes before evicting from one that went away.
-                "--node-monitor-grace-period=20s".into(),
-            ],
-        )?;
-        plane.launch(
-            "kube-scheduler",
-            vec![
-                format!("--kubeconfig={}", path(&scheduler_kubeconfig)),
-                format!(
-                    "--authentication-kubeconfig={}",
-                    path(&scheduler_kubeconfig)
-                ),
-                format!("--authorization-kubeconfig={}", path(&scheduler_kubeconfig)),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.scheduler),
-                format!("--cert-dir={}", path(&dir.join("scheduler"))),
-                "--leader-elect=false".into(),
-            ],
-        )?;
-        if let Some(kwok_port) = ports.kwok {
-            plane.launch(
-                "kwok",
-                vec![
-                    format!("--kubeconfig={}", path(&kubeconfig)),
-                    format!("--config={}", path(&kwok_stages()?)),
-                    "--manage-all-nodes=false".into(),
-                    format!(
-                        "--manage-nodes-with-annotation-selector={}=fake",
-                        crate::nodes::KWOK_ANNOTATION
-                    ),
-                    format!("--server-address=127.0.0.1:{kwok_port}"),
-                ],
-            )?;
+        let kcm_dir = dir.join("controller-manager");
+        plane
+            .launch_listening(
+                "kube-controller-manager",
+                &mut ports,
+                |p| {
+                    p.controller_manager = free_port()?;
+                    Ok(())
+                },
+                |p| {
+                    vec![
+                        format!("--kubeconfig={}", path(&kcm_kubeconfig)),
+                        format!("--authentication-kubeconfig={}", path(&kcm_kubeconfig)),
+                        format!("--authorization-kubeconfig={}", path(&kcm_kubeconfig)),
+                        "--bind-address=127.0.0.1".into(),
+                        format!("--secure-port={}", p.controller_manager),
+                        format!("--cert-dir={}", path(&kcm_dir)),
+                        "--leader-elect=false".into(),
+                        // As kubeadm runs it: each controller under its own service account,
+                        // with the RBAC roles Kubernetes bootstraps for it.
+                        "--use-service-account-credentials=true".into(),
+                        format!(
+                            "--service-account-private-key-file={}",
+                            path(&pki.service_account_key)
+                        ),
+                        format!("--root-ca-file={}", path(&pki.ca.cert)),
+                        format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
+                        format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
+                        // Simulated nodes come and go in tests; do not wait five
+                        // minutes before evicting from one that went away.
+                        "--node-monitor-grace-period=20s".into(),
+                    ]
+                },
+                |p| vec![p.controller_manager],
+            )
+            .await?;
+        let scheduler_dir = dir.join("scheduler");
+        plane
+            .launch_listening(
+                "kube-scheduler",
+                &mut ports,
+                |p| {
+                    p.scheduler = free_port()?;
+                    Ok(())
+                },
+                |p| {
+                    vec![
+                        format!("--kubeconfig={}", path(&scheduler_kubeconfig)),
+                        format!(
+                            "--authentication-kubeconfig={}",
+                            path(&scheduler_kubeconfig)
+                        ),
+                        format!("--authorization-kubeconfig={}", path(&scheduler_kubeconfig)),
+                        "--bind-address=127.0.0.1".into(),
+                        format!("--secure-port={}", p.scheduler),
+                        format!("--cert-dir={}", path(&scheduler_dir)),
+                        "--leader-elect=false".into(),
+                    ]
+                },
+                |p| vec![p.scheduler],
+            )
+            .await?;
+        if options.kwok {
+            let stages = kwok_stages()?;
+            plane
+                .launch_listening(
+                    "kwok",
+                    &mut ports,
+                    |p| {
+                        p.kwok = Some(free_port()?);
+                        Ok(())
+                    },
+                    |p| {
+                        vec![
+                            format!("--kubeconfig={}", path(&kubeconfig)),
+                            format!("--config={}", path(&stages)),
+                            "--manage-all-nodes=false".into(),
+                            format!(
+                                "--manage-nodes-with-annotation-selector={}=fake",
+                                crate::nodes::KWOK_ANNOTATION
+                            ),
+                            format!("--server-address=127.0.0.1:{}", p.kwok.unwrap_or(0)),
+                        ]
+                    },
+                    |p| p.kwok.into_iter().collect(),
+                )
+                .await?;
         }
-        // Each of these listens on its own port once it runs.
-        for (name, port) in [
-            ("kube-controller-manager", Some(ports.controller_manager)),
-            ("kube-scheduler", Some(ports.scheduler)),
-            ("kwok", ports.kwok),
-        ] {
-            if let Some(port) = port {
-                plane.wait_for(name, || listening(port)).await?;
-            }
-        }
+        plane.ports = ports;
         if plane.detached {
             plane.write_state()?;
             plane.keep_running = true;
@@ -369,6 +473,73 @@ impl ControlPlane {
             // Registered as soon as it runs, so a failure later in start-up
             // still leaves nothing behind.
             process::register(self.id, self.pids(), self.dir.clone());
+        }
+        Ok(())
+    }
+
+    /// Starts a component and waits until it listens, itself, on each of
+    /// `own(ports)`. Its ports come from `free_port()` and it binds them
+    /// later, so something else on the machine may take one in between: then
+    /// it fails with "address already in use", and it is started again on
+    /// ports `repick` chooses, a bounded number of times.
+    async fn launch_listening(
+        &mut self,
+        name: &str,
+        ports: &mut Ports,
+        repick: impl Fn(&mut Ports) -> Result<(), Error>,
+        args: impl Fn(&Ports) -> Vec<String>,
+        own: impl Fn(&Ports) -> Vec<u16>,
+    ) -> Result<(), Error> {
+        for attempt in 1..=PORT_ATTEMPTS {
+            self.launch(name, args(ports))?;
+            let started = Instant::now();
+            let lost = loop {
+                let Some(component) = self.components.last_mut() else {
+                    return Err(Error::Setup(format!("{name} was not started")));
+                };
+                let pid = component.pid();
+                let exited = component.child.try_wait().ok().flatten();
+                let log = std::fs::read_to_string(&component.log).unwrap_or_default();
+                if listeners::lost_port_race(&log) {
+                    break true;
+                }
+                if let Some(status) = exited {
+                    return Err(Error::Exited {
+                        name: name.to_string(),
+                        status: status.to_string(),
+                        log: component.log_tail(),
+                    });
+                }
+                if own(ports)
+                    .into_iter()
+                    .all(|port| listeners::process_listens(pid, port))
+                {
+                    break false;
+                }
+                if started.elapsed() > START_TIMEOUT {
+                    return Err(Error::Timeout {
+                        what: format!("{name} listening on {:?}", own(ports)),
+                        last: String::new(),
+                        log: component.log_tail(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if !lost {
+                return Ok(());
+            }
+            let Some(mut failed) = self.components.pop() else {
+                return Err(Error::Setup(format!("{name} was not started")));
+            };
+            let tail = failed.log_tail();
+            process::stop_all(std::slice::from_mut(&mut failed), STOP_GRACE);
+            if attempt == PORT_ATTEMPTS {
+                return Err(Error::Setup(format!(
+                    "{name} found its port taken {PORT_ATTEMPTS} times; its log ends:\n{tail}"
+                )));
+            }
+            tracing::info!(name, ports = ?own(ports), "port taken before the component bound it; new ports");
+            repick(ports)?;
         }
         Ok(())
     }

@@ -13,15 +13,17 @@
 
 mod controlplane;
 mod kubeconfig;
+mod listeners;
 pub mod nodes;
 mod pki;
 mod process;
+pub mod realnode;
 
 use std::time::Duration;
 
 pub use controlplane::{
-    ControlPlane, Options, Ports, State, bin_dir, binary, client_for, free_port, listening,
-    stop_detached,
+    ControlPlane, KUBERNETES_SERVICE_IP, NodeAccess, Options, Ports, State, bin_dir, binary,
+    client_for, free_port, listening, stop_detached,
 };
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

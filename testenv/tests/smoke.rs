@@ -298,3 +298,48 @@ fn panicking_test_leaves_nothing_behind() {
         dir.display()
     );
 }
+
+/// Something else on the machine may take a port between `free_port()` and
+/// the component binding it. Every component is offered a port that is
+/// already taken: each must be started again elsewhere, and the control
+/// plane must work.
+#[tokio::test]
+async fn a_control_plane_offered_taken_ports_starts_on_others() {
+    let taken: Vec<std::net::TcpListener> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy"))
+        .collect();
+    let occupied: Vec<u16> = taken
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect();
+    let first = edgewire_testenv::Ports {
+        etcd_client: occupied[0],
+        etcd_peer: occupied[1],
+        apiserver: occupied[2],
+        controller_manager: occupied[3],
+        scheduler: occupied[4],
+        kwok: Some(occupied[5]),
+    };
+    let plane = ControlPlane::start(Options {
+        kwok: true,
+        first_ports: Some(first),
+        ..Options::default()
+    })
+    .await
+    .expect("the control plane starts on other ports");
+    for port in plane.ports.all() {
+        assert!(
+            !occupied.contains(&port),
+            "a component kept the taken port {port}: {:?}",
+            plane.ports
+        );
+    }
+    let client = plane.client().await.expect("client");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    namespaces
+        .list(&ListParams::default())
+        .await
+        .expect("the API server answers");
+    plane.stop().expect("stops");
+    drop(taken);
+}
