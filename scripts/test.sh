@@ -15,27 +15,22 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 cargo --version
 
-stage "Debian packages (prometheus for the end-to-end test, faketime for the clock-skew tests)"
+stage "Debian packages (prometheus for the end-to-end tests, faketime for the clock-skew tests; containerd, runc, CNI plugins and iptables for the real nodes)"
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 [[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]] || missing+=(faketime)
+command -v containerd >/dev/null 2>&1 || missing+=(containerd)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 if (( ${#missing[@]} )); then
+  echo "installing ${missing[*]}"
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 prometheus --version 2>&1 | head -n 1
-
-stage "Debian packages for the real nodes (containerd, runc, CNI plugins, iptables)"
-if ! command -v containerd >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1 ||
-  [[ ! -x /usr/lib/cni/bridge ]] || ! command -v iptables >/dev/null 2>&1; then
-  sudo=""
-  [[ $(id -u) -eq 0 ]] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    containerd runc containernetworking-plugins iptables >/dev/null
-fi
 containerd --version
 
 stage "Python packages for the seed clients (virtualenv in target/test-venv)"
