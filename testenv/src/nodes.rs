@@ -79,7 +79,6 @@ impl NodeSpec {
                 ]),
                 ..NodeStatus::default()
             }),
-            ..Node::default()
         }
     }
 }
