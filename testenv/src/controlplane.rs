@@ -447,6 +447,13 @@ impl ControlPlane {
                                 crate::nodes::KWOK_ANNOTATION
                             ),
                             format!("--server-address=127.0.0.1:{}", p.kwok.unwrap_or(0)),
+                            // Renew a Lease per node, as kwokctl runs kwok: the
+                            // heartbeat stage refreshes node status only every
+                            // 10-20 minutes, so without leases the node lifecycle
+                            // controller marks every node Unknown within its grace
+                            // period, and its pods NotReady for good (kwok readies
+                            // Pending pods only).
+                            "--node-lease-duration-seconds=40".into(),
                         ]
                     },
                     |p| p.kwok.into_iter().collect(),

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec as NodeObjectSpec, NodeStatus};
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::Error;
@@ -18,6 +18,9 @@ pub struct NodeSpec {
     /// The node's InternalIP. Tests give each simulated edge node its own
     /// loopback address (127.0.0.x), where its agent listens.
     pub internal_ip: Option<String>,
+    /// The node's `spec.podCIDR`: kwok gives the pods it runs there
+    /// addresses from it (from one shared /24 when unset).
+    pub pod_cidr: Option<String>,
 }
 
 impl NodeSpec {
@@ -38,6 +41,11 @@ impl NodeSpec {
         self
     }
 
+    pub fn pod_cidr(mut self, cidr: impl Into<String>) -> NodeSpec {
+        self.pod_cidr = Some(cidr.into());
+        self
+    }
+
     /// The Node object to create.
     pub fn to_node(&self) -> Node {
         let mut labels = self.labels.clone();
@@ -53,6 +61,11 @@ impl NodeSpec {
                 )])),
                 ..ObjectMeta::default()
             },
+            spec: self.pod_cidr.as_ref().map(|cidr| NodeObjectSpec {
+                pod_cidr: Some(cidr.clone()),
+                pod_cidrs: Some(vec![cidr.clone()]),
+                ..NodeObjectSpec::default()
+            }),
             status: self.internal_ip.as_ref().map(|ip| NodeStatus {
                 addresses: Some(vec![
                     NodeAddress {
@@ -66,7 +79,6 @@ impl NodeSpec {
                 ]),
                 ..NodeStatus::default()
             }),
-            ..Node::default()
         }
     }
 }

@@ -1,12 +1,15 @@
 //! Simulated agents, one per node, writing what a real agent writes: its
 //! EdgeNode, a heartbeat every interval, and soon after its placement
-//! changes, the services placed on it reported as listening. One watch of
-//! EdgeServices stands in for the agents' watches.
+//! changes, the services placed on it reported as listening, each with a
+//! connection count. One watch of EdgeServices stands in for the agents'
+//! watches. They also keep, on the benchmark's clock, when each node's
+//! latest heartbeat was written: the ground truth against which the
+//! operator's readiness judgements are checked.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
 use futures_util::StreamExt;
@@ -32,8 +35,50 @@ struct Placed {
     by_service: HashMap<ServiceKey, BTreeSet<String>>,
 }
 
+/// When each node's latest heartbeat write completed, on the benchmark's
+/// clock. A node is live as long as that was less than the operator's
+/// heartbeat timeout ago.
+#[derive(Clone, Default)]
+pub struct Heartbeats(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl Heartbeats {
+    fn record(&self, node: &str, at: Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), at);
+    }
+
+    /// Whether `node`'s heartbeats were on time at `at`: its latest write
+    /// completed less than `timeout` before.
+    pub fn on_time(&self, node: &str, at: Instant, timeout: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .is_some_and(|last| at.saturating_duration_since(*last) < timeout)
+    }
+}
+
+/// The connection count a simulated agent reports for one service at its
+/// `beat`th churning heartbeat: never zero, and different from one beat to
+/// the next (the agents stop counting beats while churn is off, which
+/// freezes every count).
+pub fn connections(service: &str, node: &str, beat: u64) -> i64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (service, node).hash(&mut h);
+    let base = h.finish() % 100;
+    // 1..=100, moving by a step coprime to 100, so every beat changes it.
+    1 + ((base + beat * 37) % 100) as i64
+}
+
 pub struct Agents {
     stop: CancellationToken,
+    /// Whether connection counts change at every heartbeat (on) or stay
+    /// where they are (off).
+    pub churn: Arc<AtomicBool>,
+    pub heartbeats: Heartbeats,
     pub writes: Arc<AtomicU64>,
     pub failures: Arc<AtomicU64>,
     /// How late the latest heartbeat was written, at worst, in ms: if this
@@ -92,6 +137,12 @@ impl Agents {
         let writes = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
         let latest_ms = Arc::new(AtomicU64::new(0));
+        let churn = Arc::new(AtomicBool::new(true));
+        let heartbeats = Heartbeats::default();
+        let created_at = Instant::now();
+        for (node, _) in &nodes {
+            heartbeats.record(node, created_at);
+        }
         let permits = Arc::new(Semaphore::new(CONCURRENT_WRITES));
 
         tokio::spawn(follow_placement(
@@ -111,6 +162,8 @@ impl Agents {
                 writes: Arc::clone(&writes),
                 failures: Arc::clone(&failures),
                 latest_ms: Arc::clone(&latest_ms),
+                churn: Arc::clone(&churn),
+                heartbeats: heartbeats.clone(),
                 interval,
                 // Spread the heartbeats evenly over the interval, as
                 // independently started agents would be.
@@ -120,6 +173,8 @@ impl Agents {
         }
         Ok(Agents {
             stop,
+            churn,
+            heartbeats,
             writes,
             failures,
             latest_ms,
@@ -134,6 +189,7 @@ impl Drop for Agents {
 }
 
 fn status(services: &[NodeService]) -> serde_json::Value {
+    let connections: i64 = services.iter().map(|s| s.connections).sum();
     json!({
         "apiVersion": "edgewire.dev/v1alpha1",
         "kind": "EdgeNode",
@@ -141,7 +197,7 @@ fn status(services: &[NodeService]) -> serde_json::Value {
             "lastHeartbeat": Timestamp::now().to_string(),
             "agentVersion": "bench",
             "serviceCount": services.len(),
-            "connections": 0,
+            "connections": connections,
             "services": services,
         },
     })
@@ -219,6 +275,8 @@ struct Beat {
     writes: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
     latest_ms: Arc<AtomicU64>,
+    churn: Arc<AtomicBool>,
+    heartbeats: Heartbeats,
     interval: Duration,
     offset: Duration,
 }
@@ -227,11 +285,15 @@ impl Beat {
     async fn run(self, stop: CancellationToken) {
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let mut next = tokio::time::Instant::now() + self.offset;
+        let mut beat: u64 = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => {}
                 _ = self.wake.notified() => {}
+            }
+            if self.churn.load(Ordering::Relaxed) {
+                beat += 1;
             }
             let services: Vec<NodeService> = {
                 let placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,7 +307,7 @@ impl Beat {
                         name: name.clone(),
                         listening: true,
                         error: None,
-                        connections: 0,
+                        connections: connections(name, &self.node, beat),
                     })
                     .collect()
             };
@@ -257,7 +319,10 @@ impl Beat {
                 .patch_status(&self.node, &params, &Patch::Apply(status(&services)))
                 .await
             {
-                Ok(_) => self.writes.fetch_add(1, Ordering::Relaxed),
+                Ok(_) => {
+                    self.heartbeats.record(&self.node, Instant::now());
+                    self.writes.fetch_add(1, Ordering::Relaxed)
+                }
                 Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
             };
             let now = tokio::time::Instant::now();
@@ -265,5 +330,32 @@ impl Beat {
             self.latest_ms.fetch_max(late, Ordering::Relaxed);
             next = now + self.interval;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_counts_are_never_zero_and_change_every_beat() {
+        for beat in 0..200 {
+            let now = connections("svc-0001", "edge-00001", beat);
+            let next = connections("svc-0001", "edge-00001", beat + 1);
+            assert!((1..=100).contains(&now));
+            assert_ne!(now, next, "beat {beat}");
+            assert_eq!(now, connections("svc-0001", "edge-00001", beat));
+        }
+    }
+
+    #[test]
+    fn on_time_while_the_latest_heartbeat_is_younger_than_the_timeout() {
+        let beats = Heartbeats::default();
+        let t0 = Instant::now();
+        beats.record("a", t0);
+        let timeout = Duration::from_secs(60);
+        assert!(beats.on_time("a", t0 + Duration::from_secs(59), timeout));
+        assert!(!beats.on_time("a", t0 + Duration::from_secs(60), timeout));
+        assert!(!beats.on_time("unknown", t0, timeout));
     }
 }

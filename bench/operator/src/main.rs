@@ -5,15 +5,20 @@
 //! burst of node relabels; and, as the peer, the stock path for the same
 //! intent (a Deployment per service, placed by kube-scheduler and run by
 //! kwok) from apply to all Available. It prints figures and never fails on a
-//! time. Every wait is bounded.
+//! time. Every wait is bounded. A watch of the EdgeServices counts every
+//! time one leaves Ready and judges it against the simulated agents'
+//! heartbeats (false NotReady transitions).
 
 mod agents;
 mod fleet;
 mod phase;
 mod promtext;
+mod report;
+mod transitions;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,7 +28,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 
 use fleet::Shape;
-use phase::{Bench, Operator, Report};
+use phase::{Bench, Operator};
+use report::{Figures, Report, Steady, Summary};
+use transitions::TransitionWatch;
 
 /// Where the EdgeServices go, and where the peer's Deployments go.
 const NAMESPACE: &str = "edgewire-bench";
@@ -37,8 +44,8 @@ const PEER_NAMESPACE: &str = "peer-bench";
 )]
 struct Cli {
     /// The edgewire-operator binary to measure (a release build).
-    #[arg(long, env = "EDGEWIRE_OPERATOR")]
-    operator: PathBuf,
+    #[arg(long, env = "EDGEWIRE_OPERATOR", required_unless_present = "summarize")]
+    operator: Option<PathBuf>,
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
     #[arg(long, default_value_t = 500)]
@@ -60,9 +67,21 @@ struct Cli {
     /// The operator's --heartbeat-timeout, in seconds.
     #[arg(long, default_value_t = 60)]
     heartbeat_timeout: u64,
+    /// The operator's --status-interval, in seconds: the least time between
+    /// status writes whose only change is a connection count.
+    #[arg(long, default_value_t = 30)]
+    status_interval: u64,
+    /// Length of each steady-state window (connection counts changing, then
+    /// constant), in seconds.
+    #[arg(long, default_value_t = 60)]
+    steady_seconds: u64,
     /// Upper bound on each wait, in seconds.
     #[arg(long, default_value_t = 600)]
     phase_timeout: u64,
+    /// Upper bound on the whole run, in seconds: once spent, the wait under
+    /// way ends with how far it got and the steps after it are not run.
+    #[arg(long)]
+    budget: Option<u64>,
     /// The operator's --log-level (its log is kept; the path is printed).
     #[arg(long, default_value = "warn")]
     operator_log_level: String,
@@ -72,6 +91,13 @@ struct Cli {
     /// Where to write the report (markdown).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where to write this size's headline figures (JSON), for --summarize.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+    /// Print the table that sets these sizes side by side (files written
+    /// by --summary) and exit.
+    #[arg(long, num_args = 1..)]
+    summarize: Vec<PathBuf>,
 }
 
 fn progress(started: Instant, text: impl std::fmt::Display) {
@@ -88,7 +114,42 @@ async fn create_namespace(client: &kube::Client, name: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// The table of several sizes' headline figures, from `--summary` files.
+fn summarize(files: &[PathBuf]) -> anyhow::Result<()> {
+    let sizes = files
+        .iter()
+        .map(|f| {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            serde_json::from_str::<Summary>(&text)
+                .with_context(|| format!("parsing {}", f.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    println!("{}", report::render_summary(&sizes));
+    Ok(())
+}
+
+/// Each fake node's own pod range, 10.<i/256>.<i%256>.0/24, as a node IPAM
+/// would hand out: kwok takes pod addresses from the node's podCIDR.
+fn pod_cidr(i: usize) -> String {
+    format!("10.{}.{}.0/24", (i / 256) % 256, i % 256)
+}
+
+/// Keeps the control plane's logs (they go with its data directory).
+fn keep_logs(plane: &ControlPlane) -> Option<PathBuf> {
+    let to = std::env::temp_dir().join(format!("edgewire-opbench-{}-logs", std::process::id()));
+    let from = plane.dir.join("logs");
+    std::fs::create_dir_all(&to).ok()?;
+    for entry in std::fs::read_dir(from).ok()?.flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).ok()?;
+    }
+    Some(to)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if !cli.summarize.is_empty() {
+        return summarize(&cli.summarize);
+    }
     let started = Instant::now();
     let shape = Shape {
         nodes: cli.nodes,
@@ -98,10 +159,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_nodes: cli.max_nodes.max(1),
     };
     let limit = Duration::from_secs(cli.phase_timeout);
+    let operator_bin = cli.operator.clone().unwrap_or_default();
     anyhow::ensure!(
-        cli.operator.is_file(),
+        operator_bin.is_file(),
         "no operator binary at {}",
-        cli.operator.display()
+        operator_bin.display()
     );
 
     progress(
@@ -132,16 +194,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     progress(started, format!("creating {} kwok nodes", shape.nodes));
     let specs: Vec<NodeSpec> = (0..shape.nodes)
         .map(|i| {
-            fleet::node_labels(&shape, i).iter().fold(
-                // The operator takes endpoint addresses from the Node.
-                NodeSpec::new(fleet::node_name(i)).internal_ip(fleet::node_address(i)),
-                |n, (k, v)| n.label(k, v),
-            )
+            fleet::node_labels(&shape, i)
+                .iter()
+                .fold(
+                    // The operator takes endpoint addresses from the Node.
+                    NodeSpec::new(fleet::node_name(i)).internal_ip(fleet::node_address(i)),
+                    |n, (k, v)| n.label(k, v),
+                )
+                .pod_cidr(pod_cidr(i))
         })
         .collect();
     let bench = Bench {
         client: client.clone(),
         limit,
+        deadline: cli.budget.map(|b| started + Duration::from_secs(b)),
         started,
     };
     bench.create_nodes(&specs).await?;
@@ -164,11 +230,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .context("creating the EdgeNodes")?;
 
     let mut operator = Operator::start(
-        &cli.operator,
+        &operator_bin,
         &plane,
         NAMESPACE,
         cli.heartbeat_timeout,
         &cli.operator_log_level,
+        &[
+            "--status-interval".to_string(),
+            cli.status_interval.to_string(),
+        ],
     )
     .await?;
     progress(
@@ -176,13 +246,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         format!("operator leading; RSS {} MiB", operator.rss_kib() / 1024),
     );
 
-    let mut report = Report::new(
-        shape,
-        version,
-        cli.heartbeat_interval,
-        cli.heartbeat_timeout,
-    );
+    let mut report = Report::new(shape, version);
+    report.heartbeat_interval = cli.heartbeat_interval;
+    report.heartbeat_timeout = cli.heartbeat_timeout;
+    report.status_interval = cli.status_interval;
     report.idle_rss_kib = operator.rss_kib();
+    let transitions = TransitionWatch::start(
+        &client,
+        NAMESPACE,
+        agents.heartbeats.clone(),
+        Duration::from_secs(cli.heartbeat_timeout),
+    );
 
     // Phase 1: apply every EdgeService, wait for all Ready.
     let before = operator.scrape().await;
@@ -201,44 +275,92 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .wait_services_settled(NAMESPACE, &site_of, shape.services, t0)
         .await?;
     let after = operator.scrape().await;
-    report.apply = phase::Figures::between(&before, &after);
+    report.apply = Figures::between(&before, &after);
     report.apply_rss_kib = operator.rss_kib();
     progress(started, format!("all Ready: {:?}", report.all_ready));
 
-    // Let the heartbeats run a full interval with nothing else changing:
-    // the operator's steady-state cost per heartbeat.
-    let before = operator.scrape().await;
-    let steady = Duration::from_secs(cli.heartbeat_interval);
-    progress(started, format!("steady state for {}s", steady.as_secs()));
-    tokio::time::sleep(steady).await;
-    let after = operator.scrape().await;
-    report.steady = phase::Figures::between(&before, &after);
-    report.steady_seconds = steady.as_secs_f64();
+    // Steady state: heartbeats only, first with every connection count
+    // changing at every heartbeat, then with the counts frozen. Between the
+    // two, one status interval passes unmeasured, so the changes already
+    // seen are written before the constant window starts.
+    transitions.set_phase(1);
+    let window = Duration::from_secs(cli.steady_seconds);
+    let steady = |label: &'static str| {
+        let (operator, agents, bench) = (&operator, &agents, &bench);
+        async move {
+            if bench.over_budget() {
+                return None;
+            }
+            progress(
+                started,
+                format!("steady state, {label}, for {} s", window.as_secs()),
+            );
+            let before = operator.scrape().await;
+            let beats = agents.writes.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            tokio::time::sleep(window).await;
+            let after = operator.scrape().await;
+            Some(Steady {
+                figures: Figures::between(&before, &after),
+                seconds: t0.elapsed().as_secs_f64(),
+                heartbeats: agents.writes.load(Ordering::Relaxed) - beats,
+            })
+        }
+    };
+    let mut skipped = Vec::new();
+    match steady("connection counts changing").await {
+        Some(s) => report.steady_churn = s,
+        None => skipped.push("the steady state with changing connection counts"),
+    }
+    agents.churn.store(false, Ordering::Relaxed);
+    if !bench.over_budget() {
+        tokio::time::sleep(Duration::from_secs(cli.status_interval + 2)).await;
+    }
+    match steady("connection counts constant").await {
+        Some(s) => report.steady_still = s,
+        None => skipped.push("the steady state with constant connection counts"),
+    }
+    agents.churn.store(true, Ordering::Relaxed);
 
     // Phase 2: the relabel burst.
-    let moves = fleet::relabels(&shape, cli.relabels);
-    let mut site_of = site_of;
-    for (i, site) in &moves {
-        site_of.insert(fleet::node_name(*i), site.clone());
+    transitions.set_phase(2);
+    if bench.over_budget() {
+        skipped.push("the relabel burst");
+    } else {
+        let moves = fleet::relabels(&shape, cli.relabels);
+        let mut site_of = site_of;
+        for (i, site) in &moves {
+            site_of.insert(fleet::node_name(*i), site.clone());
+        }
+        let before = operator.scrape().await;
+        let t0 = Instant::now();
+        bench.relabel(&moves).await?;
+        report.relabelled = moves.len();
+        report.relabel_settled = bench
+            .wait_services_settled(NAMESPACE, &site_of, shape.services, t0)
+            .await?;
+        let after = operator.scrape().await;
+        report.relabel = Figures::between(&before, &after);
+        report.relabel_rss_kib = operator.rss_kib();
+        progress(
+            started,
+            format!("settled after relabels: {:?}", report.relabel_settled),
+        );
     }
-    let before = operator.scrape().await;
-    let t0 = Instant::now();
-    bench.relabel(&moves).await?;
-    report.relabelled = moves.len();
-    report.relabel_settled = bench
-        .wait_services_settled(NAMESPACE, &site_of, shape.services, t0)
-        .await?;
-    let after = operator.scrape().await;
-    report.relabel = phase::Figures::between(&before, &after);
-    report.relabel_rss_kib = operator.rss_kib();
     report.max_rss_kib = operator.max_rss_kib();
+    report.transitions = transitions.counts();
+    report.false_examples = transitions.examples();
+    drop(transitions);
+    report.agent_writes = agents.writes.load(Ordering::Relaxed);
+    report.agent_failures = agents.failures.load(Ordering::Relaxed);
+    report.heartbeat_late_ms = agents.latest_ms.load(Ordering::Relaxed);
     progress(
         started,
-        format!("settled after relabels: {:?}", report.relabel_settled),
+        format!(
+            "transitions out of Ready (apply, steady, relabel): {:?}",
+            report.transitions
+        ),
     );
-    report.agent_writes = agents.writes.load(std::sync::atomic::Ordering::Relaxed);
-    report.agent_failures = agents.failures.load(std::sync::atomic::Ordering::Relaxed);
-    report.heartbeat_late_ms = agents.latest_ms.load(std::sync::atomic::Ordering::Relaxed);
     drop(agents);
     operator.stop();
     progress(
@@ -247,7 +369,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
 
     // The peer: the same intent as Deployments, on a quiet control plane.
-    if !cli.no_peer {
+    if cli.no_peer {
+        report.peer_all_available = Err("not run (--no-peer)".into());
+    } else if bench.over_budget() {
+        skipped.push("the Deployment peer");
+    } else {
         tokio::time::sleep(Duration::from_secs(5)).await;
         progress(
             started,
@@ -263,7 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bench
             .apply_all(PEER_NAMESPACE, &deployments, "Deployments")
             .await?;
-        report.peer_all_available = bench
+        (report.peer_all_available, report.peer_last) = bench
             .wait_deployments_available(PEER_NAMESPACE, shape.services, shape.max_nodes, t0)
             .await?;
         progress(
@@ -271,7 +397,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             format!("peer all Available: {:?}", report.peer_all_available),
         );
     }
+    if !skipped.is_empty() {
+        report.notes.push(format!(
+            "Not run: the run's time budget ({} s) was spent before {}.",
+            cli.budget.unwrap_or_default(),
+            skipped.join(", ")
+        ));
+    }
 
+    if let Some(logs) = keep_logs(&plane) {
+        progress(
+            started,
+            format!("the control plane's logs: {}", logs.display()),
+        );
+    }
     progress(started, "stopping the control plane");
     plane.stop().context("stopping the control plane")?;
     let text = report.render();
@@ -283,6 +422,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         std::fs::write(&out, format!("{text}\n"))
             .with_context(|| format!("writing {}", out.display()))?;
         progress(started, format!("report written to {}", out.display()));
+    }
+    if let Some(path) = cli.summary {
+        std::fs::write(&path, serde_json::to_string_pretty(&report.summary())?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -12,21 +12,20 @@ use edgewire_api::crd::EdgeService;
 use edgewire_testenv::{ControlPlane, NodeSpec};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use crate::fleet::{self, SITE_LABEL, Shape};
+use crate::fleet::{self, SITE_LABEL};
 use crate::progress;
-use crate::promtext::{Scrape, quantile};
+use crate::promtext::Scrape;
+use crate::report::Waited;
 
 const CONCURRENCY: usize = 16;
 
-/// How long a wait took, or how far it got before its limit.
-pub type Waited = Result<Duration, String>;
 /// How often a wait looks at its cache: the figures' resolution.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -43,7 +42,7 @@ where
 
 impl<K> Watched<K>
 where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+    K: kube::Resource
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -52,14 +51,11 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    async fn start(client: &Client, namespace: &str) -> anyhow::Result<Watched<K>> {
+    async fn start(api: Api<K>) -> anyhow::Result<Watched<K>> {
         let (store, writer) = reflector::store();
-        let events = watcher(
-            Api::<K>::namespaced(client.clone(), namespace),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(writer);
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
         // The watcher retries its own errors; draining the stream is all.
         let task = tokio::spawn(events.for_each(|_| async {}));
         store
@@ -79,11 +75,13 @@ where
     }
 }
 
-/// What every step needs: the client, the bound on each wait, and the
-/// run's start for progress lines.
+/// What every step needs: the client, the bound on each wait, the end of
+/// the run's whole time budget if it has one, and the run's start for
+/// progress lines.
 pub struct Bench {
     pub client: Client,
     pub limit: Duration,
+    pub deadline: Option<Instant>,
     pub started: Instant,
 }
 
@@ -111,8 +109,14 @@ impl Bench {
         Ok(())
     }
 
+    /// Whether the run's time budget is spent.
+    pub fn over_budget(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     /// Polls until `check` says done (returning how long it took from
-    /// `t0`), or the limit passes (None). A progress line every 5 s.
+    /// `t0`), or the limit or the run's budget passes (how far it got). A
+    /// progress line every 5 s.
     async fn wait_for<F, Fut>(
         &self,
         what: &str,
@@ -129,15 +133,19 @@ impl Bench {
             if done {
                 return Ok(Ok(t0.elapsed()));
             }
-            if t0.elapsed() > self.limit {
-                self.progress(format!(
-                    "  {what}: not reached in {:?} ({state})",
-                    self.limit
-                ));
-                return Ok(Err(format!(
-                    "not reached in {} s: {state}",
-                    self.limit.as_secs()
-                )));
+            let why = if t0.elapsed() > self.limit {
+                Some(format!("not reached in {} s", self.limit.as_secs()))
+            } else if self.over_budget() {
+                Some(format!(
+                    "not reached in {:.0} s, when the run's time budget ran out",
+                    t0.elapsed().as_secs_f64()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.progress(format!("  {what}: {why} ({state})"));
+                return Ok(Err(format!("{why}: {state}")));
             }
             if last_line.elapsed() >= Duration::from_secs(5) {
                 self.progress(format!("  {what}: {state}"));
@@ -148,16 +156,15 @@ impl Bench {
     }
 
     pub async fn wait_nodes_ready(&self, count: usize) -> anyhow::Result<Waited> {
-        let api: Api<Node> = Api::all(self.client.clone());
-        let selector = ListParams::default().labels(&format!("{}=true", fleet::EDGE_LABEL));
-        self.wait_for("nodes Ready", Instant::now(), || async {
-            let list = api.list(&selector).await?;
-            let ready = list
-                .items
+        let nodes = Watched::<Node>::start(Api::all(self.client.clone())).await?;
+        self.wait_for("nodes Ready", Instant::now(), || {
+            let ready = nodes
+                .store
+                .state()
                 .iter()
                 .filter(|n| edgewire_testenv::nodes::is_ready(n))
                 .count();
-            Ok((ready >= count, format!("{ready}/{count} Ready")))
+            async move { Ok((ready >= count, format!("{ready}/{count} Ready"))) }
         })
         .await
     }
@@ -209,7 +216,8 @@ impl Bench {
         count: usize,
         t0: Instant,
     ) -> anyhow::Result<Waited> {
-        let watched = Watched::<EdgeService>::start(&self.client, namespace).await?;
+        let watched =
+            Watched::<EdgeService>::start(Api::namespaced(self.client.clone(), namespace)).await?;
         self.wait_for("EdgeServices settled", t0, || async {
             let (mut ready, mut misplaced) = (0, 0);
             let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -273,27 +281,39 @@ impl Bench {
         count: usize,
         replicas: usize,
         t0: Instant,
-    ) -> anyhow::Result<Waited> {
-        let watched = Watched::<Deployment>::start(&self.client, namespace).await?;
-        self.wait_for("Deployments available", t0, || async {
-            let available = watched
-                .store
-                .state()
-                .iter()
-                .filter(|d| {
-                    d.status
-                        .as_ref()
-                        .and_then(|s| s.available_replicas)
-                        .unwrap_or(0) as usize
-                        >= replicas
-                })
-                .count();
-            Ok((
-                available >= count,
-                format!("{available}/{count} fully available"),
-            ))
-        })
-        .await
+    ) -> anyhow::Result<(Waited, String)> {
+        let watched =
+            Watched::<Deployment>::start(Api::namespaced(self.client.clone(), namespace)).await?;
+        // What the Deployments stand on, for the progress lines: their pods
+        // and the nodes' Ready condition (set by the node lifecycle
+        // controller from kwok's node leases).
+        let pods = Watched::<Pod>::start(Api::namespaced(self.client.clone(), namespace)).await?;
+        let nodes = Watched::<Node>::start(Api::all(self.client.clone())).await?;
+        let mut last = String::new();
+        let waited = self
+            .wait_for("Deployments available", t0, || {
+                let state = format!(
+                    "{}/{count} fully available; {}",
+                    watched
+                        .store
+                        .state()
+                        .iter()
+                        .filter(|d| {
+                            d.status
+                                .as_ref()
+                                .and_then(|s| s.available_replicas)
+                                .unwrap_or(0) as usize
+                                >= replicas
+                        })
+                        .count(),
+                    peer_state(&pods.store.state(), &nodes.store.state())
+                );
+                let done = state.starts_with(&format!("{count}/{count} "));
+                last = state.clone();
+                async move { Ok((done, state)) }
+            })
+            .await?;
+        Ok((waited, last))
     }
 }
 
@@ -312,6 +332,7 @@ impl Operator {
         namespace: &str,
         heartbeat_timeout: u64,
         log_level: &str,
+        extra_args: &[String],
     ) -> anyhow::Result<Operator> {
         let log = std::env::temp_dir().join(format!(
             "edgewire-opbench-operator-{}.log",
@@ -338,6 +359,7 @@ impl Operator {
             .args(["--identity", "bench"])
             .args(["--heartbeat-timeout", &heartbeat_timeout.to_string()])
             .args(["--log-level", log_level])
+            .args(extra_args)
             .env("KUBECONFIG", &plane.kubeconfig)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -410,178 +432,41 @@ impl Drop for Operator {
     }
 }
 
-/// What the operator did between two scrapes.
-#[derive(Clone, Debug, Default)]
-pub struct Figures {
-    pub service_reconciles: f64,
-    pub node_reconciles: f64,
-    pub errors: f64,
-    pub p50: Option<f64>,
-    pub p99: Option<f64>,
-    pub api_requests: f64,
-    pub writes: f64,
-}
-
-impl Figures {
-    pub fn between(before: &Scrape, after: &Scrape) -> Figures {
-        let delta =
-            |metric: &str, filter: &str| after.sum(metric, filter) - before.sum(metric, filter);
-        let duration = "edgewire_operator_reconcile_duration_seconds";
-        let es = "controller=\"edgeservice\"";
-        Figures {
-            service_reconciles: delta(&format!("{duration}_count"), es),
-            node_reconciles: delta(&format!("{duration}_count"), "controller=\"edgenode\""),
-            errors: delta("edgewire_operator_reconcile_errors_total", ""),
-            p50: quantile(before, after, duration, es, 0.5),
-            p99: quantile(before, after, duration, es, 0.99),
-            api_requests: delta("edgewire_operator_api_requests_total", ""),
-            writes: delta("edgewire_operator_writes_total", ""),
-        }
-    }
-
-    fn per_reconcile(&self, n: f64) -> String {
-        let reconciles = self.service_reconciles + self.node_reconciles;
-        if reconciles > 0.0 {
-            format!("{:.2}", n / reconciles)
-        } else {
-            "n/a".into()
-        }
-    }
-}
-
-pub struct Report {
-    shape: Shape,
-    version: String,
-    heartbeat_interval: u64,
-    heartbeat_timeout: u64,
-    pub applied_in: Duration,
-    pub all_ready: Waited,
-    pub apply: Figures,
-    pub steady: Figures,
-    pub steady_seconds: f64,
-    pub relabelled: usize,
-    pub relabel_settled: Waited,
-    pub relabel: Figures,
-    pub idle_rss_kib: u64,
-    pub apply_rss_kib: u64,
-    pub relabel_rss_kib: u64,
-    pub max_rss_kib: u64,
-    pub agent_writes: u64,
-    pub agent_failures: u64,
-    pub heartbeat_late_ms: u64,
-    pub peer_all_available: Waited,
-}
-
-fn secs(d: &Waited) -> String {
-    match d {
-        Ok(d) => format!("{:.1} s", d.as_secs_f64()),
-        Err(state) => state.clone(),
-    }
-}
-
-fn ms(v: Option<f64>) -> String {
-    v.map_or("n/a".into(), |v| format!("{:.1} ms", v * 1000.0))
-}
-
-impl Report {
-    pub fn new(
-        shape: Shape,
-        version: String,
-        heartbeat_interval: u64,
-        heartbeat_timeout: u64,
-    ) -> Report {
-        Report {
-            shape,
-            version,
-            heartbeat_interval,
-            heartbeat_timeout,
-            applied_in: Duration::ZERO,
-            all_ready: Err("not run".into()),
-            apply: Figures::default(),
-            steady: Figures::default(),
-            steady_seconds: 0.0,
-            relabelled: 0,
-            relabel_settled: Err("not run".into()),
-            relabel: Figures::default(),
-            idle_rss_kib: 0,
-            apply_rss_kib: 0,
-            relabel_rss_kib: 0,
-            max_rss_kib: 0,
-            agent_writes: 0,
-            agent_failures: 0,
-            heartbeat_late_ms: 0,
-            peer_all_available: Err("not run".into()),
-        }
-    }
-
-    pub fn render(&self) -> String {
-        let s = &self.shape;
-        let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
-        let row = |label: &str, f: &Figures| {
-            format!(
-                "| {label} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} | {:.0} |",
-                f.service_reconciles,
-                f.node_reconciles,
-                ms(f.p50),
-                ms(f.p99),
-                f.api_requests,
-                f.per_reconcile(f.api_requests),
-                f.writes,
-                f.per_reconcile(f.writes),
-                f.errors,
-            )
-        };
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let ratio = match (&self.all_ready, &self.peer_all_available) {
-            (Ok(a), Ok(b)) if b.as_secs_f64() > 0.0 => {
-                let r = a.as_secs_f64() / b.as_secs_f64();
-                format!("{r:.2} ({})", if r < 1.0 { "better" } else { "worse" })
-            }
-            _ => "n/a".into(),
-        };
-        [
-            format!(
-                "Kubernetes {} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) on {cores} cores; \
-                 {} kwok nodes in {} sites × {} zones; {} EdgeServices, each on at most {} nodes of one site, spread by zone; \
-                 simulated agents heartbeat every {} s, operator heartbeat timeout {} s.",
-                self.version, s.nodes, s.sites, s.zones, s.services, s.max_nodes, self.heartbeat_interval, self.heartbeat_timeout
-            ),
-            String::new(),
-            "| from apply to settled | edgewire-operator | Deployments (kube-scheduler, controller manager, kwok) | edgewire/Deployments |".into(),
-            "| --- | --- | --- | --- |".into(),
-            format!(
-                "| {} services on {} nodes each: apply to all Ready / Available | {} | {} | {ratio} |",
-                s.services,
-                s.max_nodes,
-                secs(&self.all_ready),
-                secs(&self.peer_all_available)
-            ),
-            format!(
-                "| burst of {} node relabels: to every service Ready on its site's nodes | {} | not comparable: a Deployment's pods stay where they were scheduled | |",
-                self.relabelled,
-                secs(&self.relabel_settled)
-            ),
-            String::new(),
-            "| phase | EdgeService reconciles | EdgeNode reconciles | reconcile p50 | reconcile p99 | API requests | per reconcile | writes | per reconcile | errors |".into(),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into(),
-            row(&format!("apply {} EdgeServices (applied in {:.1} s)", s.services, self.applied_in.as_secs_f64()), &self.apply),
-            row(&format!("steady state, {:.0} s of heartbeats", self.steady_seconds), &self.steady),
-            row(&format!("{} node relabels", self.relabelled), &self.relabel),
-            String::new(),
-            format!(
-                "Operator memory (RSS): {} at start, {} with every service Ready, {} after the relabels, {} at peak. \
-                 Simulated agents wrote {} EdgeNode statuses ({} failed); their latest heartbeat was {:.1} s \
-                 late (nodes go stale after {} s).",
-                mib(self.idle_rss_kib),
-                mib(self.apply_rss_kib),
-                mib(self.relabel_rss_kib),
-                mib(self.max_rss_kib),
-                self.agent_writes,
-                self.agent_failures,
-                self.heartbeat_late_ms as f64 / 1000.0,
-                self.heartbeat_timeout
-            ),
-        ]
-        .join("\n")
-    }
+/// One line on the peer's pods and nodes: how many pods exist, are bound,
+/// Running and Ready, and how many nodes are not Ready or carry a taint.
+pub fn peer_state(pods: &[std::sync::Arc<Pod>], nodes: &[std::sync::Arc<Node>]) -> String {
+    let bound = pods
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        .count();
+    let running = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count();
+    let ready = pods
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    let not_ready = nodes
+        .iter()
+        .filter(|n| !edgewire_testenv::nodes::is_ready(n))
+        .count();
+    let tainted = nodes
+        .iter()
+        .filter(|n| {
+            n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count();
+    format!(
+        "pods: {} created, {bound} bound, {running} Running, {ready} Ready; nodes: {not_ready} not Ready, {tainted} tainted",
+        pods.len(),
+    )
 }
