@@ -314,30 +314,7 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     // A channel subscriber on one node hears a publish made at another.
     let node =
         |i: usize| -> std::net::SocketAddr { format!("{}:8765", NODES[i].1).parse().unwrap() };
-    let mut subscriber = connect(node(1), "/relay").await;
-    assert_eq!(
-        request(
-            &mut subscriber,
-            json!({"type": "subscribe", "channel": "chat", "id": 1})
-        )
-        .await["type"],
-        "subscribed"
-    );
-    let mut publisher = connect(node(0), "/relay").await;
-    let mut got = None;
-    for round in 0..200 {
-        send_text(
-            &mut publisher,
-            json!({"type": "publish", "channel": "chat", "data": {"round": round}}).to_string(),
-        )
-        .await;
-        if let Ok(msg) =
-            tokio::time::timeout(Duration::from_millis(100), next_json(&mut subscriber)).await
-        {
-            got = Some(msg);
-            break;
-        }
-    }
+    let (mut subscriber, mut publisher, got) = first_across_mesh(node(0), node(1), "chat").await;
     let got = got.expect("a publish at edge-0 reached the subscriber at edge-1");
     assert_eq!(got["channel"], "chat");
 

@@ -420,30 +420,7 @@ async fn real_nodes_install_serve_survive_faults_upgrade_and_uninstall() {
     let relay = |index: usize| -> std::net::SocketAddr {
         std::net::SocketAddr::from((cluster.address(index), 8765))
     };
-    let mut subscriber = connect(relay(1), "/relay").await;
-    assert_eq!(
-        request(
-            &mut subscriber,
-            json!({"type": "subscribe", "channel": "chat", "id": 1})
-        )
-        .await["type"],
-        "subscribed"
-    );
-    let mut publisher = connect(relay(0), "/relay").await;
-    let mut heard = None;
-    for round in 0..200 {
-        send_text(
-            &mut publisher,
-            json!({"type": "publish", "channel": "chat", "data": {"round": round}}).to_string(),
-        )
-        .await;
-        if let Ok(message) =
-            tokio::time::timeout(Duration::from_millis(100), next_json(&mut subscriber)).await
-        {
-            heard = Some(message);
-            break;
-        }
-    }
+    let (subscriber, publisher, heard) = first_across_mesh(relay(0), relay(1), "chat").await;
     let heard =
         heard.expect("a publish on one node reached a subscriber on another, one node cut off");
     assert_eq!(heard["channel"], "chat");

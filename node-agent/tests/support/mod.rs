@@ -295,6 +295,40 @@ pub async fn expect_close(ws: &mut Client) -> CloseFrame {
     }
 }
 
+/// Subscribes to `channel` at `to`, then publishes at `from` (up to 200
+/// rounds, 100 ms each) until the subscriber hears one. Returns the
+/// subscriber, the publisher and the first message that crossed the mesh.
+pub async fn first_across_mesh(
+    from: SocketAddr,
+    to: SocketAddr,
+    channel: &str,
+) -> (Client, Client, Option<Value>) {
+    let mut subscriber = connect(to, "/relay").await;
+    assert_eq!(
+        request(
+            &mut subscriber,
+            serde_json::json!({"type": "subscribe", "channel": channel, "id": 1})
+        )
+        .await["type"],
+        "subscribed"
+    );
+    let mut publisher = connect(from, "/relay").await;
+    for round in 0..200 {
+        send_text(
+            &mut publisher,
+            serde_json::json!({"type": "publish", "channel": channel, "data": {"round": round}})
+                .to_string(),
+        )
+        .await;
+        if let Ok(message) =
+            tokio::time::timeout(Duration::from_millis(100), next_json(&mut subscriber)).await
+        {
+            return (subscriber, publisher, Some(message));
+        }
+    }
+    (subscriber, publisher, None)
+}
+
 /// Sends a request and returns the reply.
 pub async fn request(ws: &mut Client, request: Value) -> Value {
     send_text(ws, request.to_string()).await;
