@@ -492,6 +492,11 @@ async fn a_frozen_peer_is_noticed_counted_and_relinked() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The first publisher has sat silent past the relay's idle timeout (it
+    // never reads, so it answers no ping) and A has rightly closed it; a new
+    // client publishes.
+    drop(publisher);
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
     let mut at_b = subscriber(cluster.addr(1), "news").await;
     let mut at_c = subscriber(cluster.addr(2), "news").await;
     settle(&mut publisher, &mut [&mut at_b, &mut at_c]).await;
