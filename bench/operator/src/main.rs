@@ -88,6 +88,10 @@ struct Cli {
     /// Skip the Deployment peer.
     #[arg(long)]
     no_peer: bool,
+    /// One more argument for the operator, e.g.
+    /// `--operator-arg=--reconcile-concurrency=64`; repeat for several.
+    #[arg(long = "operator-arg", allow_hyphen_values = true)]
+    operator_args: Vec<String>,
     /// Where to write the report (markdown).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -238,7 +242,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         &[
             "--status-interval".to_string(),
             cli.status_interval.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(cli.operator_args.iter().cloned())
+        .collect::<Vec<_>>(),
     )
     .await?;
     progress(
