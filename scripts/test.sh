@@ -58,4 +58,7 @@ cargo build --locked --workspace --bins
 stage "cargo test"
 cargo test --locked --workspace
 
+stage "fuzz targets, 15 s each from the committed seeds (first run installs nightly and cargo-fuzz)"
+bash scripts/fuzz.sh 15
+
 stage "done in $((SECONDS - started))s"

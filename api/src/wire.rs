@@ -364,6 +364,20 @@ mod tests {
         }
     }
 
+    /// Found by the `relay_message` fuzz target: a published number must reach
+    /// subscribers as the number the publisher sent, to the last bit.
+    #[test]
+    fn published_numbers_are_read_exactly() {
+        let text = r#"{"type":"publish","channel":"n","data":{"x":2.11122e59,"y":0.1}}"#;
+        let message = parse_client_message(text).unwrap();
+        let ClientMessage::Publish { data, .. } = &message else {
+            panic!("{message:?}");
+        };
+        assert_eq!(data["x"].as_f64(), Some(2.11122e59));
+        assert_eq!(data["y"].as_f64(), Some(0.1));
+        assert_eq!(parse_client_message(&message.to_json()).unwrap(), message);
+    }
+
     #[test]
     fn errors_carry_code_and_id() {
         let cases = [

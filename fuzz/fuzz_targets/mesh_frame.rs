@@ -1,0 +1,28 @@
+//! What a peer sends on a mesh link: a binary publish frame either decodes
+//! or is refused, never panics, and what decodes encodes back to the same
+//! bytes; a text control frame either parses or is refused.
+#![no_main]
+
+use bytes::Bytes;
+use edgewire_agent::mesh::frame::{LinkFrame, Publish};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(publish) = Publish::decode(Bytes::copy_from_slice(data)) {
+        let encoded = Publish::encode(
+            &publish.service,
+            &publish.channel,
+            publish.sent_us,
+            publish.message.as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("{publish:?} decoded but does not encode: {e}"));
+        assert_eq!(&encoded[..], data);
+    }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(frame) = serde_json::from_str::<LinkFrame>(text)
+    {
+        let again: LinkFrame = serde_json::from_str(&frame.to_json())
+            .unwrap_or_else(|e| panic!("{frame:?} written back does not parse: {e}"));
+        assert_eq!(again, frame);
+    }
+});
