@@ -14,6 +14,9 @@ use crate::placement::Decision;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeReport {
     pub address: Option<String>,
+    /// The agent's mesh public key, from its EdgeNode (which only that
+    /// node's agent may write).
+    pub mesh_public_key: Option<String>,
     pub fresh: bool,
     /// The agent's report on this EdgeService: listening, error, connections.
     pub service: Option<(bool, Option<String>, i64)>,
@@ -43,6 +46,7 @@ fn placement_of(node: &str, report: Option<&NodeReport>) -> NodePlacement {
         address: report.and_then(|r| r.address.clone()),
         state,
         message,
+        mesh_public_key: report.and_then(|r| r.mesh_public_key.clone()),
     }
 }
 
@@ -297,6 +301,7 @@ mod tests {
     fn report(fresh: bool, service: Option<(bool, Option<String>, i64)>) -> NodeReport {
         NodeReport {
             address: Some("192.0.2.1".into()),
+            mesh_public_key: None,
             fresh,
             service,
         }
