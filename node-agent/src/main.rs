@@ -157,7 +157,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("edgewire-agent: {err}");
+                eprintln!("edgewire-agent: {:#}", anyhow::Error::from(err));
                 ExitCode::FAILURE
             }
         };

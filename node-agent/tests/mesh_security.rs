@@ -155,6 +155,32 @@ struct Capture {
     from_listener: AtomicUsize,
 }
 
+/// A TCP relay the test runs on its own loopback address; stopped when
+/// dropped.
+struct Relay {
+    via: SocketAddr,
+    capture: Arc<Capture>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr, inject: Option<Vec<u8>>) -> Relay {
+        let listener = TcpListener::bind(format!("{}:0", Nodes::ip(9)))
+            .await
+            .unwrap();
+        let via = listener.local_addr().unwrap();
+        let capture = Arc::new(Capture::default());
+        let task = tokio::spawn(relay(listener, to, Arc::clone(&capture), inject));
+        Relay { via, capture, task }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Accepts on `listener` and relays each connection to `to`, recording every
 /// byte. When `inject` is set and the dialer hangs up, the relay keeps the
 /// listener's side open and writes `inject` to it instead.
@@ -274,20 +300,25 @@ fn client_payloads(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A publish of `data` on `channel` of `service`, as one masked WebSocket
-/// binary frame from a dialer, in the mesh's publish encoding.
-fn publish_frame(service: &str, data: &str) -> Vec<u8> {
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+/// A publish of `data` on channel `news` of `service`, in the mesh's
+/// publish encoding.
+fn publish(service: &str, data: &str) -> bytes::Bytes {
     let message = json!({"type": "message", "channel": "news", "data": data}).to_string();
-    let publish = edgewire_agent::mesh::frame::Publish::encode(
+    edgewire_agent::mesh::frame::Publish::encode(
         service,
         "news",
         edgewire_agent::mesh::frame::now_us(),
         message.as_bytes(),
     )
-    .unwrap();
-    let mut frame = Frame::message(publish, OpCode::Data(Data::Binary), true);
+    .unwrap()
+}
+
+/// A publish of `data` on channel `news` of `service`, as one masked WebSocket
+/// binary frame from a dialer, in the mesh's publish encoding.
+fn publish_frame(service: &str, data: &str) -> Vec<u8> {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut frame = Frame::message(publish(service, data), OpCode::Data(Data::Binary), true);
     frame.header_mut().mask = Some([7, 1, 9, 3]);
     let mut out = Vec::new();
     frame.format(&mut out).unwrap();
@@ -298,13 +329,8 @@ fn publish_frame(service: &str, data: &str) -> Vec<u8> {
 async fn bytes_between_two_agents_carry_no_plaintext() {
     let nodes = Nodes::new();
     // n0 reaches n1 through the recording relay.
-    let listener = TcpListener::bind(format!("{}:0", Nodes::ip(9)))
-        .await
-        .unwrap();
-    let via = listener.local_addr().unwrap();
-    let capture = Arc::new(Capture::default());
-    let relay_task = tokio::spawn(relay(listener, nodes.mesh(1), Arc::clone(&capture), None));
-    let a = nodes.start(0, &[(1, Some(via))], None);
+    let relay = Relay::start(nodes.mesh(1), None).await;
+    let a = nodes.start(0, &[(1, Some(relay.via))], None);
     let b = nodes.start(1, &[(0, None)], None);
     a.wait_ready().await;
     b.wait_ready().await;
@@ -333,10 +359,10 @@ async fn bytes_between_two_agents_carry_no_plaintext() {
         "no publish crossed the relayed link; log:\n{}",
         a.log()
     );
-    assert!(capture.from_dialer.load(Ordering::Relaxed) > 0);
-    assert!(capture.from_listener.load(Ordering::Relaxed) > 0);
-    let mut bytes = capture.bytes.lock().await.clone();
-    for dialer in capture.dialers.lock().await.iter() {
+    assert!(relay.capture.from_dialer.load(Ordering::Relaxed) > 0);
+    assert!(relay.capture.from_listener.load(Ordering::Relaxed) > 0);
+    let mut bytes = relay.capture.bytes.lock().await.clone();
+    for dialer in relay.capture.dialers.lock().await.iter() {
         bytes.extend(client_payloads(dialer));
     }
     for plain in [marker, "\"news\"", "\"type\":\"message\""] {
@@ -346,7 +372,6 @@ async fn bytes_between_two_agents_carry_no_plaintext() {
             bytes.len()
         );
     }
-    relay_task.abort();
 }
 
 #[tokio::test]
@@ -355,24 +380,18 @@ async fn a_handshake_relayed_to_another_node_is_refused() {
     // n0 believes it dials n1; the relay hands its handshake to n2, which
     // trusts n0, and once n0 hangs up it sends n2 a publish of its own on
     // the connection n0 authenticated.
-    let listener = TcpListener::bind(format!("{}:0", Nodes::ip(9)))
-        .await
-        .unwrap();
-    let via = listener.local_addr().unwrap();
-    let capture = Arc::new(Capture::default());
-    let relay_task = tokio::spawn(relay(
-        listener,
+    let relay = Relay::start(
         nodes.mesh(2),
-        Arc::clone(&capture),
         Some(publish_frame(
             "chat",
             "injected through a relayed handshake",
         )),
-    ));
+    )
+    .await;
     let n2 = nodes.start(2, &[(0, None)], None);
     n2.wait_ready().await;
     let mut sub = subscriber(nodes.chat(2)).await;
-    let n0 = nodes.start(0, &[(1, Some(via))], None);
+    let n0 = nodes.start(0, &[(1, Some(relay.via))], None);
     n0.wait_ready().await;
 
     // The relay gets to pass several handshakes (n0 redials).
@@ -386,8 +405,8 @@ async fn a_handshake_relayed_to_another_node_is_refused() {
         }
     }
     assert!(
-        capture.from_dialer.load(Ordering::Relaxed) > 0
-            && capture.from_listener.load(Ordering::Relaxed) > 0,
+        relay.capture.from_dialer.load(Ordering::Relaxed) > 0
+            && relay.capture.from_listener.load(Ordering::Relaxed) > 0,
         "the relay never carried a handshake"
     );
     assert!(
@@ -400,7 +419,6 @@ async fn a_handshake_relayed_to_another_node_is_refused() {
         "n0 saw through the relay:\n{}",
         n0.log()
     );
-    relay_task.abort();
 }
 
 type LinkSink = SecureSink<SplitSink<Client, Message>>;
@@ -435,15 +453,9 @@ async fn link_as(target: SocketAddr, to: usize, me: usize, nodes: &Nodes) -> Lin
 }
 
 async fn send_publish(link: &mut LinkSink, service: &str, data: &str) {
-    let message = json!({"type": "message", "channel": "news", "data": data}).to_string();
-    let publish = edgewire_agent::mesh::frame::Publish::encode(
-        service,
-        "news",
-        edgewire_agent::mesh::frame::now_us(),
-        message.as_bytes(),
-    )
-    .unwrap();
-    link.send(Message::Binary(publish)).await.unwrap();
+    link.send(Message::Binary(publish(service, data)))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
