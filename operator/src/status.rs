@@ -337,6 +337,32 @@ mod tests {
     }
 
     #[test]
+    fn each_placed_node_carries_the_mesh_key_its_edgenode_publishes() {
+        let decision = Decision {
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+            ..Decision::default()
+        };
+        let key = "ab".repeat(32);
+        let reports = BTreeMap::from([
+            (
+                "a".to_string(),
+                NodeReport {
+                    mesh_public_key: Some(key.clone()),
+                    ..report(true, Some((true, None, 0)))
+                },
+            ),
+            ("b".to_string(), report(true, Some((true, None, 0)))),
+        ]);
+        let s = compute(&decision, &reports, None, Some(1), &time(10));
+        let keys: Vec<Option<&str>> = s
+            .placement
+            .iter()
+            .map(|p| p.mesh_public_key.as_deref())
+            .collect();
+        assert_eq!(keys, [Some(key.as_str()), None, None]);
+    }
+
+    #[test]
     fn stale_failed_and_pending_nodes() {
         let decision = Decision {
             nodes: vec!["a".into(), "b".into(), "c".into(), "d".into()],
