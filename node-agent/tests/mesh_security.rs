@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use edgewire_agent::mesh::noise::{Identity, SecureSink, StaticKey, initiate, parse_public};
+use edgewire_agent::mesh::noise::{
+    HandshakeError, Identity, SecureSink, StaticKey, initiate, parse_public,
+};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -423,11 +425,17 @@ async fn a_handshake_relayed_to_another_node_is_refused() {
 
 type LinkSink = SecureSink<SplitSink<Client, Message>>;
 
-/// Links to node `to` at `target` as node `me`, with `me`'s key (as if
-/// stolen off its disk), the way an agent does.
-async fn link_as(target: SocketAddr, to: usize, me: usize, nodes: &Nodes) -> LinkSink {
+/// Links to node `to` at `target` with node `me`'s key (as if stolen off its
+/// disk), the way an agent does, naming itself `claim`.
+async fn link_as(
+    target: SocketAddr,
+    to: usize,
+    me: usize,
+    claim: &str,
+    nodes: &Nodes,
+) -> Result<LinkSink, HandshakeError> {
     let key = StaticKey::load_or_create(&nodes.key_file(me)).unwrap();
-    let identity = Identity::new(format!("n{me}"), key, None);
+    let identity = Identity::new(claim.to_string(), key, None);
     let peer_key = parse_public(&mesh_public_key(&nodes.key_file(to))).unwrap();
     let (sink, stream) = connect(target, "/mesh").await.split();
     let (sink, stream) = tokio::time::timeout(
@@ -442,14 +450,13 @@ async fn link_as(target: SocketAddr, to: usize, me: usize, nodes: &Nodes) -> Lin
         ),
     )
     .await
-    .expect("a handshake in time")
-    .expect("n1 takes n2's key");
+    .expect("a handshake in time")?;
     // The agent reads nothing it needs from this side; keep it open.
     tokio::spawn(async move {
         let mut stream = stream;
         while let Some(Ok(_)) = stream.next().await {}
     });
-    sink
+    Ok(sink)
 }
 
 async fn send_publish(link: &mut LinkSink, service: &str, data: &str) {
@@ -467,7 +474,24 @@ async fn a_node_not_placed_on_a_service_cannot_inject_into_it() {
     let mut chat_sub = subscriber(nodes.chat(1)).await;
     let mut side_sub = subscriber(nodes.side(1)).await;
 
-    let mut link = link_as(nodes.mesh(1), 1, 2, &nodes).await;
+    // With n2's key, n2 cannot pass for n0 (which is placed on chat).
+    let posing = link_as(nodes.mesh(1), 1, 2, "n0", &nodes).await;
+    assert!(posing.is_err(), "n1 took n2's key for n0's");
+    let deadline = Instant::now() + WAIT;
+    while !n1
+        .log()
+        .contains("\"n0\" is not a peer here with the key it showed")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "refusal not logged:\n{}",
+            n1.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut link = link_as(nodes.mesh(1), 1, 2, "n2", &nodes)
+        .await
+        .expect("n1 takes n2's key for n2");
     send_publish(&mut link, "chat", "injected by n2").await;
     send_publish(&mut link, "side", "from n2, where it is placed").await;
 
