@@ -179,13 +179,15 @@ class Cluster:
 
 def edgewire_mesh(tmp):
     port, mesh_port = free_port(), free_port()
-    secret = tmp / "mesh-secret"
-    secret.write_text("edgewire bench mesh secret")
+    # Each node's mesh key, and its public half for the others' configs.
+    keys = [tmp / f"mesh-{i}.key" for i in range(len(MESH_NODES))]
+    public = [subprocess.run([AGENT, "--mesh-key-file", str(k), "--print-mesh-public-key"],
+                             check=True, capture_output=True, text=True).stdout.strip() for k in keys]
 
     def start():
         procs = []
         for i, ip in enumerate(MESH_NODES):
-            peers = "\n".join(f"      - {{node: n{j}, address: \"{other}:{mesh_port}\"}}"
+            peers = "\n".join(f"      - {{node: n{j}, address: \"{other}:{mesh_port}\", publicKey: {public[j]}}}"
                               for j, other in enumerate(MESH_NODES) if j != i)
             config = tmp / f"mesh-{i}.yaml"
             config.write_text(
@@ -196,7 +198,7 @@ def edgewire_mesh(tmp):
             )
             procs.append(subprocess.Popen(
                 [AGENT, "--config", str(config), "--listen-address", ip, "--admin-address", f"{ip}:{free_port()}",
-                 "--node-name", f"n{i}", "--mesh-address", f"{ip}:{mesh_port}", "--mesh-secret-file", str(secret),
+                 "--node-name", f"n{i}", "--mesh-address", f"{ip}:{mesh_port}", "--mesh-key-file", str(keys[i]),
                  "--log-level", "warn"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for ip in MESH_NODES:

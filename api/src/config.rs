@@ -51,6 +51,16 @@ pub struct PeerSpec {
     pub node: String,
     /// `host:port` of the peer's mesh listener.
     pub address: String,
+    /// The peer's mesh public key (X25519, 64 hex digits): the link is
+    /// refused unless the peer proves it holds the matching private key.
+    /// Required; `edgewire-agent --print-mesh-public-key` prints a node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+/// Whether `text` is a mesh public key: 32 bytes as 64 hex digits.
+pub fn is_mesh_public_key(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A compute or WebSocket handler.
@@ -284,6 +294,13 @@ impl ServiceConfig {
                 errors.push(FieldError::new(
                     format!("{at}.peers[{j}].address"),
                     format!("{:?} must be host:port", peer.address),
+                ));
+            }
+            if !peer.public_key.as_deref().is_some_and(is_mesh_public_key) {
+                errors.push(FieldError::new(
+                    format!("{at}.peers[{j}].publicKey"),
+                    "must be the peer's mesh public key, 64 hex digits \
+                     (edgewire-agent --print-mesh-public-key on that node)",
                 ));
             }
         }
@@ -602,15 +619,18 @@ mod tests {
             PeerSpec {
                 node: "b".into(),
                 address: "127.0.0.2:7946".into(),
+                public_key: Some("0f".repeat(32)),
             },
             PeerSpec {
                 node: "".into(),
                 address: "nowhere".into(),
+                public_key: Some("0f".into()),
             },
         ];
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("services[0].peers[1].node"), "{err}");
         assert!(err.contains("services[0].peers[1].address"), "{err}");
+        assert!(err.contains("services[0].peers[1].publicKey"), "{err}");
         assert!(!err.contains("peers[0]"), "{err}");
     }
 

@@ -164,6 +164,10 @@ pub struct NodePlacement {
     pub state: PlacementState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The node's mesh public key, from its EdgeNode: the key the other
+    /// placed agents require of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_public_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -222,6 +226,11 @@ pub struct EdgeNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub mesh_port: Option<i32>,
+    /// The agent's mesh public key (X25519, 64 hex digits); its private key
+    /// never leaves the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub mesh_public_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

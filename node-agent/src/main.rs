@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use edgewire_agent::budget::Budget;
+use edgewire_agent::mesh::noise::{Identity, StaticKey};
 use edgewire_agent::service::Shared;
 use edgewire_agent::{admin, agent::Agent, cluster, config_source, mesh::Mesh, metrics::Metrics};
 use edgewire_api::AgentConfig;
@@ -79,9 +80,18 @@ struct Cli {
     /// Listen for mesh links from peer agents here (enables the mesh).
     #[arg(long, env = "EDGEWIRE_MESH_ADDRESS")]
     mesh_address: Option<SocketAddr>,
-    /// File holding the shared mesh secret (a mounted Kubernetes Secret).
+    /// File holding an optional mesh secret (a mounted Kubernetes Secret):
+    /// when set, every agent must have the same one, mixed into each mesh
+    /// handshake as a pre-shared key on top of the node keys.
     #[arg(long, env = "EDGEWIRE_MESH_SECRET_FILE")]
     mesh_secret_file: Option<PathBuf>,
+    /// This node's mesh private key; made there (mode 0600) when missing.
+    /// Defaults to mesh.key in --state-dir.
+    #[arg(long, env = "EDGEWIRE_MESH_KEY_FILE")]
+    mesh_key_file: Option<PathBuf>,
+    /// Print this node's mesh public key (making the key if missing) and exit.
+    #[arg(long)]
+    print_mesh_public_key: bool,
     /// Bytes each mesh link may have queued for its peer; more is dropped
     /// (counted as mesh_unavailable).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
@@ -131,8 +141,27 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where this node's mesh private key lives.
+fn mesh_key_path(cli: &Cli) -> PathBuf {
+    cli.mesh_key_file
+        .clone()
+        .unwrap_or_else(|| cli.state_dir.join("mesh.key"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_mesh_public_key {
+        return match StaticKey::load_or_create(&mesh_key_path(&cli)) {
+            Ok(key) => {
+                println!("{}", key.public_hex());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("edgewire-agent: {:#}", anyhow::Error::from(err));
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.print_default_config {
         match AgentConfig::builtin_default().to_yaml() {
             Ok(text) => {
@@ -180,28 +209,33 @@ async fn start_mesh(
         .node_name
         .clone()
         .context("--mesh-address needs --node-name (or NODE_NAME)")?;
-    let path = cli.mesh_secret_file.as_ref().context(
-        "--mesh-address needs --mesh-secret-file: the mesh is never open without a secret",
-    )?;
-    let secret = std::fs::read(path)
-        .with_context(|| format!("cannot read the mesh secret {}", path.display()))?;
-    let secret = secret.trim_ascii().to_vec();
-    anyhow::ensure!(
-        secret.len() >= 16,
-        "the mesh secret in {} must be at least 16 bytes",
-        path.display()
-    );
+    let key = StaticKey::load_or_create(&mesh_key_path(cli))?;
+    let secret = match &cli.mesh_secret_file {
+        Some(path) => {
+            let secret = std::fs::read(path)
+                .with_context(|| format!("cannot read the mesh secret {}", path.display()))?;
+            let secret = secret.trim_ascii().to_vec();
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "the mesh secret in {} must be at least 16 bytes",
+                path.display()
+            );
+            Some(secret)
+        }
+        None => None,
+    };
+    let identity = Identity::new(node.clone(), key, secret.as_deref());
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen for mesh links on {address}"))?;
-    tracing::info!(%address, node = %node, "mesh listening");
-    let mesh = Mesh::new(
-        node,
-        secret,
-        metrics,
-        cli.mesh_link_queue_bytes,
-        queue_budget,
+    tracing::info!(
+        %address,
+        node = %node,
+        public_key = %identity.public_hex(),
+        pre_shared_key = secret.is_some(),
+        "mesh listening"
     );
+    let mesh = Mesh::new(identity, metrics, cli.mesh_link_queue_bytes, queue_budget);
     tokio::spawn(Arc::clone(&mesh).serve(listener));
     Ok(mesh)
 }
@@ -209,6 +243,7 @@ async fn start_mesh(
 /// Connects to the cluster and starts following this node's placement.
 async fn start_cluster(
     cli: &Cli,
+    mesh_public_key: Option<String>,
     agent: Arc<Agent>,
     stop: CancellationToken,
     leave: cluster::Leave,
@@ -234,6 +269,7 @@ async fn start_cluster(
         node,
         advertise_address,
         mesh_port: cli.mesh_address.map(|a| a.port()),
+        mesh_public_key,
         state_dir: cli.state_dir.clone(),
         heartbeat_interval: Duration::from_secs_f64(cli.heartbeat_interval),
         edge_node_labels: cli.edge_node_labels.iter().cloned().collect(),
@@ -268,7 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let shared = Shared {
         metrics,
-        mesh,
+        mesh: mesh.clone(),
         queue_budget,
     };
     let agent = Arc::new(Agent::new(cli.listen_address, shared));
@@ -295,7 +331,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             now: leave.clone(),
             done: left_tx,
         };
-        Some(start_cluster(&cli, Arc::clone(&agent), stop.clone(), handoff).await?)
+        let key = mesh.as_ref().map(|m| m.public_key());
+        Some(start_cluster(&cli, key, Arc::clone(&agent), stop.clone(), handoff).await?)
     } else {
         agent.apply(&config).await;
         None

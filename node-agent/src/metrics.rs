@@ -103,6 +103,40 @@ impl Outcome {
     }
 }
 
+/// Why the mesh refused a link or a frame; the `reason` label of
+/// `edgewire_mesh_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeshRefusal {
+    /// An inbound link found every handshake slot taken.
+    HandshakeBusy,
+    /// An inbound link did not finish its handshake within the deadline.
+    HandshakeTimeout,
+    /// An inbound link failed authentication: a bad handshake, or a key
+    /// that is not the key of a peer of ours.
+    HandshakeFailed,
+    /// An authenticated peer sent a publish for a service not placed on
+    /// both nodes.
+    NotPlaced,
+}
+
+impl MeshRefusal {
+    pub const ALL: [MeshRefusal; 4] = [
+        MeshRefusal::HandshakeBusy,
+        MeshRefusal::HandshakeTimeout,
+        MeshRefusal::HandshakeFailed,
+        MeshRefusal::NotPlaced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshRefusal::HandshakeBusy => "handshake_busy",
+            MeshRefusal::HandshakeTimeout => "handshake_timeout",
+            MeshRefusal::HandshakeFailed => "handshake_failed",
+            MeshRefusal::NotPlaced => "not_placed",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     In,
@@ -129,6 +163,7 @@ pub struct Metrics {
     pub mesh_peers: IntGaugeVec,
     pub mesh_messages: IntCounterVec,
     config_reloads: IntCounterVec,
+    mesh_refused: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -206,6 +241,11 @@ impl Metrics {
                 "Config reloads by outcome (applied or rejected).",
                 &["outcome"],
             ),
+            mesh_refused: counter(
+                "edgewire_mesh_refused_total",
+                "Inbound mesh links and publishes refused, by reason.",
+                &["reason"],
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.connections.clone()),
@@ -219,6 +259,7 @@ impl Metrics {
             Box::new(metrics.mesh_peers.clone()),
             Box::new(metrics.mesh_messages.clone()),
             Box::new(metrics.config_reloads.clone()),
+            Box::new(metrics.mesh_refused.clone()),
         ];
         for collector in collectors {
             metrics
@@ -226,7 +267,16 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
+        for reason in MeshRefusal::ALL {
+            metrics.mesh_refused.with_label_values(&[reason.as_str()]);
+        }
         metrics
+    }
+
+    pub fn mesh_refused(&self, reason: MeshRefusal) {
+        self.mesh_refused
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     /// Makes every metric family of `service` visible at zero, so dashboards and

@@ -100,6 +100,7 @@ mod tests {
         new.services[0].peers.push(edgewire_api::PeerSpec {
             node: "b".into(),
             address: "127.0.0.2:7946".into(),
+            public_key: Some("0f".repeat(32)),
         });
         let plan = plan(&running(&old), &new);
         assert!(plan.is_noop(), "{plan:?}");

@@ -191,9 +191,6 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
 
     // The processes that stand in for the pods, with the pods' credentials.
     let operator_kc = service_account_kubeconfig(&plane, "edgewire-operator", None, work.path());
-    let secret_b64 = mesh_secret(&plane);
-    let secret_file = work.path().join("mesh-secret");
-    std::fs::write(&secret_file, decode_base64(&secret_b64)).unwrap();
 
     let operator_metrics = free_port();
     let operator = Killed(
@@ -252,8 +249,6 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
                 ip,
                 "--mesh-address",
                 &format!("{ip}:{mesh_port}"),
-                "--mesh-secret-file",
-                secret_file.to_str().unwrap(),
                 "--state-dir",
                 state.to_str().unwrap(),
                 "--heartbeat-interval",
@@ -317,6 +312,17 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     let (mut subscriber, mut publisher, got) = first_across_mesh(node(0), node(1), "chat").await;
     let got = got.expect("a publish at edge-0 reached the subscriber at edge-1");
     assert_eq!(got["channel"], "chat");
+    // That link was authenticated with keys each agent made on its node and
+    // published in its own EdgeNode.
+    let keys_before = mesh_keys(&plane);
+    assert_eq!(
+        keys_before
+            .lines()
+            .filter(|l| l.split_once('=').is_some_and(|(_, k)| k.len() == 64))
+            .count(),
+        NODES.len(),
+        "{keys_before}"
+    );
 
     // A real Prometheus scrapes the agents and the operator.
     let prom_port = free_port();
@@ -411,10 +417,10 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     assert!(listed.contains("edgewire-0.1.1"), "{listed}");
     let after = kubectl(&plane, &["get", "es", "-n", DEMO, "-o", "name"]);
     assert_eq!(after.lines().count(), 2, "{after}");
-    let secret_after = mesh_secret(&plane);
+    let keys_after = mesh_keys(&plane);
     assert_eq!(
-        secret_after, secret_b64,
-        "the mesh secret survives upgrades"
+        keys_after, keys_before,
+        "the nodes' mesh keys survive upgrades"
     );
     send_text(
         &mut publisher,
@@ -438,7 +444,6 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     for (kind, name) in [
         ("deployment", "edgewire-operator"),
         ("daemonset", "edgewire-agent"),
-        ("secret", "edgewire-mesh"),
         ("serviceaccount", "edgewire-agent"),
     ] {
         let left = kubectl(
@@ -488,18 +493,15 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     drop(agents);
 }
 
-/// The chart's mesh secret, base64 as stored.
-fn mesh_secret(plane: &ControlPlane) -> String {
+/// Each node's mesh public key as its EdgeNode publishes it.
+fn mesh_keys(plane: &ControlPlane) -> String {
     kubectl(
         plane,
         &[
             "get",
-            "secret",
-            "edgewire-mesh",
-            "-n",
-            SYSTEM,
+            "edgenodes",
             "-o",
-            "jsonpath={.data.secret}",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.meshPublicKey}{\"\\n\"}{end}",
         ],
     )
 }
@@ -523,21 +525,4 @@ fn which(program: &str) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
-}
-
-fn decode_base64(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.trim().bytes().filter(|c| *c != b'=') {
-        let v = ALPHABET.iter().position(|a| *a == c).expect("base64") as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
 }

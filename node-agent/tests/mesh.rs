@@ -45,9 +45,10 @@ impl Cluster {
             .filter(|p| **p != me)
             .map(|p| {
                 format!(
-                    "      - {{node: n{p}, address: \"{}:{}\"}}",
+                    "      - {{node: n{p}, address: \"{}:{}\", publicKey: {}}}",
                     Cluster::ip(*p),
-                    self.mesh_port
+                    self.mesh_port,
+                    mesh_public_key(&self.key_file(*p))
                 )
             })
             .collect();
@@ -58,8 +59,14 @@ impl Cluster {
         )
     }
 
+    /// Node `i`'s mesh private key, made on first use.
+    fn key_file(&self, i: usize) -> std::path::PathBuf {
+        self.secret_dir.path().join(format!("n{i}.key"))
+    }
+
     fn start(&self, me: usize, members: &[usize], secret: &str) -> AgentProcess {
         let secret = self.secret_dir.path().join(secret);
+        let key = self.key_file(me);
         let mesh = format!("{}:{}", Cluster::ip(me), self.mesh_port);
         let node = format!("n{me}");
         AgentProcess::spawn_on(
@@ -72,6 +79,8 @@ impl Cluster {
                 &mesh,
                 "--mesh-secret-file",
                 secret.to_str().unwrap(),
+                "--mesh-key-file",
+                key.to_str().unwrap(),
             ],
         )
     }

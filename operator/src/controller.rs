@@ -223,6 +223,7 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
                 name.clone(),
                 NodeReport {
                     address,
+                    mesh_public_key: edge_node.and_then(|e| e.spec.mesh_public_key.clone()),
                     fresh: fresh == Freshness::Fresh,
                     service,
                 },

@@ -223,6 +223,7 @@ mod tests {
             address: Some(address.into()),
             state,
             message: None,
+            mesh_public_key: None,
         }
     }
 

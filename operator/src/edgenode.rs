@@ -263,6 +263,7 @@ mod tests {
             EdgeNodeSpec {
                 address: address.into(),
                 mesh_port: None,
+                mesh_public_key: None,
             },
         )
     }

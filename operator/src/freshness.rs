@@ -199,6 +199,7 @@ mod tests {
             EdgeNodeSpec {
                 address: "192.0.2.1".into(),
                 mesh_port: None,
+                mesh_public_key: None,
             },
         );
         en.status = Some(EdgeNodeStatus {

@@ -14,6 +14,9 @@ use crate::placement::Decision;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeReport {
     pub address: Option<String>,
+    /// The agent's mesh public key, from its EdgeNode (which only that
+    /// node's agent may write).
+    pub mesh_public_key: Option<String>,
     pub fresh: bool,
     /// The agent's report on this EdgeService: listening, error, connections.
     pub service: Option<(bool, Option<String>, i64)>,
@@ -43,6 +46,7 @@ fn placement_of(node: &str, report: Option<&NodeReport>) -> NodePlacement {
         address: report.and_then(|r| r.address.clone()),
         state,
         message,
+        mesh_public_key: report.and_then(|r| r.mesh_public_key.clone()),
     }
 }
 
@@ -297,6 +301,7 @@ mod tests {
     fn report(fresh: bool, service: Option<(bool, Option<String>, i64)>) -> NodeReport {
         NodeReport {
             address: Some("192.0.2.1".into()),
+            mesh_public_key: None,
             fresh,
             service,
         }
@@ -329,6 +334,32 @@ mod tests {
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "Degraded").reason, "AsExpected");
         assert_eq!(cond(&s, "Ready").observed_generation, Some(2));
+    }
+
+    #[test]
+    fn each_placed_node_carries_the_mesh_key_its_edgenode_publishes() {
+        let decision = Decision {
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+            ..Decision::default()
+        };
+        let key = "ab".repeat(32);
+        let reports = BTreeMap::from([
+            (
+                "a".to_string(),
+                NodeReport {
+                    mesh_public_key: Some(key.clone()),
+                    ..report(true, Some((true, None, 0)))
+                },
+            ),
+            ("b".to_string(), report(true, Some((true, None, 0)))),
+        ]);
+        let s = compute(&decision, &reports, None, Some(1), &time(10));
+        let keys: Vec<Option<&str>> = s
+            .placement
+            .iter()
+            .map(|p| p.mesh_public_key.as_deref())
+            .collect();
+        assert_eq!(keys, [Some(key.as_str()), None, None]);
     }
 
     #[test]

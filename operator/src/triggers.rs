@@ -24,6 +24,7 @@ pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     en.metadata.labels.hash(&mut h);
     en.spec.address.hash(&mut h);
     en.spec.mesh_port.hash(&mut h);
+    en.spec.mesh_public_key.hash(&mut h);
     if let Some(status) = &en.status {
         for s in &status.services {
             (&s.namespace, &s.name, s.listening, &s.error).hash(&mut h);
@@ -92,6 +93,7 @@ mod tests {
             EdgeNodeSpec {
                 address: "192.0.2.1".into(),
                 mesh_port: None,
+                mesh_public_key: None,
             },
         );
         en.status = Some(EdgeNodeStatus {

@@ -107,6 +107,7 @@ impl Agents {
                         EdgeNodeSpec {
                             address,
                             mesh_port: None,
+                            mesh_public_key: None,
                         },
                     );
                     // The operator's node selector applies to EdgeNodes too;

@@ -8,9 +8,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "edgewire.operatorName" -}}{{ .Release.Name }}-operator{{- end }}
 {{- define "edgewire.agentName" -}}{{ .Release.Name }}-agent{{- end }}
-{{- define "edgewire.meshSecretName" -}}
-{{- .Values.mesh.existingSecret | default (printf "%s-mesh" .Release.Name) -}}
-{{- end }}
 
 {{- define "edgewire.image" -}}
 {{- $img := index .root.Values.image .component -}}

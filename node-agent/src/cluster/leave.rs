@@ -45,6 +45,7 @@ mod tests {
                     address: None,
                     state: *state,
                     message: None,
+                    mesh_public_key: None,
                 })
                 .collect(),
             ..EdgeServiceStatus::default()

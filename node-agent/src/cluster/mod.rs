@@ -41,6 +41,9 @@ pub struct Options {
     /// Where clients and peers reach this agent; written to the EdgeNode.
     pub advertise_address: String,
     pub mesh_port: Option<u16>,
+    /// This agent's mesh public key, published in its EdgeNode so the
+    /// operator can hand it to the peers.
+    pub mesh_public_key: Option<String>,
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub edge_node_labels: BTreeMap<String, String>,
@@ -229,6 +232,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Lea
                 EdgeNodeSpec {
                     address: options.advertise_address.clone(),
                     mesh_port: options.mesh_port.map(i32::from),
+                    mesh_public_key: options.mesh_public_key.clone(),
                 },
             );
             node.metadata = ObjectMeta {

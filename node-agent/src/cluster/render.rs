@@ -1,6 +1,7 @@
 //! The agent's config in a cluster, as a pure function of the EdgeServices:
 //! every EdgeService whose placement names this node becomes a service named
-//! `namespace/name`, with the other placed nodes as its mesh peers.
+//! `namespace/name`, with the other placed nodes as its mesh peers, each
+//! with the mesh public key the operator carried over from its EdgeNode.
 
 use edgewire_api::crd::EdgeService;
 use edgewire_api::{AgentConfig, PeerSpec, ServiceConfig};
@@ -53,6 +54,12 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
             .filter_map(|p| {
                 let mesh_port = mesh_port?;
                 let address = p.address.as_deref()?;
+                // A node that has not published a valid key yet cannot be
+                // authenticated: it joins the mesh once it has.
+                let public_key = p
+                    .mesh_public_key
+                    .clone()
+                    .filter(|k| edgewire_api::config::is_mesh_public_key(k))?;
                 let host = if address.contains(':') {
                     format!("[{address}]")
                 } else {
@@ -61,6 +68,7 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
                 Some(PeerSpec {
                     node: p.node.clone(),
                     address: format!("{host}:{mesh_port}"),
+                    public_key: Some(public_key),
                 })
             })
             .collect();
@@ -103,6 +111,14 @@ mod tests {
 
     use super::*;
 
+    fn key_of(node: &str) -> String {
+        format!("{:0>64}", hex_of(node))
+    }
+
+    fn hex_of(text: &str) -> String {
+        text.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn es(name: &str, port: i32, nodes: &[(&str, Option<&str>)], created: i64) -> EdgeService {
         let mut es = EdgeService::new(
             name,
@@ -127,6 +143,7 @@ mod tests {
                     address: a.map(str::to_string),
                     state: PlacementState::Ready,
                     message: None,
+                    mesh_public_key: Some(key_of(n)),
                 })
                 .collect(),
             ..EdgeServiceStatus::default()
@@ -158,7 +175,8 @@ mod tests {
             s.peers,
             vec![PeerSpec {
                 node: "b".into(),
-                address: "10.0.0.2:7946".into()
+                address: "10.0.0.2:7946".into(),
+                public_key: Some(key_of("b")),
             }],
             "a peer without an address yet is left out"
         );
@@ -192,6 +210,26 @@ mod tests {
         )];
         let r = render("a", &services, Some(7946));
         assert_eq!(r.config.services[0].peers[0].address, "[2001:db8::2]:7946");
+    }
+
+    #[test]
+    fn a_peer_without_a_valid_key_is_left_out() {
+        let mut services = [es(
+            "chat",
+            8000,
+            &[
+                ("a", None),
+                ("b", Some("10.0.0.2")),
+                ("c", Some("10.0.0.3")),
+            ],
+            1,
+        )];
+        let placement = &mut services[0].status.as_mut().unwrap().placement;
+        placement[1].mesh_public_key = None;
+        placement[2].mesh_public_key = Some("not hex".into());
+        let r = render("a", &services, Some(7946));
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        assert!(r.config.services[0].peers.is_empty());
     }
 
     #[test]

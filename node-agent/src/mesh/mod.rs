@@ -3,8 +3,11 @@
 //!
 //! Each agent dials every peer it shares a service with and sends on that
 //! link only (so each ordered pair has one FIFO link); it receives on the
-//! links its peers dialed. Links authenticate both ways with the shared
-//! secret (`auth`). Peers learn which channels have subscribers here
+//! links its peers dialed. Links are encrypted and authenticated both ways
+//! with Noise (`noise`): each side proves it holds the key of the node it
+//! claims to be, and a peer delivers only for services placed on both
+//! nodes. Before authentication a link gets a few KiB per frame, a deadline
+//! and one of a bounded number of handshake slots. Peers learn which channels have subscribers here
 //! (interest), and a publish is forwarded only to peers with interest, one
 //! hop, never again (`routing`). Interest belongs to the peer, not to one
 //! connection: it outlives a dropped link until the peer's next snapshot.
@@ -15,8 +18,8 @@
 //! stops reading is noticed and redialed. Dial failures back off
 //! exponentially with jitter.
 
-pub mod auth;
 pub mod frame;
+pub mod noise;
 pub mod outbox;
 pub mod routing;
 
@@ -29,16 +32,15 @@ use std::time::{Duration, Instant};
 use edgewire_api::PeerSpec;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use self::auth::Role;
 use self::frame::{LinkFrame, Publish, now_us};
+use self::noise::{HandshakeError, Identity, KEY_LEN, SecureSink, SecureStream};
 use self::outbox::{Outbox, Queued, Refused};
 use crate::budget::Budget;
-use crate::metrics::{DeliveryPath, DropReason, Metrics};
+use crate::metrics::{DeliveryPath, DropReason, MeshRefusal, Metrics};
 use crate::service::ServiceRuntime;
 
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -52,7 +54,13 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// out between batches even on a slow path.
 const BATCH_FRAMES: usize = 256;
 const BATCH_BYTES: usize = 1024 * 1024;
+/// The whole of a link's setup (WebSocket upgrade and Noise handshake) has
+/// this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound links still in their handshake at once; more are closed at
+/// accept, so a flood of idle connections costs a bounded amount and the
+/// slots free up within the handshake deadline.
+const MAX_HANDSHAKES: usize = 64;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Mesh frames carry whole relay messages; room for the largest allowed.
@@ -60,7 +68,8 @@ const MAX_LINK_FRAME: usize = 17 * 1024 * 1024;
 
 pub struct Mesh {
     node: String,
-    secret: Arc<Vec<u8>>,
+    identity: Identity,
+    handshakes: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
     /// Bytes each outbound link may have queued.
     link_queue_bytes: usize,
@@ -88,6 +97,7 @@ struct Inner {
 
 struct Link {
     address: String,
+    key: [u8; KEY_LEN],
     outbox: Arc<Outbox>,
     stop: CancellationToken,
 }
@@ -108,12 +118,19 @@ fn jitter() -> f64 {
     f64::from(u16::from_le_bytes(b)) / 65536.0
 }
 
+/// Every WebSocket message of a link is one Noise message of a few KiB;
+/// link frames larger than that travel in several (see `noise`).
 fn link_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(64 * 1024)
-        .max_message_size(Some(MAX_LINK_FRAME))
-        .max_frame_size(Some(MAX_LINK_FRAME))
+        .max_message_size(Some(noise::MAX_WIRE_MESSAGE))
+        .max_frame_size(Some(noise::MAX_WIRE_MESSAGE))
+}
+
+/// The key `node` must show to link with us for `service`, from its spec.
+fn peer_key(peer: &PeerSpec) -> Option<[u8; KEY_LEN]> {
+    peer.public_key.as_deref().and_then(noise::parse_public)
 }
 
 /// Runs one write on a link within [`WRITE_DEADLINE`].
@@ -130,15 +147,15 @@ where
 
 impl Mesh {
     pub fn new(
-        node: String,
-        secret: Vec<u8>,
+        identity: Identity,
         metrics: Metrics,
         link_queue_bytes: usize,
         queue_budget: Arc<Budget>,
     ) -> Arc<Mesh> {
         Arc::new(Mesh {
-            node,
-            secret: Arc::new(secret),
+            node: identity.node.clone(),
+            identity,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             metrics,
             link_queue_bytes,
             queue_budget,
@@ -171,6 +188,14 @@ impl Mesh {
         let peers: Vec<PeerSpec> = peers
             .iter()
             .filter(|p| p.node != self.node)
+            .filter(|p| {
+                // Without its key a peer cannot be authenticated: no link.
+                let known = peer_key(p).is_some();
+                if !known {
+                    tracing::warn!(service = name, peer = %p.node, "mesh peer without a valid public key; not linking");
+                }
+                known
+            })
             .cloned()
             .collect();
         inner.peers_by_service.insert(name.to_string(), peers);
@@ -191,16 +216,19 @@ impl Mesh {
     }
 
     fn reconcile_links(self: &Arc<Self>, inner: &mut Inner) {
-        let mut wanted: HashMap<String, String> = HashMap::new();
+        let mut wanted: HashMap<String, (String, [u8; KEY_LEN])> = HashMap::new();
         for peers in inner.peers_by_service.values() {
             for peer in peers {
-                wanted
-                    .entry(peer.node.clone())
-                    .or_insert_with(|| peer.address.clone());
+                if let Some(key) = peer_key(peer) {
+                    wanted
+                        .entry(peer.node.clone())
+                        .or_insert_with(|| (peer.address.clone(), key));
+                }
             }
         }
         inner.links.retain(|node, link| {
-            let keep = wanted.get(node) == Some(&link.address);
+            // A new key (the peer's node was rebuilt) means a new link too.
+            let keep = wanted.get(node) == Some(&(link.address.clone(), link.key));
             if !keep {
                 link.stop.cancel();
             }
@@ -209,7 +237,15 @@ impl Mesh {
         inner
             .remote_interest
             .retain(|node, _| wanted.contains_key(node));
-        for (node, address) in wanted {
+        // A node that is no longer a peer keeps no link into us either.
+        inner.inbound.retain(|node, (_, link)| {
+            let keep = wanted.contains_key(node);
+            if !keep {
+                link.cancel();
+            }
+            keep
+        });
+        for (node, (address, key)) in wanted {
             if inner.links.contains_key(&node) {
                 continue;
             }
@@ -218,6 +254,7 @@ impl Mesh {
             tokio::spawn(Arc::clone(self).dial_loop(
                 node.clone(),
                 address.clone(),
+                key,
                 Arc::clone(&outbox),
                 stop.clone(),
             ));
@@ -225,6 +262,7 @@ impl Mesh {
                 node,
                 Link {
                     address,
+                    key,
                     outbox,
                     stop,
                 },
@@ -306,6 +344,11 @@ impl Mesh {
         }
     }
 
+    /// This node's mesh public key, as peers must be told it.
+    pub fn public_key(&self) -> String {
+        self.identity.public_hex()
+    }
+
     /// Stops every link and the listener.
     pub fn shutdown(&self) {
         self.stop.cancel();
@@ -325,64 +368,81 @@ impl Mesh {
                     }
                 },
             };
+            // Over the cap the connection is closed at once: it costs no
+            // task, and the slots of those in handshake free up within the
+            // deadline.
+            let Ok(slot) = Arc::clone(&self.handshakes).try_acquire_owned() else {
+                self.metrics.mesh_refused(MeshRefusal::HandshakeBusy);
+                tracing::debug!(%peer, "mesh link refused: too many handshakes at once");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            tokio::spawn(Arc::clone(&self).inbound(tcp, peer));
+            tokio::spawn(Arc::clone(&self).inbound(tcp, peer, slot));
         }
     }
 
-    /// One peer's link to us: authenticate, then take its interest and messages.
-    async fn inbound(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        let ws = match tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio_tungstenite::accept_async_with_config(tcp, Some(link_config())),
+    /// The key `node` must show to link here: the one its spec gives, in
+    /// any service we share with it.
+    fn key_of(&self, node: &str) -> Option<[u8; KEY_LEN]> {
+        let inner = self.lock();
+        inner
+            .peers_by_service
+            .values()
+            .flatten()
+            .filter(|p| p.node == node)
+            .find_map(peer_key)
+    }
+
+    /// Whether `service` is placed here and on `node`: only then may `node`
+    /// deliver into it or tell us its interest in it.
+    fn shares(&self, node: &str, service: &str) -> bool {
+        self.lock()
+            .peers_by_service
+            .get(service)
+            .is_some_and(|peers| peers.iter().any(|p| p.node == node))
+    }
+
+    /// The acceptor's half of a link's setup: the WebSocket upgrade and the
+    /// Noise handshake, within one deadline.
+    async fn accept_link(&self, tcp: TcpStream) -> Result<(String, LinkSink, LinkStream), String> {
+        let tcp = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+        let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(link_config()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sink, stream) = ws.split();
+        noise::respond(
+            sink,
+            stream,
+            &self.identity,
+            |node| self.key_of(node),
+            MAX_LINK_FRAME,
         )
         .await
-        {
-            Ok(Ok(ws)) => ws,
-            _ => return,
-        };
-        let (mut sink, mut stream) = ws.split();
-        let challenge = auth::nonce();
-        let sent = within(
-            sink.send(Message::text(
-                LinkFrame::Challenge {
-                    nonce: challenge.clone(),
-                }
-                .to_json(),
-            )),
-        )
-        .await;
-        if sent.is_err() {
-            return;
-        }
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await;
-        let (node, their_nonce) = match hello {
-            Ok(Some(LinkFrame::Hello { node, proof, nonce }))
-                if auth::verify(&self.secret, Role::Dialer, &challenge, &node, &proof) =>
-            {
-                (node, nonce)
+        .map_err(|e| e.to_string())
+    }
+
+    /// One peer's link to us: authenticate, then take its interest and messages.
+    async fn inbound(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let setup = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_link(tcp)).await;
+        drop(slot);
+        let (node, mut sink, mut stream) = match setup {
+            Ok(Ok(linked)) => linked,
+            Ok(Err(why)) => {
+                self.metrics.mesh_refused(MeshRefusal::HandshakeFailed);
+                tracing::warn!(%peer, %why, "mesh link refused: authentication failed");
+                return;
             }
-            _ => {
-                tracing::warn!(%peer, "mesh link refused: authentication failed");
-                let close = CloseFrame {
-                    code: CloseCode::Policy,
-                    reason: "mesh authentication failed".into(),
-                };
-                let _ = within(sink.send(Message::Close(Some(close)))).await;
+            Err(_) => {
+                self.metrics.mesh_refused(MeshRefusal::HandshakeTimeout);
+                tracing::info!(%peer, "mesh link refused: no handshake within the deadline");
                 return;
             }
         };
-        let welcome = LinkFrame::Welcome {
-            node: self.node.clone(),
-            proof: auth::prove(&self.secret, Role::Acceptor, &their_nonce, &self.node),
-            binary: true,
-        };
-        if within(sink.send(Message::text(welcome.to_json())))
-            .await
-            .is_err()
-        {
-            return;
-        }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let superseded = self.stop.child_token();
         {
@@ -399,12 +459,12 @@ impl Mesh {
         let why = loop {
             let next = tokio::select! {
                 biased;
-                _ = superseded.cancelled() => break "replaced by a newer link",
+                _ = superseded.cancelled() => break "replaced by a newer link, or no longer a peer",
                 next = tokio::time::timeout(DEAD_AFTER, stream.next()) => next,
             };
             match next {
                 Ok(Some(Ok(Message::Binary(frame)))) => match Publish::decode(frame) {
-                    Ok(publish) => self.on_publish(publish),
+                    Ok(publish) => self.on_publish(&node, publish),
                     Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
                 },
                 Ok(Some(Ok(Message::Text(text)))) => {
@@ -440,6 +500,13 @@ impl Mesh {
                 .is_some_and(|(g, _)| *g == generation)
         };
         match frame {
+            LinkFrame::Interest { service, .. }
+            | LinkFrame::Subscribe { service, .. }
+            | LinkFrame::Unsubscribe { service, .. }
+                if !self.shares(node, &service) =>
+            {
+                tracing::debug!(peer = %node, %service, "mesh interest ignored: the service is not placed on both nodes");
+            }
             LinkFrame::Interest { service, channels } => {
                 let mut inner = self.lock();
                 if !current(&inner) {
@@ -472,23 +539,35 @@ impl Mesh {
                 channel,
                 message,
                 sent_us,
-            } => self.on_publish(Publish {
-                service,
-                channel,
-                sent_us,
-                message: Utf8Bytes::from(message),
-            }),
+            } => self.on_publish(
+                node,
+                Publish {
+                    service,
+                    channel,
+                    sent_us,
+                    message: Utf8Bytes::from(message),
+                },
+            ),
             LinkFrame::Challenge { .. } | LinkFrame::Hello { .. } | LinkFrame::Welcome { .. } => {}
         }
     }
 
-    /// Delivers a publish from a peer to the local subscribers.
-    fn on_publish(&self, publish: Publish) {
-        let runtime = self
-            .lock()
-            .services
-            .get(&publish.service)
-            .and_then(Weak::upgrade);
+    /// Delivers a publish from peer `from` to the local subscribers, if
+    /// the service is placed on both nodes.
+    fn on_publish(&self, from: &str, publish: Publish) {
+        let runtime = {
+            let inner = self.lock();
+            let placed = inner
+                .peers_by_service
+                .get(&publish.service)
+                .is_some_and(|peers| peers.iter().any(|p| p.node == from));
+            placed.then(|| inner.services.get(&publish.service).and_then(Weak::upgrade))
+        };
+        let Some(runtime) = runtime else {
+            self.metrics.mesh_refused(MeshRefusal::NotPlaced);
+            tracing::warn!(peer = %from, service = %publish.service, "mesh publish refused: the peer is not placed on the service");
+            return;
+        };
         let Some(runtime) = runtime else { return };
         self.metrics
             .mesh_messages
@@ -540,6 +619,7 @@ impl Mesh {
         self: Arc<Self>,
         node: String,
         address: String,
+        key: [u8; KEY_LEN],
         outbox: Arc<Outbox>,
         stop: CancellationToken,
     ) {
@@ -550,7 +630,7 @@ impl Mesh {
             }
             let dialed = tokio::select! {
                 _ = stop.cancelled() => break,
-                dialed = self.dial(&node, &address) => dialed,
+                dialed = self.dial(&node, &address, &key) => dialed,
             };
             match dialed {
                 Ok(link) => {
@@ -582,49 +662,33 @@ impl Mesh {
         outbox.close();
     }
 
-    async fn dial(&self, node: &str, address: &str) -> Result<Dialed, String> {
+    async fn dial(&self, node: &str, address: &str, key: &[u8; KEY_LEN]) -> Result<Dialed, String> {
         let url = format!("ws://{address}/mesh");
-        let connect = tokio_tungstenite::connect_async_with_config(&url, Some(link_config()), true);
-        let (ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let (mut sink, mut stream) = ws.split();
-        let Ok(Some(LinkFrame::Challenge { nonce })) =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await
-        else {
-            return Err("no challenge from the peer".into());
-        };
-        let ours = auth::nonce();
-        let hello = LinkFrame::Hello {
-            node: self.node.clone(),
-            proof: auth::prove(&self.secret, Role::Dialer, &nonce, &self.node),
-            nonce: ours.clone(),
-        };
-        within(sink.send(Message::text(hello.to_json())))
-            .await
-            .map_err(str::to_string)?;
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream)).await {
-            Ok(Some(LinkFrame::Welcome {
-                node: theirs,
-                proof,
-                binary,
-            })) if theirs == node
-                && auth::verify(&self.secret, Role::Acceptor, &ours, &theirs, &proof) =>
-            {
-                Ok(Dialed {
-                    sink,
-                    stream,
-                    binary,
+        let setup = async {
+            let (ws, _) =
+                tokio_tungstenite::connect_async_with_config(&url, Some(link_config()), true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let (sink, stream) = ws.split();
+            noise::initiate(sink, stream, &self.identity, node, key, MAX_LINK_FRAME)
+                .await
+                .map_err(|e| match e {
+                    HandshakeError::WrongPeer(_) => format!(
+                        "the peer at {address} does not hold {node:?}'s key (is the address right?)"
+                    ),
+                    other => format!(
+                        "{other} (does the peer know this node's key, and the same mesh secret if one is set?)"
+                    ),
                 })
-            }
-            Ok(Some(LinkFrame::Welcome { node: theirs, .. })) if theirs != node => {
-                Err(format!("the peer at {address} is {theirs:?}, not {node:?}"))
-            }
-            _ => Err(
-                "the peer refused or failed authentication (is the mesh secret the same?)".into(),
-            ),
-        }
+        };
+        let (sink, stream) = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup)
+            .await
+            .map_err(|_| "no link within the handshake deadline".to_string())??;
+        Ok(Dialed {
+            sink,
+            stream,
+            binary: true,
+        })
     }
 
     /// Runs one connection of the outbound link until it fails or `stop`.
@@ -785,21 +849,8 @@ struct Dialed {
     /// The peer takes publishes as binary frames.
     binary: bool,
 }
-type LinkSink = futures_util::stream::SplitSink<LinkWs, Message>;
-type LinkStream = futures_util::stream::SplitStream<LinkWs>;
-
-async fn read_frame<S>(stream: &mut S) -> Option<LinkFrame>
-where
-    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        match stream.next().await? {
-            Ok(Message::Text(text)) => return serde_json::from_str(text.as_str()).ok(),
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            _ => return None,
-        }
-    }
-}
+type LinkSink = SecureSink<futures_util::stream::SplitSink<LinkWs, Message>>;
+type LinkStream = SecureStream<futures_util::stream::SplitStream<LinkWs>>;
 
 #[cfg(test)]
 mod tests {

@@ -212,6 +212,23 @@ impl Drop for AgentProcess {
     }
 }
 
+/// The mesh public key of the node whose private key is at `path` (made
+/// there if missing), as `edgewire-agent --print-mesh-public-key` prints it.
+pub fn mesh_public_key(path: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgewire-agent"))
+        .arg("--mesh-key-file")
+        .arg(path)
+        .arg("--print-mesh-public-key")
+        .output()
+        .expect("run edgewire-agent --print-mesh-public-key");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The value of one series in a Prometheus text exposition; 0 when absent.
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()

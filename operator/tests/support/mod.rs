@@ -79,6 +79,7 @@ impl Env {
                 EdgeNodeSpec {
                     address: format!("192.0.2.{}", address_octet(&spec.name, i)),
                     mesh_port: None,
+                    mesh_public_key: None,
                 },
             );
             en.metadata.labels = Some(BTreeMap::from([(
