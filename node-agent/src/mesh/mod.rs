@@ -9,8 +9,9 @@
 //! hop, never again (`routing`). Interest belongs to the peer, not to one
 //! connection: it outlives a dropped link until the peer's next snapshot.
 //! Each link has a bounded queue for data and its own lane for interest
-//! (`outbox`): a slow or dead peer loses its own messages (counted) and never
-//! stalls the others, and data never crowds out interest. Every write has a
+//! (`outbox`): a link that is behind paces the publishers that feed it (they
+//! are read no faster than it drains), a dead peer loses its own messages
+//! (counted) and stalls no one for long, and data never crowds out interest. Every write has a
 //! deadline and the link's reader judges silence on its own, so a peer that
 //! stops reading is noticed and redialed. Dial failures back off
 //! exponentially with jitter.
@@ -270,11 +271,14 @@ impl Mesh {
     }
 
     /// Sends a local publish to every peer with subscribers on the channel.
-    pub fn forward(&self, service: &str, channel: &str, message: &Utf8Bytes) {
+    /// Returns the links now over their pacing threshold: the publisher
+    /// waits for them ([`Backlog::drained`]) before its next message is read.
+    pub fn forward(&self, service: &str, channel: &str, message: &Utf8Bytes) -> Backlog {
+        let mut backlog = Backlog::default();
         let outboxes: Vec<Option<Arc<Outbox>>> = {
             let inner = self.lock();
             let Some(peers) = inner.peers_by_service.get(service) else {
-                return;
+                return backlog;
             };
             let names: Vec<String> = peers.iter().map(|p| p.node.clone()).collect();
             routing::targets(true, service, channel, &names, &inner.remote_interest)
@@ -283,19 +287,21 @@ impl Mesh {
                 .collect()
         };
         if outboxes.is_empty() {
-            return;
+            return backlog;
         }
         // Encoded once; each link's queue holds a reference to the same bytes.
         let frame = match Publish::encode(service, channel, now_us(), message.as_bytes()) {
             Ok(frame) => frame,
             Err(err) => {
                 tracing::warn!(service, channel, %err, "cannot forward a publish");
-                return;
+                return backlog;
             }
         };
         let service_name: Arc<str> = Arc::from(service);
         for outbox in outboxes {
-            let pushed = outbox.map_or(Err(Refused::Down), |o| o.push(&service_name, &frame));
+            let pushed = outbox
+                .as_ref()
+                .map_or(Err(Refused::Down), |o| o.push(&service_name, &frame));
             match pushed {
                 Ok(()) => {}
                 Err(Refused::OverBudget) => self.metrics.dropped(service, DropReason::MemoryBudget),
@@ -303,7 +309,11 @@ impl Mesh {
                     self.metrics.dropped(service, DropReason::MeshUnavailable)
                 }
             }
+            if let Some(outbox) = outbox.filter(|o| o.over_pace()) {
+                backlog.links.push(outbox);
+            }
         }
+        backlog
     }
 
     /// Stops every link and the listener.
@@ -718,6 +728,7 @@ impl Mesh {
             }
             in_flight.extend(outbox.take_batch(BATCH_FRAMES, BATCH_BYTES));
             if in_flight.is_empty() {
+                outbox.wrote();
                 tokio::select! {
                     _ = outbox.wait() => {}
                     _ = tokio::time::sleep_until(next_ping) => {}
@@ -750,6 +761,9 @@ impl Mesh {
                         self.metrics
                             .dropped(&done.service, DropReason::MeshUnavailable);
                     }
+                    // Its bytes are back in the budget: a paced publisher may go on.
+                    drop(done);
+                    outbox.wrote();
                 }
                 if let Err(why) = within(sink.flush()).await {
                     return why;
@@ -761,6 +775,26 @@ impl Mesh {
                 }
                 next_ping = tokio::time::Instant::now() + PING_EVERY;
             }
+        }
+    }
+}
+
+/// The mesh links a publish left over their pacing threshold.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    links: Vec<Arc<Outbox>>,
+}
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Waits until every link has drained below its threshold, gone down or
+    /// stuck (see `outbox`).
+    pub async fn drained(self) {
+        for link in self.links {
+            link.room().await;
         }
     }
 }

@@ -9,12 +9,25 @@
 //! a first subscribe) can never reach the peer in the wrong order: whatever is
 //! sent last was read after the last change. The lane is bounded by the
 //! number of channels the services declare.
+//!
+//! Publishers are paced by the link, as nats-server paces a client that
+//! outruns its routes: once the queue holds more than its pacing threshold,
+//! the publisher waits for the link to drain below it before its next
+//! message is read ([`Outbox::room`]), so TCP pushes back on the publisher
+//! instead of a burst waiting here. A link that writes nothing for
+//! [`STALL`] is stuck (a frozen or black-holed peer): it paces no one until
+//! it writes again, and what does not fit its byte budget meanwhile is
+//! dropped, so a dead peer never holds up publishers for its other peers
+//! and local subscribers for longer than that.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::budget::{Budget, Charge, Exceeded};
 
@@ -53,12 +66,39 @@ impl InterestWork {
     }
 }
 
+/// The most a link holds queued before it paces its publishers. Small, so a
+/// message waits behind at most a few milliseconds of link throughput.
+pub const PACE_BYTES: usize = 128 * 1024;
+/// A link over its pacing threshold that writes nothing for this long is
+/// stuck and paces no one until it writes again.
+pub const STALL: Duration = Duration::from_secs(2);
+
+/// What a publisher found when it waited for room on a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// The link is below its pacing threshold (or went down: nothing to wait for).
+    Room,
+    /// The link has written nothing for [`STALL`]; the publisher goes on.
+    Stuck,
+}
+
 #[derive(Debug)]
 pub struct Outbox {
     budget: Arc<Budget>,
     global: Arc<Budget>,
+    /// Queued bytes above which publishers wait.
+    pace_bytes: usize,
     state: Mutex<State>,
     wake: Notify,
+    /// Signalled when the queue drains below the pacing threshold, or the
+    /// link goes down.
+    room: Notify,
+    /// Publishers waiting on `room`, so the writer signals only when needed.
+    waiting: AtomicUsize,
+    /// When the writer last wrote a publish, or last had nothing to write:
+    /// microseconds since `epoch`.
+    progress_us: AtomicU64,
+    epoch: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -74,8 +114,60 @@ impl Outbox {
         Outbox {
             budget: Budget::new(max_bytes),
             global: Arc::clone(global),
+            pace_bytes: PACE_BYTES.min(max_bytes / 2),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            room: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            progress_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn progressed(&self) {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        self.progress_us.store(now, Ordering::Release);
+    }
+
+    fn stuck_at(&self) -> Instant {
+        self.epoch + Duration::from_micros(self.progress_us.load(Ordering::Acquire)) + STALL
+    }
+
+    /// Whether the queue holds more than the pacing threshold.
+    pub fn over_pace(&self) -> bool {
+        self.budget.used() > self.pace_bytes
+    }
+
+    /// Waits until the queue is at or below its pacing threshold, the link
+    /// is down, or the link is stuck (has written nothing for [`STALL`]).
+    pub async fn room(&self) -> Pace {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_up() || !self.over_pace() {
+                return Pace::Room;
+            }
+            let stuck_at = self.stuck_at();
+            if Instant::now() >= stuck_at {
+                return Pace::Stuck;
+            }
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(stuck_at) => {}
+            }
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The writer wrote a publish (or has nothing left to write): the link
+    /// is not stuck, and waiting publishers go on once it is below the
+    /// pacing threshold.
+    pub fn wrote(&self) {
+        self.progressed();
+        if self.waiting.load(Ordering::Acquire) > 0 && !self.over_pace() {
+            self.room.notify_waiters();
         }
     }
 
@@ -90,11 +182,16 @@ impl Outbox {
         if !state.up {
             return Err(Refused::Down);
         }
+        let idle = self.budget.used() == 0;
         let charge =
             Charge::take(frame.len(), &self.budget, &self.global).map_err(|e| match e {
                 Exceeded::Queue => Refused::Full,
                 Exceeded::Global => Refused::OverBudget,
             })?;
+        if idle {
+            // The writer had nothing to do until now: it is not stuck.
+            self.progressed();
+        }
         state.frames.push_back(Queued {
             service: Arc::clone(service),
             frame: frame.clone(),
@@ -147,6 +244,7 @@ impl Outbox {
         let mut state = self.lock();
         state.up = true;
         state.interest = InterestWork::default();
+        self.progressed();
     }
 
     /// The link went down: no more publishes are taken, and those still
@@ -154,7 +252,10 @@ impl Outbox {
     pub fn close(&self) -> Vec<Queued> {
         let mut state = self.lock();
         state.up = false;
-        state.frames.drain(..).collect()
+        let left = state.frames.drain(..).collect();
+        drop(state);
+        self.room.notify_waiters();
+        left
     }
 
     pub fn is_up(&self) -> bool {
@@ -246,6 +347,77 @@ mod tests {
         assert!(outbox.take_interest().is_empty());
         outbox.interest_changed("svc", "news");
         assert!(!outbox.take_interest().is_empty());
+    }
+
+    fn over_pace(outbox: &Outbox) {
+        while !outbox.over_pace() {
+            outbox.push(&svc(), &frame(1000)).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_pacing_threshold_fits_inside_the_link_budget() {
+        let global = Budget::new(1 << 30);
+        assert_eq!(Outbox::new(64 << 20, &global).pace_bytes, PACE_BYTES);
+        assert_eq!(Outbox::new(100_000, &global).pace_bytes, 50_000);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waits_for_room_until_the_writer_drains_the_link() {
+        let outbox = Arc::new(Outbox::new(1 << 20, &Budget::new(1 << 30)));
+        outbox.open();
+        over_pace(&outbox);
+        let waiter = tokio::spawn({
+            let outbox = Arc::clone(&outbox);
+            async move { outbox.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "waits while over the threshold");
+        for queued in outbox.take_batch(usize::MAX, usize::MAX) {
+            drop(queued);
+            outbox.wrote();
+        }
+        let pace = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken once drained")
+            .unwrap();
+        assert_eq!(pace, Pace::Room);
+    }
+
+    #[tokio::test]
+    async fn a_link_that_goes_down_releases_its_publishers() {
+        let outbox = Arc::new(Outbox::new(1 << 20, &Budget::new(1 << 30)));
+        outbox.open();
+        over_pace(&outbox);
+        let waiter = tokio::spawn({
+            let outbox = Arc::clone(&outbox);
+            async move { outbox.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(outbox.close());
+        let pace = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the close")
+            .unwrap();
+        assert_eq!(pace, Pace::Room);
+    }
+
+    #[tokio::test]
+    async fn a_link_that_writes_nothing_paces_no_one_after_the_stall() {
+        let outbox = Outbox::new(1 << 20, &Budget::new(1 << 30));
+        outbox.open();
+        over_pace(&outbox);
+        let started = Instant::now();
+        assert_eq!(outbox.room().await, Pace::Stuck);
+        assert!(started.elapsed() >= STALL - Duration::from_millis(50));
+        // Still stuck: later publishers do not wait again.
+        let again = Instant::now();
+        assert_eq!(outbox.room().await, Pace::Stuck);
+        assert!(again.elapsed() < STALL / 2);
+        // Once it writes again, it paces again.
+        outbox.wrote();
+        let paced = tokio::time::timeout(Duration::from_millis(200), outbox.room()).await;
+        assert!(paced.is_err(), "waits again once the link makes progress");
     }
 
     #[test]
