@@ -1,7 +1,9 @@
 //! One service: its listening socket, the state its connections share, and the
 //! accept loop. HTTP routing lives in `http`, a WebSocket session in `websocket`.
 
+mod batch;
 mod http;
+mod socket;
 mod websocket;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,10 +24,12 @@ use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::relay::{ConnId, Hub};
 
-/// Read buffer per WebSocket. tungstenite allocates its read buffer eagerly
-/// (128 KiB by default); most edge connections are idle, and larger messages
-/// still arrive, just in more reads.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// The WebSocket codec's own read buffer per connection. tungstenite
+/// allocates it eagerly and keeps it (128 KiB by default), and most edge
+/// connections are idle, so it is small: the socket (`socket`) reads from
+/// the kernel in large calls into a buffer that exists only while bytes
+/// wait, and the codec takes them from there in chunks of this size.
+const READ_BUFFER_BYTES: usize = 512;
 /// Frames are written once this much is buffered, or when the send queue runs
 /// dry, so a burst of deliveries leaves in few writes.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
