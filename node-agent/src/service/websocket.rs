@@ -138,7 +138,8 @@ impl Session {
                 }
                 Some(()) = recv_or_pending(evictions) => return slow_consumer(),
                 Some(first) = recv_or_pending(deliveries) => {
-                    if let Err(end) = self.write_deliveries(sink, first).await {
+                    // Boxed, like `pace`: idle sessions keep only what waiting needs.
+                    if let Err(end) = Box::pin(self.write_deliveries(sink, first)).await {
                         return end;
                     }
                 }
@@ -158,12 +159,14 @@ impl Session {
                     match frame {
                         Message::Text(text) => {
                             runtime.metrics.message(runtime.name(), Direction::In);
-                            if let Err(end) = self.on_text(sink, text).await {
+                            if let Err(end) = Box::pin(self.on_text(sink, text)).await {
                                 return end;
                             }
                             if !self.backlog.is_empty() {
                                 let backlog = std::mem::take(&mut self.backlog);
-                                if let Err(end) = self.pace(sink, backlog).await {
+                                // Boxed: rare, and every idle session would
+                                // otherwise carry room for its state.
+                                if let Err(end) = Box::pin(self.pace(sink, backlog)).await {
                                     return end;
                                 }
                             }
