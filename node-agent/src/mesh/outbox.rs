@@ -12,9 +12,10 @@
 //!
 //! Publishers are paced by the link, as nats-server paces a client that
 //! outruns its routes: once the queue holds more than its pacing threshold,
-//! the publisher waits for the link to drain below it before its next
+//! the publisher waits for the link to drain to half of it before its next
 //! message is read ([`Outbox::room`]), so TCP pushes back on the publisher
-//! instead of a burst waiting here. A link that writes nothing for
+//! instead of a burst waiting here. (Half, so that a publisher goes on for a
+//! run of messages rather than one at a time.) A link that writes nothing for
 //! [`STALL`] is stuck (a frozen or black-holed peer): it paces no one until
 //! it writes again, and what does not fit its byte budget meanwhile is
 //! dropped, so a dead peer never holds up publishers for its other peers
@@ -90,7 +91,7 @@ pub struct Outbox {
     pace_bytes: usize,
     state: Mutex<State>,
     wake: Notify,
-    /// Signalled when the queue drains below the pacing threshold, or the
+    /// Signalled when the queue has drained to half the pacing threshold, or the
     /// link goes down.
     room: Notify,
     /// Publishers waiting on `room`, so the writer signals only when needed.
@@ -138,35 +139,41 @@ impl Outbox {
         self.budget.used() > self.pace_bytes
     }
 
-    /// Waits until the queue is at or below its pacing threshold, the link
+    /// Whether a waiting publisher may go on: the queue is down to half
+    /// the pacing threshold.
+    fn drained(&self) -> bool {
+        self.budget.used() <= self.pace_bytes / 2
+    }
+
+    /// Waits until the queue is down to half its pacing threshold, the link
     /// is down, or the link is stuck (has written nothing for [`STALL`]).
     pub async fn room(&self) -> Pace {
+        // Counted before the first check, so a writer that drains the queue
+        // right after it always signals.
+        let _waiting = Waiting::count(&self.waiting);
         loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.is_up() || !self.over_pace() {
+            if !self.is_up() || self.drained() {
                 return Pace::Room;
             }
             let stuck_at = self.stuck_at();
             if Instant::now() >= stuck_at {
                 return Pace::Stuck;
             }
-            self.waiting.fetch_add(1, Ordering::AcqRel);
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(stuck_at) => {}
             }
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// The writer wrote a publish (or has nothing left to write): the link
-    /// is not stuck, and waiting publishers go on once it is below the
-    /// pacing threshold.
+    /// is not stuck, and waiting publishers go on once it has drained.
     pub fn wrote(&self) {
         self.progressed();
-        if self.waiting.load(Ordering::Acquire) > 0 && !self.over_pace() {
+        if self.waiting.load(Ordering::Acquire) > 0 && self.drained() {
             self.room.notify_waiters();
         }
     }
@@ -265,6 +272,22 @@ impl Outbox {
     /// Waits until something was queued or marked since the last wait.
     pub async fn wait(&self) {
         self.wake.notified().await;
+    }
+}
+
+/// One publisher in [`Outbox::room`], for as long as it waits there.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Waiting<'a> {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
