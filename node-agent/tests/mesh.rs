@@ -702,23 +702,6 @@ async fn a_quote_heavy_publish_crosses_the_mesh_whole() {
     );
 }
 
-/// A subscriber at `addr` that never reads, with a tiny receive buffer, so
-/// its messages back up in the agent at once.
-async fn stalled_subscriber(addr: std::net::SocketAddr, channel: &str) -> Client {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{addr}/relay"),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
-    let reply = request(&mut ws, json!({"type": "subscribe", "channel": channel})).await;
-    assert_eq!(reply["type"], "subscribed");
-    ws
-}
-
 /// Reads `news` messages until `count` have come or none for `WAIT`;
 /// returns their `n`s in the order they came.
 fn collect(mut sub: Client, count: usize) -> tokio::task::JoinHandle<Vec<u64>> {
@@ -773,7 +756,7 @@ async fn a_slow_peer_paces_the_publisher_and_nothing_is_dropped() {
     let mut at_a = subscriber(cluster.addr(0), "news").await;
     let mut publisher = connect(cluster.addr(0), "/relay").await;
     settle(&mut publisher, &mut [&mut at_b, &mut at_a]).await;
-    let mut stalled = stalled_subscriber(cluster.addr(0), "news").await;
+    let mut stalled = never_reading_subscriber(cluster.addr(0), "news").await;
     let (at_b, at_a) = (collect(at_b, MESSAGES), collect(at_a, MESSAGES));
 
     let pid = b.pid().to_string();

@@ -378,15 +378,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_pacing_threshold_fits_inside_the_link_budget() {
-        let global = Budget::new(1 << 30);
-        assert_eq!(Outbox::new(64 << 20, &global).pace_bytes, PACE_BYTES);
-        assert_eq!(Outbox::new(100_000, &global).pace_bytes, 50_000);
-    }
-
-    #[tokio::test]
-    async fn a_publisher_waits_for_room_until_the_writer_drains_the_link() {
+    /// An open link over its pacing threshold, and a publisher waiting on it.
+    async fn waiting_publisher() -> (Arc<Outbox>, tokio::task::JoinHandle<Pace>) {
         let outbox = Arc::new(Outbox::new(1 << 20, &Budget::new(1 << 30)));
         outbox.open();
         over_pace(&outbox);
@@ -396,6 +389,19 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiter.is_finished(), "waits while over the threshold");
+        (outbox, waiter)
+    }
+
+    #[test]
+    fn the_pacing_threshold_fits_inside_the_link_budget() {
+        let global = Budget::new(1 << 30);
+        assert_eq!(Outbox::new(64 << 20, &global).pace_bytes, PACE_BYTES);
+        assert_eq!(Outbox::new(100_000, &global).pace_bytes, 50_000);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waits_for_room_until_the_writer_drains_the_link() {
+        let (outbox, waiter) = waiting_publisher().await;
         for queued in outbox.take_batch(usize::MAX, usize::MAX) {
             drop(queued);
             outbox.wrote();
@@ -409,14 +415,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_link_that_goes_down_releases_its_publishers() {
-        let outbox = Arc::new(Outbox::new(1 << 20, &Budget::new(1 << 30)));
-        outbox.open();
-        over_pace(&outbox);
-        let waiter = tokio::spawn({
-            let outbox = Arc::clone(&outbox);
-            async move { outbox.room().await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (outbox, waiter) = waiting_publisher().await;
         drop(outbox.close());
         let pace = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
