@@ -40,6 +40,7 @@ use self::frame::{LinkFrame, Publish, now_us};
 use self::outbox::{Outbox, Queued, Refused};
 use crate::budget::Budget;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
+use crate::relay::Subscriber;
 use crate::service::ServiceRuntime;
 
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -414,7 +415,14 @@ impl Mesh {
             };
             match next {
                 Ok(Some(Ok(Message::Binary(frame)))) => match Publish::decode(frame) {
-                    Ok(publish) => self.on_publish(publish),
+                    Ok(publish) => {
+                        // Backpressure across the mesh: this link is read no
+                        // faster than the subscribers it fills drain, so the
+                        // publisher at the peer is paced in turn.
+                        for subscriber in self.on_publish(publish) {
+                            subscriber.room().await;
+                        }
+                    }
                     Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
                 },
                 Ok(Some(Ok(Message::Text(text)))) => {
@@ -482,24 +490,30 @@ impl Mesh {
                 channel,
                 message,
                 sent_us,
-            } => self.on_publish(Publish {
-                service,
-                channel,
-                sent_us,
-                message: Utf8Bytes::from(message),
-            }),
+            } => {
+                // An older peer's publish; not paced.
+                let _ = self.on_publish(Publish {
+                    service,
+                    channel,
+                    sent_us,
+                    message: Utf8Bytes::from(message),
+                });
+            }
             LinkFrame::Challenge { .. } | LinkFrame::Hello { .. } | LinkFrame::Welcome { .. } => {}
         }
     }
 
-    /// Delivers a publish from a peer to the local subscribers.
-    fn on_publish(&self, publish: Publish) {
+    /// Delivers a publish from a peer to the local subscribers; returns
+    /// those it left more than half full, for the link to wait on.
+    fn on_publish(&self, publish: Publish) -> Vec<Subscriber> {
         let runtime = self
             .lock()
             .services
             .get(&publish.service)
             .and_then(Weak::upgrade);
-        let Some(runtime) = runtime else { return };
+        let Some(runtime) = runtime else {
+            return Vec::new();
+        };
         self.metrics
             .mesh_messages
             .with_label_values(&[&publish.service, "received"])
@@ -511,7 +525,7 @@ impl Mesh {
             &publish.message,
             published_at,
             DeliveryPath::Mesh,
-        );
+        )
     }
 
     fn link_state_changed(&self, node: &str, up: bool, why: LinkEnd) {

@@ -22,15 +22,14 @@
 //! and local subscribers for longer than that.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
-use crate::budget::{Budget, Charge, Exceeded};
+pub use crate::budget::Pace;
+use crate::budget::{Budget, Charge, Exceeded, Pacer};
 
 /// One publish waiting for the link. The frame is encoded once and shared
 /// by every link it goes to; each link charges it to its own budget.
@@ -74,15 +73,6 @@ pub const PACE_BYTES: usize = 128 * 1024;
 /// stuck and paces no one until it writes again.
 pub const STALL: Duration = Duration::from_secs(2);
 
-/// What a publisher found when it waited for room on a link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pace {
-    /// The link is below its pacing threshold (or went down: nothing to wait for).
-    Room,
-    /// The link has written nothing for [`STALL`]; the publisher goes on.
-    Stuck,
-}
-
 #[derive(Debug)]
 pub struct Outbox {
     budget: Arc<Budget>,
@@ -91,15 +81,8 @@ pub struct Outbox {
     pace_bytes: usize,
     state: Mutex<State>,
     wake: Notify,
-    /// Signalled when the queue has drained to half the pacing threshold, or the
-    /// link goes down.
-    room: Notify,
-    /// Publishers waiting on `room`, so the writer signals only when needed.
-    waiting: AtomicUsize,
-    /// When the writer last wrote a publish, or last had nothing to write:
-    /// microseconds since `epoch`.
-    progress_us: AtomicU64,
-    epoch: Instant,
+    /// Publishers waiting for the writer to drain the queue.
+    pacer: Pacer,
 }
 
 #[derive(Debug, Default)]
@@ -118,20 +101,8 @@ impl Outbox {
             pace_bytes: PACE_BYTES.min(max_bytes / 2),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
-            room: Notify::new(),
-            waiting: AtomicUsize::new(0),
-            progress_us: AtomicU64::new(0),
-            epoch: Instant::now(),
+            pacer: Pacer::new(STALL),
         }
-    }
-
-    fn progressed(&self) {
-        let now = self.epoch.elapsed().as_micros() as u64;
-        self.progress_us.store(now, Ordering::Release);
-    }
-
-    fn stuck_at(&self) -> Instant {
-        self.epoch + Duration::from_micros(self.progress_us.load(Ordering::Acquire)) + STALL
     }
 
     /// Whether the queue holds more than the pacing threshold.
@@ -148,34 +119,13 @@ impl Outbox {
     /// Waits until the queue is down to half its pacing threshold, the link
     /// is down, or the link is stuck (has written nothing for [`STALL`]).
     pub async fn room(&self) -> Pace {
-        // Counted before the first check, so a writer that drains the queue
-        // right after it always signals.
-        let _waiting = Waiting::count(&self.waiting);
-        loop {
-            let notified = self.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if !self.is_up() || self.drained() {
-                return Pace::Room;
-            }
-            let stuck_at = self.stuck_at();
-            if Instant::now() >= stuck_at {
-                return Pace::Stuck;
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(stuck_at) => {}
-            }
-        }
+        self.pacer.wait(|| !self.is_up() || self.drained()).await
     }
 
     /// The writer wrote a publish (or has nothing left to write): the link
     /// is not stuck, and waiting publishers go on once it has drained.
     pub fn wrote(&self) {
-        self.progressed();
-        if self.waiting.load(Ordering::Acquire) > 0 && self.drained() {
-            self.room.notify_waiters();
-        }
+        self.pacer.took(self.drained());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -197,7 +147,7 @@ impl Outbox {
             })?;
         if idle {
             // The writer had nothing to do until now: it is not stuck.
-            self.progressed();
+            self.pacer.progressed();
         }
         state.frames.push_back(Queued {
             service: Arc::clone(service),
@@ -251,7 +201,7 @@ impl Outbox {
         let mut state = self.lock();
         state.up = true;
         state.interest = InterestWork::default();
-        self.progressed();
+        self.pacer.progressed();
     }
 
     /// The link went down: no more publishes are taken, and those still
@@ -261,7 +211,7 @@ impl Outbox {
         state.up = false;
         let left = state.frames.drain(..).collect();
         drop(state);
-        self.room.notify_waiters();
+        self.pacer.release();
         left
     }
 
@@ -275,26 +225,11 @@ impl Outbox {
     }
 }
 
-/// One publisher in [`Outbox::room`], for as long as it waits there.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn count(waiting: &'a AtomicUsize) -> Waiting<'a> {
-        waiting.fetch_add(1, Ordering::AcqRel);
-        Waiting(waiting)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::budget::ENTRY_OVERHEAD;
+    use tokio::time::Instant;
 
     fn svc() -> Arc<str> {
         Arc::from("svc")

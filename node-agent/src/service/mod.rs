@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::budget::Budget;
 use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
-use crate::relay::{ConnId, Hub};
+use crate::relay::{ConnId, Hub, Subscriber};
 
 /// The WebSocket codec's own read buffer per connection. tungstenite
 /// allocates it eagerly and keeps it (128 KiB by default), and most edge
@@ -95,14 +95,17 @@ impl ServiceRuntime {
     }
 
     /// Queues a relay frame for this agent's subscribers of `channel`,
-    /// counting what the slow-consumer policy dropped.
+    /// counting what the slow-consumer policy dropped. For a publish from
+    /// the mesh, returns the subscribers it left more than half full: the
+    /// link waits for them (`Subscriber::room`) before it reads on. A local
+    /// publisher never waits for a subscriber.
     pub fn deliver(
         &self,
         channel: &str,
         frame: &Utf8Bytes,
         published_at: std::time::Instant,
         path: DeliveryPath,
-    ) {
+    ) -> Vec<Subscriber> {
         let report = self.hub.publish(
             channel,
             frame,
@@ -110,6 +113,7 @@ impl ServiceRuntime {
             path,
             self.config.limits.slow_consumer,
             &self.queue_budget,
+            path == DeliveryPath::Mesh,
         );
         for _ in 0..report.dropped {
             self.metrics.dropped(self.name(), DropReason::SlowConsumer);
@@ -117,6 +121,7 @@ impl ServiceRuntime {
         for _ in 0..report.over_budget {
             self.metrics.dropped(self.name(), DropReason::MemoryBudget);
         }
+        report.behind
     }
 
     /// Tells the mesh peers when a channel gains its first or loses its last

@@ -85,6 +85,10 @@ pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: Connec
     for channel in runtime.hub.remove_connection(&session.subscriptions, id) {
         runtime.interest_changed(&channel);
     }
+    if let Some((subscriber, _, _)) = &session.queue {
+        // A link waiting for this subscriber need not wait for it any more.
+        subscriber.pacer.release();
+    }
     drop(session);
 
     match end {
@@ -351,7 +355,9 @@ impl Session {
                     }
                     .to_json(),
                 );
-                runtime.deliver(&channel, &frame, published_at, DeliveryPath::Local);
+                // Local subscribers never hold a publisher back (their
+                // slow-consumer policy applies), so nothing to wait for here.
+                let _ = runtime.deliver(&channel, &frame, published_at, DeliveryPath::Local);
                 if let Some(mesh) = &runtime.mesh {
                     self.backlog = mesh.forward(runtime.name(), &channel, &frame);
                 }
@@ -450,6 +456,9 @@ impl Session {
             }
         }
         self.guarded(sink.flush()).await?;
+        if let Some((subscriber, _, _)) = &self.queue {
+            subscriber.pacer.took(subscriber.caught_up());
+        }
         let now = Instant::now();
         for (stamp, path) in stamps {
             runtime.metrics.message(runtime.name(), Direction::Out);
