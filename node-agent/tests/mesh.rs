@@ -703,11 +703,15 @@ async fn a_quote_heavy_publish_crosses_the_mesh_whole() {
 }
 
 /// Reads `news` messages until `count` have come or none for `WAIT`;
-/// returns their `n`s in the order they came.
-fn collect(mut sub: Client, count: usize) -> tokio::task::JoinHandle<Vec<u64>> {
+/// returns their `n`s in the order they came. With `slowly`, pauses 2 ms
+/// after every 20 messages.
+fn collect(mut sub: Client, count: usize, slowly: bool) -> tokio::task::JoinHandle<Vec<u64>> {
     tokio::spawn(async move {
         let mut seen = Vec::with_capacity(count);
         while seen.len() < count {
+            if slowly && seen.len() % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut sub)).await {
                 Ok(Some(Ok(msg))) if msg.is_text() => {
                     let v: serde_json::Value =
@@ -723,9 +727,11 @@ fn collect(mut sub: Client, count: usize) -> tokio::task::JoinHandle<Vec<u64>> {
 }
 
 /// Backpressure: an unpaced publisher at A bursts 20 MB to a subscriber at B
-/// while B reads slowly (stopped 600 ms in every 900 ms), through a link
-/// whose queue holds 256 KiB. A reads the publisher only as fast as the link
-/// drains, so nothing is dropped and B gets every message in order. At A,
+/// while B reads slowly (stopped 600 ms in every 900 ms, and its subscriber
+/// reads slowly too), through a link whose queue holds 256 KiB. A reads the
+/// publisher only as fast as the link drains, and B reads the link only as
+/// fast as its subscriber drains, so
+/// nothing is dropped and B's subscriber gets every message in order. At A,
 /// a subscriber that never reads still gets the slow-consumer policy
 /// (disconnected), and another subscriber there gets everything.
 #[tokio::test]
@@ -740,14 +746,9 @@ async fn a_slow_peer_paces_the_publisher_and_nothing_is_dropped() {
         LIMITS,
         &["--mesh-link-queue-bytes", "262144"],
     );
-    // B's subscriber takes what B reads in a burst after each stop.
-    let b = cluster.start_with(
-        1,
-        &members,
-        "good",
-        "{sendQueueMessages: 65536, sendQueueBytes: 268435456}",
-        &[],
-    );
+    // B keeps the default send queue (4096 messages), and its subscriber is
+    // slower than the link: B's link must wait for the subscriber in turn.
+    let b = cluster.start(1, &members, "good");
     for agent in [&a, &b] {
         agent.wait_ready().await;
         wait_peers(agent, 1.0).await;
@@ -757,7 +758,11 @@ async fn a_slow_peer_paces_the_publisher_and_nothing_is_dropped() {
     let mut publisher = connect(cluster.addr(0), "/relay").await;
     settle(&mut publisher, &mut [&mut at_b, &mut at_a]).await;
     let mut stalled = never_reading_subscriber(cluster.addr(0), "news").await;
-    let (at_b, at_a) = (collect(at_b, MESSAGES), collect(at_a, MESSAGES));
+    // B's subscriber reads more slowly than the link delivers.
+    let (at_b, at_a) = (
+        collect(at_b, MESSAGES, true),
+        collect(at_a, MESSAGES, false),
+    );
 
     let pid = b.pid().to_string();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
