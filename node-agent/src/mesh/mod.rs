@@ -10,10 +10,11 @@
 //! connection: it outlives a dropped link until the peer's next snapshot.
 //! Each link has a bounded queue for data and its own lane for interest
 //! (`outbox`): a link that is behind paces the publishers that feed it (they
-//! are read no faster than it drains), a dead peer loses its own messages
-//! (counted) and stalls no one for long, and data never crowds out interest. Every write has a
-//! deadline and the link's reader judges silence on its own, so a peer that
-//! stops reading is noticed and redialed. Dial failures back off
+//! are read no faster than it drains), a peer's link to us is read no faster
+//! than the subscribers it fills drain, a dead peer loses its own messages
+//! (counted) and stalls no one for long, and data never crowds out interest.
+//! Every write has a deadline and the link's reader judges silence on its
+//! own, so a peer that stops reading is noticed and redialed. Dial failures back off
 //! exponentially with jitter.
 
 pub mod auth;
