@@ -27,8 +27,8 @@ use crate::relay::{ConnId, Hub, Subscriber};
 /// The WebSocket codec's own read buffer per connection. tungstenite
 /// allocates it eagerly and keeps it (128 KiB by default), and most edge
 /// connections are idle, so it is small: the socket (`socket`) reads from
-/// the kernel in large calls into a buffer that exists only while bytes
-/// wait, and the codec takes them from there in chunks of this size.
+/// the kernel in large calls and keeps, only while they wait, the bytes the
+/// codec has not taken yet; the codec takes them in chunks of this size.
 const READ_BUFFER_BYTES: usize = 512;
 /// Frames are written once this much is buffered, or when the send queue runs
 /// dry, so a burst of deliveries leaves in few writes.
