@@ -113,7 +113,7 @@ pub struct FanOut {
     pub over_budget: usize,
     /// Subscribers told to disconnect under [`SlowConsumerPolicy::Disconnect`].
     pub evicted: usize,
-    /// With `pace`: subscribers this publish left more than half full.
+    /// For a publish from the mesh: subscribers it left more than half full.
     pub behind: Vec<Subscriber>,
 }
 
@@ -182,9 +182,9 @@ impl Hub {
     }
 
     /// Queues `frame` for every subscriber of `channel`, each delivery
-    /// charged to the subscriber's budget and to `global`. With `pace`, the
-    /// report names the subscribers left more than half full.
-    #[allow(clippy::too_many_arguments)]
+    /// charged to the subscriber's budget and to `global`. For a publish
+    /// from the mesh, the report names the subscribers left more than half
+    /// full (the link waits for them).
     pub fn publish(
         &self,
         channel: &str,
@@ -193,8 +193,8 @@ impl Hub {
         path: DeliveryPath,
         policy: SlowConsumerPolicy,
         global: &Arc<Budget>,
-        pace: bool,
     ) -> FanOut {
+        let pace = path == DeliveryPath::Mesh;
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         let mut report = FanOut::default();
         let Some(subscribers) = channels.get(channel) else {
@@ -296,7 +296,6 @@ mod tests {
                 DeliveryPath::Local,
                 SlowConsumerPolicy::Disconnect,
                 &global(),
-                false,
             );
             assert_eq!(report.queued, 2);
         }
@@ -338,8 +337,7 @@ mod tests {
                 Instant::now(),
                 DeliveryPath::Local,
                 policy,
-                &global(),
-                false
+                &global()
             )
             .queued,
             0
@@ -371,7 +369,6 @@ mod tests {
                     DeliveryPath::Local,
                     policy,
                     &global(),
-                    false,
                 );
                 total.queued += r.queued;
                 total.dropped += r.dropped;
@@ -402,22 +399,29 @@ mod tests {
         let (sub, mut rx, _) = subscriber(8);
         hub.subscribe("c", 1, sub.clone());
         let frame = Utf8Bytes::from_static("x");
-        let publish = |pace| {
+        let publish = |path| {
             hub.publish(
                 "c",
                 &frame,
                 Instant::now(),
-                DeliveryPath::Mesh,
+                path,
                 SlowConsumerPolicy::Drop,
                 &global(),
-                pace,
             )
         };
         for _ in 0..4 {
-            assert!(publish(true).behind.is_empty(), "half full is not behind");
+            let report = publish(DeliveryPath::Mesh);
+            assert!(report.behind.is_empty(), "half full is not behind");
         }
-        assert_eq!(publish(true).behind.len(), 1, "5 of 8 is behind");
-        assert!(publish(false).behind.is_empty(), "only when asked");
+        assert_eq!(
+            publish(DeliveryPath::Mesh).behind.len(),
+            1,
+            "5 of 8 is behind"
+        );
+        assert!(
+            publish(DeliveryPath::Local).behind.is_empty(),
+            "a local publisher never waits"
+        );
         let waiter = tokio::spawn({
             let sub = sub.clone();
             async move { sub.room().await }
@@ -458,7 +462,6 @@ mod tests {
                 DeliveryPath::Local,
                 SlowConsumerPolicy::Drop,
                 &global,
-                false,
             );
             dropped += r.dropped;
         }
@@ -476,7 +479,6 @@ mod tests {
             DeliveryPath::Local,
             SlowConsumerPolicy::Disconnect,
             &tight,
-            false,
         );
         assert_eq!(
             (r.queued, r.dropped, r.over_budget, r.evicted),

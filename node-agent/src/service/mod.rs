@@ -113,7 +113,6 @@ impl ServiceRuntime {
             path,
             self.config.limits.slow_consumer,
             &self.queue_budget,
-            path == DeliveryPath::Mesh,
         );
         for _ in 0..report.dropped {
             self.metrics.dropped(self.name(), DropReason::SlowConsumer);
