@@ -20,6 +20,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::ServiceRuntime;
+use super::batch;
+use super::socket::ClientSocket;
 use super::websocket::{self, Mode};
 use crate::handlers::{self, HttpAnswer};
 use crate::metrics::Outcome;
@@ -69,7 +71,13 @@ fn route(
     let wants_upgrade = is_websocket_upgrade(req.headers());
     if path == runtime.config.relay_path {
         return if wants_upgrade {
-            upgrade(runtime, req, Mode::Relay, accepted_at)
+            let batch = batch::asks_for_batch(
+                req.headers()
+                    .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            upgrade(runtime, req, Mode::Relay { batch }, accepted_at)
         } else {
             upgrade_required("the relay speaks WebSocket")
         };
@@ -192,18 +200,29 @@ fn upgrade(
         return response;
     };
 
+    let batch = matches!(mode, Mode::Relay { batch: true });
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_runtime = Arc::clone(runtime);
     runtime.tracker.spawn(async move {
         let runtime = task_runtime;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(runtime.ws_config),
-                )
-                .await;
+                // The plain socket back from hyper: its read buffer and boxing
+                // are not kept for the life of the connection.
+                let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                    runtime
+                        .metrics
+                        .connection(runtime.name(), Outcome::HandshakeFailed);
+                    tracing::error!(service = runtime.name(), "upgraded connection is not TCP");
+                    return;
+                };
+                // Copied out: the bytes hyper read behind the handshake sit in
+                // its read buffer, which must not live as long as the session.
+                let socket = ClientSocket::new(parts.io.into_inner(), &parts.read_buf);
+                drop(parts.read_buf);
+                let ws =
+                    WebSocketStream::from_raw_socket(socket, Role::Server, Some(runtime.ws_config))
+                        .await;
                 runtime
                     .metrics
                     .handshake_duration
@@ -230,6 +249,12 @@ fn upgrade(
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if batch {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(batch::SUBPROTOCOL),
+        );
     }
     response
 }
