@@ -20,7 +20,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Add {
             _ => Err((405, "only GET and POST are allowed".to_string())),
         };
         match sum {
-            Ok(sum) => example_common::respond_json(out, 200, &json!({ "result": sum }).to_string()),
+            Ok(sum) => {
+                example_common::respond_json(out, 200, &json!({ "result": sum }).to_string())
+            }
             Err((status, why)) => {
                 example_common::respond_json(out, status, &json!({ "error": why }).to_string())
             }
@@ -34,9 +36,12 @@ fn from_query(query: &str) -> Answer {
     let number = |name: &str| -> Result<i64, (u16, String)> {
         let text = example_common::param(query, name)
             .ok_or_else(|| (400, format!("missing argument \"{name}\"")))?;
-        text.trim()
-            .parse()
-            .map_err(|_| (400, format!("argument \"{name}\" must be an integer, got {text:?}")))
+        text.trim().parse().map_err(|_| {
+            (
+                400,
+                format!("argument \"{name}\" must be an integer, got {text:?}"),
+            )
+        })
     };
     add(number("a")?, number("b")?)
 }
@@ -48,7 +53,10 @@ fn from_json(body: &[u8]) -> Answer {
         match args.get(name) {
             None => Err((400, format!("missing argument \"{name}\""))),
             Some(value) => value.as_i64().ok_or_else(|| {
-                (400, format!("argument \"{name}\" must be a 64-bit integer, got {value}"))
+                (
+                    400,
+                    format!("argument \"{name}\" must be a 64-bit integer, got {value}"),
+                )
             }),
         }
     };
