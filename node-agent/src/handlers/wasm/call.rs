@@ -132,8 +132,16 @@ pub async fn run(
 ) -> Result<Answer, CallError> {
     let started = Instant::now();
     let deadline = started + budget.timeout;
+    // Nothing of the host: no preopened directory (so no filesystem), no
+    // environment or arguments, stdio to nowhere, sockets and name lookups
+    // refused. Outbound HTTP goes through `hooks` alone.
+    let wasi = WasiCtx::builder()
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
     let state = CallState {
-        wasi: WasiCtx::builder().build(),
+        wasi,
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
         hooks,

@@ -1,15 +1,16 @@
 //! The agent's one wasmtime engine, shared by every `wasm` handler: the
 //! pooling allocator (instances come from preallocated slots, so a fresh
 //! instance per request is cheap), epoch interruption (a ticker advances the
-//! epoch; a call checks its wall-clock deadline at each tick), and the linker
-//! for the wasi:http proxy world (no filesystem, no sockets: only what the
-//! proxy world imports).
+//! epoch; a call checks its wall-clock deadline at each tick), and the linker:
+//! WASI 0.2 and wasi:http, as `wasmtime serve` links them (components built
+//! by language toolchains import `wasi:cli` and `wasi:filesystem` beside the
+//! proxy world). What a call may reach is decided per call, in `call`: no
+//! preopened directory, no socket, no environment.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::task::AbortOnDropHandle;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -31,11 +32,10 @@ pub struct WasmHost {
     /// Where precompiled code is kept, by module digest; `None` compiles
     /// every time (no writable state directory).
     pub(super) cache_dir: Option<PathBuf>,
-    _ticker: AbortOnDropHandle<()>,
 }
 
 impl WasmHost {
-    /// Builds the engine and starts the epoch ticker (needs a tokio runtime).
+    /// Builds the engine and starts the epoch ticker.
     pub fn new(state_dir: Option<PathBuf>) -> wasmtime::Result<Arc<WasmHost>> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(POOL_COMPONENT_INSTANCES)
@@ -51,23 +51,27 @@ impl WasmHost {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi_http::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         let cache_dir = state_dir.map(|dir| dir.join("wasm-cache").join(super::cache::engine_key(&engine)));
 
-        let ticking = engine.clone();
-        let ticker = AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(EPOCH_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                ticking.increment_epoch();
-            }
-        }));
+        // A thread of its own: a guest spinning on every async worker must
+        // not be able to keep the ticker (and so its own deadline) from
+        // running. It ends with the engine.
+        let ticking = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticking.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         Ok(Arc::new(WasmHost {
             engine,
             linker,
             cache_dir,
-            _ticker: ticker,
         }))
     }
 }

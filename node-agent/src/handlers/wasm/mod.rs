@@ -40,7 +40,7 @@ impl WasmRuntime {
         }
     }
 
-    /// The engine; needs a tokio runtime (it starts the epoch ticker).
+    /// The engine, built on first use.
     fn host(&self) -> Result<Arc<WasmHost>, ModuleError> {
         self.host
             .get_or_init(|| WasmHost::new(self.state_dir.clone()).map_err(|err| format!("{err:#}")))
