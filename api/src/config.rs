@@ -504,7 +504,10 @@ impl HandlerSpec {
             for (field, set) in [
                 ("module", self.module.is_some()),
                 ("limits", self.limits.is_some()),
-                ("allowedOutboundHosts", !self.allowed_outbound_hosts.is_empty()),
+                (
+                    "allowedOutboundHosts",
+                    !self.allowed_outbound_hosts.is_empty(),
+                ),
             ] {
                 if set {
                     errors.push(FieldError::new(
@@ -755,7 +758,9 @@ mod tests {
         config.services[0].handlers[1].path = Some("/".into());
         config.services[0].handlers[0].path = Some("no-slash".into());
         config.services[0].channels.push(ChannelSpec::named("chat"));
-        config.services[0].channels.push(ChannelSpec::named("bad channel"));
+        config.services[0]
+            .channels
+            .push(ChannelSpec::named("bad channel"));
         config.services[0].limits.max_message_bytes = 1;
         config.services[0].limits.idle_timeout_seconds = 5;
         config.services[0].limits.ping_interval_seconds = 10;
@@ -833,7 +838,10 @@ services:
         .unwrap();
         let add = config.services[0].handler("add").unwrap();
         assert_eq!(add.wasm_limits().timeout_ms, 200);
-        assert_eq!(add.wasm_limits().max_instances, WasmLimits::default().max_instances);
+        assert_eq!(
+            add.wasm_limits().max_instances,
+            WasmLimits::default().max_instances
+        );
 
         let mut bad = config.clone();
         let service = &mut bad.services[0];
@@ -873,7 +881,10 @@ services:
     #[test]
     fn the_wasm_example_config_is_valid() {
         let config = AgentConfig::parse(include_str!("../../examples/wasm/agent.yaml")).unwrap();
-        assert_eq!(config.services[0].channels[0].processor.as_deref(), Some("filter"));
+        assert_eq!(
+            config.services[0].channels[0].processor.as_deref(),
+            Some("filter")
+        );
     }
 
     #[test]

@@ -30,7 +30,13 @@ fn components() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = Command::new(cargo)
             .current_dir(&examples)
-            .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-wasip2",
+            ])
             .arg("--target-dir")
             .arg(examples.join("target"))
             .output()
@@ -160,7 +166,10 @@ services:
     assert_eq!(headers["content-type"], "application/json");
     let (status, bad) = get_json(addr, "/add?a=x&b=2").await;
     assert_eq!(status, 400, "{bad}");
-    assert!(bad["error"].as_str().unwrap_or_default().contains("\"a\""), "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap_or_default().contains("\"a\""),
+        "{bad}"
+    );
 
     let mut ws = connect(addr, "/relay").await;
     let reply = request(
@@ -307,7 +316,10 @@ services:
         let (status, body) = get_json(addr, "/bomb").await;
         assert_eq!(status, 500, "round {round}: {body}");
         assert!(
-            body["error"].as_str().unwrap_or_default().contains("memory"),
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("memory"),
             "round {round}: {body}"
         );
         assert_eq!(
@@ -355,7 +367,10 @@ services:
             break;
         }
         assert_eq!(status, 503, "{body}");
-        assert!(Instant::now() < deadline, "the new module was not picked up");
+        assert!(
+            Instant::now() < deadline,
+            "the new module was not picked up"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (ready, _) = agent.readyz().await;
@@ -405,7 +420,10 @@ services:
             json!({"type": "publish", "id": i, "channel": "telemetry", "data": data}),
         )
         .await;
-        assert_eq!(ack, json!({"type": "published", "id": i, "channel": "telemetry"}));
+        assert_eq!(
+            ack,
+            json!({"type": "published", "id": i, "channel": "telemetry"})
+        );
     }
     // A channel without a processor delivers as it always did.
     send_text(

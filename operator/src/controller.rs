@@ -210,14 +210,11 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             address: address.clone(),
             freshness: fresh,
         });
-        let service = edge_node
-            .and_then(|e| e.status.as_ref())
-            .and_then(|s| {
-                s.services.iter().find(|s| {
-                    Some(&s.namespace) == es.metadata.namespace.as_ref() && s.name == es_name
-                })
-            })
-            ;
+        let service = edge_node.and_then(|e| e.status.as_ref()).and_then(|s| {
+            s.services
+                .iter()
+                .find(|s| Some(&s.namespace) == es.metadata.namespace.as_ref() && s.name == es_name)
+        });
         if edge_node.is_some() {
             reports.insert(
                 name.clone(),

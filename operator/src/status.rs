@@ -258,8 +258,7 @@ pub fn compute(
                 failed.join(", ")
             ),
         )
-    } else if let Some((node, reason, handler, message)) =
-        module_problem(&decision.nodes, reports)
+    } else if let Some((node, reason, handler, message)) = module_problem(&decision.nodes, reports)
     {
         (
             true,
@@ -371,7 +370,11 @@ mod tests {
             "{}",
             degraded.message
         );
-        assert_eq!(cond(&s, "Ready").status, "True", "the service still listens");
+        assert_eq!(
+            cond(&s, "Ready").status,
+            "True",
+            "the service still listens"
+        );
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub async fn resolve(
             let Some(key) = handler.module.as_ref().and_then(|m| m.config_map.clone()) else {
                 continue;
             };
-            let file = match fetch(&api, &key).await.and_then(|bytes| store(state_dir, &bytes)) {
+            let file = match fetch(&api, &key)
+                .await
+                .and_then(|bytes| store(state_dir, &bytes))
+            {
                 Ok(file) => file,
                 Err(why) => {
                     let kept = previous

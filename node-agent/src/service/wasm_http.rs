@@ -24,7 +24,10 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
             return failure(&CallError::RequestTooLarge(handler.max_request_bytes));
         }
         Ok(Err(err)) => {
-            return answer(HttpAnswer::error(400, &format!("cannot read the body: {err}")));
+            return answer(HttpAnswer::error(
+                400,
+                &format!("cannot read the body: {err}"),
+            ));
         }
         Err(_) => return failure(&CallError::Timeout(handler.timeout())),
     };
@@ -46,7 +49,11 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
             let mut headers = answer.headers;
             // Framing is this connection's business: hyper sets the length
             // of the whole body it sends.
-            for name in [header::CONTENT_LENGTH, header::TRANSFER_ENCODING, header::CONNECTION] {
+            for name in [
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::CONNECTION,
+            ] {
                 headers.remove(name);
             }
             *response.headers_mut() = headers;

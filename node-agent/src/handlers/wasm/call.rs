@@ -192,13 +192,12 @@ pub async fn run(
     let max_memory = budget.max_memory_bytes;
     let timeout = budget.timeout;
     let within = async move {
-        let finished = |joined: Result<(wasmtime::Result<()>, bool), tokio::task::JoinError>| {
-            match joined {
+        let finished =
+            |joined: Result<(wasmtime::Result<()>, bool), tokio::task::JoinError>| match joined {
                 Ok((Ok(()), _)) => None,
                 Ok((Err(err), memory_hit)) => Some(classify(err, memory_hit, max_memory, timeout)),
                 Err(err) => Some(CallError::Trap(err.to_string())),
-            }
-        };
+            };
         match rx.await {
             Ok(Ok(response)) => {
                 let (parts, body) = response.into_parts();
@@ -237,7 +236,12 @@ pub async fn run(
     }
 }
 
-fn classify(err: wasmtime::Error, memory_hit: bool, max_memory: u64, timeout: Duration) -> CallError {
+fn classify(
+    err: wasmtime::Error,
+    memory_hit: bool,
+    max_memory: u64,
+    timeout: Duration,
+) -> CallError {
     if matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
         CallError::Timeout(timeout)
     } else if memory_hit {

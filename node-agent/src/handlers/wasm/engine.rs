@@ -53,7 +53,10 @@ impl WasmHost {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        let cache_dir = state_dir.map(|dir| dir.join("wasm-cache").join(super::cache::engine_key(&engine)));
+        let cache_dir = state_dir.map(|dir| {
+            dir.join("wasm-cache")
+                .join(super::cache::engine_key(&engine))
+        });
 
         // A thread of its own: a guest spinning on every async worker must
         // not be able to keep the ticker (and so its own deadline) from

@@ -135,7 +135,10 @@ impl WasmHandler {
     /// The digest of the module in use, or why there is none.
     pub fn module_status(&self) -> Result<String, ModuleError> {
         match self.module.read() {
-            Ok(slot) => slot.as_ref().map(|m| m.digest.clone()).map_err(Clone::clone),
+            Ok(slot) => slot
+                .as_ref()
+                .map(|m| m.digest.clone())
+                .map_err(Clone::clone),
             Err(_) => Err(ModuleError::Runtime("handler state poisoned".into())),
         }
     }

@@ -63,7 +63,10 @@ mod tests {
         let mut cap = MemoryCap::new(3 * 65536);
         assert!(cap.memory_growing(0, 2 * 65536, None).unwrap());
         assert!(!cap.hit);
-        assert!(cap.memory_growing(0, 65536, None).unwrap(), "a second memory");
+        assert!(
+            cap.memory_growing(0, 65536, None).unwrap(),
+            "a second memory"
+        );
         assert!(!cap.memory_growing(65536, 2 * 65536, None).unwrap());
         assert!(cap.hit);
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use thiserror::Error;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use super::call::CallState;
 use super::cache;
+use super::call::CallState;
 use super::engine::WasmHost;
 
 /// The interface a component must export, at any WASI 0.2 version.

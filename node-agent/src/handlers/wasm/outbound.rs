@@ -22,7 +22,10 @@ pub struct Outbound {
 /// without case.
 pub fn allowed(list: &[String], host: &str, port: Option<u16>) -> bool {
     list.iter().any(|entry| {
-        match entry.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+        match entry
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        {
             Some((entry_host, entry_port)) => {
                 entry_host.eq_ignore_ascii_case(host) && port == Some(entry_port)
             }
