@@ -150,7 +150,7 @@ async fn follow_placement(
                 }
                 None => return,
             },
-            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && uses_config_maps(&last_applied, &reader) => {
+            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && uses_config_maps(&last_applied, reader) => {
                 dirty = true;
             }
             // Only render from a complete listing: an empty cache must never
