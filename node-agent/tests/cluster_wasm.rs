@@ -32,28 +32,7 @@ impl Drop for Killed {
 }
 
 fn module(name: &str) -> Vec<u8> {
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wasm");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(&examples)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "wasm32-wasip2",
-        ])
-        .arg("--target-dir")
-        .arg(examples.join("target"))
-        .output()
-        .expect("run cargo build for the example components");
-    assert!(
-        out.status.success(),
-        "building examples/wasm failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(examples.join(format!("target/wasm32-wasip2/release/{name}.wasm")))
-        .expect("the built component")
+    std::fs::read(wasm_components().join(format!("{name}.wasm"))).expect("the built component")
 }
 
 async fn put_config_map(api: &Api<ConfigMap>, add: Vec<u8>, other: Vec<u8>) {

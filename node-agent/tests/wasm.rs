@@ -8,8 +8,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,36 +20,8 @@ use tokio::net::TcpStream;
 /// Loading (compiling) a few components in a debug agent on two busy cores.
 const LOAD_WAIT: Duration = Duration::from_secs(120);
 
-/// The directory of the built example components.
-fn components() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wasm");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .current_dir(&examples)
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "--target",
-                "wasm32-wasip2",
-            ])
-            .arg("--target-dir")
-            .arg(examples.join("target"))
-            .output()
-            .expect("run cargo build for the example components");
-        assert!(
-            out.status.success(),
-            "building examples/wasm failed (needs `rustup target add wasm32-wasip2`):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        examples.join("target/wasm32-wasip2/release")
-    })
-}
-
 fn component(name: &str) -> String {
-    let path = components().join(format!("{name}.wasm"));
+    let path = wasm_components().join(format!("{name}.wasm"));
     assert!(path.is_file(), "{} missing", path.display());
     path.display().to_string()
 }
