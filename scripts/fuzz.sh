@@ -34,14 +34,18 @@ trap 'rm -rf "$scratch"' EXIT
 # trip, which needs no sanitizer; without one the build is quicker and a
 # bounded run gets through about twice the inputs.
 fuzz=(cargo +nightly fuzz)
-"${fuzz[@]}" build --release --sanitizer none
+# The fuzz build (nightly, instrumented) shares nothing with the main one;
+# it is kept outside the repo like the other slow builds, keyed by toolchain.
+build_dir="${XDG_CACHE_HOME:-$HOME/.cache}/edgewire/fuzz-target/$(rustup run nightly rustc --version | tr -c 'A-Za-z0-9.\n-' '_')"
+opts=(--release --sanitizer none --target-dir "$build_dir")
+"${fuzz[@]}" build "${opts[@]}"
 for target in "${targets[@]}"; do
   mkdir -p "$scratch/$target"
   echo "fuzzing $target for ${seconds}s"
   # The scratch corpus comes first: libFuzzer writes new inputs there, never
   # into the committed seeds.
   status=0
-  "${fuzz[@]}" run --release --sanitizer none "$target" "$scratch/$target" "seeds/$target" -- \
+  "${fuzz[@]}" run "${opts[@]}" "$target" "$scratch/$target" "seeds/$target" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
     >"$scratch/$target.log" 2>&1 || status=$?
   grep -E 'stat::number_of_executed_units|^Done [0-9]+ runs' "$scratch/$target.log" || true

@@ -15,6 +15,12 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 cargo --version
 
+stage "Wasm example components (wasm32-wasip2, for the wasm handler tests; cached in examples/wasm/target)"
+if command -v rustup >/dev/null 2>&1; then
+  rustup target add wasm32-wasip2 >/dev/null
+fi
+cargo build --locked --release --target wasm32-wasip2 --manifest-path examples/wasm/Cargo.toml
+
 stage "Debian packages (prometheus for the end-to-end tests, faketime for the clock-skew tests; containerd, runc, CNI plugins and iptables for the real nodes)"
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)

@@ -78,6 +78,137 @@ pub struct HandlerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256), regex(pattern = r"^/[^?#\s]*$"))]
     pub path: Option<String>,
+    /// For `kind: wasm`: where the component comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleSource>,
+    /// For `kind: wasm`: what one call may use. Every field has a safe default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<WasmLimits>,
+    /// For `kind: wasm`: the hosts (`host` or `host:port`) the component may
+    /// send HTTP requests to. Empty, the default, denies all outbound HTTP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+impl HandlerSpec {
+    /// A built-in handler (no module, no Wasm limits).
+    pub fn builtin(name: &str, kind: HandlerKind, path: Option<&str>) -> HandlerSpec {
+        HandlerSpec {
+            name: name.into(),
+            kind,
+            path: path.map(Into::into),
+            module: None,
+            limits: None,
+            allowed_outbound_hosts: Vec::new(),
+        }
+    }
+
+    /// The Wasm limits in force: the handler's, or the defaults.
+    pub fn wasm_limits(&self) -> WasmLimits {
+        self.limits.clone().unwrap_or_default()
+    }
+}
+
+/// Where a `wasm` handler's component comes from: exactly one source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModuleSource {
+    /// A path on the node (the standalone agent). A relative path is taken
+    /// from the agent's working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub file: Option<String>,
+    /// A key of a ConfigMap's `binaryData` in the EdgeService's namespace (in a
+    /// cluster; a ConfigMap holds at most 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKey>,
+}
+
+/// One `binaryData` key of a ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigMapKey {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// What one call of a `wasm` handler may use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WasmLimits {
+    /// Wall-clock time for one call, from instantiation to the end of the
+    /// response body; past it the call is stopped and answers 504.
+    #[schemars(range(min = 1, max = 300000))]
+    pub timeout_ms: u32,
+    /// The most linear memory (and table space) one instance may grow to; a
+    /// call that needs more fails with 500.
+    #[schemars(range(min = 65536, max = 4294967296u64))]
+    pub max_memory_bytes: u64,
+    /// Calls running at once; more answer 503 at once rather than queue.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_instances: u32,
+    /// The largest request body passed to the component; larger answers 413.
+    #[schemars(range(min = 0, max = 16777216))]
+    pub max_request_bytes: u32,
+    /// The largest response body taken from the component; larger answers 502.
+    #[schemars(range(min = 0, max = 16777216))]
+    pub max_response_bytes: u32,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits {
+            timeout_ms: 1_000,
+            max_memory_bytes: 64 * 1024 * 1024,
+            max_instances: 16,
+            max_request_bytes: 1024 * 1024,
+            max_response_bytes: 1024 * 1024,
+        }
+    }
+}
+
+const WASM_PAGE: u64 = 64 * 1024;
+const MAX_WASM_MEMORY: u64 = 4 * 1024 * 1024 * 1024;
+const MAX_WASM_BODY: u32 = 16 * 1024 * 1024;
+const MAX_WASM_TIMEOUT_MS: u32 = 300_000;
+const MAX_WASM_INSTANCES: u32 = 1000;
+
+impl WasmLimits {
+    fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let mut check = |field: &str, ok: bool, why: String| {
+            if !ok {
+                errors.push(FieldError::new(format!("{at}.{field}"), why));
+            }
+        };
+        check(
+            "timeoutMs",
+            (1..=MAX_WASM_TIMEOUT_MS).contains(&self.timeout_ms),
+            format!("must be between 1 and {MAX_WASM_TIMEOUT_MS}"),
+        );
+        check(
+            "maxMemoryBytes",
+            (WASM_PAGE..=MAX_WASM_MEMORY).contains(&self.max_memory_bytes),
+            format!("must be between one Wasm page ({WASM_PAGE}) and {MAX_WASM_MEMORY}"),
+        );
+        check(
+            "maxInstances",
+            (1..=MAX_WASM_INSTANCES).contains(&self.max_instances),
+            format!("must be between 1 and {MAX_WASM_INSTANCES}"),
+        );
+        check(
+            "maxRequestBytes",
+            self.max_request_bytes <= MAX_WASM_BODY,
+            format!("must be at most {MAX_WASM_BODY}"),
+        );
+        check(
+            "maxResponseBytes",
+            self.max_response_bytes <= MAX_WASM_BODY,
+            format!("must be at most {MAX_WASM_BODY}"),
+        );
+    }
 }
 
 /// What a handler does.
@@ -89,15 +220,21 @@ pub enum HandlerKind {
     Echo,
     /// HTTP: `GET <path>?a=1&b=2` answers `{"result": 3}`. Relay call: `{"a": 1, "b": 2}`.
     Add,
+    /// The user's own WebAssembly component (a standard `wasi:http/incoming-handler`)
+    /// from `module`. HTTP: the request passed through. Relay call: the args
+    /// as a JSON POST body, the JSON response body as `result`. Channel
+    /// processor: see [`ChannelSpec::processor`].
+    Wasm,
 }
 
 impl HandlerKind {
-    pub const ALL: [HandlerKind; 2] = [HandlerKind::Echo, HandlerKind::Add];
+    pub const ALL: [HandlerKind; 3] = [HandlerKind::Echo, HandlerKind::Add, HandlerKind::Wasm];
 
     pub fn as_str(self) -> &'static str {
         match self {
             HandlerKind::Echo => "echo",
             HandlerKind::Add => "add",
+            HandlerKind::Wasm => "wasm",
         }
     }
 }
@@ -108,6 +245,23 @@ impl HandlerKind {
 pub struct ChannelSpec {
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._/-]+$"))]
     pub name: String,
+    /// A `wasm` handler of the same service that each message published on
+    /// this channel at this node passes through before delivery: it gets a
+    /// POST whose body is the message's `data` (header `edgewire-channel`
+    /// names the channel) and answers a JSON array of the `data` of the
+    /// messages to deliver instead (`[]` drops the message). Messages from
+    /// mesh peers were processed where they were published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processor: Option<String>,
+}
+
+impl ChannelSpec {
+    pub fn named(name: &str) -> ChannelSpec {
+        ChannelSpec {
+            name: name.into(),
+            processor: None,
+        }
+    }
 }
 
 /// What a client that cannot keep up gets.
@@ -190,25 +344,10 @@ impl AgentConfig {
                     name: "echo".into(),
                     port: 8765,
                     handlers: vec![
-                        HandlerSpec {
-                            name: "echo".into(),
-                            kind: HandlerKind::Echo,
-                            path: Some("/".into()),
-                        },
-                        HandlerSpec {
-                            name: "add".into(),
-                            kind: HandlerKind::Add,
-                            path: Some("/add".into()),
-                        },
+                        HandlerSpec::builtin("echo", HandlerKind::Echo, Some("/")),
+                        HandlerSpec::builtin("add", HandlerKind::Add, Some("/add")),
                     ],
-                    channels: vec![
-                        ChannelSpec {
-                            name: "chat".into(),
-                        },
-                        ChannelSpec {
-                            name: "telemetry".into(),
-                        },
-                    ],
+                    channels: vec![ChannelSpec::named("chat"), ChannelSpec::named("telemetry")],
                     relay_path: default_relay_path(),
                     limits: Limits::default(),
                     peers: vec![],
@@ -216,11 +355,7 @@ impl AgentConfig {
                 ServiceConfig {
                     name: "compute".into(),
                     port: 5000,
-                    handlers: vec![HandlerSpec {
-                        name: "add".into(),
-                        kind: HandlerKind::Add,
-                        path: Some("/add".into()),
-                    }],
+                    handlers: vec![HandlerSpec::builtin("add", HandlerKind::Add, Some("/add"))],
                     channels: vec![],
                     relay_path: default_relay_path(),
                     limits: Limits::default(),
@@ -321,6 +456,7 @@ impl ServiceConfig {
                     format!("duplicate handler name {:?}", handler.name),
                 ));
             }
+            handler.validate_wasm_into(&hat, errors);
             if let Some(path) = &handler.path {
                 if let Err(why) = check_path(path) {
                     errors.push(FieldError::new(format!("{hat}.path"), why));
@@ -349,6 +485,20 @@ impl ServiceConfig {
                     format!("duplicate channel {:?}", channel.name),
                 ));
             }
+            if let Some(processor) = &channel.processor {
+                let field = format!("{at}.channels[{j}].processor");
+                match self.handler(processor) {
+                    Some(h) if h.kind == HandlerKind::Wasm => {}
+                    Some(_) => errors.push(FieldError::new(
+                        field,
+                        format!("handler {processor:?} is not a wasm handler"),
+                    )),
+                    None => errors.push(FieldError::new(
+                        field,
+                        format!("no handler {processor:?} in this service"),
+                    )),
+                }
+            }
         }
 
         self.limits.validate_into(&format!("{at}.limits"), errors);
@@ -360,6 +510,59 @@ impl ServiceConfig {
 
     pub fn has_channel(&self, name: &str) -> bool {
         self.channels.iter().any(|c| c.name == name)
+    }
+}
+
+impl HandlerSpec {
+    /// A `wasm` handler needs exactly one module source; the Wasm fields mean
+    /// nothing on a built-in handler, so they are refused there.
+    fn validate_wasm_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if self.kind != HandlerKind::Wasm {
+            for (field, set) in [
+                ("module", self.module.is_some()),
+                ("limits", self.limits.is_some()),
+                (
+                    "allowedOutboundHosts",
+                    !self.allowed_outbound_hosts.is_empty(),
+                ),
+            ] {
+                if set {
+                    errors.push(FieldError::new(
+                        format!("{at}.{field}"),
+                        format!("only a wasm handler takes {field}"),
+                    ));
+                }
+            }
+            return;
+        }
+        match &self.module {
+            None => errors.push(FieldError::new(
+                format!("{at}.module"),
+                "a wasm handler needs a module (file or configMap)",
+            )),
+            Some(module) => match (&module.file, &module.config_map) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => errors.push(FieldError::new(
+                    format!("{at}.module"),
+                    "exactly one of file and configMap must be set",
+                )),
+            },
+        }
+        if let Some(limits) = &self.limits {
+            limits.validate_into(&format!("{at}.limits"), errors);
+        }
+        for (k, host) in self.allowed_outbound_hosts.iter().enumerate() {
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && !host.contains(['/', '?', '#', '@'])
+                && !host.chars().any(char::is_whitespace);
+            if !ok {
+                errors.push(FieldError::new(
+                    format!("{at}.allowedOutboundHosts[{k}]"),
+                    format!("{host:?} must be a host or host:port, without a scheme or path"),
+                ));
+            }
+        }
     }
 }
 
@@ -571,12 +774,10 @@ mod tests {
         config.services[1].port = 8765;
         config.services[0].handlers[1].path = Some("/".into());
         config.services[0].handlers[0].path = Some("no-slash".into());
-        config.services[0].channels.push(ChannelSpec {
-            name: "chat".into(),
-        });
-        config.services[0].channels.push(ChannelSpec {
-            name: "bad channel".into(),
-        });
+        config.services[0].channels.push(ChannelSpec::named("chat"));
+        config.services[0]
+            .channels
+            .push(ChannelSpec::named("bad channel"));
         config.services[0].limits.max_message_bytes = 1;
         config.services[0].limits.idle_timeout_seconds = 5;
         config.services[0].limits.ping_interval_seconds = 10;
@@ -632,6 +833,78 @@ mod tests {
         assert!(err.contains("services[0].peers[1].address"), "{err}");
         assert!(err.contains("services[0].peers[1].publicKey"), "{err}");
         assert!(!err.contains("peers[0]"), "{err}");
+    }
+
+    #[test]
+    fn wasm_handlers_need_one_module_and_processors_a_wasm_handler() {
+        let config = AgentConfig::parse(
+            r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - name: add
+        kind: wasm
+        path: /add
+        module: {file: add.wasm}
+        limits: {timeoutMs: 200}
+        allowedOutboundHosts: ["api.example.com:443"]
+      - {name: filter, kind: wasm, module: {configMap: {name: mods, key: filter.wasm}}}
+      - {name: echo, kind: echo, path: /}
+    channels:
+      - {name: telemetry, processor: filter}
+"#,
+        )
+        .unwrap();
+        let add = config.services[0].handler("add").unwrap();
+        assert_eq!(add.wasm_limits().timeout_ms, 200);
+        assert_eq!(
+            add.wasm_limits().max_instances,
+            WasmLimits::default().max_instances
+        );
+
+        let mut bad = config.clone();
+        let service = &mut bad.services[0];
+        service.handlers[0].module = None;
+        service.handlers[1].module = Some(ModuleSource {
+            file: Some("x.wasm".into()),
+            config_map: Some(ConfigMapKey {
+                name: "m".into(),
+                key: "k".into(),
+            }),
+        });
+        service.handlers[1].limits = Some(WasmLimits {
+            max_memory_bytes: 1,
+            ..WasmLimits::default()
+        });
+        service.handlers[2].allowed_outbound_hosts = vec!["x".into()];
+        service.handlers[0].allowed_outbound_hosts = vec!["https://x/".into()];
+        service.channels[0].processor = Some("echo".into());
+        service.channels.push(ChannelSpec {
+            name: "chat".into(),
+            processor: Some("nothing".into()),
+        });
+        assert_eq!(
+            fields(bad.validate().unwrap_err()),
+            vec![
+                "services[0].handlers[0].module",
+                "services[0].handlers[0].allowedOutboundHosts[0]",
+                "services[0].handlers[1].module",
+                "services[0].handlers[1].limits.maxMemoryBytes",
+                "services[0].handlers[2].allowedOutboundHosts",
+                "services[0].channels[0].processor",
+                "services[0].channels[1].processor",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_wasm_example_config_is_valid() {
+        let config = AgentConfig::parse(include_str!("../../examples/wasm/agent.yaml")).unwrap();
+        assert_eq!(
+            config.services[0].channels[0].processor.as_deref(),
+            Some("filter")
+        );
     }
 
     #[test]

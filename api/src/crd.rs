@@ -264,6 +264,24 @@ pub struct NodeService {
     pub error: Option<String>,
     #[serde(default)]
     pub connections: i64,
+    /// Each `wasm` handler's module on this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<NodeModule>,
+}
+
+/// A `wasm` handler's module as one agent runs it: the digest in use, or
+/// why there is none (`reason`: `ModulePullFailed`, `ModuleInvalid`,
+/// `ModuleMissingExport`, `ModuleUnsupportedImport`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeModule {
+    pub handler: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[cfg(test)]
@@ -281,7 +299,7 @@ mod tests {
             "handler names must be unique",
             "handler paths must be unique",
             r#""maximum":65535"#,
-            r#""enum":["echo","add"]"#,
+            r#""enum":["echo","add","wasm"]"#,
             r#""jsonPath":".status.nodes""#,
         ] {
             assert!(es.contains(needle), "EdgeService CRD lacks {needle}");

@@ -7,6 +7,7 @@ pub mod error;
 pub mod wire;
 
 pub use config::{
-    AgentConfig, HandlerKind, HandlerSpec, Limits, PeerSpec, ServiceConfig, SlowConsumerPolicy,
+    AgentConfig, ChannelSpec, ConfigMapKey, HandlerKind, HandlerSpec, Limits, ModuleSource,
+    PeerSpec, ServiceConfig, SlowConsumerPolicy, WasmLimits,
 };
 pub use error::{ConfigError, FieldError};

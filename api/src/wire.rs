@@ -115,6 +115,10 @@ pub enum ServerMessage {
         id: Option<RequestId>,
         code: ErrorCode,
         message: String,
+        /// For `handler_failed`: the HTTP status the handler's failure
+        /// stands for (its own non-2xx answer, or 500, 503, 504 ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
     },
 }
 
@@ -135,6 +139,8 @@ pub enum ErrorCode {
     UnknownChannel,
     UnknownHandler,
     InvalidArguments,
+    /// A `wasm` handler failed or answered non-2xx; `status` says how.
+    HandlerFailed,
 }
 
 impl ErrorCode {
@@ -146,6 +152,7 @@ impl ErrorCode {
             ErrorCode::UnknownChannel => "unknown_channel",
             ErrorCode::UnknownHandler => "unknown_handler",
             ErrorCode::InvalidArguments => "invalid_arguments",
+            ErrorCode::HandlerFailed => "handler_failed",
         }
     }
 }
@@ -173,6 +180,7 @@ impl WireError {
             id: self.id.clone(),
             code: self.code,
             message: self.message.clone(),
+            status: None,
         }
     }
 }

@@ -53,6 +53,23 @@ pub struct ServiceStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub connections: u32,
+    /// Each `wasm` handler's module: the digest in use, or why there is none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<ModuleStatus>,
+}
+
+/// A `wasm` handler's module as the agent runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleStatus {
+    pub handler: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// `ModuleInvalid`, `ModuleMissingExport`, ... when there is no usable module.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Agent {
@@ -151,6 +168,26 @@ impl Agent {
                 address: Some(s.local_addr),
                 error: None,
                 connections: s.runtime.open_connections(),
+                modules: s
+                    .runtime
+                    .handlers
+                    .modules()
+                    .into_iter()
+                    .map(|(handler, module)| match module {
+                        Ok(digest) => ModuleStatus {
+                            handler,
+                            digest: Some(digest),
+                            reason: None,
+                            error: None,
+                        },
+                        Err(err) => ModuleStatus {
+                            handler,
+                            digest: None,
+                            reason: Some(err.reason().to_string()),
+                            error: Some(err.to_string()),
+                        },
+                    })
+                    .collect(),
             })
             .chain(state.failed.iter().map(|(name, error)| ServiceStatus {
                 name: name.clone(),
@@ -158,6 +195,7 @@ impl Agent {
                 address: None,
                 error: Some(error.clone()),
                 connections: 0,
+                modules: Vec::new(),
             }))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use edgewire_agent::budget::Budget;
+use edgewire_agent::handlers::wasm::WasmRuntime;
 use edgewire_agent::mesh::noise::{Identity, StaticKey};
 use edgewire_agent::service::Shared;
 use edgewire_agent::{admin, agent::Agent, cluster, config_source, mesh::Mesh, metrics::Metrics};
@@ -37,7 +38,9 @@ struct Cli {
     /// clients and peers reach it. Defaults to --listen-address.
     #[arg(long, env = "NODE_IP")]
     advertise_address: Option<String>,
-    /// In a cluster: where the last received config is kept for offline restarts.
+    /// In a cluster: where the last received config is kept for offline
+    /// restarts. Always: where compiled Wasm code is cached by module digest
+    /// (best effort; an unwritable directory only costs a compile per start).
     #[arg(long, env = "EDGEWIRE_STATE_DIR", default_value = "/var/lib/edgewire")]
     state_dir: PathBuf,
     /// In a cluster: seconds between EdgeNode heartbeats.
@@ -306,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         metrics,
         mesh: mesh.clone(),
         queue_budget,
+        wasm: WasmRuntime::new(Some(cli.state_dir.clone())),
     };
     let agent = Arc::new(Agent::new(cli.listen_address, shared));
 

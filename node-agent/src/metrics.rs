@@ -31,10 +31,12 @@ pub enum DropReason {
     MeshUnavailable,
     /// A delivery refused because the agent's global queue budget was spent.
     MemoryBudget,
+    /// A publish whose channel processor failed, or a call whose handler did.
+    HandlerFailed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Oversize,
         DropReason::InvalidUtf8,
         DropReason::InvalidJson,
@@ -48,6 +50,7 @@ impl DropReason {
         DropReason::Protocol,
         DropReason::MeshUnavailable,
         DropReason::MemoryBudget,
+        DropReason::HandlerFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +68,7 @@ impl DropReason {
             DropReason::Protocol => "protocol",
             DropReason::MeshUnavailable => "mesh_unavailable",
             DropReason::MemoryBudget => "memory_budget",
+            DropReason::HandlerFailed => "handler_failed",
         }
     }
 }
@@ -79,6 +83,7 @@ impl From<edgewire_api::wire::ErrorCode> for DropReason {
             ErrorCode::UnknownChannel => DropReason::UnknownChannel,
             ErrorCode::UnknownHandler => DropReason::UnknownHandler,
             ErrorCode::InvalidArguments => DropReason::InvalidArguments,
+            ErrorCode::HandlerFailed => DropReason::HandlerFailed,
         }
     }
 }
@@ -158,6 +163,7 @@ pub struct Metrics {
     message_latency: HistogramVec,
     pub handler_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
+    handler_errors: IntCounterVec,
     messages: IntCounterVec,
     dropped: IntCounterVec,
     pub mesh_peers: IntGaugeVec,
@@ -216,6 +222,11 @@ impl Metrics {
                 "Time spent waiting on an upstream (cloud) call.",
                 &["service"],
             ),
+            handler_errors: counter(
+                "edgewire_handler_errors_total",
+                "Handler calls that failed, by reason (trap, timeout, memory, unavailable, ...).",
+                &["service", "handler", "reason"],
+            ),
             messages: counter(
                 "edgewire_messages_total",
                 "WebSocket messages received (in) and sent (out).",
@@ -254,6 +265,7 @@ impl Metrics {
             Box::new(metrics.message_latency.clone()),
             Box::new(metrics.handler_duration.clone()),
             Box::new(metrics.upstream_duration.clone()),
+            Box::new(metrics.handler_errors.clone()),
             Box::new(metrics.messages.clone()),
             Box::new(metrics.dropped.clone()),
             Box::new(metrics.mesh_peers.clone()),
@@ -276,6 +288,21 @@ impl Metrics {
     pub fn mesh_refused(&self, reason: MeshRefusal) {
         self.mesh_refused
             .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Makes a handler's failure series visible at zero.
+    pub fn init_handler(&self, service: &str, handler: &str, reasons: &[&str]) {
+        self.handler_duration.with_label_values(&[service, handler]);
+        for reason in reasons {
+            self.handler_errors
+                .with_label_values(&[service, handler, reason]);
+        }
+    }
+
+    pub fn handler_error(&self, service: &str, handler: &str, reason: &str) {
+        self.handler_errors
+            .with_label_values(&[service, handler, reason])
             .inc();
     }
 

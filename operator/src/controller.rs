@@ -210,14 +210,11 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             address: address.clone(),
             freshness: fresh,
         });
-        let service = edge_node
-            .and_then(|e| e.status.as_ref())
-            .and_then(|s| {
-                s.services.iter().find(|s| {
-                    Some(&s.namespace) == es.metadata.namespace.as_ref() && s.name == es_name
-                })
-            })
-            .map(|s| (s.listening, s.error.clone(), s.connections));
+        let service = edge_node.and_then(|e| e.status.as_ref()).and_then(|s| {
+            s.services
+                .iter()
+                .find(|s| Some(&s.namespace) == es.metadata.namespace.as_ref() && s.name == es_name)
+        });
         if edge_node.is_some() {
             reports.insert(
                 name.clone(),
@@ -225,7 +222,8 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
                     address,
                     mesh_public_key: edge_node.and_then(|e| e.spec.mesh_public_key.clone()),
                     fresh: fresh == Freshness::Fresh,
-                    service,
+                    service: service.map(|s| (s.listening, s.error.clone(), s.connections)),
+                    modules: service.map(|s| s.modules.clone()).unwrap_or_default(),
                 },
             );
         }
@@ -659,6 +657,16 @@ async fn publish_events(
             message.to_string(),
         ));
     }
+    let degraded_reason = |s: Option<&EdgeServiceStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, message)) = degraded_reason(Some(new))
+        && reason.starts_with("Module")
+        && degraded_reason(old).map(|(r, _)| r) != Some(reason.clone())
+    {
+        events.push((EventType::Warning, module_reason(&reason), message));
+    }
     if let Some(note) = crate::ports::newly_refused(old, new) {
         events.push((EventType::Warning, crate::ports::PORT_NOT_ALLOWED, note));
     }
@@ -674,6 +682,17 @@ async fn publish_events(
         if let Err(err) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(%err, reason, "could not publish an event");
         }
+    }
+}
+
+/// The Event reasons for unusable Wasm modules (Event reasons are static).
+fn module_reason(reason: &str) -> &'static str {
+    match reason {
+        "ModulePullFailed" => "ModulePullFailed",
+        "ModuleInvalid" => "ModuleInvalid",
+        "ModuleMissingExport" => "ModuleMissingExport",
+        "ModuleUnsupportedImport" => "ModuleUnsupportedImport",
+        _ => "ModuleUnusable",
     }
 }
 

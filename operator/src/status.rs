@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use edgewire_api::crd::{EdgeServiceStatus, NodePlacement, PlacementState};
+use edgewire_api::crd::{EdgeServiceStatus, NodeModule, NodePlacement, PlacementState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::desired::endpoint_family;
@@ -20,6 +20,26 @@ pub struct NodeReport {
     pub fresh: bool,
     /// The agent's report on this EdgeService: listening, error, connections.
     pub service: Option<(bool, Option<String>, i64)>,
+    /// The agent's `wasm` handler modules for this EdgeService.
+    pub modules: Vec<NodeModule>,
+}
+
+/// The first `wasm` module a placed node reports unusable: (node, reason,
+/// handler, message). Such a handler answers 503 there; the rest serves.
+fn module_problem<'a>(
+    nodes: &'a [String],
+    reports: &'a BTreeMap<String, NodeReport>,
+) -> Option<(&'a str, &'a str, &'a str, &'a str)> {
+    nodes.iter().find_map(|node| {
+        reports.get(node)?.modules.iter().find_map(|m| {
+            Some((
+                node.as_str(),
+                m.reason.as_deref()?,
+                m.handler.as_str(),
+                m.message.as_deref().unwrap_or_default(),
+            ))
+        })
+    })
 }
 
 fn placement_of(node: &str, report: Option<&NodeReport>) -> NodePlacement {
@@ -242,6 +262,13 @@ pub fn compute(
                 failed.join(", ")
             ),
         )
+    } else if let Some((node, reason, handler, message)) = module_problem(&decision.nodes, reports)
+    {
+        (
+            true,
+            reason,
+            format!("handler {handler} on {node} has no usable module: {message}"),
+        )
     } else if !stale.is_empty() {
         (
             true,
@@ -304,11 +331,55 @@ mod tests {
             mesh_public_key: None,
             fresh,
             service,
+            modules: Vec::new(),
         }
     }
 
     fn cond<'a>(s: &'a EdgeServiceStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn an_unusable_module_degrades_with_its_reason() {
+        let decision = Decision {
+            nodes: vec!["a".into(), "b".into()],
+            ..Decision::default()
+        };
+        let mut b = report(true, Some((true, None, 0)));
+        b.modules = vec![
+            NodeModule {
+                handler: "ok".into(),
+                digest: Some("sha256:00".into()),
+                reason: None,
+                message: None,
+            },
+            NodeModule {
+                handler: "filter".into(),
+                digest: None,
+                reason: Some("ModuleMissingExport".into()),
+                message: Some("no wasi:http/incoming-handler".into()),
+            },
+        ];
+        let reports = BTreeMap::from([
+            ("a".to_string(), report(true, Some((true, None, 0)))),
+            ("b".to_string(), b),
+        ]);
+        let s = compute(&decision, &reports, None, Some(1), &time(10));
+        let degraded = cond(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "ModuleMissingExport")
+        );
+        assert!(
+            degraded.message.contains("filter on b"),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(
+            cond(&s, "Ready").status,
+            "True",
+            "the service still listens"
+        );
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     if let Some(status) = &en.status {
         for s in &status.services {
             (&s.namespace, &s.name, s.listening, &s.error).hash(&mut h);
+            for m in &s.modules {
+                (&m.handler, &m.digest, &m.reason).hash(&mut h);
+            }
         }
         for c in status.conditions.iter().filter(|c| c.type_ == "Ready") {
             c.status.hash(&mut h);
@@ -105,6 +108,7 @@ mod tests {
                 listening,
                 error: None,
                 connections: 0,
+                modules: Vec::new(),
             }],
             service_count: 1,
             connections: 0,

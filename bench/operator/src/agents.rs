@@ -309,6 +309,7 @@ impl Beat {
                         listening: true,
                         error: None,
                         connections: connections(name, &self.node, beat),
+                        modules: Vec::new(),
                     })
                     .collect()
             };

@@ -3,6 +3,7 @@
 //! serving from its stored config while the API server is out of reach.
 
 pub mod leave;
+pub mod modules;
 pub mod render;
 pub mod state;
 
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
+use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeModule, NodeService};
 use futures_util::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
@@ -29,6 +30,9 @@ const FIELD_MANAGER: &str = "edgewire-agent";
 const SETTLE: Duration = Duration::from_millis(200);
 /// A status change is reported at once, but no more often than this.
 const MIN_REPORT_GAP: Duration = Duration::from_secs(1);
+/// How often ConfigMap-sourced Wasm modules are fetched again when nothing
+/// else prompts a new rendering, so a new module rolls out on its own.
+const MODULE_RECHECK: Duration = Duration::from_secs(15);
 /// The longest a leaving agent waits for its final heartbeat to be written.
 const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the operator has taken the node out of the EndpointSlices, the
@@ -149,16 +153,24 @@ async fn follow_placement(
                 }
                 None => return,
             },
+            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && uses_config_maps(&last_applied, reader) => {
+                dirty = true;
+            }
             // Only render from a complete listing: an empty cache must never
             // read as "nothing is placed here".
             _ = tokio::time::sleep(SETTLE), if dirty && listed => {
                 dirty = false;
                 let services: Vec<EdgeService> = reader.state().iter().map(|es| es.as_ref().clone()).collect();
-                let rendered = render::render(&options.node, &services, options.mesh_port);
+                let mut rendered = render::render(&options.node, &services, options.mesh_port);
                 for (name, why) in &rendered.rejected {
                     tracing::error!(service = %name, %why, "cannot run this EdgeService here");
                 }
                 *rejected.lock().unwrap_or_else(|e| e.into_inner()) = rendered.rejected.clone();
+                for (service, handler, why) in
+                    modules::resolve(client, &options.state_dir, &mut rendered.config, last_applied.as_ref()).await
+                {
+                    tracing::warn!(%service, %handler, %why, "cannot fetch the wasm module");
+                }
                 if last_applied.as_ref() != Some(&rendered.config) {
                     tracing::info!(services = rendered.config.services.len(), "placement changed; applying");
                     agent.apply(&rendered.config).await;
@@ -171,6 +183,30 @@ async fn follow_placement(
             }
         }
     }
+}
+
+/// Whether some EdgeService placed here takes a module from a ConfigMap
+/// (the rendered config names files only, so the specs are asked).
+fn uses_config_maps(
+    last_applied: &Option<edgewire_api::AgentConfig>,
+    services: &reflector::Store<EdgeService>,
+) -> bool {
+    let Some(config) = last_applied else {
+        return false;
+    };
+    services.state().iter().any(|es| {
+        let key = format!(
+            "{}/{}",
+            es.metadata.namespace.as_deref().unwrap_or_default(),
+            es.metadata.name.as_deref().unwrap_or_default()
+        );
+        config.service(&key).is_some()
+            && es
+                .spec
+                .handlers
+                .iter()
+                .any(|h| h.module.as_ref().is_some_and(|m| m.config_map.is_some()))
+    })
 }
 
 /// The EdgeNode's status from what the agent runs.
@@ -187,6 +223,16 @@ async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> 
                 listening: s.listening,
                 error: s.error,
                 connections: i64::from(s.connections),
+                modules: s
+                    .modules
+                    .into_iter()
+                    .map(|m| NodeModule {
+                        handler: m.handler,
+                        digest: m.digest,
+                        reason: m.reason,
+                        message: m.error,
+                    })
+                    .collect(),
             })
         })
         .collect();
@@ -198,6 +244,7 @@ async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> 
                 listening: false,
                 error: Some(why.clone()),
                 connections: 0,
+                modules: Vec::new(),
             });
         }
     }

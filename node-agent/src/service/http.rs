@@ -35,7 +35,7 @@ pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, acce
         let runtime = Arc::clone(&runtime);
         service_fn(move |req| {
             let runtime = Arc::clone(&runtime);
-            async move { Ok::<_, Infallible>(route(&runtime, req, accepted_at)) }
+            async move { Ok::<_, Infallible>(route(&runtime, req, accepted_at).await) }
         })
     };
     let mut builder = http1::Builder::new();
@@ -62,7 +62,7 @@ pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, acce
     }
 }
 
-fn route(
+async fn route(
     runtime: &Arc<ServiceRuntime>,
     req: Request<Incoming>,
     accepted_at: Instant,
@@ -90,6 +90,16 @@ fn route(
     else {
         return answer(HttpAnswer::error(404, &format!("no handler at {path}")));
     };
+    if let Some(wasm) = runtime.handlers.wasm(&handler.name) {
+        if wants_upgrade {
+            return answer(HttpAnswer::error(
+                400,
+                &format!("handler {:?} answers HTTP, not WebSocket", handler.name),
+            ));
+        }
+        let wasm = Arc::clone(wasm);
+        return super::wasm_http::serve(&wasm, req).await;
+    }
     if wants_upgrade {
         return match handler.kind {
             HandlerKind::Echo => upgrade(
@@ -100,7 +110,7 @@ fn route(
                 },
                 accepted_at,
             ),
-            HandlerKind::Add => answer(HttpAnswer::error(
+            HandlerKind::Add | HandlerKind::Wasm => answer(HttpAnswer::error(
                 400,
                 &format!(
                     "handler {:?} answers HTTP GET; over WebSocket, call it through the relay at {}",
@@ -130,7 +140,7 @@ fn run_handler(runtime: &ServiceRuntime, handler: &HandlerSpec, query: Option<&s
     answer
 }
 
-fn answer(answer: HttpAnswer) -> Response<Full<Bytes>> {
+pub(super) fn answer(answer: HttpAnswer) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(answer.body)));
     *response.status_mut() =
         StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

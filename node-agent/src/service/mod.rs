@@ -4,6 +4,8 @@
 mod batch;
 mod http;
 mod socket;
+mod wasm_http;
+mod wasm_relay;
 mod websocket;
 
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::Budget;
+use crate::handlers::HandlerSet;
+use crate::handlers::wasm::WasmRuntime;
 use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::relay::{ConnId, Hub, Subscriber};
@@ -43,11 +47,15 @@ pub struct Shared {
     /// The budget for everything queued in the agent (send queues and mesh
     /// links together).
     pub queue_budget: Arc<Budget>,
+    /// Runs the `wasm` handlers of every service.
+    pub wasm: WasmRuntime,
 }
 
 /// State shared by every connection of one service.
 pub struct ServiceRuntime {
     pub config: ServiceConfig,
+    /// The handlers by name, with each `wasm` handler's module loaded.
+    pub handlers: HandlerSet,
     pub metrics: Metrics,
     pub hub: Hub,
     /// Links to the other agents running this service, when meshed.
@@ -63,7 +71,12 @@ pub struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    fn new(config: ServiceConfig, shared: &Shared, stop: CancellationToken) -> ServiceRuntime {
+    fn new(
+        config: ServiceConfig,
+        handlers: HandlerSet,
+        shared: &Shared,
+        stop: CancellationToken,
+    ) -> ServiceRuntime {
         let metrics = shared.metrics.clone();
         let max = config.limits.max_message_bytes as usize;
         let ws_config = WebSocketConfig::default()
@@ -77,6 +90,7 @@ impl ServiceRuntime {
         metrics.init_service(&config.name);
         ServiceRuntime {
             config,
+            handlers,
             metrics,
             hub: Hub::new(),
             mesh: shared.mesh.clone(),
@@ -218,7 +232,9 @@ impl RunningService {
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
-        let runtime = Arc::new(ServiceRuntime::new(config, shared, parent.child_token()));
+        let stop = parent.child_token();
+        let handlers = HandlerSet::build(&config, &shared.metrics, &shared.wasm, &stop).await;
+        let runtime = Arc::new(ServiceRuntime::new(config, handlers, shared, stop));
         let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime)));
         tracing::info!(service = runtime.name(), %local_addr, "service listening");
         Ok(RunningService {

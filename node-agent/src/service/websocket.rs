@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error
 
 use super::batch::{self, Packer};
 use super::socket::ClientSocket;
+use super::wasm_relay::{self, Prepared};
 use super::{ConnectionSlot, ServiceRuntime};
 use crate::handlers;
 use crate::mesh::Backlog;
@@ -292,7 +293,7 @@ impl Session {
                 self.send_text(sink, reply).await
             }
             Mode::Relay { .. } => match wire::parse_client_message(text.as_str()) {
-                Ok(request) => match self.on_request(request) {
+                Ok(request) => match self.on_relay_request(request).await {
                     Ok(Some(reply)) => self.reply(sink, reply).await,
                     Ok(None) => Ok(()),
                     Err(err) => self.refuse(sink, err).await,
@@ -321,6 +322,36 @@ impl Session {
                     self.runtime.name()
                 ),
             ))
+        }
+    }
+
+    /// A request that reaches a wasm handler (a call of one, a publish on a
+    /// processed channel) awaits it first; the rest goes to `on_request`.
+    async fn on_relay_request(
+        &mut self,
+        request: ClientMessage,
+    ) -> Result<Option<ServerMessage>, WireError> {
+        match wasm_relay::prepare(&self.runtime, request).await {
+            Prepared::Request(request) => self.on_request(request),
+            Prepared::Reply(reply) => Ok(Some(reply)),
+            Prepared::Publish {
+                id,
+                channel,
+                messages,
+            } => {
+                for data in messages {
+                    let publish = ClientMessage::Publish {
+                        id: None,
+                        channel: channel.clone(),
+                        data,
+                    };
+                    self.on_request(publish)?;
+                }
+                Ok(id.map(|id| ServerMessage::Published {
+                    id: Some(id),
+                    channel,
+                }))
+            }
         }
     }
 
@@ -393,6 +424,11 @@ impl Session {
                     Err(handlers::HandlerError::InvalidArguments(why)) => {
                         Err(WireError::new(Some(id), ErrorCode::InvalidArguments, why))
                     }
+                    Err(err @ handlers::HandlerError::NotBuiltin(_)) => Err(WireError::new(
+                        Some(id),
+                        ErrorCode::HandlerFailed,
+                        err.to_string(),
+                    )),
                 }
             }
         }

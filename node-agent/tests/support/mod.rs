@@ -458,3 +458,33 @@ pub fn run_seed_client(file: &str) -> String {
     assert!(out.status.success(), "{file} failed:\n{stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The example Wasm components, built (once per test binary; cargo caches
+/// across runs) for wasm32-wasip2 from `examples/wasm/`: the directory that
+/// holds `<name>.wasm`.
+pub fn wasm_components() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wasm");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .current_dir(&examples)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-wasip2",
+            ])
+            .arg("--target-dir")
+            .arg(examples.join("target"))
+            .output()
+            .expect("run cargo build for the example components");
+        assert!(
+            out.status.success(),
+            "building examples/wasm failed (needs `rustup target add wasm32-wasip2`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        examples.join("target/wasm32-wasip2/release")
+    })
+}

@@ -238,6 +238,7 @@ impl Heartbeats {
                             listening: true,
                             error: None,
                             connections,
+                            modules: Vec::new(),
                         })
                         .collect();
                     let patch = json!({

@@ -1,5 +1,5 @@
-//! Compute handlers as pure functions: arguments in, a result or a typed error
-//! out. The HTTP and WebSocket layers only translate to and from these.
+//! Built-in compute handlers as pure functions: arguments in, a result or a
+//! typed error out. The HTTP and WebSocket layers only translate to and from these.
 
 use edgewire_api::HandlerKind;
 use serde_json::{Value, json};
@@ -9,6 +9,9 @@ use thiserror::Error;
 pub enum HandlerError {
     #[error("{0}")]
     InvalidArguments(String),
+    /// A `wasm` handler has no built-in behaviour; it runs through `wasm`.
+    #[error("handler kind {0:?} is not built in")]
+    NotBuiltin(&'static str),
 }
 
 /// The echo handler's reply, exactly as the seed's server words it.
@@ -37,6 +40,7 @@ pub fn call(kind: HandlerKind, args: &Value) -> Result<Value, HandlerError> {
             let b = json_integer(map.get("b"), "b")?;
             add(a, b).map(Value::from)
         }
+        HandlerKind::Wasm => Err(HandlerError::NotBuiltin(kind.as_str())),
     }
 }
 
@@ -86,10 +90,12 @@ pub fn http_get(kind: HandlerKind, query: Option<&str>) -> HttpAnswer {
         },
         HandlerKind::Add => query_integer(param("a"), "a")
             .and_then(|a| query_integer(param("b"), "b").and_then(|b| add(a, b))),
+        HandlerKind::Wasm => Err(HandlerError::NotBuiltin(kind.as_str())),
     };
     match result {
         Ok(value) => HttpAnswer::json(200, json!({ "result": value })),
         Err(HandlerError::InvalidArguments(why)) => HttpAnswer::error(400, &why),
+        Err(err @ HandlerError::NotBuiltin(_)) => HttpAnswer::error(500, &err.to_string()),
     }
 }
 

@@ -1,0 +1,102 @@
+//! Outbound HTTP from a component: denied unless the request's host is in the
+//! handler's `allowedOutboundHosts`; allowed requests are timed in
+//! `edgewire_upstream_duration_seconds`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct Outbound {
+    pub allowed: Arc<[String]>,
+    pub service: Arc<str>,
+    pub metrics: Metrics,
+}
+
+/// Whether `host` (with `port`, when the URI names one) is on the list. An
+/// entry `host` allows any port; `host:port` that port only. Hosts compare
+/// without case.
+pub fn allowed(list: &[String], host: &str, port: Option<u16>) -> bool {
+    list.iter().any(|entry| {
+        match entry
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        {
+            Some((entry_host, entry_port)) => {
+                entry_host.eq_ignore_ascii_case(host) && port == Some(entry_port)
+            }
+            None => entry.eq_ignore_ascii_case(host),
+        }
+    })
+}
+
+type Sent = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    hyper::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: hyper::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Sent {
+        let uri = request.uri();
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        let permitted = uri
+            .host()
+            .is_some_and(|host| allowed(&self.allowed, host, port));
+        if !permitted {
+            tracing::debug!(service = %self.service, uri = %uri, "outbound HTTP denied");
+            return Box::new(async { Err(Error::HttpRequestDenied) });
+        }
+        let service = Arc::clone(&self.service);
+        let metrics = self.metrics.clone();
+        Box::new(async move {
+            let started = Instant::now();
+            let sent = wasmtime_wasi_http::default_send_request(request, options).await;
+            metrics
+                .upstream_duration
+                .with_label_values(&[&*service])
+                .observe(started.elapsed().as_secs_f64());
+            let (response, io) = sent?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_match_with_or_without_a_port() {
+        let list = vec!["api.example.com".to_string(), "127.0.0.1:8080".to_string()];
+        assert!(allowed(&list, "api.example.com", None));
+        assert!(allowed(&list, "API.example.com", Some(443)));
+        assert!(allowed(&list, "127.0.0.1", Some(8080)));
+        assert!(!allowed(&list, "127.0.0.1", Some(8081)));
+        assert!(!allowed(&list, "127.0.0.1", None));
+        assert!(!allowed(&list, "example.com", None));
+        assert!(!allowed(&[], "api.example.com", None));
+    }
+}

@@ -1,0 +1,74 @@
+//! HTTP to and from a `wasm` handler: the client's request (method, path,
+//! query, headers, body within the handler's cap) passed to the component,
+//! its response passed back; a failure answered with its status and a JSON
+//! error.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use super::http::answer;
+use crate::handlers::HttpAnswer;
+use crate::handlers::wasm::{CallError, WasmHandler};
+
+pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = req.into_parts();
+    // The body is read within the call's deadline too: a client that sends
+    // it slowly cannot hold an instance slot or this task for longer.
+    let limited = Limited::new(body, handler.max_request_bytes);
+    let body = match tokio::time::timeout(handler.timeout(), limited.collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+            return failure(&CallError::RequestTooLarge(handler.max_request_bytes));
+        }
+        Ok(Err(err)) => {
+            return answer(HttpAnswer::error(
+                400,
+                &format!("cannot read the body: {err}"),
+            ));
+        }
+        Err(_) => return failure(&CallError::Timeout(handler.timeout())),
+    };
+    // HTTP/1.0 clients may send no Host; the component's request needs an
+    // authority.
+    if !parts.headers.contains_key(header::HOST) {
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+    match handler
+        .call(Request::from_parts(parts, Full::new(body)))
+        .await
+    {
+        Ok(answer) => {
+            let mut response = Response::new(Full::new(answer.body));
+            *response.status_mut() =
+                StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut headers = answer.headers;
+            // Framing is this connection's business: hyper sets the length
+            // of the whole body it sends.
+            for name in [
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::CONNECTION,
+            ] {
+                headers.remove(name);
+            }
+            *response.headers_mut() = headers;
+            response
+        }
+        Err(err) => failure(&err),
+    }
+}
+
+fn failure(err: &CallError) -> Response<Full<Bytes>> {
+    let mut response = answer(HttpAnswer::error(err.status(), &err.to_string()));
+    if err.status() == 503 {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}

@@ -1,0 +1,264 @@
+//! A `wasm` handler whose module comes from a ConfigMap, on the real control
+//! plane with the operator and an agent in cluster mode: the module is
+//! served; a module without the HTTP export makes the EdgeService
+//! `Degraded` with `ModuleMissingExport`, the EdgeNode names it, an Event
+//! says it; a good module put in the ConfigMap rolls out on its own.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgewire_api::crd::{EdgeNode, EdgeService};
+use edgewire_testenv::{ControlPlane, NodeSpec, Options};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use serde_json::{Value, json};
+use support::*;
+
+/// Control plane, operator and agent on a loaded machine; compiling modules.
+const SLOW_WAIT: Duration = Duration::from_secs(120);
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn module(name: &str) -> Vec<u8> {
+    std::fs::read(wasm_components().join(format!("{name}.wasm"))).expect("the built component")
+}
+
+async fn put_config_map(api: &Api<ConfigMap>, add: Vec<u8>, other: Vec<u8>) {
+    let map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("modules".into()),
+            ..ObjectMeta::default()
+        },
+        binary_data: Some(BTreeMap::from([
+            ("add.wasm".to_string(), ByteString(add)),
+            ("other.wasm".to_string(), ByteString(other)),
+        ])),
+        ..ConfigMap::default()
+    };
+    api.patch(
+        "modules",
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&map),
+    )
+    .await
+    .expect("apply the ConfigMap");
+}
+
+fn degraded(es: &EdgeService) -> (String, String, String) {
+    es.status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == "Degraded")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    match http_get(addr, path).await {
+        Ok((status, body)) => (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ),
+        Err(err) => (0, Value::String(err.to_string())),
+    }
+}
+
+#[tokio::test]
+async fn a_module_from_a_config_map_is_served_and_its_errors_reported() {
+    let plane = ControlPlane::start(Options {
+        kwok: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let client = plane.client().await.unwrap();
+    let crds = edgewire_testenv::read_crds(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds"
+    )))
+    .unwrap();
+    edgewire_testenv::install_crds(&client, &crds)
+        .await
+        .unwrap();
+    let namespace = "wasm";
+    edgewire_testenv::create_namespace(&client, namespace)
+        .await
+        .unwrap();
+    let ip = "127.0.0.61";
+    edgewire_testenv::add_nodes(
+        &client,
+        &[NodeSpec::new("edge-w")
+            .label("edgewire.dev/test", namespace)
+            .internal_ip(ip)],
+    )
+    .await
+    .unwrap();
+
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    put_config_map(&maps, module("add"), module("missing-export")).await;
+
+    let logs = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _operator = Killed(
+        Command::new(workspace_binary("edgewire-operator"))
+            .args(["run", "--metrics-address", &metrics])
+            .args([
+                "--lease-namespace",
+                namespace,
+                "--watch-namespace",
+                namespace,
+            ])
+            .args(["--node-selector", &format!("edgewire.dev/test={namespace}")])
+            .args(["--heartbeat-timeout", "10"])
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(logs.path().join("operator.log")).unwrap())
+            .spawn()
+            .expect("start the operator"),
+    );
+    let state = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::spawn_with_env(
+        ip,
+        None,
+        &[
+            "--cluster",
+            "--node-name",
+            "edge-w",
+            "--advertise-address",
+            ip,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+            "--edge-node-label",
+            &format!("edgewire.dev/test={namespace}"),
+        ],
+        &[("KUBECONFIG", plane.kubeconfig.to_str().unwrap())],
+    );
+
+    let port = free_port();
+    let es: EdgeService = serde_yaml_ng::from_str(&format!(
+        r#"
+apiVersion: edgewire.dev/v1alpha1
+kind: EdgeService
+metadata: {{name: compute, namespace: {namespace}}}
+spec:
+  port: {port}
+  handlers:
+    - {{name: add, kind: wasm, path: /add, module: {{configMap: {{name: modules, key: add.wasm}}}}}}
+    - {{name: other, kind: wasm, path: /other, module: {{configMap: {{name: modules, key: other.wasm}}}}}}
+"#
+    ))
+    .unwrap();
+    let services: Api<EdgeService> = Api::namespaced(client.clone(), namespace);
+    services
+        .patch(
+            "compute",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&es),
+        )
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    let operator_log =
+        || std::fs::read_to_string(logs.path().join("operator.log")).unwrap_or_default();
+
+    // Served from the ConfigMap; the other handler answers 503.
+    let deadline = Instant::now() + SLOW_WAIT;
+    loop {
+        if get(addr, "/add?a=1&b=2").await == (200, json!({"result": 3})) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/add never served; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, body) = get(addr, "/other").await;
+    assert_eq!(status, 503, "{body}");
+
+    // The EdgeService says why, the EdgeNode names it, an Event tells it.
+    let deadline = Instant::now() + SLOW_WAIT;
+    loop {
+        let es = services.get("compute").await.unwrap();
+        let (status, reason, message) = degraded(&es);
+        if status == "True" && reason == "ModuleMissingExport" {
+            assert!(message.contains("other"), "{message}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not Degraded/ModuleMissingExport: {:?}\noperator log:\n{}",
+            es.status,
+            operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let node = Api::<EdgeNode>::all(client.clone())
+        .get("edge-w")
+        .await
+        .unwrap();
+    let modules = &node.status.unwrap().services[0].modules;
+    let other = modules.iter().find(|m| m.handler == "other").unwrap();
+    assert_eq!(other.reason.as_deref(), Some("ModuleMissingExport"));
+    let add = modules.iter().find(|m| m.handler == "add").unwrap();
+    assert!(
+        add.digest
+            .as_deref()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{add:?}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let deadline = Instant::now() + SLOW_WAIT;
+    loop {
+        let listed = events.list(&ListParams::default()).await.unwrap();
+        if listed
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ModuleMissingExport"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ModuleMissingExport Event; operator log:\n{}",
+            operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A good module in the ConfigMap: rolled out without touching the
+    // EdgeService, and the module condition clears.
+    put_config_map(&maps, module("add"), module("add")).await;
+    let deadline = Instant::now() + SLOW_WAIT;
+    loop {
+        let served = get(addr, "/other?a=2&b=5").await == (200, json!({"result": 7}));
+        let es = services.get("compute").await.unwrap();
+        // (Loopback node addresses keep it Degraded for InvalidAddress.)
+        if served && !degraded(&es).1.starts_with("Module") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new module did not roll out: {:?}\nagent log:\n{}",
+            es.status,
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,425 @@
+//! `wasm` handlers with real agent processes and real clients: the example
+//! components from `examples/wasm/` (built here for wasm32-wasip2 when the
+//! test command has not built them yet) reached over HTTP, the relay's
+//! `call` and as a channel processor; hostile components that must fail
+//! alone; a broken module replaced by a good one without a restart.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use support::*;
+use tokio::net::TcpStream;
+
+/// Loading (compiling) a few components in a debug agent on two busy cores.
+const LOAD_WAIT: Duration = Duration::from_secs(120);
+
+fn component(name: &str) -> String {
+    let path = wasm_components().join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} missing", path.display());
+    path.display().to_string()
+}
+
+/// Starts an agent with its own state directory and waits (long: modules
+/// compile before the service is up) until it is ready.
+async fn start_agent(config: &str, state: &Path) -> AgentProcess {
+    let agent = AgentProcess::spawn(
+        Some(config),
+        &["--state-dir", state.to_str().expect("UTF-8 temp path")],
+    );
+    let deadline = Instant::now() + LOAD_WAIT;
+    while !matches!(http_get(agent.admin, "/readyz").await, Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "agent not ready in time; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent
+}
+
+/// One HTTP/1.1 request with hyper's client; status, headers and body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("HTTP handshake");
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let response = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    driver.abort();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let (status, _, body) = http(addr, "GET", path, "").await;
+    let value = serde_json::from_str(&body).unwrap_or_else(|_| json!({ "raw": body }));
+    (status, value)
+}
+
+async fn module_reasons(agent: &AgentProcess, service: &str) -> Vec<(String, String)> {
+    let (_, ready) = agent.readyz().await;
+    ready["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == service))
+        .and_then(|s| s["modules"].as_array())
+        .map(|modules| {
+            modules
+                .iter()
+                .map(|m| {
+                    let handler = m["handler"].as_str().unwrap_or_default().to_string();
+                    let state = m["reason"]
+                        .as_str()
+                        .or(m["digest"].as_str().map(|_| "Loaded"))
+                        .unwrap_or_default()
+                        .to_string();
+                    (handler, state)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_add_component_answers_http_and_relay_calls() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
+"#,
+        add = component("add")
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+
+    assert_eq!(
+        get_json(addr, "/add?a=1&b=2").await,
+        (200, json!({"result": 3}))
+    );
+    let (status, headers, body) = http(addr, "POST", "/add", r#"{"a": 40, "b": 2}"#).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"result":42}"#));
+    assert_eq!(headers["content-type"], "application/json");
+    let (status, bad) = get_json(addr, "/add?a=x&b=2").await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap_or_default().contains("\"a\""),
+        "{bad}"
+    );
+
+    let mut ws = connect(addr, "/relay").await;
+    let reply = request(
+        &mut ws,
+        json!({"type": "call", "id": 7, "handler": "add", "args": {"a": 2, "b": 3}}),
+    )
+    .await;
+    assert_eq!(
+        reply,
+        json!({"type": "result", "id": 7, "handler": "add", "result": {"result": 5}})
+    );
+    let refused = request(
+        &mut ws,
+        json!({"type": "call", "id": 8, "handler": "add", "args": {"a": "two"}}),
+    )
+    .await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "handler_failed", "{refused}");
+    assert_eq!(refused["status"], 400, "{refused}");
+    assert_eq!(refused["id"], 8, "{refused}");
+
+    // Compiled once, kept by digest for the next start.
+    let cached: Vec<_> = walk(&state.path().join("wasm-cache"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let metrics = agent.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            r#"edgewire_handler_duration_seconds_count{handler="add",service="edge"}"#
+        ) >= 4.0,
+        "{metrics}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The seed's HTTP client, unchanged, asks `http://0.0.0.0:5000/add`: the
+/// component serves it on the seed's port.
+#[tokio::test]
+async fn the_seed_http_client_works_against_the_add_component() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: compute
+    port: 5000
+    handlers:
+      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
+"#,
+        add = component("add")
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let out = tokio::task::spawn_blocking(|| run_seed_client("http_client.py"))
+        .await
+        .unwrap();
+    assert_eq!(out, "Result: 3\n");
+    let metrics = agent.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"edgewire_handler_duration_seconds_count{handler="add",service="compute"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn hostile_components_fail_alone_and_the_next_call_is_served() {
+    let state = tempfile::tempdir().unwrap();
+    let modules = tempfile::tempdir().unwrap();
+    let broken = modules.path().join("broken.wasm");
+    std::fs::write(&broken, b"\0asm this is not a component").unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: hostile
+    port: 0
+    handlers:
+      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
+      - name: spin
+        kind: wasm
+        path: /spin
+        module: {{file: "{spin}"}}
+        limits: {{timeoutMs: 500}}
+      - name: bomb
+        kind: wasm
+        path: /bomb
+        module: {{file: "{bomb}"}}
+        limits: {{maxMemoryBytes: 16777216}}
+      - {{name: command, kind: wasm, path: /command, module: {{file: "{command}"}}}}
+      - {{name: broken, kind: wasm, path: /broken, module: {{file: "{broken}"}}}}
+      - {{name: echo, kind: echo, path: /echo}}
+"#,
+        add = component("add"),
+        spin = component("infinite_loop"),
+        bomb = component("memory_bomb"),
+        command = component("missing-export"),
+        broken = broken.display(),
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("hostile").await;
+
+    let mut reasons = module_reasons(&agent, "hostile").await;
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("add".to_string(), "Loaded".to_string()),
+            ("bomb".into(), "Loaded".into()),
+            ("broken".into(), "ModuleInvalid".into()),
+            ("command".into(), "ModuleMissingExport".into()),
+            ("spin".into(), "Loaded".into()),
+        ]
+    );
+
+    for round in 0..2 {
+        let started = Instant::now();
+        let (status, body) = get_json(addr, "/spin").await;
+        assert_eq!(status, 504, "round {round}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "round {round}: the deadline did not stop the loop"
+        );
+        assert_eq!(
+            get_json(addr, "/add?a=1&b=2").await,
+            (200, json!({"result": 3})),
+            "round {round}: after the loop"
+        );
+
+        let (status, body) = get_json(addr, "/bomb").await;
+        assert_eq!(status, 500, "round {round}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("memory"),
+            "round {round}: {body}"
+        );
+        assert_eq!(
+            get_json(addr, "/add?a=2&b=2").await,
+            (200, json!({"result": 4})),
+            "round {round}: after the bomb"
+        );
+
+        for (path, reason) in [
+            ("/command", "ModuleMissingExport"),
+            ("/broken", "ModuleInvalid"),
+        ] {
+            let (status, headers, body) = http(addr, "GET", path, "").await;
+            assert_eq!(status, 503, "{path}: {body}");
+            assert!(body.contains(reason), "{path}: {body}");
+            assert_eq!(headers["retry-after"], "1", "{path}");
+        }
+    }
+    let (status, _, body) = http(addr, "GET", "/echo?text=still", "").await;
+    assert_eq!((status, body.as_str()), (200, "Echo: still"));
+
+    let metrics = agent.metrics().await;
+    for (handler, reason, count) in [
+        ("spin", "timeout", 2.0),
+        ("bomb", "memory", 2.0),
+        ("command", "unavailable", 2.0),
+        ("broken", "unavailable", 2.0),
+        ("add", "trap", 0.0),
+    ] {
+        let series = format!(
+            r#"edgewire_handler_errors_total{{handler="{handler}",reason="{reason}",service="hostile"}}"#
+        );
+        assert_eq!(metric_value(&metrics, &series), count, "{series}");
+    }
+
+    // A good module arrives at the broken one's path: served without a restart.
+    let staged = modules.path().join("staged.wasm");
+    std::fs::copy(component("add"), &staged).unwrap();
+    std::fs::rename(&staged, &broken).unwrap();
+    let deadline = Instant::now() + LOAD_WAIT;
+    loop {
+        let (status, body) = get_json(addr, "/broken?a=5&b=5").await;
+        if status == 200 {
+            assert_eq!(body, json!({"result": 10}));
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the new module was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ready, _) = agent.readyz().await;
+    assert_eq!(ready, 200, "the agent stayed ready throughout");
+}
+
+#[tokio::test]
+async fn a_processor_filters_and_enriches_published_messages() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: sensors
+    port: 0
+    handlers:
+      - {{name: filter, kind: wasm, module: {{file: "{filter}"}}}}
+    channels:
+      - {{name: telemetry, processor: filter}}
+      - {{name: raw}}
+"#,
+        filter = component("telemetry_filter")
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("sensors").await;
+
+    let mut subscriber = connect(addr, "/relay").await;
+    for channel in ["telemetry", "raw"] {
+        let ack = request(
+            &mut subscriber,
+            json!({"type": "subscribe", "id": channel, "channel": channel}),
+        )
+        .await;
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+    }
+    let mut publisher = connect(addr, "/relay").await;
+    for (i, data) in [
+        json!({"sensor": "s1", "t": 21.5}),
+        json!({"sensor": "s1", "t": 999}),
+        json!({"sensor": "s2"}),
+        json!({"sensor": "s2", "t": 35}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ack = request(
+            &mut publisher,
+            json!({"type": "publish", "id": i, "channel": "telemetry", "data": data}),
+        )
+        .await;
+        assert_eq!(
+            ack,
+            json!({"type": "published", "id": i, "channel": "telemetry"})
+        );
+    }
+    // A channel without a processor delivers as it always did.
+    send_text(
+        &mut publisher,
+        json!({"type": "publish", "channel": "raw", "data": {"t": 999}}).to_string(),
+    )
+    .await;
+
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_json(&mut subscriber).await);
+    }
+    assert_eq!(
+        got,
+        [
+            json!({"type": "message", "channel": "telemetry", "data": {"sensor": "s1", "t": 21.5, "alert": false}}),
+            json!({"type": "message", "channel": "telemetry", "data": {"sensor": "s2", "t": 35, "alert": true}}),
+            json!({"type": "message", "channel": "raw", "data": {"t": 999}}),
+        ]
+    );
+    let metrics = agent.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"edgewire_handler_duration_seconds_count{handler="filter",service="sensors"}"#
+        ),
+        4.0
+    );
+}
