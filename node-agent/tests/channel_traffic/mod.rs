@@ -139,6 +139,18 @@ async fn pause_or_stop(stop: &mut watch::Receiver<bool>, pause: Duration) -> boo
     early || *stop.borrow()
 }
 
+/// Records a session's end; closes the connection when the test ended it.
+async fn end_session(sessions: &mut Vec<Session>, start: Instant, lost: bool, mut ws: Ws) {
+    sessions.push(Session {
+        start,
+        end: Instant::now(),
+        lost,
+    });
+    if !lost {
+        let _ = tokio::time::timeout(IO_DEADLINE, ws.close(None)).await;
+    }
+}
+
 async fn publish(
     index: usize,
     addr: SocketAddr,
@@ -184,14 +196,7 @@ async fn publish(
                 },
             }
         };
-        log.sessions.push(Session {
-            start,
-            end: Instant::now(),
-            lost,
-        });
-        if !lost {
-            let _ = tokio::time::timeout(IO_DEADLINE, ws.close(None)).await;
-        }
+        end_session(&mut log.sessions, start, lost, ws).await;
     }
     log
 }
@@ -270,14 +275,7 @@ async fn subscribe(
                 },
             }
         };
-        log.sessions.push(Session {
-            start,
-            end: Instant::now(),
-            lost,
-        });
-        if !lost {
-            let _ = tokio::time::timeout(IO_DEADLINE, ws.close(None)).await;
-        }
+        end_session(&mut log.sessions, start, lost, ws).await;
     }
     log
 }
