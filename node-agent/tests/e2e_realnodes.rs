@@ -43,7 +43,7 @@ const WAIT: Duration = Duration::from_secs(180);
 /// node's mesh links may take to settle before every message is owed, and
 /// how long a delivery may take.
 const SETTLE: Duration = Duration::from_secs(2);
-const DELIVERY_MARGIN: Duration = Duration::from_secs(2);
+const DELIVERY_MARGIN: Duration = Duration::from_secs(1);
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
