@@ -21,9 +21,8 @@ if command -v rustup >/dev/null 2>&1; then
 fi
 cargo build --locked --release --target wasm32-wasip2 --manifest-path examples/wasm/Cargo.toml
 
-stage "Debian packages (prometheus for the end-to-end tests, faketime for the clock-skew tests; containerd, runc, CNI plugins and iptables for the real nodes)"
+stage "Debian packages (faketime for the clock-skew tests; containerd, runc, CNI plugins and iptables for the real nodes)"
 missing=()
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 [[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]] || missing+=(faketime)
 command -v containerd >/dev/null 2>&1 || missing+=(containerd)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
@@ -36,7 +35,6 @@ if (( ${#missing[@]} )); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-prometheus --version 2>&1 | head -n 1
 containerd --version
 
 stage "Python packages for the seed clients (virtualenv in target/test-venv)"
@@ -47,7 +45,7 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r node-agent/tests/seed/requirements.txt
 export EDGEWIRE_PYTHON="$venv/bin/python"
 
-stage "Test control plane binaries (cached; first build takes several minutes)"
+stage "Test control plane binaries and Prometheus (cached; first build takes several minutes)"
 bin_dir=$(bash testenv/build.sh | tail -n 1)
 export EDGEWIRE_TESTENV_BIN="$bin_dir"
 echo "binaries in $bin_dir"

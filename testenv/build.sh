@@ -65,6 +65,22 @@ install_gomod kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
 install_gomod helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
 
+# Prometheus for the end-to-end tests, built from its Go module at the
+# version that go/prometheus pins: Debian's build leaves out Kubernetes
+# service discovery, with which the real-node test scrapes the chart's pods
+# as users do. Its version is not part of the cache key (a new one must not
+# rebuild the control plane); a stamp beside it rebuilds it instead.
+prom_version=$(cd "$here/go/prometheus" && go list -m -f '{{.Version}}' github.com/prometheus/prometheus)
+prom_minor=${prom_version#v0.}
+# Module v0.3MM.P is Prometheus 3.MM.P.
+prom_release="3.$((${prom_minor%%.*} - 300)).${prom_minor#*.}"
+if [[ "$(cat "$bin/prometheus.version" 2>/dev/null)" != "$prom_version" ]]; then
+  rm -f "$bin/prometheus"
+fi
+build prometheus "$here/go/prometheus" "-s -w -X github.com/prometheus/common/version.Version=$prom_release" \
+  github.com/prometheus/prometheus/cmd/prometheus
+echo "$prom_version" >"$bin/prometheus.version"
+
 # The pod sandbox process of the real nodes' pause image: static, so the image
 # holds nothing else.
 if [[ -x "$bin/pause" ]]; then

@@ -9,11 +9,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgewire_testenv::{ControlPlane, NodeSpec, Options};
-use serde_json::{Value, json};
+use serde_json::json;
+use support::prometheus::{Killed, Prometheus};
 use support::*;
 
 const RELEASE: &str = "edgewire";
@@ -29,15 +30,6 @@ const NODES: [(&str, &str, &str); 3] = [
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn run(mut cmd: Command) -> String {
@@ -90,41 +82,6 @@ fn service_account_kubeconfig(
     path
 }
 
-async fn prometheus_query(port: u16, query: &str) -> Value {
-    let path = format!(
-        "/api/v1/query?query={}",
-        form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
-    );
-    let (status, body) = http_get(format!("127.0.0.1:{port}").parse().unwrap(), &path)
-        .await
-        .unwrap_or((0, String::new()));
-    if status != 200 {
-        return Value::Null;
-    }
-    serde_json::from_str(&body).unwrap_or(Value::Null)
-}
-
-/// Polls a PromQL query until its first sample satisfies `ok`.
-async fn wait_promql(port: u16, query: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let answer = prometheus_query(port, query).await;
-        let value = answer["data"]["result"][0]["value"][1]
-            .as_str()
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = value
-            && ok(v)
-        {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "PromQL {query} never satisfied; last answer {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(90);
     while !check() {
@@ -135,8 +92,6 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
-    let prometheus =
-        which("prometheus").expect("Debian's prometheus package (scripts/test.sh installs it)");
     let plane = ControlPlane::start(Options {
         kwok: true,
         ..Options::default()
@@ -325,68 +280,39 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
     );
 
     // A real Prometheus scrapes the agents and the operator.
-    let prom_port = free_port();
     let targets: Vec<String> = agents.iter().map(|a| format!("'{}'", a.admin)).collect();
     let prom_config = format!(
         "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: edgewire-agents\n    static_configs: [{{targets: [{}]}}]\n  - job_name: edgewire-operator\n    static_configs: [{{targets: ['127.0.0.1:{operator_metrics}']}}]\n",
         targets.join(", ")
     );
-    let prom_dir = work.path().join("prometheus");
-    std::fs::create_dir_all(&prom_dir).unwrap();
-    std::fs::write(prom_dir.join("prometheus.yml"), prom_config).unwrap();
-    let _prometheus = Killed(
-        Command::new(prometheus)
-            .arg(format!(
-                "--config.file={}",
-                prom_dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                prom_dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.path().join("prometheus.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_promql(prom_port, r#"count(up{job="edgewire-agents"} == 1)"#, |v| {
-        v == 3.0
+    let prom = Prometheus::start(&prom_config, &work.path().join("prometheus")).await;
+    prom.wait_value(r#"count(up{job="edgewire-agents"} == 1)"#, |v| v == 3.0)
+        .await;
+    prom.wait_value(r#"up{job="edgewire-operator"}"#, |v| v == 1.0)
+        .await;
+    // Two relay connections are open on chat (subscriber at edge-1, publisher at edge-0).
+    prom.wait_value(r#"sum(edgewire_connections{service="demo/chat"})"#, |v| {
+        v >= 2.0
     })
     .await;
-    wait_promql(prom_port, r#"up{job="edgewire-operator"}"#, |v| v == 1.0).await;
-    // Two relay connections are open on chat (subscriber at edge-1, publisher at edge-0).
-    wait_promql(
-        prom_port,
-        r#"sum(edgewire_connections{service="demo/chat"})"#,
-        |v| v >= 2.0,
-    )
-    .await;
-    wait_promql(
-        prom_port,
+    prom.wait_value(
         r#"sum(edgewire_message_latency_seconds_count{service="demo/chat",path="mesh"})"#,
         |v| v >= 1.0,
     )
     .await;
-    wait_promql(
-        prom_port,
+    prom.wait_value(
         r#"sum(edgewire_handshake_duration_seconds_count{service="demo/chat"})"#,
         |v| v >= 2.0,
     )
     .await;
-    let p99 = wait_promql(
-        prom_port,
-        r#"histogram_quantile(0.99, sum by (le) (edgewire_handshake_duration_seconds_bucket{service="demo/chat"}))"#,
+    let p99 = prom.wait_value(r#"histogram_quantile(0.99, sum by (le) (edgewire_handshake_duration_seconds_bucket{service="demo/chat"}))"#,
         |v| v > 0.0,
     )
     .await;
     assert!(p99.is_finite());
-    wait_promql(
-        prom_port,
-        r#"edgewire_operator_edgeservices{ready="true"}"#,
-        |v| v == 2.0,
-    )
+    prom.wait_value(r#"edgewire_operator_edgeservices{ready="true"}"#, |v| {
+        v == 2.0
+    })
     .await;
 
     // helm upgrade to a new chart version (and new values): EdgeServices
@@ -517,12 +443,4 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
 }

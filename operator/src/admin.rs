@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
@@ -99,17 +100,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (status, body) = match req.uri().path() {
-                    "/metrics" => (StatusCode::OK, metrics.render()),
-                    "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                    "/readyz" if health.ready.load(Ordering::Acquire) => {
-                        (StatusCode::OK, "ok\n".to_string())
-                    }
-                    "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
-                    _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-                };
+                let ready = health.ready.load(Ordering::Acquire);
+                let (status, content_type, body) = answer(req.uri().path(), ready, &metrics);
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 *response.status_mut() = status;
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
@@ -121,9 +118,44 @@ pub async fn serve(
     }
 }
 
+/// The exposition format's content type: Prometheus 3 refuses a scrape
+/// that has none.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the admin server answers on `path`: status, content type and body.
+fn answer(path: &str, ready: bool, metrics: &Metrics) -> (StatusCode, &'static str, String) {
+    let text = "text/plain; charset=utf-8";
+    match path {
+        "/metrics" => (StatusCode::OK, METRICS_CONTENT_TYPE, metrics.render()),
+        "/healthz" => (StatusCode::OK, text, "ok\n".to_string()),
+        "/readyz" if ready => (StatusCode::OK, text, "ok\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            text,
+            "not ready\n".to_string(),
+        ),
+        _ => (StatusCode::NOT_FOUND, text, "not found\n".to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_address;
+    use super::{METRICS_CONTENT_TYPE, StatusCode, answer, parse_address};
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn metrics_are_served_with_the_exposition_content_type() {
+        let metrics = Metrics::new();
+        let (status, content_type, body) = answer("/metrics", true, &metrics);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, METRICS_CONTENT_TYPE);
+        assert!(body.contains("edgewire_operator_"), "{body}");
+        assert_eq!(
+            answer("/readyz", false, &metrics).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(answer("/nope", true, &metrics).0, StatusCode::NOT_FOUND);
+    }
 
     #[test]
     fn addresses_parse_with_and_without_brackets() {

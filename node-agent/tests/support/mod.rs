@@ -3,6 +3,8 @@
 //! WebSocket.
 #![allow(dead_code)]
 
+pub mod prometheus;
+
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
