@@ -1,12 +1,16 @@
 //! Types shared by the edgewire operator and agent: the agent's config, the
 //! relay's wire messages, and their validation. Nothing here does I/O.
 
+pub mod auth;
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod tls;
 pub mod wire;
 
+pub use auth::{AuthSpec, Grants, TokenAlgorithm};
 pub use config::{
     AgentConfig, HandlerKind, HandlerSpec, Limits, PeerSpec, ServiceConfig, SlowConsumerPolicy,
 };
 pub use error::{ConfigError, FieldError};
+pub use tls::TlsSpec;

@@ -135,6 +135,9 @@ pub enum ErrorCode {
     UnknownChannel,
     UnknownHandler,
     InvalidArguments,
+    /// The client's token (or, without one, the service's anonymous grants)
+    /// does not allow this subscribe, publish or call.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -146,6 +149,7 @@ impl ErrorCode {
             ErrorCode::UnknownChannel => "unknown_channel",
             ErrorCode::UnknownHandler => "unknown_handler",
             ErrorCode::InvalidArguments => "invalid_arguments",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

@@ -31,10 +31,12 @@ pub enum DropReason {
     MeshUnavailable,
     /// A delivery refused because the agent's global queue budget was spent.
     MemoryBudget,
+    /// A request the client's token does not allow.
+    Forbidden,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Oversize,
         DropReason::InvalidUtf8,
         DropReason::InvalidJson,
@@ -48,6 +50,7 @@ impl DropReason {
         DropReason::Protocol,
         DropReason::MeshUnavailable,
         DropReason::MemoryBudget,
+        DropReason::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +68,7 @@ impl DropReason {
             DropReason::Protocol => "protocol",
             DropReason::MeshUnavailable => "mesh_unavailable",
             DropReason::MemoryBudget => "memory_budget",
+            DropReason::Forbidden => "forbidden",
         }
     }
 }
@@ -79,6 +83,7 @@ impl From<edgewire_api::wire::ErrorCode> for DropReason {
             ErrorCode::UnknownChannel => DropReason::UnknownChannel,
             ErrorCode::UnknownHandler => DropReason::UnknownHandler,
             ErrorCode::InvalidArguments => DropReason::InvalidArguments,
+            ErrorCode::Forbidden => DropReason::Forbidden,
         }
     }
 }
@@ -164,6 +169,7 @@ pub struct Metrics {
     pub mesh_messages: IntCounterVec,
     config_reloads: IntCounterVec,
     mesh_refused: IntCounterVec,
+    auth: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -246,6 +252,11 @@ impl Metrics {
                 "Inbound mesh links and publishes refused, by reason.",
                 &["reason"],
             ),
+            auth: counter(
+                "edgewire_auth_total",
+                "Client authentication and permission decisions, by outcome and reason.",
+                &["service", "outcome", "reason"],
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.connections.clone()),
@@ -260,6 +271,7 @@ impl Metrics {
             Box::new(metrics.mesh_messages.clone()),
             Box::new(metrics.config_reloads.clone()),
             Box::new(metrics.mesh_refused.clone()),
+            Box::new(metrics.auth.clone()),
         ];
         for collector in collectors {
             metrics
@@ -307,6 +319,19 @@ impl Metrics {
         for direction in ["sent", "received"] {
             self.mesh_messages.with_label_values(&[service, direction]);
         }
+    }
+
+    /// Counts one authentication or permission decision; the labels come
+    /// from a closed set (`auth::Decision`), never from the token.
+    pub fn auth(&self, service: &str, (outcome, reason): (&'static str, &'static str)) {
+        self.auth
+            .with_label_values(&[service, outcome, reason])
+            .inc();
+    }
+
+    /// Shows one decision series of a service at zero.
+    pub fn auth_init(&self, service: &str, (outcome, reason): (&'static str, &'static str)) {
+        self.auth.with_label_values(&[service, outcome, reason]);
     }
 
     pub fn connection(&self, service: &str, outcome: Outcome) {

@@ -14,13 +14,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use super::ServiceRuntime;
 use super::websocket::{self, Mode};
+use super::{ServiceRuntime, gate};
+use crate::auth::Access;
 use crate::handlers::{self, HttpAnswer};
 use crate::metrics::Outcome;
 
@@ -28,7 +29,10 @@ use crate::metrics::Outcome;
 /// service stops.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, accepted_at: Instant) {
+pub async fn serve_connection<S>(runtime: Arc<ServiceRuntime>, io: S, accepted_at: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let runtime = Arc::clone(&runtime);
         service_fn(move |req| {
@@ -41,7 +45,7 @@ pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, acce
         .timer(TokioTimer::new())
         .header_read_timeout(runtime.handshake_timeout());
     let conn = builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -69,7 +73,10 @@ fn route(
     let wants_upgrade = is_websocket_upgrade(req.headers());
     if path == runtime.config.relay_path {
         return if wants_upgrade {
-            upgrade(runtime, req, Mode::Relay, accepted_at)
+            match gate::admit(runtime, req.headers(), req.uri().query()) {
+                Ok(access) => upgrade(runtime, req, Mode::Relay, access, accepted_at),
+                Err(refused) => refused,
+            }
         } else {
             upgrade_required("the relay speaks WebSocket")
         };
@@ -82,6 +89,10 @@ fn route(
     else {
         return answer(HttpAnswer::error(404, &format!("no handler at {path}")));
     };
+    let access = match gate::admit_call(runtime, req.headers(), req.uri().query(), &handler.name) {
+        Ok(access) => access,
+        Err(refused) => return refused,
+    };
     if wants_upgrade {
         return match handler.kind {
             HandlerKind::Echo => upgrade(
@@ -90,6 +101,7 @@ fn route(
                 Mode::Echo {
                     handler: handler.name.clone(),
                 },
+                access,
                 accepted_at,
             ),
             HandlerKind::Add => answer(HttpAnswer::error(
@@ -161,6 +173,7 @@ fn upgrade(
     runtime: &Arc<ServiceRuntime>,
     mut req: Request<Incoming>,
     mode: Mode,
+    access: Access,
     accepted_at: Instant,
 ) -> Response<Full<Bytes>> {
     let service = runtime.name();
@@ -212,7 +225,7 @@ fn upgrade(
                 runtime
                     .metrics
                     .connection(runtime.name(), Outcome::Accepted);
-                websocket::run(runtime, ws, mode, slot).await;
+                websocket::run(runtime, ws, mode, access, slot).await;
             }
             Err(err) => {
                 runtime

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::ProtocolError};
 
-use super::{ConnectionSlot, ServiceRuntime};
+use super::{ConnectionSlot, ServiceRuntime, gate};
+use crate::auth::{Access, Action};
 use crate::handlers;
 use crate::metrics::{DeliveryPath, Direction, DropReason};
 use crate::relay::{ConnId, Delivery, Subscriber};
@@ -58,19 +59,28 @@ struct Session {
     runtime: Arc<ServiceRuntime>,
     id: ConnId,
     mode: Mode,
+    /// What the client's token allows, and until when.
+    access: Access,
     subscriptions: BTreeSet<String>,
     /// Created on the first subscribe: an echo client or a pure publisher
     /// never pays for a queue.
     queue: Option<(Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>)>,
 }
 
-pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: ConnectionSlot) {
+pub async fn run(
+    runtime: Arc<ServiceRuntime>,
+    ws: Ws,
+    mode: Mode,
+    access: Access,
+    _slot: ConnectionSlot,
+) {
     let id = runtime.next_conn_id();
     let (mut sink, mut stream) = ws.split();
     let mut session = Session {
         runtime: Arc::clone(&runtime),
         id,
         mode,
+        access,
         subscriptions: BTreeSet::new(),
         queue: None,
     };
@@ -118,6 +128,8 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = tokio::time::Instant::now() + idle;
+        let expiry = gate::expiry(&self.access);
+        tokio::pin!(expiry);
 
         loop {
             let (deliveries, evictions) = match &mut self.queue {
@@ -127,6 +139,10 @@ impl Session {
             tokio::select! {
                 _ = runtime.stop.cancelled() => {
                     let (code, reason) = runtime.stop_reason();
+                    return End::close(code, reason);
+                }
+                () = &mut expiry => {
+                    let (code, reason) = gate::expired(&runtime);
                     return End::close(code, reason);
                 }
                 Some(()) = recv_or_pending(evictions) => return slow_consumer(),
@@ -281,6 +297,7 @@ impl Session {
         match request {
             ClientMessage::Subscribe { id, channel } => {
                 self.known_channel(&id, &channel)?;
+                gate::permit(&runtime, &self.access, &id, Action::Subscribe, &channel)?;
                 let subscriber = self.subscriber();
                 if runtime.hub.subscribe(&channel, self.id, subscriber).edge {
                     runtime.interest_changed(&channel);
@@ -298,6 +315,7 @@ impl Session {
             }
             ClientMessage::Publish { id, channel, data } => {
                 self.known_channel(&id, &channel)?;
+                gate::permit(&runtime, &self.access, &id, Action::Publish, &channel)?;
                 let published_at = Instant::now();
                 let frame = Utf8Bytes::from(
                     ServerMessage::Message {
@@ -326,6 +344,7 @@ impl Session {
                         ),
                     ));
                 };
+                gate::permit(&runtime, &self.access, &Some(id.clone()), Action::Call, &handler)?;
                 let started = Instant::now();
                 let result = handlers::call(spec.kind, &args);
                 runtime
