@@ -157,7 +157,10 @@ mod tests {
         let mut errors = Vec::new();
         spec.validate_into("auth", &mut errors);
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["auth.leewaySeconds", "auth.anonymous.subscribe[1]"]);
+        assert_eq!(
+            fields,
+            ["auth.leewaySeconds", "auth.anonymous.subscribe[1]"]
+        );
         assert!(serde_yaml_ng::from_str::<AuthSpec>("algorithm: none\n").is_err());
     }
 }

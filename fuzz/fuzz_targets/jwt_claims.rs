@@ -42,14 +42,12 @@ fn signed(payload: &[u8]) -> String {
 }
 
 fn granted(claims: &Value, field: &str, name: &str) -> bool {
-    claims[field]
-        .as_array()
-        .is_some_and(|patterns| {
-            patterns
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|p| pattern_matches(p, name))
-        })
+    claims[field].as_array().is_some_and(|patterns| {
+        patterns
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|p| pattern_matches(p, name))
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -158,16 +158,24 @@ fn read_pair(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, Tls
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid("certFile", cert_file, e.to_string()))?;
     if chain.is_empty() {
-        return Err(invalid("certFile", cert_file, "holds no certificate".into()));
+        return Err(invalid(
+            "certFile",
+            cert_file,
+            "holds no certificate".into(),
+        ));
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| invalid("keyFile", key_file, e.to_string()))?;
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| invalid("keyFile", key_file, e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing_key);
-    certified
-        .keys_match()
-        .map_err(|e| invalid("keyFile", key_file, format!("does not match the certificate: {e}")))?;
+    certified.keys_match().map_err(|e| {
+        invalid(
+            "keyFile",
+            key_file,
+            format!("does not match the certificate: {e}"),
+        )
+    })?;
     Ok(Arc::new(certified))
 }
 

@@ -89,11 +89,7 @@ fn grants(exp: u64) -> Value {
 }
 
 /// Opens a WebSocket at `path`, sending `token` as a bearer header.
-async fn ws_connect(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-) -> Result<Client, WsError> {
+async fn ws_connect(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<Client, WsError> {
     let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
     if let Some(token) = token {
         request.headers_mut().insert(
@@ -141,7 +137,11 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String,
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, challenge, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        challenge,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 fn auth_count(metrics: &str, outcome: &str, reason: &str) -> f64 {
@@ -158,8 +158,8 @@ async fn bad_tokens_are_refused_at_the_upgrade_and_over_http() {
     let addr = agent.service_addr("edge").await;
     let t = now();
 
-    let rsa = EncodingKey::from_rsa_pem(&std::fs::read(fixture("rs256-private.pem")).unwrap())
-        .unwrap();
+    let rsa =
+        EncodingKey::from_rsa_pem(&std::fs::read(fixture("rs256-private.pem")).unwrap()).unwrap();
     let other_secret = EncodingKey::from_secret(b"another secret of at least 32 bytes!!").unwrap();
     let cases: [(&str, Option<String>); 6] = [
         ("missing_token", None),
@@ -174,14 +174,24 @@ async fn bad_tokens_are_refused_at_the_upgrade_and_over_http() {
         ("expired", Some(hs256(grants(t - 600)))),
         (
             "not_yet_valid",
-            Some(hs256(json!({"exp": t + 1200, "nbf": t + 600, "subscribe": ["chat"]}))),
+            Some(hs256(
+                json!({"exp": t + 1200, "nbf": t + 600, "subscribe": ["chat"]}),
+            )),
         ),
         ("malformed", Some("not.a.jwt".to_string())),
     ];
     for (reason, token) in &cases {
         let token = token.as_deref();
-        assert_eq!(refused_upgrade(addr, "/relay", token).await, 401, "{reason}: relay");
-        assert_eq!(refused_upgrade(addr, "/", token).await, 401, "{reason}: echo");
+        assert_eq!(
+            refused_upgrade(addr, "/relay", token).await,
+            401,
+            "{reason}: relay"
+        );
+        assert_eq!(
+            refused_upgrade(addr, "/", token).await,
+            401,
+            "{reason}: echo"
+        );
         let (status, challenge, body) = get(addr, "/add?a=1&b=2", token).await;
         assert_eq!(status, 401, "{reason}: http: {body}");
         assert!(challenge.starts_with("Bearer"), "{reason}: {challenge:?}");
@@ -200,12 +210,20 @@ async fn bad_tokens_are_refused_at_the_upgrade_and_over_http() {
     let good = hs256(grants(t + 600));
     let (status, _, body) = get(addr, "/add?a=1&b=2", Some(&good)).await;
     assert_eq!((status, body.as_str()), (200, r#"{"result":3}"#));
-    assert_eq!(refused_upgrade(addr, "/", Some(&good)).await, 403, "echo is not granted");
+    assert_eq!(
+        refused_upgrade(addr, "/", Some(&good)).await,
+        403,
+        "echo is not granted"
+    );
 
     let metrics = agent.metrics().await;
     for (reason, _) in &cases {
         let expected = if *reason == "expired" { 4.0 } else { 3.0 };
-        assert_eq!(auth_count(&metrics, "rejected", reason), expected, "{reason}\n{metrics}");
+        assert_eq!(
+            auth_count(&metrics, "rejected", reason),
+            expected,
+            "{reason}\n{metrics}"
+        );
     }
     assert_eq!(auth_count(&metrics, "accepted", "token"), 2.0);
     assert_eq!(auth_count(&metrics, "denied", "call"), 1.0);
@@ -221,17 +239,35 @@ async fn claims_name_the_channels_and_handlers_a_client_may_use() {
     let agent = AgentProcess::start(&hs256_config(dir.path(), "")).await;
     let addr = agent.service_addr("edge").await;
     let token = hs256(grants(now() + 600));
-    let mut ws = ws_connect(addr, "/relay", Some(&token)).await.expect("token accepted");
+    let mut ws = ws_connect(addr, "/relay", Some(&token))
+        .await
+        .expect("token accepted");
     // The query parameter carries the same token for clients that cannot set headers.
     let mut watcher = connect(addr, &format!("/relay?token={token}")).await;
 
-    let reply = request(&mut watcher, json!({"type": "subscribe", "id": 1, "channel": "chat"})).await;
+    let reply = request(
+        &mut watcher,
+        json!({"type": "subscribe", "id": 1, "channel": "chat"}),
+    )
+    .await;
     assert_eq!(reply["type"], "subscribed", "{reply}");
     for (ask, what) in [
-        (json!({"type": "subscribe", "id": 2, "channel": "news"}), "subscribe news"),
-        (json!({"type": "subscribe", "id": 3, "channel": "sensors.t1"}), "subscribe sensors.t1"),
-        (json!({"type": "publish", "id": 4, "channel": "news", "data": 1}), "publish news"),
-        (json!({"type": "call", "id": 5, "handler": "echo", "args": {"text": "x"}}), "call echo"),
+        (
+            json!({"type": "subscribe", "id": 2, "channel": "news"}),
+            "subscribe news",
+        ),
+        (
+            json!({"type": "subscribe", "id": 3, "channel": "sensors.t1"}),
+            "subscribe sensors.t1",
+        ),
+        (
+            json!({"type": "publish", "id": 4, "channel": "news", "data": 1}),
+            "publish news",
+        ),
+        (
+            json!({"type": "call", "id": 5, "handler": "echo", "args": {"text": "x"}}),
+            "call echo",
+        ),
     ] {
         let reply = request(&mut ws, ask.clone()).await;
         assert_eq!(
@@ -240,21 +276,39 @@ async fn claims_name_the_channels_and_handlers_a_client_may_use() {
             "{what}: {reply}"
         );
     }
-    let reply = request(&mut ws, json!({"type": "publish", "id": 6, "channel": "sensors.t1", "data": 2})).await;
+    let reply = request(
+        &mut ws,
+        json!({"type": "publish", "id": 6, "channel": "sensors.t1", "data": 2}),
+    )
+    .await;
     assert_eq!(reply["type"], "published", "{reply}");
-    let reply = request(&mut ws, json!({"type": "call", "id": 7, "handler": "add", "args": {"a": 1, "b": 2}})).await;
+    let reply = request(
+        &mut ws,
+        json!({"type": "call", "id": 7, "handler": "add", "args": {"a": 1, "b": 2}}),
+    )
+    .await;
     assert_eq!(reply["result"], 3, "{reply}");
-    let reply = request(&mut ws, json!({"type": "publish", "id": 8, "channel": "chat", "data": "hi"})).await;
+    let reply = request(
+        &mut ws,
+        json!({"type": "publish", "id": 8, "channel": "chat", "data": "hi"}),
+    )
+    .await;
     assert_eq!(reply["type"], "published", "{reply}");
     let delivered = next_json(&mut watcher).await;
-    assert_eq!((delivered["channel"].as_str(), &delivered["data"]), (Some("chat"), &json!("hi")));
+    assert_eq!(
+        (delivered["channel"].as_str(), &delivered["data"]),
+        (Some("chat"), &json!("hi"))
+    );
 
     let metrics = agent.metrics().await;
     assert_eq!(auth_count(&metrics, "denied", "subscribe"), 2.0);
     assert_eq!(auth_count(&metrics, "denied", "publish"), 1.0);
     assert_eq!(auth_count(&metrics, "denied", "call"), 1.0);
     assert_eq!(
-        metric_value(&metrics, r#"edgewire_messages_dropped_total{reason="forbidden",service="edge"}"#),
+        metric_value(
+            &metrics,
+            r#"edgewire_messages_dropped_total{reason="forbidden",service="edge"}"#
+        ),
         4.0
     );
 }
@@ -267,8 +321,14 @@ async fn an_expiring_token_closes_its_live_connection_at_expiry() {
     // `exp` is in whole seconds: this token ends 2 to 3 seconds from now.
     let exp = now() + 3;
     let token = hs256(grants(exp));
-    let mut ws = ws_connect(addr, "/relay", Some(&token)).await.expect("token accepted");
-    let reply = request(&mut ws, json!({"type": "subscribe", "id": 1, "channel": "chat"})).await;
+    let mut ws = ws_connect(addr, "/relay", Some(&token))
+        .await
+        .expect("token accepted");
+    let reply = request(
+        &mut ws,
+        json!({"type": "subscribe", "id": 1, "channel": "chat"}),
+    )
+    .await;
     assert_eq!(reply["type"], "subscribed", "{reply}");
     let opened = Instant::now();
 
@@ -281,11 +341,12 @@ async fn an_expiring_token_closes_its_live_connection_at_expiry() {
         now() >= exp && opened.elapsed() >= Duration::from_secs(1),
         "closed before the token expired"
     );
-    let metrics = agent.wait_metric(
-        r#"edgewire_auth_total{outcome="expired",reason="connection_closed",service="edge"}"#,
-        1.0,
-    )
-    .await;
+    let metrics = agent
+        .wait_metric(
+            r#"edgewire_auth_total{outcome="expired",reason="connection_closed",service="edge"}"#,
+            1.0,
+        )
+        .await;
     assert_eq!(metrics, 1.0);
 }
 
@@ -303,12 +364,20 @@ async fn public_key_algorithms_and_anonymous_access() {
 
     let agent = AgentProcess::start(&rs).await;
     let addr = agent.service_addr("edge").await;
-    let rsa = EncodingKey::from_rsa_pem(&std::fs::read(fixture("rs256-private.pem")).unwrap())
-        .unwrap();
-    let mut ws = ws_connect(addr, "/relay", Some(&sign(Algorithm::RS256, &rsa, &grants(t + 600))))
-        .await
-        .expect("RS256 token accepted");
-    let reply = request(&mut ws, json!({"type": "subscribe", "id": 1, "channel": "chat"})).await;
+    let rsa =
+        EncodingKey::from_rsa_pem(&std::fs::read(fixture("rs256-private.pem")).unwrap()).unwrap();
+    let mut ws = ws_connect(
+        addr,
+        "/relay",
+        Some(&sign(Algorithm::RS256, &rsa, &grants(t + 600))),
+    )
+    .await
+    .expect("RS256 token accepted");
+    let reply = request(
+        &mut ws,
+        json!({"type": "subscribe", "id": 1, "channel": "chat"}),
+    )
+    .await;
     assert_eq!(reply["type"], "subscribed", "{reply}");
     // The classic confusion: HS256 "signed" with the public key as the secret.
     let public_pem = std::fs::read(fixture("rs256-public.pem")).unwrap();
@@ -321,11 +390,22 @@ async fn public_key_algorithms_and_anonymous_access() {
     // Anonymous: only what the service grants, and a bad token is not
     // downgraded to anonymous.
     let mut anonymous = connect(addr, "/relay").await;
-    let reply = request(&mut anonymous, json!({"type": "subscribe", "id": 1, "channel": "news"})).await;
+    let reply = request(
+        &mut anonymous,
+        json!({"type": "subscribe", "id": 1, "channel": "news"}),
+    )
+    .await;
     assert_eq!(reply["type"], "subscribed", "{reply}");
-    let reply = request(&mut anonymous, json!({"type": "subscribe", "id": 2, "channel": "chat"})).await;
+    let reply = request(
+        &mut anonymous,
+        json!({"type": "subscribe", "id": 2, "channel": "chat"}),
+    )
+    .await;
     assert_eq!(reply["code"], "forbidden", "{reply}");
-    assert_eq!(refused_upgrade(addr, "/relay", Some("not.a.jwt")).await, 401);
+    assert_eq!(
+        refused_upgrade(addr, "/relay", Some("not.a.jwt")).await,
+        401
+    );
     let (status, _, _) = get(addr, "/add?a=1&b=2", None).await;
     assert_eq!(status, 403, "anonymous clients may not call add here");
     let metrics = agent.metrics().await;
@@ -335,8 +415,8 @@ async fn public_key_algorithms_and_anonymous_access() {
 
     let agent = AgentProcess::start(&es).await;
     let addr = agent.service_addr("edge").await;
-    let ec = EncodingKey::from_ec_pem(&std::fs::read(fixture("es256-private.pem")).unwrap())
-        .unwrap();
+    let ec =
+        EncodingKey::from_ec_pem(&std::fs::read(fixture("es256-private.pem")).unwrap()).unwrap();
     let mut claims = grants(t + 600);
     claims["iss"] = json!("edge-issuer");
     let token = sign(Algorithm::ES256, &ec, &claims);
@@ -347,7 +427,11 @@ async fn public_key_algorithms_and_anonymous_access() {
     let (status, challenge, _) = get(addr, "/add?a=2&b=2", Some(&token)).await;
     assert_eq!(status, 401);
     assert!(challenge.contains("wrong_issuer"), "{challenge}");
-    assert_eq!(refused_upgrade(addr, "/relay", None).await, 401, "no anonymous access here");
+    assert_eq!(
+        refused_upgrade(addr, "/relay", None).await,
+        401,
+        "no anonymous access here"
+    );
 }
 
 #[tokio::test]
@@ -355,11 +439,18 @@ async fn a_service_whose_key_cannot_be_read_does_not_listen() {
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short");
     std::fs::write(&short, "too short").unwrap();
-    let text = config(&format!("      algorithm: HS256\n      keyFile: {}\n", short.display()));
+    let text = config(&format!(
+        "      algorithm: HS256\n      keyFile: {}\n",
+        short.display()
+    ));
     let agent = AgentProcess::spawn(Some(&text), &[]);
     let deadline = Instant::now() + WAIT;
     while !agent.log().contains("at least 32 bytes") {
-        assert!(Instant::now() < deadline, "no key error logged:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "no key error logged:\n{}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The admin endpoint may still be starting; /readyz must not say ready.

@@ -141,14 +141,21 @@ services:
         .await
         .expect("wss upgrade");
     echo_round(&mut ws, "over tls").await;
-    assert_eq!(https_get(addr, "/add?a=1&b=2").await, (200, r#"{"result":3}"#.into()));
+    assert_eq!(
+        https_get(addr, "/add?a=1&b=2").await,
+        (200, r#"{"result":3}"#.into())
+    );
 
     // Half a rotation (the new certificate, the old key) is not served: the
     // pair that works stays.
     replace(&cert, &fixture("server2.pem"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, served) = tls_connect(addr).await;
-    assert_eq!(served, leaf_der("server1.pem"), "a mismatched pair was served");
+    assert_eq!(
+        served,
+        leaf_der("server1.pem"),
+        "a mismatched pair was served"
+    );
 
     replace(&key, &fixture("server2.key"));
     let deadline = Instant::now() + WAIT;
@@ -166,5 +173,8 @@ services:
     }
     // The connection opened before the rotation was not dropped.
     echo_round(&mut ws, "still here").await;
-    assert_eq!(https_get(addr, "/add?a=2&b=2").await, (200, r#"{"result":4}"#.into()));
+    assert_eq!(
+        https_get(addr, "/add?a=2&b=2").await,
+        (200, r#"{"result":4}"#.into())
+    );
 }

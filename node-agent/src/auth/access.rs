@@ -154,7 +154,9 @@ impl Refusal {
             Refusal::MissingToken => "a token is required (Authorization: Bearer, or ?token=)",
             Refusal::Malformed => "the token is not a well-formed JWT with the expected claims",
             Refusal::BadSignature => "the token's signature does not verify",
-            Refusal::WrongAlgorithm => "the token is signed with an algorithm this service does not accept",
+            Refusal::WrongAlgorithm => {
+                "the token is signed with an algorithm this service does not accept"
+            }
             Refusal::Expired => "the token has expired",
             Refusal::NotYetValid => "the token is not valid yet (nbf)",
             Refusal::WrongIssuer => "the token's issuer is not accepted",

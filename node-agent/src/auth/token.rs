@@ -42,9 +42,18 @@ mod tests {
 
     #[test]
     fn header_then_query() {
-        assert_eq!(from_request(&headers("Bearer abc"), Some("token=q")).as_deref(), Some("abc"));
-        assert_eq!(from_request(&headers("bearer  abc "), None).as_deref(), Some("abc"));
-        assert_eq!(from_request(&HeaderMap::new(), Some("a=1&token=q%2Bx")).as_deref(), Some("q+x"));
+        assert_eq!(
+            from_request(&headers("Bearer abc"), Some("token=q")).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            from_request(&headers("bearer  abc "), None).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            from_request(&HeaderMap::new(), Some("a=1&token=q%2Bx")).as_deref(),
+            Some("q+x")
+        );
         assert_eq!(from_request(&headers("Basic abc"), None), None);
         assert_eq!(from_request(&headers("Bearer "), Some("token=")), None);
         assert_eq!(from_request(&HeaderMap::new(), None), None);

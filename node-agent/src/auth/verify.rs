@@ -83,10 +83,19 @@ impl Authenticator {
                         path: path.to_string(),
                     });
                 }
-                (DecodingKey::from_secret(secret).map_err(bad)?, Algorithm::HS256)
+                (
+                    DecodingKey::from_secret(secret).map_err(bad)?,
+                    Algorithm::HS256,
+                )
             }
-            TokenAlgorithm::RS256 => (DecodingKey::from_rsa_pem(bytes).map_err(bad)?, Algorithm::RS256),
-            TokenAlgorithm::ES256 => (DecodingKey::from_ec_pem(bytes).map_err(bad)?, Algorithm::ES256),
+            TokenAlgorithm::RS256 => (
+                DecodingKey::from_rsa_pem(bytes).map_err(bad)?,
+                Algorithm::RS256,
+            ),
+            TokenAlgorithm::ES256 => (
+                DecodingKey::from_ec_pem(bytes).map_err(bad)?,
+                Algorithm::ES256,
+            ),
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = spec.leeway_seconds.into();

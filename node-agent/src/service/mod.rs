@@ -304,11 +304,15 @@ async fn serve_tls(
     match tokio::time::timeout(runtime.handshake_timeout(), tls.accept(tcp)).await {
         Ok(Ok(stream)) => http::serve_connection(runtime, stream, accepted_at).await,
         Ok(Err(err)) => {
-            runtime.metrics.connection(runtime.name(), crate::metrics::Outcome::HandshakeFailed);
+            runtime
+                .metrics
+                .connection(runtime.name(), crate::metrics::Outcome::HandshakeFailed);
             tracing::debug!(service = runtime.name(), %err, "tls handshake failed");
         }
         Err(_) => {
-            runtime.metrics.connection(runtime.name(), crate::metrics::Outcome::HandshakeTimeout);
+            runtime
+                .metrics
+                .connection(runtime.name(), crate::metrics::Outcome::HandshakeTimeout);
         }
     }
 }

@@ -344,7 +344,13 @@ impl Session {
                         ),
                     ));
                 };
-                gate::permit(&runtime, &self.access, &Some(id.clone()), Action::Call, &handler)?;
+                gate::permit(
+                    &runtime,
+                    &self.access,
+                    &Some(id.clone()),
+                    Action::Call,
+                    &handler,
+                )?;
                 let started = Instant::now();
                 let result = handlers::call(spec.kind, &args);
                 runtime
