@@ -29,12 +29,34 @@ pub fn init_metrics(runtime: &ServiceRuntime) {
     }
 }
 
-/// The access a request's token grants, or the 401 that refuses it.
+/// Why a request was turned away before reaching a handler or the relay.
+#[derive(Debug)]
+pub enum Turned {
+    /// 401: no token where one is needed, or a token that fails.
+    Unauthorized(Refusal),
+    /// 403: a valid token (or anonymous access) that does not grant calling
+    /// this handler.
+    Forbidden { handler: String },
+}
+
+impl Turned {
+    pub fn response(self) -> Response<Full<Bytes>> {
+        match self {
+            Turned::Unauthorized(refusal) => unauthorized(refusal),
+            Turned::Forbidden { handler } => error_response(
+                StatusCode::FORBIDDEN,
+                &format!("this token does not allow calling handler {handler:?}"),
+            ),
+        }
+    }
+}
+
+/// The access a request's token grants, or why it is refused (401).
 pub fn admit(
     runtime: &ServiceRuntime,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<Access, Response<Full<Bytes>>> {
+) -> Result<Access, Turned> {
     let Some(auth) = &runtime.auth else {
         return Ok(Access::open());
     };
@@ -46,7 +68,7 @@ pub fn admit(
         Err(refusal) => Decision::Rejected(*refusal),
     };
     runtime.metrics.auth(runtime.name(), decision.labels());
-    decided.map_err(unauthorized)
+    decided.map_err(Turned::Unauthorized)
 }
 
 /// As [`admit`], for a request that calls `handler`: 403 when the access does
@@ -56,7 +78,7 @@ pub fn admit_call(
     headers: &HeaderMap,
     query: Option<&str>,
     handler: &str,
-) -> Result<Access, Response<Full<Bytes>>> {
+) -> Result<Access, Turned> {
     let access = admit(runtime, headers, query)?;
     if access.allows(Action::Call, handler) {
         Ok(access)
@@ -64,10 +86,9 @@ pub fn admit_call(
         runtime
             .metrics
             .auth(runtime.name(), Decision::Denied(Action::Call).labels());
-        Err(error_response(
-            StatusCode::FORBIDDEN,
-            &format!("this token does not allow calling handler {handler:?}"),
-        ))
+        Err(Turned::Forbidden {
+            handler: handler.to_string(),
+        })
     }
 }
 

@@ -75,7 +75,7 @@ fn route(
         return if wants_upgrade {
             match gate::admit(runtime, req.headers(), req.uri().query()) {
                 Ok(access) => upgrade(runtime, req, Mode::Relay, access, accepted_at),
-                Err(refused) => refused,
+                Err(turned) => turned.response(),
             }
         } else {
             upgrade_required("the relay speaks WebSocket")
@@ -91,7 +91,7 @@ fn route(
     };
     let access = match gate::admit_call(runtime, req.headers(), req.uri().query(), &handler.name) {
         Ok(access) => access,
-        Err(refused) => return refused,
+        Err(turned) => return turned.response(),
     };
     if wants_upgrade {
         return match handler.kind {
