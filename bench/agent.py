@@ -82,8 +82,10 @@ def loadgen(*args):
 class Server:
     """A server under test: how to start it and how the loadgen reaches it."""
 
-    def __init__(self, name, echo_url, fan_url, dialect, start):
+    def __init__(self, name, echo_url, fan_url, dialect, start, batch_dialect=None):
         self.name, self.echo_url, self.fan_url, self.dialect, self.start_fn = name, echo_url, fan_url, dialect, start
+        # A second fan-out run in this dialect (edgewire's batch mode).
+        self.batch_dialect = batch_dialect
         self.proc = None
 
     def __enter__(self):
@@ -116,7 +118,8 @@ def edgewire(tmp):
         wait_port(port)
         return p
 
-    return Server("edgewire", f"ws://127.0.0.1:{port}/", f"ws://127.0.0.1:{port}/relay", "relay", start)
+    return Server("edgewire", f"ws://127.0.0.1:{port}/", f"ws://127.0.0.1:{port}/relay", "relay", start,
+                  batch_dialect="relay-batch")
 
 
 def seed_python(tmp):
@@ -266,6 +269,12 @@ def measure(server):
                         "--subscribers", str(FANOUT_SUBSCRIBERS), "--messages", str(FANOUT_MESSAGES))
         results["fanout"] = r
         print(f"  fan-out: {r}", flush=True)
+    if server.fan_url and server.batch_dialect:
+        with server:
+            r = loadgen("fanout", "--url", server.fan_url, "--dialect", server.batch_dialect, "--source", SOURCES,
+                        "--subscribers", str(FANOUT_SUBSCRIBERS), "--messages", str(FANOUT_MESSAGES))
+        results["fanout_batch"] = r
+        print(f"  fan-out, batch mode: {r}", flush=True)
     with server:
         r = loadgen("handshakes", "--url", server.echo_url, "--dialect", echo_dialect, "--source", SOURCES,
                     "--count", str(HANDSHAKES), "--concurrency", "50")
@@ -375,6 +384,10 @@ def main():
         ("echo p99, 1000 clients (µs)", lambda r: r.get("echo1000", {}).get("p99_us"), True),
         ("echo p99.9, 1000 clients (µs)", lambda r: r.get("echo1000", {}).get("p999_us"), True),
         (f"fan-out to {FANOUT_SUBSCRIBERS} subscribers (deliveries/s)", lambda r: r.get("fanout", {}).get("deliveries_per_second"), False),
+        # Peers have no batch mode of their own: nats-server already packs
+        # pending messages per frame; their figure is their one fan-out run.
+        (f"fan-out to {FANOUT_SUBSCRIBERS} subscribers, edgewire in batch mode (deliveries/s)",
+         lambda r: (r.get("fanout_batch") or r.get("fanout", {})).get("deliveries_per_second"), False),
         ("handshakes/s", lambda r: r.get("handshakes", {}).get("per_second"), False),
     ] + [
         (f"memory per idle connection at {n} (bytes)", (lambda n: lambda r: idle_figure(r.get(f"idle{n}", {})))(n), True)

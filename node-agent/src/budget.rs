@@ -3,9 +3,17 @@
 //! mesh link) and to the agent's global budget, and gives the bytes back when
 //! it is written or dropped. A message that does not fit is refused at once,
 //! so no slow reader, however slow, grows the agent past its budget.
+//!
+//! A queue that is behind may also pace what feeds it ([`Pacer`]): the
+//! producer waits while the queue drains, but never for a reader that has
+//! stopped, so a stalled reader holds no one up for longer than a stall.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// What a queued entry costs besides its bytes (queue slot, timestamps,
 /// reference counts), so that a flood of tiny messages is bounded too.
@@ -90,6 +98,97 @@ impl Drop for Charge {
     fn drop(&mut self) {
         self.queue.give_back(self.bytes);
         self.global.give_back(self.bytes);
+    }
+}
+
+/// What a producer found when it waited for a queue that is behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// The queue drained (or its reader is gone): nothing to wait for.
+    Room,
+    /// The reader has taken nothing for the stall time; the producer goes on.
+    Stuck,
+}
+
+/// How a producer waits for a queue's reader: while the reader keeps taking
+/// from the queue, for as long as the queue is behind; not at all once the
+/// reader has taken nothing for `stall` (counted from when it last took
+/// something or last had nothing to take).
+#[derive(Debug)]
+pub struct Pacer {
+    stall: Duration,
+    room: Notify,
+    /// Producers waiting, so the reader signals only when needed.
+    waiting: AtomicUsize,
+    /// When the reader last made progress: microseconds since `epoch`.
+    progress_us: AtomicU64,
+    epoch: Instant,
+}
+
+impl Pacer {
+    pub fn new(stall: Duration) -> Pacer {
+        Pacer {
+            stall,
+            room: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            progress_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The reader took something, or had nothing to take (it is not stuck).
+    pub fn progressed(&self) {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        self.progress_us.store(now, Ordering::Release);
+    }
+
+    /// The reader took something; `drained` says whether the queue is now
+    /// low enough for waiting producers to go on.
+    pub fn took(&self, drained: bool) {
+        self.progressed();
+        if drained && self.waiting.load(Ordering::Acquire) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Wakes every waiting producer to look again (the reader went away).
+    pub fn release(&self) {
+        self.room.notify_waiters();
+    }
+
+    /// Waits until `go_on()` holds or the reader is stuck.
+    pub async fn wait(&self, go_on: impl Fn() -> bool) -> Pace {
+        // Counted before the first look, so a reader that drains the queue
+        // right after it always signals.
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if go_on() {
+                return Pace::Room;
+            }
+            let stuck_at = self.epoch
+                + Duration::from_micros(self.progress_us.load(Ordering::Acquire))
+                + self.stall;
+            if Instant::now() >= stuck_at {
+                return Pace::Stuck;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(stuck_at) => {}
+            }
+        }
+    }
+}
+
+/// One producer in [`Pacer::wait`], for as long as it waits there.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

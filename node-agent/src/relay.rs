@@ -4,18 +4,20 @@
 //! Order per publisher holds because a publish is pushed into every queue
 //! before the publisher's next message is read, and each queue is FIFO. A full
 //! queue never blocks the publisher: the service's slow-consumer policy decides.
+//! Only a mesh link delivering here waits, and only for a subscriber that is
+//! more than half full and still draining ([`Subscriber::room`]).
 //! Queues are bounded in messages and in bytes (`budget`); a frame is encoded
 //! once and every queue holds a reference to the same bytes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use edgewire_api::SlowConsumerPolicy;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::budget::{Budget, Charge, Exceeded};
+use crate::budget::{Budget, Charge, Exceeded, Pace, Pacer};
 use crate::metrics::DeliveryPath;
 
 pub type ConnId = u64;
@@ -41,6 +43,9 @@ pub struct Change {
     pub edge: bool,
 }
 
+/// A subscriber that has written nothing for this long paces no mesh link.
+pub const SUBSCRIBER_STALL: Duration = Duration::from_millis(500);
+
 /// A subscriber's handle: its queue, and a way to tell it to go.
 #[derive(Clone, Debug)]
 pub struct Subscriber {
@@ -49,6 +54,8 @@ pub struct Subscriber {
     pub budget: Arc<Budget>,
     /// Signalled (once) when the subscriber must be disconnected as a slow consumer.
     pub evict: mpsc::Sender<()>,
+    /// Mesh links waiting for this subscriber to catch up.
+    pub pacer: Arc<Pacer>,
 }
 
 impl Subscriber {
@@ -67,15 +74,36 @@ impl Subscriber {
                 queue,
                 budget,
                 evict,
+                pacer: Arc::new(Pacer::new(SUBSCRIBER_STALL)),
             },
             rx,
             evict_rx,
         )
     }
+
+    /// More than half of its queue (in messages or bytes) is taken.
+    pub fn behind(&self) -> bool {
+        self.budget.used() * 2 > self.budget.limit()
+            || self.queue.capacity() * 2 < self.queue.max_capacity()
+    }
+
+    /// At most a quarter of its queue is taken: whoever waited may go on.
+    pub fn caught_up(&self) -> bool {
+        self.budget.used() * 4 <= self.budget.limit()
+            && self.queue.capacity() * 4 >= self.queue.max_capacity() * 3
+    }
+
+    /// Waits until the subscriber has caught up, has gone, or has written
+    /// nothing for [`SUBSCRIBER_STALL`].
+    pub async fn room(&self) -> Pace {
+        self.pacer
+            .wait(|| self.caught_up() || self.queue.is_closed())
+            .await
+    }
 }
 
 /// What one publish did, for the caller's metrics.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct FanOut {
     pub queued: usize,
     /// Deliveries that did not fit a full queue (in messages or bytes).
@@ -85,6 +113,8 @@ pub struct FanOut {
     pub over_budget: usize,
     /// Subscribers told to disconnect under [`SlowConsumerPolicy::Disconnect`].
     pub evicted: usize,
+    /// For a publish from the mesh: subscribers it left more than half full.
+    pub behind: Vec<Subscriber>,
 }
 
 #[derive(Debug, Default)]
@@ -152,7 +182,9 @@ impl Hub {
     }
 
     /// Queues `frame` for every subscriber of `channel`, each delivery
-    /// charged to the subscriber's budget and to `global`.
+    /// charged to the subscriber's budget and to `global`. For a publish
+    /// from the mesh, the report names the subscribers left more than half
+    /// full (the link waits for them).
     pub fn publish(
         &self,
         channel: &str,
@@ -162,12 +194,17 @@ impl Hub {
         policy: SlowConsumerPolicy,
         global: &Arc<Budget>,
     ) -> FanOut {
+        let pace = path == DeliveryPath::Mesh;
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         let mut report = FanOut::default();
         let Some(subscribers) = channels.get(channel) else {
             return report;
         };
         for subscriber in subscribers.values() {
+            if subscriber.queue.capacity() == subscriber.queue.max_capacity() {
+                // Its writer had nothing to do until now: it is not stuck.
+                subscriber.pacer.progressed();
+            }
             let full = match Charge::take(frame.len(), &subscriber.budget, global) {
                 Ok(charge) => {
                     let delivery = Delivery {
@@ -191,6 +228,9 @@ impl Hub {
             };
             if !full {
                 report.queued += 1;
+                if pace && subscriber.behind() {
+                    report.behind.push(subscriber.clone());
+                }
                 continue;
             }
             report.dropped += 1;
@@ -351,6 +391,56 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_mesh_publish_names_subscribers_more_than_half_full_until_they_catch_up() {
+        let hub = Hub::new();
+        let (sub, mut rx, _) = subscriber(8);
+        hub.subscribe("c", 1, sub.clone());
+        let frame = Utf8Bytes::from_static("x");
+        let publish = |path| {
+            hub.publish(
+                "c",
+                &frame,
+                Instant::now(),
+                path,
+                SlowConsumerPolicy::Drop,
+                &global(),
+            )
+        };
+        for _ in 0..4 {
+            let report = publish(DeliveryPath::Mesh);
+            assert!(report.behind.is_empty(), "half full is not behind");
+        }
+        assert_eq!(
+            publish(DeliveryPath::Mesh).behind.len(),
+            1,
+            "5 of 8 is behind"
+        );
+        assert!(
+            publish(DeliveryPath::Local).behind.is_empty(),
+            "a local publisher never waits"
+        );
+        let waiter = tokio::spawn({
+            let sub = sub.clone();
+            async move { sub.room().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "waits while the subscriber is behind"
+        );
+        // The subscriber's writer takes 4 of 6: 2 left, a quarter.
+        for _ in 0..4 {
+            drop(rx.try_recv().unwrap());
+        }
+        sub.pacer.took(sub.caught_up());
+        let pace = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("released once caught up")
+            .unwrap();
+        assert_eq!(pace, Pace::Room);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::*;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn config(limits: &str) -> String {
@@ -68,23 +68,6 @@ async fn connections_beyond_the_limit_get_503() {
     );
 }
 
-/// A subscriber with a tiny receive buffer that never reads: its socket fills,
-/// then its send queue.
-async fn stalled_subscriber(addr: std::net::SocketAddr) -> Client {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{addr}/relay"),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
-    let reply = request(&mut ws, json!({"type": "subscribe", "channel": "firehose"})).await;
-    assert_eq!(reply["type"], "subscribed");
-    ws
-}
-
 /// Publishes 4 KiB messages in batches of 50 until the slow-consumer counter
 /// moves (bounded). With `delivered`, each batch waits until a reading
 /// subscriber has counted everything sent so far.
@@ -137,7 +120,7 @@ async fn slow_consumer_is_disconnected_with_1008() {
     ))
     .await;
     let addr = agent.service_addr("edge").await;
-    let mut slow = stalled_subscriber(addr).await;
+    let mut slow = never_reading_subscriber(addr, "firehose").await;
     let mut publisher = connect(addr, "/relay").await;
     flood_until_dropped(&agent, &mut publisher, None).await;
     let frame = expect_close(&mut slow).await;
@@ -159,7 +142,7 @@ async fn slow_consumer_under_drop_policy_keeps_its_connection() {
     ))
     .await;
     let addr = agent.service_addr("edge").await;
-    let mut slow = stalled_subscriber(addr).await;
+    let mut slow = never_reading_subscriber(addr, "firehose").await;
     let mut fast = connect(addr, "/relay").await;
     request(
         &mut fast,

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::*;
-use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -39,22 +38,6 @@ services:
     )
 }
 
-/// A subscriber with a tiny receive buffer that never reads.
-async fn never_reading(addr: std::net::SocketAddr) -> Client {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{addr}/relay"),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
-    )
-    .await
-    .unwrap();
-    let reply = request(&mut ws, json!({"type": "subscribe", "channel": "firehose"})).await;
-    assert_eq!(reply["type"], "subscribed");
-    ws
-}
-
 fn slow_drops(metrics: &str) -> f64 {
     metric_value(
         metrics,
@@ -68,7 +51,7 @@ fn slow_drops(metrics: &str) -> f64 {
 async fn flood(policy: &str) -> (AgentProcess, Client, u64) {
     let agent = AgentProcess::start(&config(policy)).await;
     let addr = agent.service_addr("edge").await;
-    let slow = never_reading(addr).await;
+    let slow = never_reading_subscriber(addr, "firehose").await;
     let mut fast = connect(addr, "/relay").await;
     request(
         &mut fast,

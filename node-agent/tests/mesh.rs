@@ -10,6 +10,8 @@ use serde_json::json;
 use support::*;
 
 const SECRET: &str = "correct horse battery staple";
+/// The service's limits unless a test says otherwise.
+const LIMITS: &str = "{maxMessageBytes: 16777216}";
 
 /// Agent `i` of the mesh on 127.0.0.(10+i); every agent uses the same ports
 /// on its own address, as agents on separate nodes would.
@@ -39,7 +41,7 @@ impl Cluster {
         format!("127.0.0.{}", 10 + i)
     }
 
-    fn config(&self, me: usize, members: &[usize]) -> String {
+    fn config_with(&self, me: usize, members: &[usize], limits: &str) -> String {
         let peers: Vec<String> = members
             .iter()
             .filter(|p| **p != me)
@@ -53,8 +55,9 @@ impl Cluster {
             })
             .collect();
         format!(
-            "services:\n  - name: chat\n    port: {}\n    channels: [{{name: news}}, {{name: quiet}}, {{name: bulk}}]\n    limits: {{maxMessageBytes: 16777216}}\n    peers:\n{}\n",
+            "services:\n  - name: chat\n    port: {}\n    channels: [{{name: news}}, {{name: quiet}}, {{name: bulk}}]\n    limits: {}\n    peers:\n{}\n",
             self.service_port,
+            limits,
             peers.join("\n")
         )
     }
@@ -65,23 +68,37 @@ impl Cluster {
     }
 
     fn start(&self, me: usize, members: &[usize], secret: &str) -> AgentProcess {
+        self.start_with(me, members, secret, LIMITS, &[])
+    }
+
+    /// As `start`, with the service's `limits` and extra agent flags.
+    fn start_with(
+        &self,
+        me: usize,
+        members: &[usize],
+        secret: &str,
+        limits: &str,
+        extra: &[&str],
+    ) -> AgentProcess {
         let secret = self.secret_dir.path().join(secret);
         let key = self.key_file(me);
         let mesh = format!("{}:{}", Cluster::ip(me), self.mesh_port);
         let node = format!("n{me}");
+        let mut args = vec![
+            "--node-name",
+            &node,
+            "--mesh-address",
+            &mesh,
+            "--mesh-secret-file",
+            secret.to_str().unwrap(),
+            "--mesh-key-file",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
         AgentProcess::spawn_on(
             &Cluster::ip(me),
-            Some(&self.config(me, members)),
-            &[
-                "--node-name",
-                &node,
-                "--mesh-address",
-                &mesh,
-                "--mesh-secret-file",
-                secret.to_str().unwrap(),
-                "--mesh-key-file",
-                key.to_str().unwrap(),
-            ],
+            Some(&self.config_with(me, members, limits)),
+            &args,
         )
     }
 
@@ -692,4 +709,165 @@ async fn a_quote_heavy_publish_crosses_the_mesh_whole() {
         "the link survived: {}",
         agents[0].log()
     );
+}
+
+/// Reads `news` messages until `count` have come or none for `WAIT`;
+/// returns their `n`s in the order they came. With `slowly`, pauses 2 ms
+/// after every 20 messages.
+fn collect(mut sub: Client, count: usize, slowly: bool) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::with_capacity(count);
+        while seen.len() < count {
+            if slowly && seen.len() % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut sub)).await {
+                Ok(Some(Ok(msg))) if msg.is_text() => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(msg.to_text().unwrap()).unwrap();
+                    seen.push(v["data"]["n"].as_u64().expect("a numbered message"));
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        seen
+    })
+}
+
+/// Backpressure: an unpaced publisher at A bursts 20 MB to a subscriber at B
+/// while B reads slowly (stopped 600 ms in every 900 ms, and its subscriber
+/// reads slowly too), through a link whose queue holds 256 KiB. A reads the
+/// publisher only as fast as the link drains, and B reads the link only as
+/// fast as its subscriber drains, so
+/// nothing is dropped and B's subscriber gets every message in order. At A,
+/// a subscriber that never reads still gets the slow-consumer policy
+/// (disconnected), and another subscriber there gets everything.
+#[tokio::test]
+async fn a_slow_peer_paces_the_publisher_and_nothing_is_dropped() {
+    const MESSAGES: usize = 20_000;
+    let cluster = Cluster::new();
+    let members = [0, 1];
+    let a = cluster.start_with(
+        0,
+        &members,
+        "good",
+        LIMITS,
+        &["--mesh-link-queue-bytes", "262144"],
+    );
+    // B keeps the default send queue (4096 messages), and its subscriber is
+    // slower than the link: B's link must wait for the subscriber in turn.
+    let b = cluster.start(1, &members, "good");
+    for agent in [&a, &b] {
+        agent.wait_ready().await;
+        wait_peers(agent, 1.0).await;
+    }
+    let mut at_b = subscriber(cluster.addr(1), "news").await;
+    let mut at_a = subscriber(cluster.addr(0), "news").await;
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
+    settle(&mut publisher, &mut [&mut at_b, &mut at_a]).await;
+    let mut stalled = never_reading_subscriber(cluster.addr(0), "news").await;
+    // B's subscriber reads more slowly than the link delivers.
+    let (at_b, at_a) = (
+        collect(at_b, MESSAGES, true),
+        collect(at_a, MESSAGES, false),
+    );
+
+    let pid = b.pid().to_string();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let slow_reader = tokio::spawn(async move {
+        let signal = |sig: &str| {
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("kill")
+        };
+        for _ in 0..200 {
+            signal("-STOP");
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            signal("-CONT");
+            if tokio::time::timeout(Duration::from_millis(300), &mut done_rx)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        signal("-CONT");
+    });
+
+    let pad = "p".repeat(1000);
+    let started = Instant::now();
+    for n in 0..MESSAGES {
+        send_text(
+            &mut publisher,
+            json!({"type": "publish", "channel": "news", "data": {"n": n, "pad": pad}}).to_string(),
+        )
+        .await;
+    }
+    let publishing = started.elapsed();
+    let at_b = at_b.await.unwrap();
+    let _ = done_tx.send(());
+    slow_reader.await.unwrap();
+    let at_a = at_a.await.unwrap();
+
+    let metrics = a.metrics().await;
+    assert_eq!(
+        (
+            dropped_mesh(&metrics),
+            metric_value(
+                &metrics,
+                r#"edgewire_messages_dropped_total{reason="memory_budget",service="chat"}"#
+            )
+        ),
+        (0.0, 0.0),
+        "A dropped messages for B instead of pacing the publisher ({MESSAGES} published in {publishing:?})"
+    );
+    let want: Vec<u64> = (0..MESSAGES as u64).collect();
+    assert!(
+        at_b == want,
+        "B's subscriber got {} of {MESSAGES}, first gap at {:?}",
+        at_b.len(),
+        at_b.iter().zip(0..).find(|(got, n)| **got != *n)
+    );
+    assert!(
+        at_a == want,
+        "the reading subscriber at A got {} of {MESSAGES}",
+        at_a.len()
+    );
+    // The stalled one was cut as a slow consumer (with 1008 when the close
+    // frame still fits through its full socket, else reset); its drops are
+    // counted, and A let it go: only the publisher is left connected there.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, futures_util::StreamExt::next(&mut stalled)).await {
+            Err(_) => panic!("the stalled subscriber was never disconnected"),
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame)))) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1008));
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) => break,
+        }
+    }
+    assert!(
+        metric_value(
+            &metrics,
+            r#"edgewire_messages_dropped_total{reason="slow_consumer",service="chat"}"#
+        ) >= 1.0,
+        "the stalled subscriber's drops are counted"
+    );
+    let deadline = Instant::now() + WAIT;
+    while metric_value(
+        &a.metrics().await,
+        r#"edgewire_connections{service="chat"}"#,
+    ) != 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled subscriber is still connected at A"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,8 +1,10 @@
-//! Connections and the three dialects: `raw` (text echo, or broadcast of any
-//! text), `relay` (edgewire's JSON envelope) and `nats` (the NATS protocol
-//! over WebSocket). Connections can be spread over several loopback source
+//! Connections and the dialects: `raw` (text echo, or broadcast of any
+//! text), `relay` (edgewire's JSON envelope), `relay-batch` (the same in
+//! batch mode: the `edgewire.batch.v1` subprotocol, arrays of messages per
+//! frame) and `nats` (the NATS protocol over WebSocket). Connections can be spread over several loopback source
 //! addresses, since one source address runs out of ephemeral ports near 28k.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, bail};
@@ -11,6 +13,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -19,8 +23,12 @@ pub type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 pub enum Dialect {
     Raw,
     Relay,
+    RelayBatch,
     Nats,
 }
+
+/// The subprotocol that asks edgewire's relay for batch mode.
+const BATCH_SUBPROTOCOL: &str = "edgewire.batch.v1";
 
 /// How to reach a server: the dialect and the source addresses to spread
 /// connections over.
@@ -68,7 +76,16 @@ impl Dial {
         socket.bind(SocketAddr::new(source, 0))?;
         let tcp = socket.connect(server).await?;
         tcp.set_nodelay(true)?;
-        let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)).await?;
+        let mut request = url.into_client_request()?;
+        if self.dialect == Dialect::RelayBatch {
+            // tungstenite fails the handshake unless the server chooses it.
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static(BATCH_SUBPROTOCOL),
+            );
+        }
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)).await?;
         if self.dialect == Dialect::Nats {
             // INFO, then CONNECT and a PING/PONG so the session is live.
             next_text(&mut ws).await?;
@@ -109,6 +126,42 @@ pub fn nats_payloads(frame: &str) -> (Vec<String>, bool) {
     (payloads, ping)
 }
 
+/// What the load generator reads of a relay message: its type and, for a
+/// delivery, its string payload. Parsed in place, so that the client's own
+/// parsing weighs on the figures as little as NATS' line protocol does.
+#[derive(serde::Deserialize)]
+struct RelayMessage<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    data: Option<Cow<'a, str>>,
+}
+
+impl RelayMessage<'_> {
+    /// The payload of a delivery; `None` for a reply; an error for an error.
+    fn payload(self, frame: &str) -> anyhow::Result<Option<String>> {
+        match self.kind.as_ref() {
+            "message" => Ok(Some(self.data.unwrap_or_default().into_owned())),
+            "error" => bail!("the relay answered an error: {frame}"),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The `data` strings of the messages in one batch-mode frame (a JSON array
+/// of relay messages); replies in it are skipped.
+pub fn batch_payloads(frame: &str) -> anyhow::Result<Vec<String>> {
+    let messages: Vec<RelayMessage> = serde_json::from_str(frame)
+        .with_context(|| format!("not a JSON array of relay messages: {frame}"))?;
+    let mut payloads = Vec::with_capacity(messages.len());
+    for m in messages {
+        if let Some(payload) = m.payload(frame)? {
+            payloads.push(payload);
+        }
+    }
+    Ok(payloads)
+}
+
 /// Reads until at least one delivered message arrives; returns the payloads
 /// of all that came in that frame. Relay payloads are the `data` string;
 /// raw payloads are the text itself.
@@ -118,15 +171,16 @@ pub async fn next_deliveries(ws: &mut Ws, dialect: Dialect) -> anyhow::Result<Ve
         match dialect {
             Dialect::Raw => return Ok(vec![text]),
             Dialect::Relay => {
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .with_context(|| format!("not JSON from the relay: {text}"))?;
-                match v["type"].as_str() {
-                    Some("message") => {
-                        let data = v["data"].as_str().unwrap_or_default().to_string();
-                        return Ok(vec![data]);
-                    }
-                    Some("error") => bail!("the relay answered an error: {text}"),
-                    _ => {}
+                let m: RelayMessage = serde_json::from_str(&text)
+                    .with_context(|| format!("not a relay message: {text}"))?;
+                if let Some(payload) = m.payload(&text)? {
+                    return Ok(vec![payload]);
+                }
+            }
+            Dialect::RelayBatch => {
+                let payloads = batch_payloads(&text)?;
+                if !payloads.is_empty() {
+                    return Ok(payloads);
                 }
             }
             Dialect::Nats => {
@@ -146,7 +200,7 @@ pub async fn next_deliveries(ws: &mut Ws, dialect: Dialect) -> anyhow::Result<Ve
 pub async fn subscribe(ws: &mut Ws, dialect: Dialect, topic: &str) -> anyhow::Result<()> {
     match dialect {
         Dialect::Raw => Ok(()),
-        Dialect::Relay => {
+        Dialect::Relay | Dialect::RelayBatch => {
             ws.send(Message::text(
                 json!({"type": "subscribe", "channel": topic}).to_string(),
             ))
@@ -167,7 +221,9 @@ pub async fn subscribe(ws: &mut Ws, dialect: Dialect, topic: &str) -> anyhow::Re
 pub fn publish_frame(dialect: Dialect, topic: &str, payload: &str) -> String {
     match dialect {
         Dialect::Raw => payload.to_string(),
-        Dialect::Relay => json!({"type": "publish", "channel": topic, "data": payload}).to_string(),
+        Dialect::Relay | Dialect::RelayBatch => {
+            json!({"type": "publish", "channel": topic, "data": payload}).to_string()
+        }
         Dialect::Nats => format!("PUB {topic} {}\r\n{payload}\r\n", payload.len()),
     }
 }
@@ -181,6 +237,13 @@ mod tests {
         let frame = "MSG fan 1 2\r\nm1\r\nPING\r\nMSG fan 1 2\r\nm2\r\n";
         assert_eq!(nats_payloads(frame), (vec!["m1".into(), "m2".into()], true));
         assert_eq!(nats_payloads("PONG\r\n"), (vec![], false));
+    }
+
+    #[test]
+    fn batch_frames_carry_several_messages() {
+        let frame = r#"[{"type":"subscribed","channel":"fan"},{"type":"message","channel":"fan","data":"m1"},{"type":"message","channel":"fan","data":"m2"}]"#;
+        assert_eq!(batch_payloads(frame).unwrap(), ["m1", "m2"]);
+        assert!(batch_payloads(r#"{"type":"message"}"#).is_err());
     }
 
     #[test]

@@ -12,10 +12,12 @@
 //! hop, never again (`routing`). Interest belongs to the peer, not to one
 //! connection: it outlives a dropped link until the peer's next snapshot.
 //! Each link has a bounded queue for data and its own lane for interest
-//! (`outbox`): a slow or dead peer loses its own messages (counted) and never
-//! stalls the others, and data never crowds out interest. Every write has a
-//! deadline and the link's reader judges silence on its own, so a peer that
-//! stops reading is noticed and redialed. Dial failures back off
+//! (`outbox`): a link that is behind paces the publishers that feed it (they
+//! are read no faster than it drains), a peer's link to us is read no faster
+//! than the subscribers it fills drain, a dead peer loses its own messages
+//! (counted) and stalls no one for long, and data never crowds out interest.
+//! Every write has a deadline and the link's reader judges silence on its
+//! own, so a peer that stops reading is noticed and redialed. Dial failures back off
 //! exponentially with jitter.
 
 pub mod frame;
@@ -41,6 +43,7 @@ use self::noise::{HandshakeError, Identity, KEY_LEN, SecureSink, SecureStream};
 use self::outbox::{Outbox, Queued, Refused};
 use crate::budget::Budget;
 use crate::metrics::{DeliveryPath, DropReason, MeshRefusal, Metrics};
+use crate::relay::Subscriber;
 use crate::service::ServiceRuntime;
 
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -308,11 +311,14 @@ impl Mesh {
     }
 
     /// Sends a local publish to every peer with subscribers on the channel.
-    pub fn forward(&self, service: &str, channel: &str, message: &Utf8Bytes) {
+    /// Returns the links now over their pacing threshold: the publisher
+    /// waits for them ([`Backlog::drained`]) before its next message is read.
+    pub fn forward(&self, service: &str, channel: &str, message: &Utf8Bytes) -> Backlog {
+        let mut backlog = Backlog::default();
         let outboxes: Vec<Option<Arc<Outbox>>> = {
             let inner = self.lock();
             let Some(peers) = inner.peers_by_service.get(service) else {
-                return;
+                return backlog;
             };
             let names: Vec<String> = peers.iter().map(|p| p.node.clone()).collect();
             routing::targets(true, service, channel, &names, &inner.remote_interest)
@@ -321,19 +327,21 @@ impl Mesh {
                 .collect()
         };
         if outboxes.is_empty() {
-            return;
+            return backlog;
         }
         // Encoded once; each link's queue holds a reference to the same bytes.
         let frame = match Publish::encode(service, channel, now_us(), message.as_bytes()) {
             Ok(frame) => frame,
             Err(err) => {
                 tracing::warn!(service, channel, %err, "cannot forward a publish");
-                return;
+                return backlog;
             }
         };
         let service_name: Arc<str> = Arc::from(service);
         for outbox in outboxes {
-            let pushed = outbox.map_or(Err(Refused::Down), |o| o.push(&service_name, &frame));
+            let pushed = outbox
+                .as_ref()
+                .map_or(Err(Refused::Down), |o| o.push(&service_name, &frame));
             match pushed {
                 Ok(()) => {}
                 Err(Refused::OverBudget) => self.metrics.dropped(service, DropReason::MemoryBudget),
@@ -341,7 +349,11 @@ impl Mesh {
                     self.metrics.dropped(service, DropReason::MeshUnavailable)
                 }
             }
+            if let Some(outbox) = outbox.filter(|o| o.over_pace()) {
+                backlog.links.push(outbox);
+            }
         }
+        backlog
     }
 
     /// This node's mesh public key, as peers must be told it.
@@ -464,7 +476,14 @@ impl Mesh {
             };
             match next {
                 Ok(Some(Ok(Message::Binary(frame)))) => match Publish::decode(frame) {
-                    Ok(publish) => self.on_publish(&node, publish),
+                    Ok(publish) => {
+                        // Backpressure across the mesh: this link is read no
+                        // faster than the subscribers it fills drain, so the
+                        // publisher at the peer is paced in turn.
+                        for subscriber in self.on_publish(&node, publish) {
+                            subscriber.room().await;
+                        }
+                    }
                     Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
                 },
                 Ok(Some(Ok(Message::Text(text)))) => {
@@ -539,22 +558,26 @@ impl Mesh {
                 channel,
                 message,
                 sent_us,
-            } => self.on_publish(
-                node,
-                Publish {
-                    service,
-                    channel,
-                    sent_us,
-                    message: Utf8Bytes::from(message),
-                },
-            ),
+            } => {
+                // A publish as a JSON control frame; not paced.
+                let _ = self.on_publish(
+                    node,
+                    Publish {
+                        service,
+                        channel,
+                        sent_us,
+                        message: Utf8Bytes::from(message),
+                    },
+                );
+            }
             LinkFrame::Challenge { .. } | LinkFrame::Hello { .. } | LinkFrame::Welcome { .. } => {}
         }
     }
 
     /// Delivers a publish from peer `from` to the local subscribers, if
-    /// the service is placed on both nodes.
-    fn on_publish(&self, from: &str, publish: Publish) {
+    /// the service is placed on both nodes; returns the subscribers it left
+    /// more than half full, for the link to wait on.
+    fn on_publish(&self, from: &str, publish: Publish) -> Vec<Subscriber> {
         let runtime = {
             let inner = self.lock();
             let placed = inner
@@ -566,9 +589,11 @@ impl Mesh {
         let Some(runtime) = runtime else {
             self.metrics.mesh_refused(MeshRefusal::NotPlaced);
             tracing::warn!(peer = %from, service = %publish.service, "mesh publish refused: the peer is not placed on the service");
-            return;
+            return Vec::new();
         };
-        let Some(runtime) = runtime else { return };
+        let Some(runtime) = runtime else {
+            return Vec::new();
+        };
         self.metrics
             .mesh_messages
             .with_label_values(&[&publish.service, "received"])
@@ -580,7 +605,7 @@ impl Mesh {
             &publish.message,
             published_at,
             DeliveryPath::Mesh,
-        );
+        )
     }
 
     fn link_state_changed(&self, node: &str, up: bool, why: LinkEnd) {
@@ -782,6 +807,7 @@ impl Mesh {
             }
             in_flight.extend(outbox.take_batch(BATCH_FRAMES, BATCH_BYTES));
             if in_flight.is_empty() {
+                outbox.wrote();
                 tokio::select! {
                     _ = outbox.wait() => {}
                     _ = tokio::time::sleep_until(next_ping) => {}
@@ -814,6 +840,9 @@ impl Mesh {
                         self.metrics
                             .dropped(&done.service, DropReason::MeshUnavailable);
                     }
+                    // Its bytes are back in the budget: a paced publisher may go on.
+                    drop(done);
+                    outbox.wrote();
                 }
                 if let Err(why) = within(sink.flush()).await {
                     return why;
@@ -825,6 +854,26 @@ impl Mesh {
                 }
                 next_ping = tokio::time::Instant::now() + PING_EVERY;
             }
+        }
+    }
+}
+
+/// The mesh links a publish left over their pacing threshold.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    links: Vec<Arc<Outbox>>,
+}
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Waits until every link has drained below its threshold, gone down or
+    /// stuck (see `outbox`).
+    pub async fn drained(self) {
+        for link in self.links {
+            link.room().await;
         }
     }
 }

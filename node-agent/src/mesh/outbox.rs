@@ -9,14 +9,27 @@
 //! a first subscribe) can never reach the peer in the wrong order: whatever is
 //! sent last was read after the last change. The lane is bounded by the
 //! number of channels the services declare.
+//!
+//! Publishers are paced by the link, as nats-server paces a client that
+//! outruns its routes: once the queue holds more than its pacing threshold,
+//! the publisher waits for the link to drain to half of it before its next
+//! message is read ([`Outbox::room`]), so TCP pushes back on the publisher
+//! instead of a burst waiting here. (Half, so that a publisher goes on for a
+//! run of messages rather than one at a time.) A link that writes nothing for
+//! [`STALL`] is stuck (a frozen or black-holed peer): it paces no one until
+//! it writes again, and what does not fit its byte budget meanwhile is
+//! dropped, so a dead peer never holds up publishers for its other peers
+//! and local subscribers for longer than that.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::budget::{Budget, Charge, Exceeded};
+pub use crate::budget::Pace;
+use crate::budget::{Budget, Charge, Exceeded, Pacer};
 
 /// One publish waiting for the link. The frame is encoded once and shared
 /// by every link it goes to; each link charges it to its own budget.
@@ -53,12 +66,23 @@ impl InterestWork {
     }
 }
 
+/// The most a link holds queued before it paces its publishers. Small, so a
+/// message waits behind at most a few milliseconds of link throughput.
+pub const PACE_BYTES: usize = 128 * 1024;
+/// A link over its pacing threshold that writes nothing for this long is
+/// stuck and paces no one until it writes again.
+pub const STALL: Duration = Duration::from_secs(2);
+
 #[derive(Debug)]
 pub struct Outbox {
     budget: Arc<Budget>,
     global: Arc<Budget>,
+    /// Queued bytes above which publishers wait.
+    pace_bytes: usize,
     state: Mutex<State>,
     wake: Notify,
+    /// Publishers waiting for the writer to drain the queue.
+    pacer: Pacer,
 }
 
 #[derive(Debug, Default)]
@@ -74,9 +98,34 @@ impl Outbox {
         Outbox {
             budget: Budget::new(max_bytes),
             global: Arc::clone(global),
+            pace_bytes: PACE_BYTES.min(max_bytes / 2),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            pacer: Pacer::new(STALL),
         }
+    }
+
+    /// Whether the queue holds more than the pacing threshold.
+    pub fn over_pace(&self) -> bool {
+        self.budget.used() > self.pace_bytes
+    }
+
+    /// Whether a waiting publisher may go on: the queue is down to half
+    /// the pacing threshold.
+    fn drained(&self) -> bool {
+        self.budget.used() <= self.pace_bytes / 2
+    }
+
+    /// Waits until the queue is down to half its pacing threshold, the link
+    /// is down, or the link is stuck (has written nothing for [`STALL`]).
+    pub async fn room(&self) -> Pace {
+        self.pacer.wait(|| !self.is_up() || self.drained()).await
+    }
+
+    /// The writer wrote a publish (or has nothing left to write): the link
+    /// is not stuck, and waiting publishers go on once it has drained.
+    pub fn wrote(&self) {
+        self.pacer.took(self.drained());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -90,11 +139,16 @@ impl Outbox {
         if !state.up {
             return Err(Refused::Down);
         }
+        let idle = self.budget.used() == 0;
         let charge =
             Charge::take(frame.len(), &self.budget, &self.global).map_err(|e| match e {
                 Exceeded::Queue => Refused::Full,
                 Exceeded::Global => Refused::OverBudget,
             })?;
+        if idle {
+            // The writer had nothing to do until now: it is not stuck.
+            self.pacer.progressed();
+        }
         state.frames.push_back(Queued {
             service: Arc::clone(service),
             frame: frame.clone(),
@@ -147,6 +201,7 @@ impl Outbox {
         let mut state = self.lock();
         state.up = true;
         state.interest = InterestWork::default();
+        self.pacer.progressed();
     }
 
     /// The link went down: no more publishes are taken, and those still
@@ -154,7 +209,10 @@ impl Outbox {
     pub fn close(&self) -> Vec<Queued> {
         let mut state = self.lock();
         state.up = false;
-        state.frames.drain(..).collect()
+        let left = state.frames.drain(..).collect();
+        drop(state);
+        self.pacer.release();
+        left
     }
 
     pub fn is_up(&self) -> bool {
@@ -171,6 +229,7 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::budget::ENTRY_OVERHEAD;
+    use tokio::time::Instant;
 
     fn svc() -> Arc<str> {
         Arc::from("svc")
@@ -246,6 +305,76 @@ mod tests {
         assert!(outbox.take_interest().is_empty());
         outbox.interest_changed("svc", "news");
         assert!(!outbox.take_interest().is_empty());
+    }
+
+    fn over_pace(outbox: &Outbox) {
+        while !outbox.over_pace() {
+            outbox.push(&svc(), &frame(1000)).unwrap();
+        }
+    }
+
+    /// An open link over its pacing threshold, and a publisher waiting on it.
+    async fn waiting_publisher() -> (Arc<Outbox>, tokio::task::JoinHandle<Pace>) {
+        let outbox = Arc::new(Outbox::new(1 << 20, &Budget::new(1 << 30)));
+        outbox.open();
+        over_pace(&outbox);
+        let waiter = tokio::spawn({
+            let outbox = Arc::clone(&outbox);
+            async move { outbox.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "waits while over the threshold");
+        (outbox, waiter)
+    }
+
+    #[test]
+    fn the_pacing_threshold_fits_inside_the_link_budget() {
+        let global = Budget::new(1 << 30);
+        assert_eq!(Outbox::new(64 << 20, &global).pace_bytes, PACE_BYTES);
+        assert_eq!(Outbox::new(100_000, &global).pace_bytes, 50_000);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waits_for_room_until_the_writer_drains_the_link() {
+        let (outbox, waiter) = waiting_publisher().await;
+        for queued in outbox.take_batch(usize::MAX, usize::MAX) {
+            drop(queued);
+            outbox.wrote();
+        }
+        let pace = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken once drained")
+            .unwrap();
+        assert_eq!(pace, Pace::Room);
+    }
+
+    #[tokio::test]
+    async fn a_link_that_goes_down_releases_its_publishers() {
+        let (outbox, waiter) = waiting_publisher().await;
+        drop(outbox.close());
+        let pace = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the close")
+            .unwrap();
+        assert_eq!(pace, Pace::Room);
+    }
+
+    #[tokio::test]
+    async fn a_link_that_writes_nothing_paces_no_one_after_the_stall() {
+        let outbox = Outbox::new(1 << 20, &Budget::new(1 << 30));
+        outbox.open();
+        over_pace(&outbox);
+        let started = Instant::now();
+        assert_eq!(outbox.room().await, Pace::Stuck);
+        assert!(started.elapsed() >= STALL - Duration::from_millis(50));
+        // Still stuck: later publishers do not wait again.
+        let again = Instant::now();
+        assert_eq!(outbox.room().await, Pace::Stuck);
+        assert!(again.elapsed() < STALL / 2);
+        // Once it writes again, it paces again.
+        outbox.wrote();
+        let paced = tokio::time::timeout(Duration::from_millis(200), outbox.room()).await;
+        assert!(paced.is_err(), "waits again once the link makes progress");
     }
 
     #[test]

@@ -15,10 +15,15 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use super::batch;
+use super::socket::ClientSocket;
+use super::transport::Transport;
 use super::websocket::{self, Mode};
 use super::{ServiceRuntime, gate};
 use crate::auth::Access;
@@ -73,8 +78,14 @@ fn route(
     let wants_upgrade = is_websocket_upgrade(req.headers());
     if path == runtime.config.relay_path {
         return if wants_upgrade {
+            let batch = batch::asks_for_batch(
+                req.headers()
+                    .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
             match gate::admit(runtime, req.headers(), req.uri().query()) {
-                Ok(access) => upgrade(runtime, req, Mode::Relay, access, accepted_at),
+                Ok(access) => upgrade(runtime, req, Mode::Relay { batch }, access, accepted_at),
                 Err(turned) => turned.response(),
             }
         } else {
@@ -205,18 +216,38 @@ fn upgrade(
         return response;
     };
 
+    let batch = matches!(mode, Mode::Relay { batch: true });
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_runtime = Arc::clone(runtime);
     runtime.tracker.spawn(async move {
         let runtime = task_runtime;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(runtime.ws_config),
-                )
-                .await;
+                // The plain socket back from hyper: its read buffer and boxing
+                // are not kept for the life of the connection.
+                let (io, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(parts) => (Transport::from(parts.io.into_inner()), parts.read_buf),
+                    Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                        Ok(parts) => (Transport::from(parts.io.into_inner()), parts.read_buf),
+                        Err(_) => {
+                            runtime
+                                .metrics
+                                .connection(runtime.name(), Outcome::HandshakeFailed);
+                            tracing::error!(
+                                service = runtime.name(),
+                                "upgraded connection is neither TCP nor TLS"
+                            );
+                            return;
+                        }
+                    },
+                };
+                // Copied out: the bytes hyper read behind the handshake sit in
+                // its read buffer, which must not live as long as the session.
+                let socket = ClientSocket::new(io, &read_buf);
+                drop(read_buf);
+                let ws =
+                    WebSocketStream::from_raw_socket(socket, Role::Server, Some(runtime.ws_config))
+                        .await;
                 runtime
                     .metrics
                     .handshake_duration
@@ -243,6 +274,12 @@ fn upgrade(
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if batch {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(batch::SUBPROTOCOL),
+        );
     }
     response
 }

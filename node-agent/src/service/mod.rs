@@ -1,8 +1,11 @@
 //! One service: its listening socket, the state its connections share, and the
 //! accept loop. HTTP routing lives in `http`, a WebSocket session in `websocket`.
 
+mod batch;
 mod gate;
 mod http;
+mod socket;
+mod transport;
 mod websocket;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,12 +25,14 @@ use crate::auth::{Authenticator, KeyError};
 use crate::budget::Budget;
 use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
-use crate::relay::{ConnId, Hub};
+use crate::relay::{ConnId, Hub, Subscriber};
 
-/// Read buffer per WebSocket. tungstenite allocates its read buffer eagerly
-/// (128 KiB by default); most edge connections are idle, and larger messages
-/// still arrive, just in more reads.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// The WebSocket codec's own read buffer per connection. tungstenite
+/// allocates it eagerly and keeps it (128 KiB by default), and most edge
+/// connections are idle, so it is small: the socket (`socket`) reads from
+/// the kernel in large calls and keeps, only while they wait, the bytes the
+/// codec has not taken yet; the codec takes them in chunks of this size.
+const READ_BUFFER_BYTES: usize = 512;
 /// Frames are written once this much is buffered, or when the send queue runs
 /// dry, so a burst of deliveries leaves in few writes.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -101,14 +106,17 @@ impl ServiceRuntime {
     }
 
     /// Queues a relay frame for this agent's subscribers of `channel`,
-    /// counting what the slow-consumer policy dropped.
+    /// counting what the slow-consumer policy dropped. For a publish from
+    /// the mesh, returns the subscribers it left more than half full: the
+    /// link waits for them (`Subscriber::room`) before it reads on. A local
+    /// publisher never waits for a subscriber.
     pub fn deliver(
         &self,
         channel: &str,
         frame: &Utf8Bytes,
         published_at: std::time::Instant,
         path: DeliveryPath,
-    ) {
+    ) -> Vec<Subscriber> {
         let report = self.hub.publish(
             channel,
             frame,
@@ -123,6 +131,7 @@ impl ServiceRuntime {
         for _ in 0..report.over_budget {
             self.metrics.dropped(self.name(), DropReason::MemoryBudget);
         }
+        report.behind
     }
 
     /// Tells the mesh peers when a channel gains its first or loses its last

@@ -9,26 +9,28 @@ use std::time::{Duration, Instant};
 use edgewire_api::wire::{self, ClientMessage, ErrorCode, ServerMessage, WireError};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::ProtocolError};
 
+use super::batch::{self, Packer};
+use super::socket::ClientSocket;
 use super::{ConnectionSlot, ServiceRuntime, gate};
 use crate::auth::{Access, Action};
 use crate::handlers;
+use crate::mesh::Backlog;
 use crate::metrics::{DeliveryPath, Direction, DropReason};
 use crate::relay::{ConnId, Delivery, Subscriber};
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type Ws = WebSocketStream<ClientSocket>;
 type Sink = SplitSink<Ws, Message>;
 
 /// How long the agent waits for the client's half of a close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// Deliveries written per flush, so one busy subscriber cannot hog its task.
+/// Deliveries written per flush, so one busy subscriber cannot hog its task
+/// (in batch mode `batch::MAX_MESSAGES`, as they leave in few frames).
 const MAX_BATCH: usize = 64;
 /// The longest close reason RFC 6455 allows (125 bytes of payload less the code).
 const MAX_CLOSE_REASON: usize = 123;
@@ -37,8 +39,9 @@ const MAX_CLOSE_REASON: usize = 123;
 pub enum Mode {
     /// A WebSocket echo handler: `Echo: <text>` for each text message.
     Echo { handler: String },
-    /// The JSON envelope protocol: channels and handler calls.
-    Relay,
+    /// The JSON envelope protocol: channels and handler calls; `batch` when
+    /// the client asked for batch mode (`batch::SUBPROTOCOL`).
+    Relay { batch: bool },
 }
 
 /// Why the session ends: with a close frame of ours, because the peer went,
@@ -65,6 +68,9 @@ struct Session {
     /// Created on the first subscribe: an echo client or a pure publisher
     /// never pays for a queue.
     queue: Option<(Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>)>,
+    /// Mesh links the last publish left over their pacing threshold: the
+    /// client is not read again until they drain.
+    backlog: Backlog,
 }
 
 pub async fn run(
@@ -83,10 +89,15 @@ pub async fn run(
         access,
         subscriptions: BTreeSet::new(),
         queue: None,
+        backlog: Backlog::default(),
     };
     let end = session.serve(&mut sink, &mut stream).await;
     for channel in runtime.hub.remove_connection(&session.subscriptions, id) {
         runtime.interest_changed(&channel);
+    }
+    if let Some((subscriber, _, _)) = &session.queue {
+        // A link waiting for this subscriber need not wait for it any more.
+        subscriber.pacer.release();
     }
     drop(session);
 
@@ -147,7 +158,8 @@ impl Session {
                 }
                 Some(()) = recv_or_pending(evictions) => return slow_consumer(),
                 Some(first) = recv_or_pending(deliveries) => {
-                    if let Err(end) = self.write_deliveries(sink, first).await {
+                    // Boxed, like `pace`: idle sessions keep only what waiting needs.
+                    if let Err(end) = Box::pin(self.write_deliveries(sink, first)).await {
                         return end;
                     }
                 }
@@ -167,8 +179,16 @@ impl Session {
                     match frame {
                         Message::Text(text) => {
                             runtime.metrics.message(runtime.name(), Direction::In);
-                            if let Err(end) = self.on_text(sink, text).await {
+                            if let Err(end) = Box::pin(self.on_text(sink, text)).await {
                                 return end;
+                            }
+                            if !self.backlog.is_empty() {
+                                let backlog = std::mem::take(&mut self.backlog);
+                                // Boxed: rare, and every idle session would
+                                // otherwise carry room for its state.
+                                if let Err(end) = Box::pin(self.pace(sink, backlog)).await {
+                                    return end;
+                                }
                             }
                         }
                         Message::Binary(_) => {
@@ -180,6 +200,31 @@ impl Session {
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Backpressure: reads nothing more from this client until the mesh
+    /// links its publish filled have drained (or gone down, or stuck), so
+    /// TCP holds back a publisher that outruns the mesh. Deliveries to this
+    /// client still flow meanwhile; eviction and shutdown still apply.
+    async fn pace(&mut self, sink: &mut Sink, backlog: Backlog) -> Result<(), End> {
+        let runtime = Arc::clone(&self.runtime);
+        let drained = backlog.drained();
+        tokio::pin!(drained);
+        loop {
+            let (deliveries, evictions) = match &mut self.queue {
+                Some((_, rx, evict)) => (Some(rx), Some(evict)),
+                None => (None, None),
+            };
+            tokio::select! {
+                () = &mut drained => return Ok(()),
+                _ = runtime.stop.cancelled() => {
+                    let (code, reason) = runtime.stop_reason();
+                    return Err(End::close(code, reason));
+                }
+                Some(()) = recv_or_pending(evictions) => return Err(slow_consumer()),
+                Some(first) = recv_or_pending(deliveries) => self.write_deliveries(sink, first).await?,
             }
         }
     }
@@ -234,8 +279,12 @@ impl Session {
     }
 
     async fn send_text(&mut self, sink: &mut Sink, text: String) -> Result<(), End> {
-        self.guarded(sink.send(Message::Text(Utf8Bytes::from(text))))
-            .await?;
+        let frame = if self.batch() {
+            batch::single(&text)
+        } else {
+            Utf8Bytes::from(text)
+        };
+        self.guarded(sink.send(Message::Text(frame))).await?;
         self.runtime
             .metrics
             .message(self.runtime.name(), Direction::Out);
@@ -258,7 +307,7 @@ impl Session {
                     .observe(started.elapsed().as_secs_f64());
                 self.send_text(sink, reply).await
             }
-            Mode::Relay => match wire::parse_client_message(text.as_str()) {
+            Mode::Relay { .. } => match wire::parse_client_message(text.as_str()) {
                 Ok(request) => match self.on_request(request) {
                     Ok(Some(reply)) => self.reply(sink, reply).await,
                     Ok(None) => Ok(()),
@@ -324,9 +373,11 @@ impl Session {
                     }
                     .to_json(),
                 );
-                runtime.deliver(&channel, &frame, published_at, DeliveryPath::Local);
+                // Local subscribers never hold a publisher back (their
+                // slow-consumer policy applies), so nothing to wait for here.
+                let _ = runtime.deliver(&channel, &frame, published_at, DeliveryPath::Local);
                 if let Some(mesh) = &runtime.mesh {
-                    mesh.forward(runtime.name(), &channel, &frame);
+                    self.backlog = mesh.forward(runtime.name(), &channel, &frame);
                 }
                 Ok(id.map(|id| ServerMessage::Published {
                     id: Some(id),
@@ -382,23 +433,57 @@ impl Session {
         subscriber.clone()
     }
 
+    /// Whether this client asked for batch mode.
+    fn batch(&self) -> bool {
+        matches!(self.mode, Mode::Relay { batch: true })
+    }
+
+    fn next_queued(&mut self) -> Option<Delivery> {
+        self.queue
+            .as_mut()
+            .and_then(|(_, rx, _)| rx.try_recv().ok())
+    }
+
     /// Writes `first` and whatever else is already queued, then flushes once.
+    /// In batch mode the deliveries are packed into as few frames as
+    /// `batch` allows; otherwise each is a frame of its own.
     async fn write_deliveries(&mut self, sink: &mut Sink, first: Delivery) -> Result<(), End> {
         let runtime = Arc::clone(&self.runtime);
         let mut stamps = Vec::with_capacity(8);
-        let mut next = Some(first);
-        while let Some(delivery) = next.take() {
-            self.guarded(sink.feed(Message::Text(delivery.frame)))
-                .await?;
-            stamps.push((delivery.published_at, delivery.path));
-            if stamps.len() < MAX_BATCH {
-                next = self
-                    .queue
-                    .as_mut()
-                    .and_then(|(_, rx, _)| rx.try_recv().ok());
+        if self.batch() {
+            let mut next = Some(first);
+            while let Some(delivery) = next.take() {
+                let mut packer = Packer::default();
+                let mut carry = Some(delivery);
+                while let Some(delivery) = carry.take() {
+                    if !packer.fits(delivery.frame.len()) {
+                        next = Some(delivery);
+                        break;
+                    }
+                    packer.push(delivery.frame.as_str());
+                    stamps.push((delivery.published_at, delivery.path));
+                    if stamps.len() < batch::MAX_MESSAGES {
+                        carry = self.next_queued();
+                    }
+                }
+                self.guarded(sink.feed(Message::Text(packer.finish())))
+                    .await?;
+            }
+        } else {
+            let mut next = Some(first);
+            while let Some(delivery) = next.take() {
+                self.guarded(sink.feed(Message::Text(delivery.frame)))
+                    .await?;
+                stamps.push((delivery.published_at, delivery.path));
+                if stamps.len() < MAX_BATCH {
+                    next = self.next_queued();
+                }
             }
         }
         self.guarded(sink.flush()).await?;
+        if let Some((subscriber, _, _)) = &self.queue {
+            subscriber.pacer.took(subscriber.caught_up());
+        }
         let now = Instant::now();
         for (stamp, path) in stamps {
             runtime.metrics.message(runtime.name(), Direction::Out);

@@ -346,6 +346,27 @@ pub async fn first_across_mesh(
     (subscriber, publisher, None)
 }
 
+/// A subscriber to `channel` at `addr` with a tiny receive buffer that never
+/// reads: its socket fills at once, then its send queue in the agent.
+pub async fn never_reading_subscriber(addr: SocketAddr, channel: &str) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}/relay"), MaybeTlsStream::Plain(tcp))
+            .await
+            .expect("WebSocket handshake");
+    let reply = request(
+        &mut ws,
+        serde_json::json!({"type": "subscribe", "channel": channel}),
+    )
+    .await;
+    assert_eq!(reply["type"], "subscribed");
+    ws
+}
+
 /// Sends a request and returns the reply.
 pub async fn request(ws: &mut Client, request: Value) -> Value {
     send_text(ws, request.to_string()).await;
