@@ -19,15 +19,14 @@ use serde_json::Value;
 // The agent's own token code, compiled here alone: the fuzz build then needs
 // none of the agent's runtime.
 #[allow(dead_code)]
-mod auth {
-    #[path = "../../../node-agent/src/auth/access.rs"]
-    pub mod access;
-    #[path = "../../../node-agent/src/auth/verify.rs"]
-    pub mod verify;
-}
+#[path = "../../node-agent/src/auth/access.rs"]
+mod access;
+#[allow(dead_code)]
+#[path = "../../node-agent/src/auth/verify.rs"]
+mod verify;
 
-use auth::access::Action;
-use auth::verify::Authenticator;
+use access::Action;
+use verify::Authenticator;
 
 const SECRET: &[u8] = b"fuzzing-secret-of-at-least-32-bytes!";
 const LEEWAY: u32 = 7;

@@ -13,9 +13,10 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use super::transport::Transport;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::transport::Transport;
 
 /// The most read from the kernel in one call.
 const READ_AT_ONCE: usize = 16 * 1024;
