@@ -13,7 +13,7 @@ seconds=${1:-15}
 shift || true
 targets=("$@")
 if (( ${#targets[@]} == 0 )); then
-  targets=(relay_message agent_config mesh_frame)
+  targets=(relay_message agent_config mesh_frame jwt_claims)
 fi
 
 # cargo-fuzz needs a nightly toolchain (for -Zsanitizer); the binary is cached

@@ -41,6 +41,14 @@ pub struct ServiceConfig {
     /// EdgeService's placement; a standalone config may list peers itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerSpec>,
+    /// Client authentication with JWTs. Absent: the service is open to every
+    /// client, as the seed's clients expect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<crate::auth::AuthSpec>,
+    /// Serve `wss://` and `https://` with this certificate. Absent: plain
+    /// `ws://` and `http://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsSpec>,
 }
 
 /// Another agent running the same service, reached on its mesh port.
@@ -351,6 +359,8 @@ impl AgentConfig {
                     relay_path: default_relay_path(),
                     limits: Limits::default(),
                     peers: vec![],
+                    auth: None,
+                    tls: None,
                 },
                 ServiceConfig {
                     name: "compute".into(),
@@ -360,6 +370,8 @@ impl AgentConfig {
                     relay_path: default_relay_path(),
                     limits: Limits::default(),
                     peers: vec![],
+                    auth: None,
+                    tls: None,
                 },
             ],
         }
@@ -502,6 +514,12 @@ impl ServiceConfig {
         }
 
         self.limits.validate_into(&format!("{at}.limits"), errors);
+        if let Some(auth) = &self.auth {
+            auth.validate_into(&format!("{at}.auth"), errors);
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate_into(&format!("{at}.tls"), errors);
+        }
     }
 
     pub fn handler(&self, name: &str) -> Option<&HandlerSpec> {

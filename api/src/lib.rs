@@ -1,13 +1,17 @@
 //! Types shared by the edgewire operator and agent: the agent's config, the
 //! relay's wire messages, and their validation. Nothing here does I/O.
 
+pub mod auth;
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod tls;
 pub mod wire;
 
+pub use auth::{AuthSpec, Grants, TokenAlgorithm};
 pub use config::{
     AgentConfig, ChannelSpec, ConfigMapKey, HandlerKind, HandlerSpec, Limits, ModuleSource,
     PeerSpec, ServiceConfig, SlowConsumerPolicy, WasmLimits,
 };
 pub use error::{ConfigError, FieldError};
+pub use tls::TlsSpec;

@@ -141,6 +141,9 @@ pub enum ErrorCode {
     InvalidArguments,
     /// A `wasm` handler failed or answered non-2xx; `status` says how.
     HandlerFailed,
+    /// The client's token (or, without one, the service's anonymous grants)
+    /// does not allow this subscribe, publish or call.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -153,6 +156,7 @@ impl ErrorCode {
             ErrorCode::UnknownHandler => "unknown_handler",
             ErrorCode::InvalidArguments => "invalid_arguments",
             ErrorCode::HandlerFailed => "handler_failed",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

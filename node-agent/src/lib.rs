@@ -1,7 +1,9 @@
 //! edgewire-agent: the per-node runtime. A map for newcomers:
 //!
+//! - [`auth`]: client tokens and what they allow.
 //! - [`agent`]: the set of running services and how a new config is applied.
 //! - [`service`]: one service's listener, HTTP routing and WebSocket sessions.
+//! - [`tls`]: client TLS from certificate files, reloaded when they change.
 //! - [`relay`]: channel subscriptions and fan-out (the relay).
 //! - [`budget`]: byte budgets for everything queued.
 //! - [`mesh`]: links to the peer agents of each service.
@@ -13,6 +15,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod auth;
 pub mod budget;
 pub mod cluster;
 pub mod config_source;
@@ -22,3 +25,4 @@ pub mod metrics;
 pub mod plan;
 pub mod relay;
 pub mod service;
+pub mod tls;

@@ -33,10 +33,12 @@ pub enum DropReason {
     MemoryBudget,
     /// A publish whose channel processor failed, or a call whose handler did.
     HandlerFailed,
+    /// A request the client's token does not allow.
+    Forbidden,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Oversize,
         DropReason::InvalidUtf8,
         DropReason::InvalidJson,
@@ -51,6 +53,7 @@ impl DropReason {
         DropReason::MeshUnavailable,
         DropReason::MemoryBudget,
         DropReason::HandlerFailed,
+        DropReason::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +72,7 @@ impl DropReason {
             DropReason::MeshUnavailable => "mesh_unavailable",
             DropReason::MemoryBudget => "memory_budget",
             DropReason::HandlerFailed => "handler_failed",
+            DropReason::Forbidden => "forbidden",
         }
     }
 }
@@ -84,6 +88,7 @@ impl From<edgewire_api::wire::ErrorCode> for DropReason {
             ErrorCode::UnknownHandler => DropReason::UnknownHandler,
             ErrorCode::InvalidArguments => DropReason::InvalidArguments,
             ErrorCode::HandlerFailed => DropReason::HandlerFailed,
+            ErrorCode::Forbidden => DropReason::Forbidden,
         }
     }
 }
@@ -170,6 +175,7 @@ pub struct Metrics {
     pub mesh_messages: IntCounterVec,
     config_reloads: IntCounterVec,
     mesh_refused: IntCounterVec,
+    auth: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -257,6 +263,11 @@ impl Metrics {
                 "Inbound mesh links and publishes refused, by reason.",
                 &["reason"],
             ),
+            auth: counter(
+                "edgewire_auth_total",
+                "Client authentication and permission decisions, by outcome and reason.",
+                &["service", "outcome", "reason"],
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.connections.clone()),
@@ -272,6 +283,7 @@ impl Metrics {
             Box::new(metrics.mesh_messages.clone()),
             Box::new(metrics.config_reloads.clone()),
             Box::new(metrics.mesh_refused.clone()),
+            Box::new(metrics.auth.clone()),
         ];
         for collector in collectors {
             metrics
@@ -334,6 +346,19 @@ impl Metrics {
         for direction in ["sent", "received"] {
             self.mesh_messages.with_label_values(&[service, direction]);
         }
+    }
+
+    /// Counts one authentication or permission decision; the labels come
+    /// from a closed set (`auth::Decision`), never from the token.
+    pub fn auth(&self, service: &str, (outcome, reason): (&'static str, &'static str)) {
+        self.auth
+            .with_label_values(&[service, outcome, reason])
+            .inc();
+    }
+
+    /// Shows one decision series of a service at zero.
+    pub fn auth_init(&self, service: &str, (outcome, reason): (&'static str, &'static str)) {
+        self.auth.with_label_values(&[service, outcome, reason]);
     }
 
     pub fn connection(&self, service: &str, outcome: Outcome) {

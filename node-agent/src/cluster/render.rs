@@ -80,6 +80,8 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
             relay_path: es.spec.relay_path.clone(),
             limits: es.spec.limits.clone(),
             peers,
+            auth: None,
+            tls: None,
         };
         let mut errors = Vec::new();
         service.validate_into("spec", &mut errors);

@@ -14,15 +14,19 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use super::ServiceRuntime;
 use super::batch;
 use super::socket::ClientSocket;
+use super::transport::Transport;
 use super::websocket::{self, Mode};
+use super::{ServiceRuntime, gate};
+use crate::auth::Access;
 use crate::handlers::{self, HttpAnswer};
 use crate::metrics::Outcome;
 
@@ -30,7 +34,10 @@ use crate::metrics::Outcome;
 /// service stops.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, accepted_at: Instant) {
+pub async fn serve_connection<S>(runtime: Arc<ServiceRuntime>, io: S, accepted_at: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let runtime = Arc::clone(&runtime);
         service_fn(move |req| {
@@ -43,7 +50,7 @@ pub async fn serve_connection(runtime: Arc<ServiceRuntime>, tcp: TcpStream, acce
         .timer(TokioTimer::new())
         .header_read_timeout(runtime.handshake_timeout());
     let conn = builder
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -77,7 +84,10 @@ async fn route(
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            upgrade(runtime, req, Mode::Relay { batch }, accepted_at)
+            match gate::admit(runtime, req.headers(), req.uri().query()) {
+                Ok(access) => upgrade(runtime, req, Mode::Relay { batch }, access, accepted_at),
+                Err(turned) => turned.response(),
+            }
         } else {
             upgrade_required("the relay speaks WebSocket")
         };
@@ -89,6 +99,10 @@ async fn route(
         .find(|h| h.path.as_deref() == Some(path))
     else {
         return answer(HttpAnswer::error(404, &format!("no handler at {path}")));
+    };
+    let access = match gate::admit_call(runtime, req.headers(), req.uri().query(), &handler.name) {
+        Ok(access) => access,
+        Err(turned) => return turned.response(),
     };
     if let Some(wasm) = runtime.handlers.wasm(&handler.name) {
         if wants_upgrade {
@@ -108,6 +122,7 @@ async fn route(
                 Mode::Echo {
                     handler: handler.name.clone(),
                 },
+                access,
                 accepted_at,
             ),
             HandlerKind::Add | HandlerKind::Wasm => answer(HttpAnswer::error(
@@ -179,6 +194,7 @@ fn upgrade(
     runtime: &Arc<ServiceRuntime>,
     mut req: Request<Incoming>,
     mode: Mode,
+    access: Access,
     accepted_at: Instant,
 ) -> Response<Full<Bytes>> {
     let service = runtime.name();
@@ -219,17 +235,26 @@ fn upgrade(
             Ok(upgraded) => {
                 // The plain socket back from hyper: its read buffer and boxing
                 // are not kept for the life of the connection.
-                let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-                    runtime
-                        .metrics
-                        .connection(runtime.name(), Outcome::HandshakeFailed);
-                    tracing::error!(service = runtime.name(), "upgraded connection is not TCP");
-                    return;
+                let (io, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(parts) => (Transport::from(parts.io.into_inner()), parts.read_buf),
+                    Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                        Ok(parts) => (Transport::from(parts.io.into_inner()), parts.read_buf),
+                        Err(_) => {
+                            runtime
+                                .metrics
+                                .connection(runtime.name(), Outcome::HandshakeFailed);
+                            tracing::error!(
+                                service = runtime.name(),
+                                "upgraded connection is neither TCP nor TLS"
+                            );
+                            return;
+                        }
+                    },
                 };
                 // Copied out: the bytes hyper read behind the handshake sit in
                 // its read buffer, which must not live as long as the session.
-                let socket = ClientSocket::new(parts.io.into_inner(), &parts.read_buf);
-                drop(parts.read_buf);
+                let socket = ClientSocket::new(io, &read_buf);
+                drop(read_buf);
                 let ws =
                     WebSocketStream::from_raw_socket(socket, Role::Server, Some(runtime.ws_config))
                         .await;
@@ -241,7 +266,7 @@ fn upgrade(
                 runtime
                     .metrics
                     .connection(runtime.name(), Outcome::Accepted);
-                websocket::run(runtime, ws, mode, slot).await;
+                websocket::run(runtime, ws, mode, access, slot).await;
             }
             Err(err) => {
                 runtime

@@ -2,8 +2,10 @@
 //! accept loop. HTTP routing lives in `http`, a WebSocket session in `websocket`.
 
 mod batch;
+mod gate;
 mod http;
 mod socket;
+mod transport;
 mod wasm_http;
 mod wasm_relay;
 mod websocket;
@@ -21,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Authenticator, KeyError};
 use crate::budget::Budget;
 use crate::handlers::HandlerSet;
 use crate::handlers::wasm::WasmRuntime;
@@ -62,6 +65,8 @@ pub struct ServiceRuntime {
     pub mesh: Option<Arc<Mesh>>,
     /// The agent's budget for everything queued, shared by all services.
     pub queue_budget: Arc<Budget>,
+    /// The service's token rules; `None` when it is open to every client.
+    auth: Option<Authenticator>,
     ws_config: WebSocketConfig,
     open: AtomicU32,
     next_id: AtomicU64,
@@ -76,6 +81,7 @@ impl ServiceRuntime {
         handlers: HandlerSet,
         shared: &Shared,
         stop: CancellationToken,
+        auth: Option<Authenticator>,
     ) -> ServiceRuntime {
         let metrics = shared.metrics.clone();
         let max = config.limits.max_message_bytes as usize;
@@ -95,6 +101,7 @@ impl ServiceRuntime {
             hub: Hub::new(),
             mesh: shared.mesh.clone(),
             queue_budget: Arc::clone(&shared.queue_budget),
+            auth,
             ws_config,
             open: AtomicU32::new(0),
             next_id: AtomicU64::new(1),
@@ -209,6 +216,17 @@ pub struct RunningService {
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
+/// Why a service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Auth(#[from] KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
 pub struct BindError {
@@ -224,7 +242,10 @@ impl RunningService {
         bind_ip: IpAddr,
         shared: &Shared,
         parent: &CancellationToken,
-    ) -> Result<RunningService, BindError> {
+    ) -> Result<RunningService, StartError> {
+        // The key first: a service that cannot check tokens must not listen.
+        let auth = config.auth.as_ref().map(Authenticator::load).transpose()?;
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let addr = SocketAddr::new(bind_ip, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -234,8 +255,9 @@ impl RunningService {
             .map_err(|source| BindError { addr, source })?;
         let stop = parent.child_token();
         let handlers = HandlerSet::build(&config, &shared.metrics, &shared.wasm, &stop).await;
-        let runtime = Arc::new(ServiceRuntime::new(config, handlers, shared, stop));
-        let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime)));
+        let runtime = Arc::new(ServiceRuntime::new(config, handlers, shared, stop, auth));
+        gate::init_metrics(&runtime);
+        let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime), tls));
         tracing::info!(service = runtime.name(), %local_addr, "service listening");
         Ok(RunningService {
             runtime,
@@ -257,7 +279,11 @@ impl RunningService {
     }
 }
 
-async fn accept_loop(listener: TcpListener, runtime: Arc<ServiceRuntime>) {
+async fn accept_loop(
+    listener: TcpListener,
+    runtime: Arc<ServiceRuntime>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         tokio::select! {
             _ = runtime.stop.cancelled() => break,
@@ -267,7 +293,11 @@ async fn accept_loop(listener: TcpListener, runtime: Arc<ServiceRuntime>) {
                     // Small frames dominate: do not let Nagle hold them back.
                     let _ = tcp.set_nodelay(true);
                     let runtime = Arc::clone(&runtime);
-                    runtime.tracker.clone().spawn(http::serve_connection(runtime, tcp, accepted_at));
+                    let tracker = runtime.tracker.clone();
+                    match &tls {
+                        None => tracker.spawn(http::serve_connection(runtime, tcp, accepted_at)),
+                        Some(tls) => tracker.spawn(serve_tls(tls.clone(), runtime, tcp, accepted_at)),
+                    };
                 }
                 Err(err) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -275,6 +305,30 @@ async fn accept_loop(listener: TcpListener, runtime: Arc<ServiceRuntime>) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+    }
+}
+
+/// A TLS handshake, then HTTP over it. The handshake counts against the same
+/// deadline as the request head.
+async fn serve_tls(
+    tls: tokio_rustls::TlsAcceptor,
+    runtime: Arc<ServiceRuntime>,
+    tcp: tokio::net::TcpStream,
+    accepted_at: std::time::Instant,
+) {
+    match tokio::time::timeout(runtime.handshake_timeout(), tls.accept(tcp)).await {
+        Ok(Ok(stream)) => http::serve_connection(runtime, stream, accepted_at).await,
+        Ok(Err(err)) => {
+            runtime
+                .metrics
+                .connection(runtime.name(), crate::metrics::Outcome::HandshakeFailed);
+            tracing::debug!(service = runtime.name(), %err, "tls handshake failed");
+        }
+        Err(_) => {
+            runtime
+                .metrics
+                .connection(runtime.name(), crate::metrics::Outcome::HandshakeTimeout);
         }
     }
 }

@@ -15,14 +15,15 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use super::transport::Transport;
 
 /// The most read from the kernel in one call.
 const READ_AT_ONCE: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct ClientSocket {
-    tcp: TcpStream,
+    tcp: Transport,
     /// Read and not yet taken; `None` while there is nothing.
     pending: Option<BytesMut>,
 }
@@ -30,9 +31,9 @@ pub struct ClientSocket {
 impl ClientSocket {
     /// `early` holds bytes the client sent right behind its handshake, read
     /// before the upgrade.
-    pub fn new(tcp: TcpStream, early: &[u8]) -> ClientSocket {
+    pub fn new(tcp: impl Into<Transport>, early: &[u8]) -> ClientSocket {
         ClientSocket {
-            tcp,
+            tcp: tcp.into(),
             pending: (!early.is_empty()).then(|| BytesMut::from(early)),
         }
     }
@@ -109,6 +110,7 @@ impl AsyncWrite for ClientSocket {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     async fn pair() -> (ClientSocket, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

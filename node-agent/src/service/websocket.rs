@@ -18,7 +18,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error
 use super::batch::{self, Packer};
 use super::socket::ClientSocket;
 use super::wasm_relay::{self, Prepared};
-use super::{ConnectionSlot, ServiceRuntime};
+use super::{ConnectionSlot, ServiceRuntime, gate};
+use crate::auth::{Access, Action};
 use crate::handlers;
 use crate::mesh::Backlog;
 use crate::metrics::{DeliveryPath, Direction, DropReason};
@@ -62,6 +63,8 @@ struct Session {
     runtime: Arc<ServiceRuntime>,
     id: ConnId,
     mode: Mode,
+    /// What the client's token allows, and until when.
+    access: Access,
     subscriptions: BTreeSet<String>,
     /// Created on the first subscribe: an echo client or a pure publisher
     /// never pays for a queue.
@@ -71,13 +74,20 @@ struct Session {
     backlog: Backlog,
 }
 
-pub async fn run(runtime: Arc<ServiceRuntime>, ws: Ws, mode: Mode, _slot: ConnectionSlot) {
+pub async fn run(
+    runtime: Arc<ServiceRuntime>,
+    ws: Ws,
+    mode: Mode,
+    access: Access,
+    _slot: ConnectionSlot,
+) {
     let id = runtime.next_conn_id();
     let (mut sink, mut stream) = ws.split();
     let mut session = Session {
         runtime: Arc::clone(&runtime),
         id,
         mode,
+        access,
         subscriptions: BTreeSet::new(),
         queue: None,
         backlog: Backlog::default(),
@@ -130,6 +140,8 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = tokio::time::Instant::now() + idle;
+        let expiry = gate::expiry(&self.access);
+        tokio::pin!(expiry);
 
         loop {
             let (deliveries, evictions) = match &mut self.queue {
@@ -139,6 +151,10 @@ impl Session {
             tokio::select! {
                 _ = runtime.stop.cancelled() => {
                     let (code, reason) = runtime.stop_reason();
+                    return End::close(code, reason);
+                }
+                () = &mut expiry => {
+                    let (code, reason) = gate::expired(&runtime);
                     return End::close(code, reason);
                 }
                 Some(()) = recv_or_pending(evictions) => return slow_consumer(),
@@ -331,6 +347,22 @@ impl Session {
         &mut self,
         request: ClientMessage,
     ) -> Result<Option<ServerMessage>, WireError> {
+        // The token's grants are checked before any code runs: a call or a
+        // processed publish the client may not make never reaches a handler.
+        match &request {
+            ClientMessage::Call { id, handler, .. } => gate::permit(
+                &self.runtime,
+                &self.access,
+                &Some(id.clone()),
+                Action::Call,
+                handler,
+            )?,
+            ClientMessage::Publish { id, channel, .. } => {
+                self.known_channel(id, channel)?;
+                gate::permit(&self.runtime, &self.access, id, Action::Publish, channel)?;
+            }
+            ClientMessage::Subscribe { .. } | ClientMessage::Unsubscribe { .. } => {}
+        }
         match wasm_relay::prepare(&self.runtime, request).await {
             Prepared::Request(request) => self.on_request(request),
             Prepared::Reply(reply) => Ok(Some(reply)),
@@ -361,6 +393,7 @@ impl Session {
         match request {
             ClientMessage::Subscribe { id, channel } => {
                 self.known_channel(&id, &channel)?;
+                gate::permit(&runtime, &self.access, &id, Action::Subscribe, &channel)?;
                 let subscriber = self.subscriber();
                 if runtime.hub.subscribe(&channel, self.id, subscriber).edge {
                     runtime.interest_changed(&channel);
@@ -378,6 +411,7 @@ impl Session {
             }
             ClientMessage::Publish { id, channel, data } => {
                 self.known_channel(&id, &channel)?;
+                gate::permit(&runtime, &self.access, &id, Action::Publish, &channel)?;
                 let published_at = Instant::now();
                 let frame = Utf8Bytes::from(
                     ServerMessage::Message {
@@ -408,6 +442,13 @@ impl Session {
                         ),
                     ));
                 };
+                gate::permit(
+                    &runtime,
+                    &self.access,
+                    &Some(id.clone()),
+                    Action::Call,
+                    &handler,
+                )?;
                 let started = Instant::now();
                 let result = handlers::call(spec.kind, &args);
                 runtime

@@ -1,0 +1,166 @@
+//! Client authentication of a service: which tokens it accepts and what a
+//! client without one may do. Types and validation only; the agent decodes
+//! tokens and decides.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::check_channel_name;
+use crate::error::FieldError;
+
+/// The longest clock skew a service may tolerate between the token issuer
+/// and the agent.
+pub const MAX_LEEWAY_SECONDS: u32 = 300;
+
+/// How clients of a service prove who they are: a JWT signed with one
+/// algorithm and key, whose claims name what the client may do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthSpec {
+    /// The only algorithm accepted; a token signed with another is refused.
+    pub algorithm: TokenAlgorithm,
+    /// The file holding the key: for HS256 the shared secret (its bytes, less
+    /// one trailing newline; at least 32 bytes), for RS256/ES256 the issuer's
+    /// public key in PEM. Read when the service starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// When set, a token's `iss` must equal it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` must contain it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[serde(default)]
+    #[schemars(range(max = 300))]
+    pub leeway_seconds: u32,
+    /// What a client that presents no token may do. Absent: every client
+    /// needs a token. A client that presents a token is judged by it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<Grants>,
+}
+
+/// A JWS algorithm a service may require.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum TokenAlgorithm {
+    /// HMAC with SHA-256 and a shared secret.
+    HS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256; the key file holds the RSA public key.
+    RS256,
+    /// ECDSA P-256 with SHA-256; the key file holds the EC public key.
+    ES256,
+}
+
+/// What a client may do, each a list of patterns: a name, or a prefix
+/// ending in `*` (`sensors.*`; `*` alone matches every name).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Grants {
+    /// Channels the client may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Channels the client may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Handlers the client may call (over HTTP, the relay, or a WebSocket handler path).
+    #[serde(default)]
+    pub call: Vec<String>,
+}
+
+/// Whether `pattern` names `name`: equal, or a `*`-terminated prefix of it.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// Whether `pattern` is well formed: a channel or handler name, optionally
+/// ending in a single `*`.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    let body = pattern.strip_suffix('*').unwrap_or(pattern);
+    if body.is_empty() {
+        return if pattern == "*" {
+            Ok(())
+        } else {
+            Err("must not be empty".into())
+        };
+    }
+    if body.contains('*') {
+        return Err(format!("{pattern:?} may hold '*' only at its end"));
+    }
+    check_channel_name(body)
+}
+
+impl AuthSpec {
+    /// Validates the block on its own, prefixing each field with `at`.
+    pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if self.key_file.as_deref().is_none_or(str::is_empty) {
+            errors.push(FieldError::new(
+                format!("{at}.keyFile"),
+                "must name the file holding the token key",
+            ));
+        }
+        if self.leeway_seconds > MAX_LEEWAY_SECONDS {
+            errors.push(FieldError::new(
+                format!("{at}.leewaySeconds"),
+                format!("must be at most {MAX_LEEWAY_SECONDS}"),
+            ));
+        }
+        if let Some(anonymous) = &self.anonymous {
+            anonymous.validate_into(&format!("{at}.anonymous"), errors);
+        }
+    }
+}
+
+impl Grants {
+    fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        for (field, patterns) in [
+            ("subscribe", &self.subscribe),
+            ("publish", &self.publish),
+            ("call", &self.call),
+        ] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if let Err(why) = check_pattern(pattern) {
+                    errors.push(FieldError::new(format!("{at}.{field}[{i}]"), why));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_or_prefixes() {
+        assert!(pattern_matches("chat", "chat"));
+        assert!(!pattern_matches("chat", "chat2"));
+        assert!(pattern_matches("sensors.*", "sensors.t1"));
+        assert!(!pattern_matches("sensors.*", "sensors"));
+        assert!(pattern_matches("*", "anything"));
+        assert!(check_pattern("*").is_ok());
+        assert!(check_pattern("a.*").is_ok());
+        for bad in ["", "**", "a*b*", "*a", "bad name"] {
+            assert!(check_pattern(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn auth_block_parses_and_checks_its_fields() {
+        let spec: AuthSpec = serde_yaml_ng::from_str(
+            "algorithm: ES256\nkeyFile: /k.pem\nanonymous: {subscribe: [news, 'x y']}\nleewaySeconds: 900\n",
+        )
+        .unwrap();
+        assert_eq!(spec.algorithm, TokenAlgorithm::ES256);
+        let mut errors = Vec::new();
+        spec.validate_into("auth", &mut errors);
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["auth.leewaySeconds", "auth.anonymous.subscribe[1]"]
+        );
+        assert!(serde_yaml_ng::from_str::<AuthSpec>("algorithm: none\n").is_err());
+    }
+}
