@@ -1,5 +1,5 @@
-//! What travels on a mesh link: control frames (authentication, interest)
-//! as JSON text, and publishes as binary frames that carry the relay message
+//! What travels on a mesh link (inside Noise, see `noise`): interest as JSON
+//! text frames, and publishes as binary frames that carry the relay message
 //! as bytes, length-delimited, never re-escaped inside JSON (see [`Publish`]).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -9,25 +9,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum LinkFrame {
-    /// Acceptor to dialer, first: prove yourself against this nonce.
-    Challenge {
-        nonce: String,
-    },
-    /// Dialer's answer, with its own nonce for the acceptor to answer.
-    Hello {
-        node: String,
-        proof: String,
-        nonce: String,
-    },
-    /// Acceptor's answer: authenticated both ways. `binary`: the acceptor
-    /// takes publishes as binary frames; an older agent leaves it out and
-    /// is sent [`LinkFrame::Message`] instead.
-    Welcome {
-        node: String,
-        proof: String,
-        #[serde(default)]
-        binary: bool,
-    },
     /// The sender has local subscribers on these channels of `service`
     /// (a full snapshot, sent when the link comes up).
     Interest {
@@ -41,13 +22,6 @@ pub enum LinkFrame {
     Unsubscribe {
         service: String,
         channel: String,
-    },
-    /// A publish, as agents before binary frames send (and take) it.
-    Message {
-        service: String,
-        channel: String,
-        message: String,
-        sent_us: u64,
     },
 }
 
@@ -142,16 +116,6 @@ impl Publish {
             message,
         })
     }
-
-    /// The same publish as an older agent takes it.
-    pub fn to_legacy(&self) -> LinkFrame {
-        LinkFrame::Message {
-            service: self.service.clone(),
-            channel: self.channel.clone(),
-            message: self.message.to_string(),
-            sent_us: self.sent_us,
-        }
-    }
 }
 
 /// Microseconds since the Unix epoch, by the wall clock (the only clock two
@@ -215,20 +179,6 @@ mod tests {
         assert_eq!(
             Publish::encode(&"s".repeat(70_000), "c", 1, b"").unwrap_err(),
             FrameError::NameTooLong
-        );
-    }
-
-    #[test]
-    fn an_older_welcome_reads_as_json_publishes() {
-        let old: LinkFrame =
-            serde_json::from_str(r#"{"t":"welcome","node":"a","proof":"00"}"#).unwrap();
-        assert_eq!(
-            old,
-            LinkFrame::Welcome {
-                node: "a".into(),
-                proof: "00".into(),
-                binary: false
-            }
         );
     }
 }

@@ -553,24 +553,6 @@ impl Mesh {
                     set.remove(&(service, channel));
                 }
             }
-            LinkFrame::Message {
-                service,
-                channel,
-                message,
-                sent_us,
-            } => {
-                // A publish as a JSON control frame; not paced.
-                let _ = self.on_publish(
-                    node,
-                    Publish {
-                        service,
-                        channel,
-                        sent_us,
-                        message: Utf8Bytes::from(message),
-                    },
-                );
-            }
-            LinkFrame::Challenge { .. } | LinkFrame::Hello { .. } | LinkFrame::Welcome { .. } => {}
         }
     }
 
@@ -709,11 +691,7 @@ impl Mesh {
         let (sink, stream) = tokio::time::timeout(HANDSHAKE_TIMEOUT, setup)
             .await
             .map_err(|_| "no link within the handshake deadline".to_string())??;
-        Ok(Dialed {
-            sink,
-            stream,
-            binary: true,
-        })
+        Ok(Dialed { sink, stream })
     }
 
     /// Runs one connection of the outbound link until it fails or `stop`.
@@ -730,7 +708,6 @@ impl Mesh {
         let Dialed {
             mut sink,
             mut stream,
-            binary,
         } = link;
         let reader = async {
             loop {
@@ -749,7 +726,7 @@ impl Mesh {
         let why = tokio::select! {
             _ = stop.cancelled() => "stopped",
             why = reader => why,
-            why = self.write_link(node, &mut sink, outbox, binary, &mut in_flight) => why,
+            why = self.write_link(node, &mut sink, outbox, &mut in_flight) => why,
         };
         for lost in in_flight {
             self.metrics
@@ -768,7 +745,6 @@ impl Mesh {
         node: &str,
         sink: &mut LinkSink,
         outbox: &Outbox,
-        binary: bool,
         in_flight: &mut VecDeque<Queued>,
     ) -> LinkEnd {
         for service in self.services_with(node) {
@@ -814,32 +790,17 @@ impl Mesh {
                 }
             } else {
                 while let Some(queued) = in_flight.front() {
-                    let message = if binary {
-                        Some(Message::Binary(queued.frame.clone()))
-                    } else {
-                        // An older peer: the same publish as JSON.
-                        Publish::decode(queued.frame.clone())
-                            .ok()
-                            .map(|publish| Message::text(publish.to_legacy().to_json()))
-                    };
-                    let written = message.is_some();
-                    if let Some(message) = message
-                        && let Err(why) = within(sink.feed(message)).await
-                    {
+                    let message = Message::Binary(queued.frame.clone());
+                    if let Err(why) = within(sink.feed(message)).await {
                         return why;
                     }
                     let Some(done) = in_flight.pop_front() else {
                         break;
                     };
-                    if written {
-                        self.metrics
-                            .mesh_messages
-                            .with_label_values(&[&done.service, "sent"])
-                            .inc();
-                    } else {
-                        self.metrics
-                            .dropped(&done.service, DropReason::MeshUnavailable);
-                    }
+                    self.metrics
+                        .mesh_messages
+                        .with_label_values(&[&done.service, "sent"])
+                        .inc();
                     // Its bytes are back in the budget: a paced publisher may go on.
                     drop(done);
                     outbox.wrote();
@@ -895,8 +856,6 @@ type LinkWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 struct Dialed {
     sink: LinkSink,
     stream: LinkStream,
-    /// The peer takes publishes as binary frames.
-    binary: bool,
 }
 type LinkSink = SecureSink<futures_util::stream::SplitSink<LinkWs, Message>>;
 type LinkStream = SecureStream<futures_util::stream::SplitStream<LinkWs>>;
