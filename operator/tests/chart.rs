@@ -253,6 +253,11 @@ fn rbac_is_least_privilege() {
         })
     };
     assert!(can(&agent, "edgeservices", "watch"));
+    assert!(can(&agent, "placementslices", "watch"));
+    assert!(
+        !can(&agent, "placementslices", "patch"),
+        "the placement is the operator's to write"
+    );
     assert!(
         !can(&agent, "edgeservices", "patch"),
         "agents only read EdgeServices"
@@ -266,6 +271,8 @@ fn rbac_is_least_privilege() {
     let operator = rules("ew-operator");
     assert!(can(&operator, "endpointslices", "delete"));
     assert!(can(&operator, "edgeservices/status", "patch"));
+    assert!(can(&operator, "placementslices", "patch"));
+    assert!(can(&operator, "placementslices", "delete"));
     assert!(!can(&operator, "edgeservices", "delete"));
     assert!(!can(&operator, "secrets", "get"));
     assert!(
