@@ -190,10 +190,16 @@ impl UpstreamHandler {
         let repeatable = self.spec.idempotent || retry::is_idempotent(&outgoing.method);
         let mut delays = retry::backoff(self.spec.retries);
         let mut cloud = Duration::ZERO;
+        // A retry the breaker refuses (the failures so far opened it) ends
+        // with what the last attempt got: the client learns the cause.
+        let mut last = None;
         loop {
             let admission = self.admit();
             if admission == Admission::Refuse {
-                return Err(UpstreamError::BreakerOpen);
+                return match last {
+                    Some(result) => self.settle(result, cloud),
+                    None => Err(UpstreamError::BreakerOpen),
+                };
             }
             let verdict = Verdict::pending(self, admission);
             let mut request = hyper::Request::new(Full::new(outgoing.body.clone()));
@@ -235,21 +241,26 @@ impl UpstreamHandler {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match retry::next(outcome, repeatable, delay, remaining) {
                 retry::Next::RetryAfter(delay) => {
+                    last = Some(result);
                     tracing::debug!(service = %self.service, handler = %self.name, outcome = outcome.label(), ?delay, "retrying upstream");
                     tokio::time::sleep(delay).await;
                 }
-                retry::Next::Stop => {
-                    return match result {
-                        Ok(answer) => Ok((answer, cloud)),
-                        Err((outcome, why)) => Err(self.error(outcome, why)),
-                    };
-                }
+                retry::Next::Stop => return self.settle(result, cloud),
             }
         }
     }
 
-    fn error(&self, outcome: Outcome, why: String) -> UpstreamError {
-        match outcome {
+    /// The forward's end from its last attempt's.
+    fn settle(
+        &self,
+        result: Result<Answer, (Outcome, String)>,
+        cloud: Duration,
+    ) -> Result<(Answer, Duration), UpstreamError> {
+        let (outcome, why) = match result {
+            Ok(answer) => return Ok((answer, cloud)),
+            Err(failed) => failed,
+        };
+        Err(match outcome {
             Outcome::Tls => UpstreamError::Tls(why),
             Outcome::ConnectionLost => UpstreamError::ConnectionLost(why),
             Outcome::Timeout => UpstreamError::Timeout(self.timeout()),
@@ -257,7 +268,7 @@ impl UpstreamHandler {
                 UpstreamError::ResponseTooLarge(self.spec.max_response_bytes as usize)
             }
             Outcome::ConnectFailed | Outcome::Answered(_) => UpstreamError::ConnectFailed(why),
-        }
+        })
     }
 
     fn admit(&self) -> Admission {
