@@ -618,3 +618,84 @@ async fn https_upstreams_are_checked_against_the_ca_file() {
     );
     assert_eq!(metric_value(&metrics, &tls), 1.0);
 }
+
+/// The dashboard's edge-and-cloud row, its own queries read from the chart,
+/// answered by a real Prometheus scraping an agent whose upstream handler
+/// is busy: T_edge, T_cloud and their sum per service, bytes per node.
+#[tokio::test]
+async fn the_dashboards_edge_and_cloud_row_answers_from_a_real_prometheus() {
+    let upstream = TestUpstream::start(false).await;
+    let (agent, addr) = agent_with(&format!(
+        "- {{name: sum, kind: upstream, path: /sum, upstream: {{url: \"http://{}/sum\"}}}}",
+        upstream.addr
+    ))
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: edgewire-agents\n    static_configs: [{{targets: ['{}']}}]\n",
+        agent.admin
+    );
+    let prom = support::prometheus::Prometheus::start(&config, work.path()).await;
+    prom.wait_value(r#"up{job="edgewire-agents"}"#, |v| v == 1.0)
+        .await;
+    // Traffic while Prometheus scrapes, so rates see the counters move;
+    // bounded in count, and stopped when the test ends.
+    let _traffic = AbortOnDropHandle::new(tokio::spawn(async move {
+        for _ in 0..1200 {
+            send(addr, "POST", "/sum", &[], r#"{"a": 1, "b": 2}"#).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }));
+
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../charts/edgewire/dashboards/edgewire.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let first = panels
+        .iter()
+        .position(|p| {
+            p["type"] == "row" && p["title"].as_str().is_some_and(|t| t.contains("T_total"))
+        })
+        .expect("the edge-and-cloud row");
+    let row: Vec<(String, String)> = panels[first + 1..]
+        .iter()
+        .take_while(|p| p["type"] != "row")
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| {
+            Some((
+                t["expr"].as_str()?.to_string(),
+                t["legendFormat"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert!(row.len() >= 9, "{row:?}");
+    for (expr, legend) in &row {
+        if expr.contains("edgewire_upstream_errors_total") {
+            continue; // no errors here: the series stay at zero
+        }
+        let value = prom.wait_value(expr, |v| v.is_finite()).await;
+        if !expr.contains("breaker_state") {
+            assert!(value > 0.0, "{legend}: {expr} = {value}");
+        }
+    }
+    let t_edge = "sum by (service) (rate(edgewire_handler_duration_seconds_sum[5m]))";
+    let t_cloud = "sum by (service) (rate(edgewire_upstream_duration_seconds_sum[5m]))";
+    let (total, _) = row
+        .iter()
+        .find(|(_, legend)| legend.contains("T_total"))
+        .expect("a T_total query");
+    let sum = prom
+        .wait_value(&format!("({total}) - ({t_edge}) - ({t_cloud})"), |v| {
+            v.is_finite()
+        })
+        .await;
+    assert!(
+        sum.abs() < 1e-9,
+        "T_total is T_edge + T_cloud: off by {sum}"
+    );
+}
