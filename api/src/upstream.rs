@@ -276,6 +276,70 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_handler_needs_its_url_and_only_it_takes_one() {
+        let config = crate::AgentConfig::parse(
+            r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - name: add
+        kind: upstream
+        path: /add
+        upstream: {url: "http://127.0.0.1:5001/add", retries: 0, breaker: {failures: 3}}
+"#,
+        )
+        .unwrap();
+        let spec = config.services[0].handlers[0].upstream.clone().unwrap();
+        assert_eq!(spec.retries, 0);
+        assert_eq!(spec.breaker.failures, 3);
+        assert_eq!(spec.breaker.cooldown_ms, BreakerSpec::default().cooldown_ms);
+        assert_eq!(spec.timeout_ms, 10_000);
+
+        let err = crate::AgentConfig::parse(
+            r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {name: add, kind: upstream, path: /add}
+      - {name: echo, kind: echo, path: /, upstream: {url: "http://x/"}}
+      - {name: bad, kind: upstream, upstream: {url: "http://x/?q=1", maxConcurrent: 0}}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for field in [
+            "services[0].handlers[0].upstream",
+            "services[0].handlers[1].upstream",
+            "services[0].handlers[2].upstream.url",
+            "services[0].handlers[2].upstream.maxConcurrent",
+        ] {
+            assert!(err.contains(field), "{field} in {err}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_example_is_valid() {
+        let es: crate::crd::EdgeService =
+            serde_yaml_ng::from_str(include_str!("../../examples/upstream.yaml")).unwrap();
+        let service = crate::ServiceConfig {
+            name: "cloud-add".into(),
+            port: 5000,
+            handlers: es.spec.handlers,
+            channels: es.spec.channels,
+            relay_path: es.spec.relay_path,
+            limits: es.spec.limits,
+            peers: Vec::new(),
+            auth: None,
+            tls: None,
+        };
+        let mut errors = Vec::new();
+        service.validate_into("spec", &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
     fn bounds_are_checked_and_named() {
         let mut spec = UpstreamSpec::to("http://127.0.0.1:1/");
         spec.timeout_ms = 0;

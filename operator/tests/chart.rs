@@ -326,7 +326,10 @@ fn monitoring_objects_when_enabled() {
             "the edge-and-cloud row shows {metric}"
         );
     }
-    assert!(alerts.contains(&"EdgewireUpstreamBreakerOpen"), "{alerts:?}");
+    assert!(
+        alerts.contains(&"EdgewireUpstreamBreakerOpen"),
+        "{alerts:?}"
+    );
     let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
     assert!(
         agent["spec"]["template"]["metadata"]["annotations"].is_null(),

@@ -88,14 +88,15 @@ mod tests {
 
     #[test]
     fn retries_failures_of_repeatable_requests_within_the_deadline() {
-        let d = Some(Duration::from_millis(100));
+        let wait = Duration::from_millis(100);
+        let d = Some(wait);
         assert_eq!(
             next(Outcome::ConnectFailed, true, d, LOTS),
-            Next::RetryAfter(d.unwrap())
+            Next::RetryAfter(wait)
         );
         assert_eq!(
             next(Outcome::Answered(503), true, d, LOTS),
-            Next::RetryAfter(d.unwrap())
+            Next::RetryAfter(wait)
         );
         assert_eq!(
             next(Outcome::ConnectFailed, false, d, LOTS),
