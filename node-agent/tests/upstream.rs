@@ -699,3 +699,42 @@ async fn the_dashboards_edge_and_cloud_row_answers_from_a_real_prometheus() {
         "T_total is T_edge + T_cloud: off by {sum}"
     );
 }
+
+/// An upstream that takes the connection and closes it without an answer
+/// (a crashing or resetting server): 502 `connection_lost`, after the
+/// retries a GET is allowed.
+#[tokio::test]
+async fn a_connection_closed_without_an_answer_is_502_after_the_retries() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&accepted);
+    let _server = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            // Read the request head, then close without a word.
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await;
+            drop(tcp);
+        }
+    }));
+    let (agent, addr) = agent_with(&format!(
+        "- {{name: lost, kind: upstream, path: /lost, upstream: {{url: \"http://{upstream}/x\", retries: 2}}}}"
+    ))
+    .await;
+    let reply = get(addr, "/lost").await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["reason"], "connection_lost", "{}", reply.body);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "one attempt and two retries"
+    );
+    let metrics = agent.metrics().await;
+    let lost = series(
+        "edgewire_upstream_duration_seconds_count",
+        "lost",
+        r#"outcome="connection_lost","#,
+    );
+    assert_eq!(metric_value(&metrics, &lost), 3.0);
+}

@@ -124,11 +124,11 @@ impl UpstreamHandler {
                 headers: forward::request_headers(headers, self.strip_credentials),
                 body,
             });
-        let result = match outgoing {
+        let sent = match outgoing {
             Ok(outgoing) => self.send(outgoing).await,
-            Err(err) => Err(err),
+            Err(err) => (Err(err), Duration::ZERO),
         };
-        self.finish(started, result)
+        self.finish(started, sent)
     }
 
     /// A relay `call`: `args` as the JSON body of a POST to the url.
@@ -138,7 +138,7 @@ impl UpstreamHandler {
         let json = HeaderValue::from_static("application/json");
         headers.insert(header::CONTENT_TYPE, json.clone());
         headers.insert(header::ACCEPT, json);
-        let result = match forward::target(&self.spec.url, None, false) {
+        let sent = match forward::target(&self.spec.url, None, false) {
             Ok(uri) => {
                 self.send(Outgoing {
                     method: Method::POST,
@@ -148,18 +148,18 @@ impl UpstreamHandler {
                 })
                 .await
             }
-            Err(err) => Err(UpstreamError::Unavailable(err)),
+            Err(err) => (Err(UpstreamError::Unavailable(err)), Duration::ZERO),
         };
-        self.finish(started, result)
+        self.finish(started, sent)
     }
 
-    /// Counts the forward: the edge's share of its time, and its error.
+    /// Counts the forward: the edge's share of its time (all but `cloud`,
+    /// the time in attempts), and its error.
     fn finish(
         &self,
         started: Instant,
-        result: Result<(Answer, Duration), UpstreamError>,
+        (result, cloud): (Result<Answer, UpstreamError>, Duration),
     ) -> Result<Answer, UpstreamError> {
-        let cloud = result.as_ref().map(|(_, cloud)| *cloud).unwrap_or_default();
         self.metrics
             .handler_duration
             .with_label_values(&[&*self.service, &self.name])
@@ -169,24 +169,25 @@ impl UpstreamHandler {
                 .upstream_error(&self.service, &self.name, err.reason());
             tracing::debug!(service = %self.service, handler = %self.name, %err, "upstream forward failed");
         }
-        result.map(|(answer, _)| answer)
+        result
     }
 
     /// Attempts until an answer, a failure not worth repeating, or the
-    /// deadline; the answer with the time spent in the upstream.
-    async fn send(&self, outgoing: Outgoing) -> Result<(Answer, Duration), UpstreamError> {
-        let deadline = Instant::now() + self.timeout();
-        let client = self
-            .client
-            .as_ref()
-            .map_err(|err| UpstreamError::Unavailable(err.clone()))?;
+    /// deadline; with the time spent in the upstream's attempts.
+    async fn send(&self, outgoing: Outgoing) -> (Result<Answer, UpstreamError>, Duration) {
+        let client = match &self.client {
+            Ok(client) => client,
+            Err(err) => return (Err(UpstreamError::Unavailable(err.clone())), Duration::ZERO),
+        };
         if outgoing.body.len() > self.max_request_bytes() {
-            return Err(UpstreamError::RequestTooLarge(self.max_request_bytes()));
+            let refused = UpstreamError::RequestTooLarge(self.max_request_bytes());
+            return (Err(refused), Duration::ZERO);
         }
-        let _slot = self
-            .slots
-            .try_acquire()
-            .map_err(|_| UpstreamError::Concurrency(self.spec.max_concurrent))?;
+        let Ok(_slot) = self.slots.try_acquire() else {
+            let refused = UpstreamError::Concurrency(self.spec.max_concurrent);
+            return (Err(refused), Duration::ZERO);
+        };
+        let deadline = Instant::now() + self.timeout();
         let repeatable = self.spec.idempotent || retry::is_idempotent(&outgoing.method);
         let mut delays = retry::backoff(self.spec.retries);
         let mut cloud = Duration::ZERO;
@@ -197,8 +198,8 @@ impl UpstreamHandler {
             let admission = self.admit();
             if admission == Admission::Refuse {
                 return match last {
-                    Some(result) => self.settle(result, cloud),
-                    None => Err(UpstreamError::BreakerOpen),
+                    Some(result) => (self.settle(result), cloud),
+                    None => (Err(UpstreamError::BreakerOpen), cloud),
                 };
             }
             let verdict = Verdict::pending(self, admission);
@@ -245,19 +246,15 @@ impl UpstreamHandler {
                     tracing::debug!(service = %self.service, handler = %self.name, outcome = outcome.label(), ?delay, "retrying upstream");
                     tokio::time::sleep(delay).await;
                 }
-                retry::Next::Stop => return self.settle(result, cloud),
+                retry::Next::Stop => return (self.settle(result), cloud),
             }
         }
     }
 
     /// The forward's end from its last attempt's.
-    fn settle(
-        &self,
-        result: Result<Answer, (Outcome, String)>,
-        cloud: Duration,
-    ) -> Result<(Answer, Duration), UpstreamError> {
+    fn settle(&self, result: Result<Answer, (Outcome, String)>) -> Result<Answer, UpstreamError> {
         let (outcome, why) = match result {
-            Ok(answer) => return Ok((answer, cloud)),
+            Ok(answer) => return Ok(answer),
             Err(failed) => failed,
         };
         Err(match outcome {
