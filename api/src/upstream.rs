@@ -16,8 +16,9 @@ pub struct UpstreamSpec {
     /// client's query string is appended) and no user info.
     #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s?#@]+$"))]
     pub url: String,
-    /// The whole forward's deadline, retries and their backoff included; past
-    /// it the client gets 504.
+    /// The whole forward's deadline, from the request's arrival (reading its
+    /// body, the attempts and the backoff between them); past it the client
+    /// gets 504.
     #[serde(default = "default_timeout_ms")]
     #[schemars(range(min = 1, max = 300000))]
     pub timeout_ms: u32,

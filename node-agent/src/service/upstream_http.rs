@@ -3,6 +3,8 @@
 //! answer passed back; a forward that got no answer is answered with its
 //! status and a JSON body naming the reason.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -16,6 +18,7 @@ use crate::handlers::HttpAnswer;
 use crate::handlers::upstream::{self, UpstreamError, UpstreamHandler};
 
 pub async fn serve(handler: &UpstreamHandler, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
     let (parts, body) = req.into_parts();
     let body = match body::read_within(body, handler.max_request_bytes(), handler.timeout()).await {
         Ok(body) => body,
@@ -26,7 +29,13 @@ pub async fn serve(handler: &UpstreamHandler, req: Request<Incoming>) -> Respons
         Err(Unread::Failed(err)) => return answer(body::unreadable(&err)),
     };
     match handler
-        .forward(parts.method, parts.uri.query(), &parts.headers, body)
+        .forward(
+            started,
+            parts.method,
+            parts.uri.query(),
+            &parts.headers,
+            body,
+        )
         .await
     {
         Ok(answer) => {

@@ -101,21 +101,23 @@ impl UpstreamHandler {
         self.spec.max_request_bytes as usize
     }
 
-    /// The whole forward's deadline, retries included.
+    /// The whole forward's deadline: reading the request body, the attempts
+    /// and the waits between them.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.spec.timeout_ms.into())
     }
 
     /// An HTTP request passed through: the client's method, headers (less
-    /// hop-by-hop ones), query and body.
+    /// hop-by-hop ones), query and body. `started` is when the request
+    /// arrived: reading its body counts against the deadline too.
     pub async fn forward(
         &self,
+        started: Instant,
         method: Method,
         query: Option<&str>,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let started = Instant::now();
         let outgoing = forward::target(&self.spec.url, query, self.strip_credentials)
             .map_err(UpstreamError::Unavailable)
             .map(|uri| Outgoing {
@@ -125,7 +127,7 @@ impl UpstreamHandler {
                 body,
             });
         let sent = match outgoing {
-            Ok(outgoing) => self.send(outgoing).await,
+            Ok(outgoing) => self.send(outgoing, started + self.timeout()).await,
             Err(err) => (Err(err), Duration::ZERO),
         };
         self.finish(started, sent)
@@ -140,13 +142,13 @@ impl UpstreamHandler {
         headers.insert(header::ACCEPT, json);
         let sent = match forward::target(&self.spec.url, None, false) {
             Ok(uri) => {
-                self.send(Outgoing {
+                let outgoing = Outgoing {
                     method: Method::POST,
                     uri,
                     headers,
                     body: Bytes::from(args.to_string()),
-                })
-                .await
+                };
+                self.send(outgoing, started + self.timeout()).await
             }
             Err(err) => (Err(UpstreamError::Unavailable(err)), Duration::ZERO),
         };
@@ -174,7 +176,11 @@ impl UpstreamHandler {
 
     /// Attempts until an answer, a failure not worth repeating, or the
     /// deadline; with the time spent in the upstream's attempts.
-    async fn send(&self, outgoing: Outgoing) -> (Result<Answer, UpstreamError>, Duration) {
+    async fn send(
+        &self,
+        outgoing: Outgoing,
+        deadline: Instant,
+    ) -> (Result<Answer, UpstreamError>, Duration) {
         let client = match &self.client {
             Ok(client) => client,
             Err(err) => return (Err(UpstreamError::Unavailable(err.clone())), Duration::ZERO),
@@ -187,7 +193,6 @@ impl UpstreamHandler {
             let refused = UpstreamError::Concurrency(self.spec.max_concurrent);
             return (Err(refused), Duration::ZERO);
         };
-        let deadline = Instant::now() + self.timeout();
         let repeatable = self.spec.idempotent || retry::is_idempotent(&outgoing.method);
         let mut delays = retry::backoff(self.spec.retries);
         let mut cloud = Duration::ZERO;
@@ -195,6 +200,12 @@ impl UpstreamHandler {
         // with what the last attempt got: the client learns the cause.
         let mut last = None;
         loop {
+            let time = deadline.saturating_duration_since(Instant::now());
+            if time.is_zero() {
+                // Spent before an attempt (reading the client's body): not
+                // the upstream's failure, so the breaker does not hear of it.
+                return (Err(UpstreamError::Timeout(self.timeout())), cloud);
+            }
             let admission = self.admit();
             if admission == Admission::Refuse {
                 return match last {
@@ -209,7 +220,6 @@ impl UpstreamHandler {
             *request.headers_mut() = outgoing.headers.clone();
             self.metrics
                 .upstream_bytes(&self.service, &self.name, "sent", outgoing.body.len());
-            let time = deadline.saturating_duration_since(Instant::now());
             let began = Instant::now();
             let result =
                 client::attempt(client, request, time, self.spec.max_response_bytes as usize).await;
