@@ -629,13 +629,17 @@ async fn https_upstreams_are_checked_against_the_ca_file() {
 
 /// The dashboard's edge-and-cloud row, its own queries read from the chart,
 /// answered by a real Prometheus scraping an agent whose upstream handler
-/// is busy: T_edge, T_cloud and their sum per service, bytes per node.
+/// is busy: T_edge, T_cloud and their sum per service, bytes per node; and
+/// the chart's alert for an open breaker, on a handler whose upstream is
+/// down.
 #[tokio::test]
 async fn the_dashboards_edge_and_cloud_row_answers_from_a_real_prometheus() {
     let upstream = TestUpstream::start(false).await;
     let (agent, addr) = agent_with(&format!(
-        "- {{name: sum, kind: upstream, path: /sum, upstream: {{url: \"http://{}/sum\"}}}}",
-        upstream.addr
+        "- {{name: sum, kind: upstream, path: /sum, upstream: {{url: \"http://{}/sum\"}}}}\n\
+         - {{name: down, kind: upstream, path: /down, upstream: {{url: \"http://127.0.0.1:{}/\", retries: 0, breaker: {{failures: 1, cooldownMs: 600000}}}}}}",
+        upstream.addr,
+        free_port()
     ))
     .await;
     let work = tempfile::tempdir().unwrap();
@@ -706,6 +710,22 @@ async fn the_dashboards_edge_and_cloud_row_answers_from_a_real_prometheus() {
         sum.abs() < 1e-9,
         "T_total is T_edge + T_cloud: off by {sum}"
     );
+
+    assert_eq!(get(addr, "/down").await.status, 502);
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/edgewire/templates/monitoring.yaml"),
+    )
+    .unwrap();
+    let alert = rules
+        .lines()
+        .skip_while(|l| !l.contains("alert: EdgewireUpstreamBreakerOpen"))
+        .find_map(|l| l.trim().strip_prefix("expr: "))
+        .expect("the breaker alert's expression");
+    prom.wait_value(&format!("count({alert})"), |v| v == 1.0)
+        .await;
+    let firing = prom.series(alert).await;
+    assert_eq!(firing.len(), 1, "{firing:?}");
+    assert_eq!(firing[0]["metric"]["upstream"], "down", "{firing:?}");
 }
 
 /// An upstream that takes the connection and closes it without an answer
