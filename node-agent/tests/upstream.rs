@@ -605,9 +605,11 @@ async fn https_upstreams_are_checked_against_the_ca_file() {
     let upstream = TestUpstream::start(true).await;
     let (agent, addr) = agent_with(&format!(
         "- name: trusted\n  kind: upstream\n  path: /trusted\n  upstream: {{url: \"https://{0}/sum\", caFile: \"{1}\"}}\n\
-         - name: untrusted\n  kind: upstream\n  path: /untrusted\n  upstream: {{url: \"https://{0}/sum\", retries: 0}}",
+         - name: untrusted\n  kind: upstream\n  path: /untrusted\n  upstream: {{url: \"https://{0}/sum\", retries: 0}}\n\
+         - name: unreadable\n  kind: upstream\n  path: /unreadable\n  upstream: {{url: \"https://{0}/sum\", caFile: \"{2}\"}}",
         upstream.addr,
-        fixture("ca.pem").display()
+        fixture("ca.pem").display(),
+        fixture("no-such-ca.pem").display()
     ))
     .await;
     let reply = send(addr, "POST", "/trusted", &[], r#"{"a": 40, "b": 2}"#).await;
@@ -617,6 +619,9 @@ async fn https_upstreams_are_checked_against_the_ca_file() {
     let reply = send(addr, "POST", "/untrusted", &[], r#"{"a": 1, "b": 1}"#).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.json()["reason"], "tls", "{}", reply.body);
+    let reply = send(addr, "POST", "/unreadable", &[], r#"{"a": 1, "b": 1}"#).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["reason"], "unavailable", "{}", reply.body);
     assert_eq!(upstream.counts.sum.load(Ordering::SeqCst), 1);
     let metrics = agent.metrics().await;
     let tls = series(
