@@ -333,7 +333,7 @@ mod tests {
             "handler names must be unique",
             "handler paths must be unique",
             r#""maximum":65535"#,
-            r#""enum":["echo","add","wasm"]"#,
+            r#""enum":["echo","add","wasm","upstream"]"#,
             r#""jsonPath":".status.nodes""#,
         ] {
             assert!(es.contains(needle), "EdgeService CRD lacks {needle}");
