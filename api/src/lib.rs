@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod hub;
 pub mod tls;
 pub mod wire;
 
@@ -14,4 +15,5 @@ pub use config::{
     PeerSpec, ServiceConfig, SlowConsumerPolicy, WasmLimits,
 };
 pub use error::{ConfigError, FieldError};
+pub use hub::HubSpec;
 pub use tls::TlsSpec;

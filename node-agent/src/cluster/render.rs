@@ -82,6 +82,7 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
             peers,
             auth: None,
             tls: None,
+            hub: None,
         };
         let mut errors = Vec::new();
         service.validate_into("spec", &mut errors);
