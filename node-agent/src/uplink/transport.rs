@@ -89,23 +89,10 @@ async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, Con
         .as_str()
         .into_client_request()
         .map_err(|e| url_error(e.to_string()))?;
-    let headers = request.headers_mut();
-    headers.insert(
+    request.headers_mut().insert(
         "sec-websocket-protocol",
         HeaderValue::from_static(BATCH_SUBPROTOCOL),
     );
-    if let Some(path) = &spec.token_file {
-        let token =
-            tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| ConnectError::Token {
-                    path: path.clone(),
-                    source,
-                })?;
-        let value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| url_error(format!("the token in {path} is not a valid header value")))?;
-        headers.insert("authorization", value);
-    }
     let uri = request.uri().clone();
     let host = uri
         .host()
@@ -119,6 +106,19 @@ async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, Con
         .await
         .map_err(|e| ConnectError::Unreachable(format!("{host}:{port}: {e}")))?;
     let _ = tcp.set_nodelay(true);
+    // Read once the hub answered, so an absent hub is reported as such.
+    if let Some(path) = &spec.token_file {
+        let token =
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|source| ConnectError::Token {
+                    path: path.clone(),
+                    source,
+                })?;
+        let value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| url_error(format!("the token in {path} is not a valid header value")))?;
+        request.headers_mut().insert("authorization", value);
+    }
     let stream: Box<dyn Io> = if tls {
         let connector = tls_connector(spec).map_err(ConnectError::Tls)?;
         let name = ServerName::try_from(host.clone())
