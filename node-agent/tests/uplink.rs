@@ -359,6 +359,13 @@ async fn an_outage_loses_and_duplicates_nothing_across_an_edge_restart() {
         got.len(),
         drain_started.elapsed()
     );
+    let got = by_edge(&got);
+    let want: Vec<u64> = (0..n).collect();
+    for edge in &edges {
+        let seen = got.get(&edge.node).cloned().unwrap_or_default();
+        assert_eq!(seen.len() as u64, n, "{}: each message once", edge.node);
+        assert!(seen == want, "{}: in publish order", edge.node);
+    }
     let duplicates = metric_value(
         &hub.metrics().await,
         r#"edgewire_uplink_duplicates_total{service="hub"}"#,
@@ -368,13 +375,6 @@ async fn an_outage_loses_and_duplicates_nothing_across_an_edge_restart() {
         duplicates > 0.0,
         "edge-1's restart sent some messages again"
     );
-    let got = by_edge(&got);
-    let want: Vec<u64> = (0..n).collect();
-    for edge in &edges {
-        let seen = got.get(&edge.node).cloned().unwrap_or_default();
-        assert_eq!(seen.len() as u64, n, "{}: each message once", edge.node);
-        assert!(seen == want, "{}: in publish order", edge.node);
-    }
     for edge in &edges {
         let node = edge.node.clone();
         eventually(WAIT, &format!("{node}'s queue to empty"), || async {
