@@ -138,6 +138,39 @@ mod tests {
     }
 
     #[test]
+    fn the_hub_example_configs_are_valid() {
+        let edge = crate::AgentConfig::parse(include_str!("../../examples/hub/edge.yaml")).unwrap();
+        let service = &edge.services[0];
+        assert!(service.is_uplink("telemetry") && !service.is_downlink("telemetry"));
+        assert!(service.is_downlink("commands") && !service.is_uplink("commands"));
+        assert!(service.is_uplink("chat") && service.is_downlink("chat"));
+        assert!(!service.is_uplink("local") && !service.is_downlink("local"));
+        crate::AgentConfig::parse(include_str!("../../examples/hub/hub.yaml")).unwrap();
+    }
+
+    #[test]
+    fn a_hub_needs_a_bridged_channel_and_a_bridged_channel_a_hub() {
+        let text = include_str!("../../examples/hub/edge.yaml");
+        let mut config: crate::AgentConfig = serde_yaml_ng::from_str(text).unwrap();
+        config.services[0].hub = None;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("services[0].channels[0]: uplink and downlink need the service's hub"),
+            "{err}"
+        );
+        let mut config: crate::AgentConfig = serde_yaml_ng::from_str(text).unwrap();
+        for channel in &mut config.services[0].channels {
+            channel.uplink = false;
+            channel.downlink = false;
+        }
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("services[0].hub: no channel is marked uplink or downlink"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bounds_and_files_are_checked() {
         let mut spec = HubSpec::at("ws://h/relay");
         spec.queue_bytes = 10;

@@ -41,16 +41,14 @@ impl Dedup {
     /// (with a warning).
     pub fn open(path: Option<PathBuf>) -> Dedup {
         let mut inner = Inner::default();
-        if let Some(path) = &path {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                for line in text.lines() {
-                    // A line cut by a crash does not parse and is skipped.
-                    if let Ok((node, channel, seq)) =
-                        serde_json::from_str::<(String, String, u64)>(line)
-                    {
-                        let entry = inner.highest.entry((node, channel)).or_default();
-                        *entry = (*entry).max(seq);
-                    }
+        if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+            for line in text.lines() {
+                // A line cut by a crash does not parse and is skipped.
+                if let Ok((node, channel, seq)) =
+                    serde_json::from_str::<(String, String, u64)>(line)
+                {
+                    let entry = inner.highest.entry((node, channel)).or_default();
+                    *entry = (*entry).max(seq);
                 }
             }
         }
