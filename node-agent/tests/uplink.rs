@@ -95,10 +95,15 @@ struct Edge {
 
 impl Edge {
     fn spawn(node: &str, root: &Path, hub: &str, queue_bytes: u64) -> Edge {
+        let token = root.join(format!("{node}.token"));
+        Edge::spawn_with(node, root, edge_config(hub, &token, queue_bytes))
+    }
+
+    /// An edge with its own `config`; its token file is `ROOT/NODE.token`.
+    fn spawn_with(node: &str, root: &Path, config: String) -> Edge {
         let state = root.join(node);
         std::fs::create_dir_all(&state).unwrap();
         let token = root.join(format!("{node}.token"));
-        let config = edge_config(hub, &token, queue_bytes);
         let agent = spawn_edge(node, &state, &config);
         Edge {
             node: node.into(),
@@ -714,4 +719,64 @@ async fn a_full_disk_is_logged_and_counted_and_local_clients_are_served() {
     assert!(log.contains("No space left on device"), "{log}");
     drop(edge);
     drop(disk);
+}
+
+fn tls_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A `wss://` hub whose certificate chains to the edge's `caFile`: the link
+/// comes up and the hub acknowledges what the edge sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_hub_is_reached_with_the_ca_from_ca_file() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let tls = format!(
+        "    tls: {{certFile: {}, keyFile: {}}}\n",
+        tls_fixture("server1.pem"),
+        tls_fixture("server1.key")
+    );
+    let hub = AgentProcess::spawn(
+        Some(&(hub_config(root.path(), port) + &tls)),
+        &[
+            "--state-dir",
+            &root.path().join("hub").display().to_string(),
+        ],
+    );
+    hub.wait_ready().await;
+    let token = root.path().join("edge-0.token");
+    let url = format!("wss://127.0.0.1:{port}/relay");
+    let config =
+        edge_config(&url, &token, 1 << 20) + &format!("      caFile: {}\n", tls_fixture("ca.pem"));
+    let edge = Edge::spawn_with("edge-0", root.path(), config);
+    edge.give_token(&edge_token(SECRET));
+    edge.agent.wait_ready().await;
+    edge.agent
+        .wait_metric(
+            r#"edgewire_uplink_link{service="edge",state="connected"}"#,
+            1.0,
+        )
+        .await;
+    let mut publisher = edge.relay().await;
+    publish_all(
+        &mut publisher,
+        "telemetry",
+        0..3,
+        |k| json!({"edge": "edge-0", "n": k}),
+    )
+    .await;
+    edge.agent
+        .wait_metric(r#"edgewire_uplink_delivered_total{service="edge"}"#, 3.0)
+        .await;
+    assert_eq!(
+        metric_value(
+            &edge.agent.metrics().await,
+            r#"edgewire_uplink_connect_failures_total{reason="tls",service="edge"}"#
+        ),
+        0.0
+    );
 }
