@@ -780,3 +780,73 @@ async fn a_wss_hub_is_reached_with_the_ca_from_ca_file() {
         0.0
     );
 }
+
+/// The expression of alert `name` in the chart's PrometheusRule.
+fn chart_alert(name: &str) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/edgewire/templates/monitoring.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text
+        .lines()
+        .skip_while(|l| l.trim() != format!("- alert: {name}"));
+    lines
+        .find_map(|l| l.trim().strip_prefix("expr: "))
+        .unwrap_or_else(|| panic!("no alert {name} in {path}"))
+        .to_string()
+}
+
+/// The chart's uplink alerts, their windows shortened from minutes to
+/// seconds, answered by a real Prometheus scraping an edge whose hub is
+/// away: a queue that keeps growing, and one that drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_alerts_see_a_growing_and_a_dropping_queue() {
+    let root = tempfile::tempdir().unwrap();
+    let url = format!("ws://127.0.0.1:{}/relay", free_port());
+    // 4 KiB holds some 60 of these messages: drops start after half a minute.
+    let edge = Edge::spawn("edge-0", root.path(), &url, 4096);
+    edge.agent.wait_ready().await;
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: edgewire-agents\n    static_configs: [{{targets: ['{}']}}]\n",
+        edge.agent.admin
+    );
+    let prom =
+        support::prometheus::Prometheus::start(&config, &root.path().join("prometheus")).await;
+    let growing = chart_alert("EdgewireUplinkQueueGrowing")
+        .replace("[15m]", "[10s]")
+        .replace("> 900", "> 3");
+    let dropping = chart_alert("EdgewireUplinkDropping").replace("[15m]", "[30s]");
+    assert!(
+        growing.contains("[10s]") && dropping.contains("[30s]"),
+        "{growing} / {dropping}"
+    );
+    let mut publisher = edge.relay().await;
+    let started = Instant::now();
+    let mut k = 0;
+    let mut fired = (false, false);
+    while !(fired.0 && fired.1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(150),
+            "alerts fired (growing, dropping): {fired:?}; targets: {:?}",
+            prom.targets().await
+        );
+        publish_all(
+            &mut publisher,
+            "telemetry",
+            k..k + 1,
+            |n| json!({"edge": "edge-0", "n": n, "pad": "x".repeat(20)}),
+        )
+        .await;
+        k += 1;
+        if !fired.0 {
+            fired.0 = !prom.series(&growing).await.is_empty();
+        }
+        if !fired.1 {
+            fired.1 = !prom.series(&dropping).await.is_empty();
+            // The queue is bounded: it cannot grow while it drops.
+            assert!(fired.0 || !fired.1, "dropping before growing");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
