@@ -7,11 +7,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::FieldError;
 
-/// Where a service's hub is and how its queue is bounded.
+/// Where a service's hub is and how its queue is bounded. The hub is an
+/// edgewire relay (`ws://`, `wss://`) or a NATS server with JetStream
+/// (`nats://`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HubSpec {
-    /// The hub's relay endpoint: `ws://host:port/relay` or `wss://...`.
+    /// The hub's relay endpoint, `ws://host:port/relay` or `wss://...`; or
+    /// a NATS server with JetStream, `nats://host:port`.
     pub url: String,
     /// A file holding the bearer token the agent presents to the hub (the
     /// hub checks it like any client's, see `auth`). Read at each connect.
@@ -29,6 +32,14 @@ pub struct HubSpec {
     /// is dropped (and counted).
     #[serde(default = "default_ttl_seconds")]
     pub ttl_seconds: u64,
+    /// A NATS hub: the JetStream stream uplinked messages are stored in
+    /// (made, over `<subjectPrefix>.>`, when missing). Default `EDGEWIRE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// A NATS hub: channel `C` is subject `<subjectPrefix>.C`. Default
+    /// `edgewire`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
 }
 
 /// 64 MiB.
@@ -55,7 +66,27 @@ impl HubSpec {
             ca_file: None,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             ttl_seconds: DEFAULT_TTL_SECONDS,
+            stream: None,
+            subject_prefix: None,
         }
+    }
+
+    /// Whether the hub is a NATS server (JetStream) rather than a relay.
+    pub fn is_nats(&self) -> bool {
+        self.url.starts_with("nats://")
+    }
+
+    /// A NATS hub's stream.
+    pub fn stream_name(&self) -> &str {
+        self.stream.as_deref().unwrap_or("EDGEWIRE")
+    }
+
+    /// The NATS subject of `channel`.
+    pub fn subject(&self, channel: &str) -> String {
+        format!(
+            "{}.{channel}",
+            self.subject_prefix.as_deref().unwrap_or("edgewire")
+        )
     }
 
     /// Whether the link runs over TLS.
@@ -67,7 +98,8 @@ impl HubSpec {
         let rest = self
             .url
             .strip_prefix("ws://")
-            .or_else(|| self.url.strip_prefix("wss://"));
+            .or_else(|| self.url.strip_prefix("wss://"))
+            .or_else(|| self.url.strip_prefix("nats://"));
         let host_ok = rest.is_some_and(|rest| {
             let authority = rest.split('/').next().unwrap_or_default();
             !authority.is_empty() && !authority.contains(['@', '?', '#', ' '])
@@ -76,7 +108,7 @@ impl HubSpec {
             errors.push(FieldError::new(
                 format!("{at}.url"),
                 format!(
-                    "{:?} must be a ws:// or wss:// URL with a host, e.g. ws://hub.example:8765/relay",
+                    "{:?} must be a ws://, wss:// or nats:// URL with a host, e.g. ws://hub.example:8765/relay",
                     self.url
                 ),
             ));
@@ -91,6 +123,38 @@ impl HubSpec {
                 format!("{at}.caFile"),
                 "only a wss:// hub takes a CA",
             ));
+        }
+        let nats_names = [
+            ("stream", &self.stream, "letters, digits, '-' and '_'"),
+            (
+                "subjectPrefix",
+                &self.subject_prefix,
+                "letters, digits, '-', '_' and '.'",
+            ),
+        ];
+        for (field, value, allowed) in nats_names {
+            let Some(value) = value else { continue };
+            let ok = !value.is_empty()
+                && value.len() <= 128
+                && value.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || b == b'-'
+                        || b == b'_'
+                        || (b == b'.' && field == "subjectPrefix")
+                })
+                && !value.starts_with('.')
+                && !value.ends_with('.');
+            if !self.is_nats() {
+                errors.push(FieldError::new(
+                    format!("{at}.{field}"),
+                    "only a nats:// hub takes it",
+                ));
+            } else if !ok {
+                errors.push(FieldError::new(
+                    format!("{at}.{field}"),
+                    format!("{value:?} must be 1 to 128 of {allowed}"),
+                ));
+            }
         }
         if !(MIN_QUEUE_BYTES..=MAX_QUEUE_BYTES).contains(&self.queue_bytes) {
             errors.push(FieldError::new(
@@ -168,6 +232,20 @@ mod tests {
             err.contains("services[0].hub: no channel is marked uplink or downlink"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn nats_names_are_checked_and_only_for_nats() {
+        let mut spec = HubSpec::at("nats://h:4222");
+        assert_eq!(spec.subject("telemetry"), "edgewire.telemetry");
+        assert_eq!(spec.stream_name(), "EDGEWIRE");
+        spec.stream = Some("a.b".into());
+        spec.subject_prefix = Some("fleet.eu".into());
+        assert_eq!(fields(&spec), ["hub.stream"]);
+        assert_eq!(spec.subject("t"), "fleet.eu.t");
+        let mut relay = HubSpec::at("ws://h/relay");
+        relay.stream = Some("S".into());
+        assert_eq!(fields(&relay), ["hub.stream"]);
     }
 
     #[test]

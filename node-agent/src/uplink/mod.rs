@@ -1,10 +1,13 @@
-//! Links from a service to its hub (another edgewire relay): channels marked
+//! Links from a service to its hub (another edgewire relay, or a NATS
+//! server with JetStream): channels marked
 //! `uplink` go up through a store-and-forward queue, channels marked
 //! `downlink` come down to this node's subscribers.
 //!
 //! - [`queue`]: the on-disk queue and its bounds; [`record`]: its format.
 //! - [`link`]: the connection to the hub: dial, send, acknowledge, receive.
-//! - [`transport`]: dialling (TCP, TLS, the WebSocket handshake, the token).
+//! - [`hub_link`]: what a hub of either kind does for the link;
+//!   [`relay_link`]: an edgewire relay; [`nats_link`]: NATS JetStream.
+//! - [`transport`]: dialling a relay (TCP, TLS, the WebSocket handshake).
 //! - [`dedup`]: the hub's side: each (node, channel, sequence) delivered once.
 //! - [`metrics`]: the queue's and the link's metrics.
 //!
@@ -13,10 +16,13 @@
 //! (node, sequence) and an `id` the hub's `published` reply acknowledges.
 
 pub mod dedup;
+pub mod hub_link;
 pub mod link;
 pub mod metrics;
+pub mod nats_link;
 pub mod queue;
 pub mod record;
+pub mod relay_link;
 pub mod transport;
 
 use std::path::PathBuf;

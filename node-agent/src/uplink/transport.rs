@@ -1,4 +1,4 @@
-//! Dialling the hub: TCP (and TLS for `wss://`), then the WebSocket
+//! Dialling a relay hub: TCP (and TLS for `wss://`), then the WebSocket
 //! handshake with the agent's bearer token and the batch subprotocol, all
 //! within one deadline. Each failure has a reason for the metrics.
 
@@ -41,8 +41,8 @@ pub enum ConnectError {
     Unreachable(String),
     #[error("TLS with the hub failed: {0}")]
     Tls(String),
-    #[error("the hub refused the credential (HTTP {0})")]
-    Unauthorized(u16),
+    #[error("the hub refused the credential ({0})")]
+    Unauthorized(String),
     #[error("the hub refused the WebSocket upgrade (HTTP {0})")]
     Refused(u16),
     #[error("WebSocket handshake with the hub failed: {0}")]
@@ -140,7 +140,7 @@ async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, Con
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
             Err(if matches!(status, 401 | 403) {
-                ConnectError::Unauthorized(status)
+                ConnectError::Unauthorized(format!("HTTP {status}"))
             } else {
                 ConnectError::Refused(status)
             })
