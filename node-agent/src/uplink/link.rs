@@ -41,10 +41,11 @@ fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// An open connection to either kind of hub.
+/// An open connection to either kind of hub (boxed: one per service, and
+/// the NATS client's state is large).
 enum Link {
-    Relay(RelayLink),
-    Nats(NatsLink),
+    Relay(Box<RelayLink>),
+    Nats(Box<NatsLink>),
 }
 
 async fn connect(runtime: &ServiceRuntime, uplink: &Uplink) -> Result<Link, ConnectError> {
@@ -58,13 +59,13 @@ async fn connect(runtime: &ServiceRuntime, uplink: &Uplink) -> Result<Link, Conn
     if uplink.spec.is_nats() {
         return nats_link::connect(&uplink.spec, &uplink.node, &downlink)
             .await
-            .map(Link::Nats);
+            .map(|link| Link::Nats(Box::new(link)));
     }
     let max = config.limits.max_message_bytes as usize;
     let socket = transport::connect(&uplink.spec, max).await?;
     RelayLink::start(socket, &uplink.node, &downlink)
         .await
-        .map(Link::Relay)
+        .map(|link| Link::Relay(Box::new(link)))
         .map_err(ConnectError::Handshake)
 }
 
@@ -98,8 +99,8 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
                     warned: false,
                 };
                 let end = match link {
-                    Link::Relay(mut link) => session.serve(&mut link, &stop).await,
-                    Link::Nats(mut link) => session.serve(&mut link, &stop).await,
+                    Link::Relay(mut link) => session.serve(link.as_mut(), &stop).await,
+                    Link::Nats(mut link) => session.serve(link.as_mut(), &stop).await,
                 };
                 if stop.is_cancelled() {
                     return;
