@@ -65,6 +65,15 @@ services:
     )
 }
 
+/// The hub agent on `port`, with `extra` YAML lines for its service.
+fn spawn_hub(root: &Path, port: u16, extra: &str) -> AgentProcess {
+    let state = root.join("hub").display().to_string();
+    AgentProcess::spawn(
+        Some(&(hub_config(root, port) + extra)),
+        &["--state-dir", &state],
+    )
+}
+
 /// An edge whose `telemetry` goes up and `commands` comes down.
 fn edge_config(hub: &str, token_file: &Path, queue_bytes: u64) -> String {
     format!(
@@ -317,13 +326,7 @@ async fn an_outage_loses_and_duplicates_nothing_across_an_edge_restart() {
         started.elapsed()
     );
 
-    let hub = AgentProcess::spawn(
-        Some(&hub_config(root.path(), port)),
-        &[
-            "--state-dir",
-            &root.path().join("hub").display().to_string(),
-        ],
-    );
+    let hub = spawn_hub(root.path(), port, "");
     hub.wait_ready().await;
     let mut subscriber = connect(SocketAddr::from(([127, 0, 0, 1], port)), "/relay").await;
     subscribe(&mut subscriber, "telemetry").await;
@@ -445,13 +448,7 @@ async fn a_byte_bound_drops_the_oldest_and_counts_them_exactly() {
             <= 65536.0
     );
 
-    let hub = AgentProcess::spawn(
-        Some(&hub_config(root.path(), port)),
-        &[
-            "--state-dir",
-            &root.path().join("hub").display().to_string(),
-        ],
-    );
+    let hub = spawn_hub(root.path(), port, "");
     hub.wait_ready().await;
     let mut subscriber = connect(SocketAddr::from(([127, 0, 0, 1], port)), "/relay").await;
     subscribe(&mut subscriber, "telemetry").await;
@@ -480,13 +477,7 @@ async fn downlink_reaches_every_edge_once_and_nothing_loops() {
     let root = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/relay");
-    let hub = AgentProcess::spawn(
-        Some(&hub_config(root.path(), port)),
-        &[
-            "--state-dir",
-            &root.path().join("hub").display().to_string(),
-        ],
-    );
+    let hub = spawn_hub(root.path(), port, "");
     hub.wait_ready().await;
     let token = edge_token(SECRET);
     let edges: Vec<Edge> = (0..2)
@@ -566,13 +557,7 @@ async fn downlink_reaches_every_edge_once_and_nothing_loops() {
 async fn a_bad_hub_is_logged_and_counted_and_local_clients_are_served() {
     let root = tempfile::tempdir().unwrap();
     let port = free_port();
-    let hub = AgentProcess::spawn(
-        Some(&hub_config(root.path(), port)),
-        &[
-            "--state-dir",
-            &root.path().join("hub").display().to_string(),
-        ],
-    );
+    let hub = spawn_hub(root.path(), port, "");
     hub.wait_ready().await;
     let nobody = free_port();
     let cases = [
@@ -740,13 +725,7 @@ async fn a_wss_hub_is_reached_with_the_ca_from_ca_file() {
         tls_fixture("server1.pem"),
         tls_fixture("server1.key")
     );
-    let hub = AgentProcess::spawn(
-        Some(&(hub_config(root.path(), port) + &tls)),
-        &[
-            "--state-dir",
-            &root.path().join("hub").display().to_string(),
-        ],
-    );
+    let hub = spawn_hub(root.path(), port, &tls);
     hub.wait_ready().await;
     let token = root.path().join("edge-0.token");
     let url = format!("wss://127.0.0.1:{port}/relay");

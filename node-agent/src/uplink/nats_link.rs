@@ -47,15 +47,8 @@ pub async fn connect(
     let mut options = async_nats::ConnectOptions::new()
         .connection_timeout(TIMEOUT)
         .name(format!("edgewire-agent {node}"));
-    if let Some(path) = &spec.token_file {
-        let token =
-            tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| ConnectError::Token {
-                    path: path.clone(),
-                    source,
-                })?;
-        options = options.token(token.trim().to_string());
+    if let Some(token) = super::transport::read_token(spec).await? {
+        options = options.token(token);
     }
     let url = spec.url.clone();
     let client = match tokio::time::timeout(TIMEOUT, options.connect(url.as_str())).await {

@@ -107,16 +107,9 @@ async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, Con
         .map_err(|e| ConnectError::Unreachable(format!("{host}:{port}: {e}")))?;
     let _ = tcp.set_nodelay(true);
     // Read once the hub answered, so an absent hub is reported as such.
-    if let Some(path) = &spec.token_file {
-        let token =
-            tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| ConnectError::Token {
-                    path: path.clone(),
-                    source,
-                })?;
-        let value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| url_error(format!("the token in {path} is not a valid header value")))?;
+    if let Some(token) = read_token(spec).await? {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| url_error("the token file does not hold a valid header value".into()))?;
         request.headers_mut().insert("authorization", value);
     }
     let stream: Box<dyn Io> = if tls {
@@ -147,6 +140,21 @@ async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, Con
         }
         Err(err) => Err(ConnectError::Handshake(err.to_string())),
     }
+}
+
+/// The token in `tokenFile` (without surrounding whitespace), read anew at
+/// each connect so a rotated token is used from the next one.
+pub async fn read_token(spec: &HubSpec) -> Result<Option<String>, ConnectError> {
+    let Some(path) = &spec.token_file else {
+        return Ok(None);
+    };
+    let token = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| ConnectError::Token {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(Some(token.trim().to_string()))
 }
 
 /// TLS towards the hub: its certificate must chain to `caFile`, or to the
