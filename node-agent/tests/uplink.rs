@@ -829,3 +829,30 @@ async fn the_chart_alerts_see_a_growing_and_a_dropping_queue() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// A state directory where no queue can be made (here: a file): the
+/// service still serves its local clients, and the log says why it has no
+/// hub link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_dir_without_room_for_a_queue_keeps_local_clients_served() {
+    let root = tempfile::tempdir().unwrap();
+    let not_a_dir = root.path().join("state");
+    std::fs::write(&not_a_dir, "not a directory").unwrap();
+    let token = root.path().join("edge-0.token");
+    let url = format!("ws://127.0.0.1:{}/relay", free_port());
+    let agent = spawn_edge("edge-0", &not_a_dir, &edge_config(&url, &token, 1 << 20));
+    agent.wait_ready().await;
+    let log = agent.log();
+    assert!(
+        log.contains("the service runs without its hub link until it restarts"),
+        "{log}"
+    );
+    let edge = Edge {
+        node: "edge-0".into(),
+        state: not_a_dir,
+        token,
+        config: String::new(),
+        agent,
+    };
+    assert_local_clients_served(&edge).await;
+}

@@ -269,7 +269,16 @@ impl RunningService {
         // The key first: a service that cannot check tokens must not listen.
         let auth = config.auth.as_ref().map(Authenticator::load).transpose()?;
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-        let uplink = Uplink::open(&config, &shared.uplink, &shared.metrics.uplink).await?;
+        let uplink = match Uplink::open(&config, &shared.uplink, &shared.metrics.uplink).await {
+            Ok(uplink) => uplink,
+            // A state directory that cannot be written (a full disk) must
+            // not take the service's local clients down with it.
+            Err(err @ crate::uplink::UplinkError::Queue(_)) => {
+                tracing::error!(service = %config.name, %err, "the service runs without its hub link until it restarts");
+                None
+            }
+            Err(err) => return Err(err.into()),
+        };
         let dedup = Dedup::open(Some(shared.uplink.dedup_path(&config.name)));
         let addr = SocketAddr::new(bind_ip, config.port);
         let listener = TcpListener::bind(addr)
