@@ -49,6 +49,12 @@ pub struct ServiceConfig {
     /// `ws://` and `http://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::TlsSpec>,
+    /// A hub this service links to, for the channels marked `uplink` or
+    /// `downlink`. Standalone agents only for now: an EdgeService has no
+    /// hub (its credential would come from a Secret), so the CRD omits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub hub: Option<crate::hub::HubSpec>,
 }
 
 /// Another agent running the same service, reached on its mesh port.
@@ -278,6 +284,16 @@ pub struct ChannelSpec {
     /// mesh peers were processed where they were published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processor: Option<String>,
+    /// Every message published on this channel at this node is also sent to
+    /// the same channel at the service's `hub` (stored while the hub is away).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(skip)]
+    pub uplink: bool,
+    /// Messages published on this channel at the service's `hub` reach this
+    /// channel's subscribers here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(skip)]
+    pub downlink: bool,
 }
 
 impl ChannelSpec {
@@ -285,6 +301,8 @@ impl ChannelSpec {
         ChannelSpec {
             name: name.into(),
             processor: None,
+            uplink: false,
+            downlink: false,
         }
     }
 }
@@ -378,6 +396,7 @@ impl AgentConfig {
                     peers: vec![],
                     auth: None,
                     tls: None,
+                    hub: None,
                 },
                 ServiceConfig {
                     name: "compute".into(),
@@ -389,6 +408,7 @@ impl AgentConfig {
                     peers: vec![],
                     auth: None,
                     tls: None,
+                    hub: None,
                 },
             ],
         }
@@ -531,6 +551,7 @@ impl ServiceConfig {
             }
         }
 
+        self.validate_hub_into(at, errors);
         self.limits.validate_into(&format!("{at}.limits"), errors);
         if let Some(auth) = &self.auth {
             auth.validate_into(&format!("{at}.auth"), errors);
@@ -538,6 +559,46 @@ impl ServiceConfig {
         if let Some(tls) = &self.tls {
             tls.validate_into(&format!("{at}.tls"), errors);
         }
+    }
+
+    /// A hub needs a channel to bridge, and a bridged channel needs a hub.
+    fn validate_hub_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let bridged = self.channels.iter().any(|c| c.uplink || c.downlink);
+        match &self.hub {
+            Some(hub) => {
+                hub.validate_into(&format!("{at}.hub"), errors);
+                if !bridged {
+                    errors.push(FieldError::new(
+                        format!("{at}.hub"),
+                        "no channel is marked uplink or downlink",
+                    ));
+                }
+            }
+            None => {
+                for (j, channel) in self.channels.iter().enumerate() {
+                    if channel.uplink || channel.downlink {
+                        errors.push(FieldError::new(
+                            format!("{at}.channels[{j}]"),
+                            "uplink and downlink need the service's hub",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether messages published here on `channel` go up to the hub.
+    pub fn is_uplink(&self, channel: &str) -> bool {
+        self.hub.is_some() && self.channels.iter().any(|c| c.name == channel && c.uplink)
+    }
+
+    /// Whether the hub's messages on `channel` come down to this node.
+    pub fn is_downlink(&self, channel: &str) -> bool {
+        self.hub.is_some()
+            && self
+                .channels
+                .iter()
+                .any(|c| c.name == channel && c.downlink)
     }
 
     pub fn handler(&self, name: &str) -> Option<&HandlerSpec> {
@@ -917,8 +978,8 @@ services:
         service.handlers[0].allowed_outbound_hosts = vec!["https://x/".into()];
         service.channels[0].processor = Some("echo".into());
         service.channels.push(ChannelSpec {
-            name: "chat".into(),
             processor: Some("nothing".into()),
+            ..ChannelSpec::named("chat")
         });
         assert_eq!(
             fields(bad.validate().unwrap_err()),

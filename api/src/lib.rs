@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod hub;
 pub mod tls;
 pub mod upstream;
 pub mod wire;
@@ -15,5 +16,6 @@ pub use config::{
     PeerSpec, ServiceConfig, SlowConsumerPolicy, WasmLimits,
 };
 pub use error::{ConfigError, FieldError};
+pub use hub::HubSpec;
 pub use tls::TlsSpec;
 pub use upstream::{BreakerSpec, UpstreamSpec};

@@ -10,6 +10,19 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 
 const MAX_ID_LEN: usize = 128;
+/// The longest node name an origin may carry (a Kubernetes node name).
+const MAX_ORIGIN_NODE_LEN: usize = 253;
+
+/// Where a publish first entered the relay, for a message an edge agent
+/// forwards to its hub: the edge's node name and the message's sequence
+/// number in that node's uplink queue. The hub delivers each (node,
+/// channel) sequence once, so a resend after a lost acknowledgement is
+/// dropped, and an edge recognises its own messages coming back down.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    pub node: String,
+    pub seq: u64,
+}
 
 /// A client's request id, echoed in the reply.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,6 +46,8 @@ pub enum ClientMessage {
         id: Option<RequestId>,
         channel: String,
         data: Value,
+        /// Set by an edge agent forwarding to its hub; absent from clients.
+        origin: Option<Origin>,
     },
     Call {
         id: RequestId,
@@ -63,9 +78,20 @@ impl ClientMessage {
                 map.insert("channel".into(), Value::from(channel.as_str()));
                 ("unsubscribe", id.as_ref())
             }
-            ClientMessage::Publish { id, channel, data } => {
+            ClientMessage::Publish {
+                id,
+                channel,
+                data,
+                origin,
+            } => {
                 map.insert("channel".into(), Value::from(channel.as_str()));
                 map.insert("data".into(), data.clone());
+                if let Some(origin) = origin {
+                    map.insert(
+                        "origin".into(),
+                        serde_json::to_value(origin).unwrap_or(Value::Null),
+                    );
+                }
                 ("publish", id.as_ref())
             }
             ClientMessage::Call { id, handler, args } => {
@@ -104,6 +130,9 @@ pub enum ServerMessage {
     Message {
         channel: String,
         data: Value,
+        /// For a message an edge agent forwarded: where it came from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<Origin>,
     },
     Result {
         id: RequestId,
@@ -238,6 +267,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, WireError> {
         "publish" => ClientMessage::Publish {
             channel: fields.string("channel")?,
             data: fields.any("data")?,
+            origin: fields.origin()?,
             id: id.clone(),
         },
         "call" => {
@@ -311,6 +341,21 @@ impl Fields<'_> {
             .ok_or_else(|| self.error(format!("{:?} needs \"{name}\"", self.kind)))
     }
 
+    /// The optional `origin` of a forwarded publish: `{"node": ..., "seq": ...}`.
+    fn origin(&mut self) -> Result<Option<Origin>, WireError> {
+        let Some(raw) = self.map.remove("origin") else {
+            return Ok(None);
+        };
+        match serde_json::from_value::<Origin>(raw) {
+            Ok(origin) if !origin.node.is_empty() && origin.node.len() <= MAX_ORIGIN_NODE_LEN => {
+                Ok(Some(origin))
+            }
+            _ => Err(self.error(format!(
+                "\"origin\" must be {{\"node\": a name of 1 to {MAX_ORIGIN_NODE_LEN} bytes, \"seq\": a non-negative integer}}"
+            ))),
+        }
+    }
+
     fn finish(self) -> Result<(), WireError> {
         match self.map.keys().next() {
             None => Ok(()),
@@ -340,7 +385,8 @@ mod tests {
             ClientMessage::Publish {
                 id: None,
                 channel: "chat".into(),
-                data: json!({"t": 21.5})
+                data: json!({"t": 21.5}),
+                origin: None,
             }
         );
         assert_eq!(
@@ -365,6 +411,16 @@ mod tests {
                 id: None,
                 channel: "a".into(),
                 data: json!([1, "two"]),
+                origin: None,
+            },
+            ClientMessage::Publish {
+                id: Some(RequestId::Number(9)),
+                channel: "a".into(),
+                data: json!({"t": 1}),
+                origin: Some(Origin {
+                    node: "edge-1".into(),
+                    seq: 9,
+                }),
             },
             ClientMessage::Call {
                 id: RequestId::Number(7),
@@ -442,6 +498,46 @@ mod tests {
             );
             assert!(!err.message.is_empty());
         }
+    }
+
+    #[test]
+    fn a_forwarded_publish_names_its_origin_and_a_bad_one_is_refused() {
+        let message = parse_client_message(
+            r#"{"type":"publish","channel":"t","data":1,"id":3,"origin":{"node":"edge-1","seq":3}}"#,
+        )
+        .unwrap();
+        let ClientMessage::Publish { origin, .. } = &message else {
+            panic!("{message:?}");
+        };
+        assert_eq!(
+            origin,
+            &Some(Origin {
+                node: "edge-1".into(),
+                seq: 3
+            })
+        );
+        for bad in [
+            r#"{"type":"publish","channel":"t","data":1,"origin":{"node":"","seq":3}}"#,
+            r#"{"type":"publish","channel":"t","data":1,"origin":{"node":"a","seq":-1}}"#,
+            r#"{"type":"publish","channel":"t","data":1,"origin":{"node":"a"}}"#,
+            r#"{"type":"publish","channel":"t","data":1,"origin":"a"}"#,
+        ] {
+            let err = parse_client_message(bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{bad}");
+            assert!(err.message.contains("origin"), "{bad}: {err}");
+        }
+        let down = ServerMessage::Message {
+            channel: "t".into(),
+            data: json!(1),
+            origin: Some(Origin {
+                node: "edge-1".into(),
+                seq: 3,
+            }),
+        };
+        assert_eq!(
+            serde_json::from_str::<Value>(&down.to_json()).unwrap(),
+            json!({"type": "message", "channel": "t", "data": 1, "origin": {"node": "edge-1", "seq": 3}})
+        );
     }
 
     #[test]

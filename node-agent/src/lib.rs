@@ -12,6 +12,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config_source`]: the config file and its reloads.
 //! - [`cluster`]: cluster mode: placement, EdgeNode heartbeats, offline state.
+//! - [`uplink`]: links to a hub: store-and-forward up, delivery down.
 
 pub mod admin;
 pub mod agent;
@@ -26,3 +27,4 @@ pub mod plan;
 pub mod relay;
 pub mod service;
 pub mod tls;
+pub mod uplink;

@@ -40,7 +40,9 @@ struct Cli {
     advertise_address: Option<String>,
     /// In a cluster: where the last received config is kept for offline
     /// restarts. Always: where compiled Wasm code is cached by module digest
-    /// (best effort; an unwritable directory only costs a compile per start).
+    /// (best effort; an unwritable directory only costs a compile per start),
+    /// where a service with a hub keeps its uplink queue (`uplink/`), and
+    /// where a hub keeps what it has delivered (`uplink-dedup/`).
     #[arg(long, env = "EDGEWIRE_STATE_DIR", default_value = "/var/lib/edgewire")]
     state_dir: PathBuf,
     /// In a cluster: seconds between EdgeNode heartbeats.
@@ -310,6 +312,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         mesh: mesh.clone(),
         queue_budget,
         wasm: WasmRuntime::new(Some(cli.state_dir.clone())),
+        uplink: edgewire_agent::uplink::Context {
+            node: cli.node_name.clone(),
+            state_dir: cli.state_dir.clone(),
+        },
     };
     let agent = Arc::new(Agent::new(cli.listen_address, shared));
 

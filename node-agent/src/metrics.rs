@@ -157,6 +157,8 @@ pub enum Direction {
 pub enum DeliveryPath {
     Local,
     Mesh,
+    /// Published at the service's hub and brought down by its link.
+    Hub,
 }
 
 #[derive(Clone)]
@@ -179,6 +181,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     mesh_refused: IntCounterVec,
     auth: IntCounterVec,
+    /// The links to a hub and their queues.
+    pub uplink: crate::uplink::metrics::UplinkMetrics,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -286,6 +290,7 @@ impl Metrics {
                 "Client authentication and permission decisions, by outcome and reason.",
                 &["service", "outcome", "reason"],
             ),
+            uplink: crate::uplink::metrics::UplinkMetrics::new(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.connections.clone()),
@@ -312,6 +317,10 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
+        metrics
+            .uplink
+            .register(&metrics.registry)
+            .expect("each metric is registered once");
         for reason in MeshRefusal::ALL {
             metrics.mesh_refused.with_label_values(&[reason.as_str()]);
         }
@@ -463,6 +472,7 @@ impl Metrics {
         let label = match path {
             DeliveryPath::Local => "local",
             DeliveryPath::Mesh => "mesh",
+            DeliveryPath::Hub => "hub",
         };
         self.message_latency
             .with_label_values(&[service, label])

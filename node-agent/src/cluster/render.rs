@@ -125,6 +125,7 @@ pub fn render(
             peers,
             auth: None,
             tls: None,
+            hub: None,
         };
         let mut errors = Vec::new();
         service.validate_into("spec", &mut errors);

@@ -12,6 +12,11 @@ mod wasm_http;
 mod wasm_relay;
 mod websocket;
 
+pub use batch::{
+    MAX_BYTES as BATCH_MAX_BYTES, MAX_MESSAGES as BATCH_MAX_MESSAGES,
+    SUBPROTOCOL as BATCH_SUBPROTOCOL,
+};
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -32,6 +37,8 @@ use crate::handlers::wasm::WasmRuntime;
 use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, Metrics};
 use crate::relay::{ConnId, Hub, Subscriber};
+use crate::uplink::Uplink;
+use crate::uplink::dedup::Dedup;
 
 /// The WebSocket codec's own read buffer per connection. tungstenite
 /// allocates it eagerly and keeps it (128 KiB by default), and most edge
@@ -54,6 +61,8 @@ pub struct Shared {
     pub queue_budget: Arc<Budget>,
     /// Runs the `wasm` handlers of every service.
     pub wasm: WasmRuntime,
+    /// This node's name and state directory, for links to a hub.
+    pub uplink: crate::uplink::Context,
 }
 
 /// State shared by every connection of one service.
@@ -67,6 +76,10 @@ pub struct ServiceRuntime {
     pub mesh: Option<Arc<Mesh>>,
     /// The agent's budget for everything queued, shared by all services.
     pub queue_budget: Arc<Budget>,
+    /// The link to the service's hub, when it has one.
+    pub uplink: Option<Arc<Uplink>>,
+    /// As a hub: the forwarded messages already delivered, per origin.
+    pub dedup: Dedup,
     /// The service's token rules; `None` when it is open to every client.
     auth: Option<Authenticator>,
     ws_config: WebSocketConfig,
@@ -84,6 +97,7 @@ impl ServiceRuntime {
         shared: &Shared,
         stop: CancellationToken,
         auth: Option<Authenticator>,
+        (uplink, dedup): (Option<Arc<Uplink>>, Dedup),
     ) -> ServiceRuntime {
         let metrics = shared.metrics.clone();
         let max = config.limits.max_message_bytes as usize;
@@ -103,6 +117,8 @@ impl ServiceRuntime {
             hub: Hub::new(),
             mesh: shared.mesh.clone(),
             queue_budget: Arc::clone(&shared.queue_budget),
+            uplink,
+            dedup,
             auth,
             ws_config,
             open: AtomicU32::new(0),
@@ -115,6 +131,11 @@ impl ServiceRuntime {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Cancelled when the service stops.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// Queues a relay frame for this agent's subscribers of `channel`,
@@ -227,6 +248,8 @@ pub enum StartError {
     Auth(#[from] KeyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Uplink(#[from] crate::uplink::UplinkError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +271,17 @@ impl RunningService {
         // The key first: a service that cannot check tokens must not listen.
         let auth = config.auth.as_ref().map(Authenticator::load).transpose()?;
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        let uplink = match Uplink::open(&config, &shared.uplink, &shared.metrics.uplink).await {
+            Ok(uplink) => uplink,
+            // A state directory that cannot be written (a full disk) must
+            // not take the service's local clients down with it.
+            Err(err @ crate::uplink::UplinkError::Queue(_)) => {
+                tracing::error!(service = %config.name, %err, "the service runs without its hub link until it restarts");
+                None
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let dedup = Dedup::open(Some(shared.uplink.dedup_path(&config.name)));
         let addr = SocketAddr::new(bind_ip, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -257,8 +291,21 @@ impl RunningService {
             .map_err(|source| BindError { addr, source })?;
         let stop = parent.child_token();
         let handlers = HandlerSet::build(&config, &shared.metrics, &shared.wasm, &stop).await;
-        let runtime = Arc::new(ServiceRuntime::new(config, handlers, shared, stop, auth));
+        let runtime = Arc::new(ServiceRuntime::new(
+            config,
+            handlers,
+            shared,
+            stop,
+            auth,
+            (uplink, dedup),
+        ));
         gate::init_metrics(&runtime);
+        if let Some(uplink) = &runtime.uplink {
+            runtime.tracker.spawn(crate::uplink::link::run(
+                Arc::clone(&runtime),
+                Arc::clone(uplink),
+            ));
+        }
         let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&runtime), tls));
         tracing::info!(service = runtime.name(), %local_addr, "service listening");
         Ok(RunningService {

@@ -53,7 +53,12 @@ pub async fn prepare(runtime: &ServiceRuntime, request: ClientMessage) -> Prepar
                 Err(err) => Prepared::Reply(failed(Some(id), &err)),
             }
         }
-        ClientMessage::Publish { id, channel, data } => {
+        ClientMessage::Publish {
+            id,
+            channel,
+            data,
+            origin,
+        } => {
             let processor = runtime
                 .config
                 .channels
@@ -63,7 +68,12 @@ pub async fn prepare(runtime: &ServiceRuntime, request: ClientMessage) -> Prepar
             let Some((wasm, spec)) = processor.and_then(|name| {
                 Some((runtime.handlers.wasm(name)?, runtime.config.handler(name)?))
             }) else {
-                return Prepared::Request(ClientMessage::Publish { id, channel, data });
+                return Prepared::Request(ClientMessage::Publish {
+                    id,
+                    channel,
+                    data,
+                    origin,
+                });
             };
             let path = spec.path.as_deref().unwrap_or("/");
             match set::process(wasm, path, &channel, &data).await {

@@ -357,9 +357,30 @@ impl Session {
                 Action::Call,
                 handler,
             )?,
-            ClientMessage::Publish { id, channel, .. } => {
+            ClientMessage::Publish {
+                id,
+                channel,
+                origin,
+                ..
+            } => {
                 self.known_channel(id, channel)?;
                 gate::permit(&self.runtime, &self.access, id, Action::Publish, channel)?;
+                // A message an edge forwards again (its acknowledgement was
+                // lost) is acknowledged, and not delivered a second time.
+                if let Some(origin) = origin
+                    && !self.runtime.dedup.accept(&origin.node, channel, origin.seq)
+                {
+                    self.runtime
+                        .metrics
+                        .uplink
+                        .duplicates
+                        .with_label_values(&[self.runtime.name()])
+                        .inc();
+                    return Ok(id.clone().map(|id| ServerMessage::Published {
+                        id: Some(id),
+                        channel: channel.clone(),
+                    }));
+                }
             }
             ClientMessage::Subscribe { .. } | ClientMessage::Unsubscribe { .. } => {}
         }
@@ -376,6 +397,7 @@ impl Session {
                         id: None,
                         channel: channel.clone(),
                         data,
+                        origin: None,
                     };
                     self.on_request(publish)?;
                 }
@@ -409,14 +431,27 @@ impl Session {
                 self.subscriptions.remove(&channel);
                 Ok(Some(ServerMessage::Unsubscribed { id, channel }))
             }
-            ClientMessage::Publish { id, channel, data } => {
+            ClientMessage::Publish {
+                id,
+                channel,
+                data,
+                origin,
+            } => {
                 self.known_channel(&id, &channel)?;
                 gate::permit(&runtime, &self.access, &id, Action::Publish, &channel)?;
                 let published_at = Instant::now();
+                // Stored for the hub before the publisher's reply, so a
+                // publish the client saw acknowledged survives a crash.
+                if let Some(uplink) = &runtime.uplink
+                    && runtime.config.is_uplink(&channel)
+                {
+                    uplink.publish(&channel, &data);
+                }
                 let frame = Utf8Bytes::from(
                     ServerMessage::Message {
                         channel: channel.clone(),
                         data,
+                        origin,
                     }
                     .to_json(),
                 );
