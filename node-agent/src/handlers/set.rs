@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::wasm::{Answer, CallError, ModuleError, WasmHandler, WasmRuntime};
+use super::wasm::{Answer, CallError, ModuleReport, WasmHandler, WasmRuntime};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -62,8 +62,8 @@ impl HandlerSet {
         }
     }
 
-    /// Each `wasm` handler's module: its digest, or why it has none.
-    pub fn modules(&self) -> Vec<(String, Result<String, ModuleError>)> {
+    /// Each `wasm` handler's module: its digest, and what is wrong.
+    pub fn modules(&self) -> Vec<(String, ModuleReport)> {
         self.by_name
             .iter()
             .filter_map(|(name, handler)| match handler {
