@@ -106,6 +106,6 @@ mod tests {
             RegistryAuth::Anonymous
         ));
         assert!(config.auth_for("broken.example.com").is_err());
-        assert!(DockerConfig::parse(b"[]").is_err());
+        assert!(DockerConfig::parse(b"not json").is_err());
     }
 }
