@@ -2,8 +2,10 @@
 //! with the operator and an agent in cluster mode, pulling from a real
 //! registry that requires credentials (given as the EdgeService's
 //! `imagePullSecret`): the service becomes Ready, the EdgeNode and the
-//! EdgeService report the digest, a tag pushed anew rolls out, and an agent
-//! restarted with neither the registry nor the API server still serves.
+//! EdgeService report the digest, a tag pushed anew rolls out, a pin to
+//! another digest is refused (Degraded, an Event) while the pinned module
+//! serves, and an agent restarted with neither the registry nor the API
+//! server still serves.
 
 mod support;
 
@@ -16,7 +18,8 @@ use edgewire_testenv::registry::{Credentials, Registry};
 use edgewire_testenv::{ControlPlane, NodeSpec, Options};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
 use serde_json::{Value, json};
 use support::*;
 
@@ -272,23 +275,52 @@ spec:
         "still the old module"
     );
 
-    // Back to add, then neither the registry nor the API server: an agent
-    // started again serves the stored config with the stored module.
-    // (oras stamps each manifest with its creation time: a new digest.)
-    let third = registry
-        .push_wasm("edge/add:stable", &add)
-        .expect("push add again");
+    // Pinned to the first digest while the tag names the second: the stored
+    // first module serves again, and the mismatch is reported (Degraded,
+    // an Event) rather than followed.
+    let mut pinned = es.clone();
+    pinned.spec.handlers[0]
+        .module
+        .as_mut()
+        .expect("the module")
+        .digest = Some(first.clone());
+    services
+        .patch(
+            "compute",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&pinned),
+        )
+        .await
+        .unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
     let deadline = Instant::now() + SLOW_WAIT;
-    while get(addr, "/add?a=1&b=2").await != (200, json!({"result": 3}))
-        || node_digest(&client, "edge-oci").await.as_deref() != Some(third.as_str())
-    {
+    loop {
+        let served = get(addr, "/add?a=1&b=2").await == (200, json!({"result": 3}));
+        let es = services.get("compute").await.unwrap();
+        let refused = condition(&es, "Degraded") == ("True".into(), "ModuleDigestMismatch".into());
+        let reported = node_digest(&client, "edge-oci").await.as_deref() == Some(first.as_str());
+        let told = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ModuleDigestMismatch"));
+        if served && refused && reported && told {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "add did not roll back in; agent log:\n{}",
-            agent.log()
+            "pin not enforced (served {served}, refused {refused}, reported {reported}, event {told}): {:?}\nagent log:\n{}\noperator log:\n{}",
+            es.status,
+            agent.log(),
+            operator_log()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+
+    // Neither the registry nor the API server: an agent started again
+    // serves the stored config with the stored (pinned) module.
     drop(agent);
     registry.stop();
     plane.stop_component("kube-apiserver").unwrap();
@@ -303,7 +335,7 @@ spec:
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(
-        again.log().contains(&third) && again.log().contains("serving the stored module"),
+        again.log().contains(&first) && again.log().contains("serving the stored module"),
         "{}",
         again.log()
     );
