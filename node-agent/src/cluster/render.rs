@@ -1,9 +1,12 @@
-//! The agent's config in a cluster, as a pure function of the EdgeServices:
-//! every EdgeService whose placement names this node becomes a service named
-//! `namespace/name`, with the other placed nodes as its mesh peers, each
-//! with the mesh public key the operator carried over from its EdgeNode.
+//! The agent's config in a cluster, as a pure function of the EdgeServices
+//! and their PlacementSlices: every EdgeService whose slices name this node
+//! becomes a service named `namespace/name`, with the other placed nodes as
+//! its mesh peers, each with the mesh public key the operator carried over
+//! from its EdgeNode.
 
-use edgewire_api::crd::EdgeService;
+use std::collections::BTreeMap;
+
+use edgewire_api::crd::{EdgeService, NodePlacement, PlacementSlice};
 use edgewire_api::{AgentConfig, PeerSpec, ServiceConfig};
 
 /// What to run, and the EdgeServices that could not be run here (with why).
@@ -21,17 +24,59 @@ fn key(es: &EdgeService) -> String {
     )
 }
 
+/// Each EdgeService's placed nodes (`namespace/name` to its nodes), from
+/// the slices its current object owns (a slice left by a deleted service of
+/// the same name is not its placement).
+pub fn placements<'a>(
+    services: &[EdgeService],
+    slices: &'a [PlacementSlice],
+) -> BTreeMap<String, Vec<&'a NodePlacement>> {
+    let uids: BTreeMap<String, Option<&str>> = services
+        .iter()
+        .map(|es| (key(es), es.metadata.uid.as_deref()))
+        .collect();
+    let mut by_service: BTreeMap<String, Vec<&NodePlacement>> = BTreeMap::new();
+    for slice in slices {
+        let service = format!(
+            "{}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.spec.service
+        );
+        let Some(uid) = uids.get(&service) else {
+            continue;
+        };
+        let owned = uid.is_none_or(|uid| {
+            slice
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.uid == uid)
+        });
+        if owned {
+            by_service
+                .entry(service)
+                .or_default()
+                .extend(slice.spec.nodes.iter());
+        }
+    }
+    by_service
+}
+
 /// `mesh_port` is None when this agent runs no mesh: its services then
 /// serve their local clients only, with no peers to dial.
-pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> Rendered {
+pub fn render(
+    node: &str,
+    services: &[EdgeService],
+    slices: &[PlacementSlice],
+    mesh_port: Option<u16>,
+) -> Rendered {
+    let placements = placements(services, slices);
+    let nodes_of = |es: &EdgeService| placements.get(&key(es)).map_or(&[][..], Vec::as_slice);
     let mut placed: Vec<&EdgeService> = services
         .iter()
         .filter(|es| es.metadata.deletion_timestamp.is_none())
-        .filter(|es| {
-            es.status
-                .as_ref()
-                .is_some_and(|s| s.placement.iter().any(|p| p.node == node))
-        })
+        .filter(|es| nodes_of(es).iter().any(|p| p.node == node))
         .collect();
     // Oldest first, so that if two ever claim one port here, the older wins
     // (the operator's rule too).
@@ -46,10 +91,8 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
                 .push((name, format!("port {} is out of range", es.spec.port)));
             continue;
         };
-        let peers = es
-            .status
+        let peers = nodes_of(es)
             .iter()
-            .flat_map(|s| s.placement.iter())
             .filter(|p| p.node != node)
             .filter_map(|p| {
                 let mesh_port = mesh_port?;
@@ -107,7 +150,9 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
 
 #[cfg(test)]
 mod tests {
-    use edgewire_api::crd::{EdgeServiceSpec, EdgeServiceStatus, NodePlacement, PlacementState};
+    use edgewire_api::crd::{
+        EdgeServiceSpec, EdgeServiceStatus, NodePlacement, PlacementSliceSpec, PlacementState,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
 
@@ -153,6 +198,37 @@ mod tests {
         es
     }
 
+    /// One slice per service, holding the placement its status lists.
+    fn slices_of(services: &[EdgeService]) -> Vec<PlacementSlice> {
+        services
+            .iter()
+            .map(|es| {
+                let mut slice = PlacementSlice::new(
+                    &format!("{}-0", es.metadata.name.as_deref().unwrap()),
+                    PlacementSliceSpec {
+                        service: es.metadata.name.clone().unwrap(),
+                        nodes: es.status.as_ref().unwrap().placement.clone(),
+                    },
+                );
+                slice.metadata.namespace = es.metadata.namespace.clone();
+                slice
+            })
+            .collect()
+    }
+
+    fn render_placed(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> Rendered {
+        render(node, services, &slices_of(services), mesh_port)
+    }
+
+    #[test]
+    fn a_slice_of_a_deleted_namesake_places_nothing() {
+        let mut services = [es("chat", 8765, &[("a", Some("10.0.0.1"))], 1)];
+        let slices = slices_of(&services);
+        services[0].metadata.uid = Some("new-uid".into());
+        let r = render("a", &services, &slices, Some(7946));
+        assert!(r.config.services.is_empty(), "{:?}", r.config.services);
+    }
+
     #[test]
     fn runs_what_is_placed_here_with_the_others_as_peers() {
         let services = [
@@ -168,7 +244,7 @@ mod tests {
             ),
             es("elsewhere", 9000, &[("b", Some("10.0.0.2"))], 2),
         ];
-        let r = render("a", &services, Some(7946));
+        let r = render_placed("a", &services, Some(7946));
         assert!(r.rejected.is_empty());
         assert_eq!(r.config.services.len(), 1);
         let s = &r.config.services[0];
@@ -191,7 +267,7 @@ mod tests {
             es("newer", 8000, &[("a", None)], 5),
             es("older", 8000, &[("a", None)], 1),
         ];
-        let r = render("a", &services, Some(7946));
+        let r = render_placed("a", &services, Some(7946));
         assert_eq!(r.config.services[0].name, "edge/older");
         assert_eq!(r.rejected.len(), 1);
         assert_eq!(r.rejected[0].0, "edge/newer");
@@ -210,7 +286,7 @@ mod tests {
             &[("a", None), ("b", Some("2001:db8::2"))],
             1,
         )];
-        let r = render("a", &services, Some(7946));
+        let r = render_placed("a", &services, Some(7946));
         assert_eq!(r.config.services[0].peers[0].address, "[2001:db8::2]:7946");
     }
 
@@ -229,7 +305,7 @@ mod tests {
         let placement = &mut services[0].status.as_mut().unwrap().placement;
         placement[1].mesh_public_key = None;
         placement[2].mesh_public_key = Some("not hex".into());
-        let r = render("a", &services, Some(7946));
+        let r = render_placed("a", &services, Some(7946));
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
     }
@@ -242,7 +318,7 @@ mod tests {
             &[("a", Some("10.0.0.1")), ("b", Some("10.0.0.2"))],
             1,
         )];
-        let r = render("a", &services, None);
+        let r = render_placed("a", &services, None);
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
         r.config.validate().unwrap();

@@ -84,6 +84,7 @@ impl WasmHandler {
             outbound: Outbound {
                 allowed: spec.allowed_outbound_hosts.clone().into(),
                 service,
+                handler: Arc::from(spec.name.as_str()),
                 metrics: metrics.clone(),
             },
             metrics: metrics.clone(),
@@ -91,6 +92,11 @@ impl WasmHandler {
             refused: RwLock::new(None),
         });
         metrics.init_handler(&handler.service, &handler.name, &CallError::REASONS);
+        if !spec.allowed_outbound_hosts.is_empty() {
+            for outcome in crate::handlers::upstream::Outcome::LABELS {
+                metrics.upstream_attempt_init(&handler.service, &handler.name, outcome);
+            }
+        }
         let host = match runtime.host() {
             Ok(host) => host,
             Err(err) => {
