@@ -63,13 +63,17 @@ impl DockerConfig {
     }
 }
 
-/// `host[:port]` of a Docker config key, which may be a bare host or a URL.
+/// `host[:port]` of a Docker config key, which may be a bare host or a URL;
+/// Docker Hub under the one name references use for it.
 fn registry_of(key: &str) -> &str {
     let key = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    key.split('/').next().unwrap_or(key)
+    match key.split('/').next().unwrap_or(key) {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        host => host,
+    }
 }
 
 #[cfg(test)]
@@ -89,7 +93,8 @@ mod tests {
             br#"{"auths": {
                 "127.0.0.1:5000": {"auth": "ZWRnZTpzM2NyZXQ="},
                 "https://registry.example.com/v1/": {"username": "u", "password": "p"},
-                "broken.example.com": {"auth": "%%%"}
+                "broken.example.com": {"auth": "%%%"},
+                "https://index.docker.io/v1/": {"username": "hub", "password": "h"}
             }}"#,
         )
         .unwrap();
@@ -106,6 +111,10 @@ mod tests {
             RegistryAuth::Anonymous
         ));
         assert!(config.auth_for("broken.example.com").is_err());
+        assert_eq!(
+            basic(config.auth_for("docker.io").unwrap()),
+            ("hub".into(), "h".into())
+        );
         assert!(DockerConfig::parse(b"not json").is_err());
     }
 }

@@ -95,14 +95,18 @@ async fn pull_within(
         }
     };
     if running == Some(digest.as_str()) {
-        store.map(remember);
+        if let Some(store) = store {
+            remember(store);
+        }
         return Ok(Pulled {
             manifest: digest,
             bytes: None,
         });
     }
-    if let Some(bytes) = store.and_then(|s| s.image(&digest)) {
-        store.map(remember);
+    if let Some(store) = store
+        && let Some(bytes) = store.image(&digest)
+    {
+        remember(store);
         return Ok(Pulled {
             manifest: digest,
             bytes: Some(bytes),
