@@ -352,6 +352,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_pull_secrets_a_spec_names() {
+        let spec: EdgeServiceSpec = serde_json::from_value(serde_json::json!({
+            "port": 8080,
+            "handlers": [
+                {"name": "a", "kind": "wasm", "module": {"image": "r/a:1", "imagePullSecret": "creds"}},
+                {"name": "b", "kind": "wasm", "module": {"image": "r/b:1", "imagePullSecret": "creds"}},
+                {"name": "c", "kind": "wasm", "module": {"image": "r/c:1", "imagePullSecret": "other"}},
+                {"name": "d", "kind": "wasm", "module": {"image": "public/d:1"}},
+                {"name": "e", "kind": "echo"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.image_pull_secrets().into_iter().collect::<Vec<_>>(),
+            vec!["creds", "other"]
+        );
+    }
+
+    #[test]
     fn crds_carry_names_columns_and_validation() {
         let es = serde_json::to_string(&EdgeService::crd()).unwrap();
         for needle in [

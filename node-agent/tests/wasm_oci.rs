@@ -195,10 +195,29 @@ async fn a_restarted_agent_serves_the_stored_module_while_the_registry_is_down()
     );
 
     // Without a stored module, the same registry outage is a pull failure
-    // that the handler reports and answers 503 for.
+    // that the handler reports and answers 503 for, until the registry is
+    // back.
     let empty = tempfile::tempdir().unwrap();
-    let fresh = start_agent(&config, &["--state-dir", state_arg(empty.path())]).await;
+    let fresh = start_agent(
+        &config,
+        &[
+            "--state-dir",
+            state_arg(empty.path()),
+            "--image-recheck-interval",
+            "1",
+        ],
+    )
+    .await;
     wait_module(&fresh, "add", (None, Some("ModulePullFailed")), &registry).await;
+    let addr = fresh.service_addr("edge").await;
+    let (status, body) = http_get(addr, "/add?a=1&b=2").await.expect("answer");
+    assert_eq!(status, 503, "{body}");
+    registry.restart().await.expect("registry back");
+    wait_module(&fresh, "add", (Some(&digest), None), &registry).await;
+    assert_eq!(
+        get_json(addr, "/add?a=1&b=2").await,
+        (200, json!({"result": 3}))
+    );
 }
 
 #[tokio::test]
