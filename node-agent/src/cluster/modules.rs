@@ -6,9 +6,8 @@
 //! (`module.image`) are pulled by their handlers; what is read here is the
 //! pull Secret each names, and only those Secrets.
 
-use std::path::{Path, PathBuf};
-
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use edgewire_api::{AgentConfig, ConfigMapKey, ModuleSource};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};

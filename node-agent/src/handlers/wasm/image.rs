@@ -84,8 +84,9 @@ async fn pull_within(
         ))
     })?;
     let registry = Registry::new(source.plain_http, auth).map_err(ModuleError::Unavailable)?;
-    let (manifest, digest) = registry
-        .resolve(&reference)
+    // The digest alone first: most checks find the module already running.
+    let digest = registry
+        .digest(&reference)
         .await
         .map_err(ModuleError::Unavailable)?;
     check_pin(source.pin.as_deref(), &digest)?;
@@ -112,7 +113,12 @@ async fn pull_within(
             bytes: Some(bytes),
         });
     }
+    // By digest from here on: a tag moved meanwhile cannot mix two pushes.
     let by_digest = reference.clone_with_digest(digest.clone());
+    let (manifest, _) = registry
+        .resolve(&by_digest)
+        .await
+        .map_err(ModuleError::Unavailable)?;
     let bytes = registry
         .fetch_module(&by_digest, &manifest)
         .await

@@ -1,5 +1,5 @@
 //! Talking to an OCI registry (with `oci-client`): a reference resolved to
-//! its manifest and manifest digest, and the one Wasm layer of a manifest
+//! its manifest digest, its manifest, and the one Wasm layer of a manifest
 //! fetched, its size bounded before a byte is read and its digest checked.
 
 use std::time::Duration;
@@ -50,6 +50,16 @@ impl Registry {
         let client = Client::try_from(config)
             .map_err(|err| format!("cannot build the registry client: {err}"))?;
         Ok(Registry { client, auth })
+    }
+
+    /// The digest of the manifest `reference` names now: a HEAD request
+    /// where the registry answers it with the digest (registries do not
+    /// count these as pulls), else a GET.
+    pub async fn digest(&self, reference: &Reference) -> Result<String, String> {
+        self.client
+            .fetch_manifest_digest(reference, &self.auth)
+            .await
+            .map_err(|err| format!("cannot resolve {reference}: {err}"))
     }
 
     /// The manifest `reference` names now, and its digest.
