@@ -123,6 +123,19 @@ def with_custom_section(wasm: bytes, tag: str) -> bytes:
     return wasm + b"\x00" + leb(len(payload)) + payload
 
 
+def first_answer(port, path, config, text):
+    """Writes `text` as the agent's config and times until `path` answers
+    200: one sample, or none when it does not within 60 s."""
+    written = time.monotonic()
+    config.write_text(text)
+    deadline = written + 60
+    while time.monotonic() < deadline:
+        if http_get(port, f"{path}?a=1&b=2") == 200:
+            return [time.monotonic() - written]
+        time.sleep(0.005)
+    return []
+
+
 def cold_starts(tmp):
     """Time from a config naming a module of a new digest to its first 200,
     with the agent reloading its config every 0.1 s (so the reload check
@@ -140,14 +153,8 @@ def cold_starts(tmp):
             module = tmp / f"add-{i}.wasm"
             module.write_bytes(with_custom_section(base, f"{time.time_ns()}-{i}"))
             path = f"/add{i}"
-            written = time.monotonic()
-            config.write_text(agent_config(port, [("native", "/native", None), (f"add{i}", path, module)]))
-            deadline = written + 60
-            while time.monotonic() < deadline:
-                if http_get(port, f"{path}?a=1&b=2") == 200:
-                    samples.append(time.monotonic() - written)
-                    break
-                time.sleep(0.005)
+            samples += first_answer(port, path, config,
+                                    agent_config(port, [("native", "/native", None), (f"add{i}", path, module)]))
     return samples
 
 
@@ -180,14 +187,7 @@ def pulled_cold_starts(tmp):
             lines = agent_config(port, [("native", "/native", None)])
             lines += (f"      - {{name: pull{i}, kind: wasm, path: {path}, "
                       f"module: {{image: \"{reference}\", plainHttp: true}}}}\n")
-            written = time.monotonic()
-            config.write_text(lines)
-            deadline = written + 60
-            while time.monotonic() < deadline:
-                if http_get(port, f"{path}?a=1&b=2") == 200:
-                    samples.append(time.monotonic() - written)
-                    break
-                time.sleep(0.005)
+            samples += first_answer(port, path, config, lines)
     return samples
 
 
