@@ -305,3 +305,52 @@ async fn a_tag_pushed_anew_rolls_out() {
         "still the old module"
     );
 }
+
+/// A registry that takes connections and never answers must not hold the
+/// service: past a bounded wait it listens, its other handlers answer, and
+/// the image handler answers 503 while its pull goes on.
+#[tokio::test]
+async fn an_unanswering_registry_does_not_hold_the_service() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback listener");
+    let port = silent.local_addr().expect("its address").port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: native, kind: add, path: /native}}
+      - name: add
+        kind: wasm
+        path: /add
+        module: {{image: "127.0.0.1:{port}/edge/add:v1", plainHttp: true}}
+"#
+    );
+    let state = tempfile::tempdir().unwrap();
+    let agent = start_agent(&config, &["--state-dir", state_arg(state.path())]).await;
+    let (_, ready) = agent.readyz().await;
+    let module = ready["services"][0]["modules"][0].clone();
+    assert_eq!(module["reason"], "ModulePullFailed", "{ready}");
+    assert!(
+        module["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pulling 127.0.0.1")),
+        "the service waited for the pull to fail: {ready}"
+    );
+    let addr = agent.service_addr("edge").await;
+    assert_eq!(
+        get_json(addr, "/native?a=1&b=2").await,
+        (200, json!({"result": 3}))
+    );
+    let (status, body) = http_get(addr, "/add?a=1&b=2").await.expect("answer");
+    assert_eq!(status, 503, "{body}");
+    holder.abort();
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use edgewire_api::{HandlerSpec, ModuleSource};
 use http_body_util::Full;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::call::{self, Answer, Budget, CallError};
@@ -23,6 +23,9 @@ use crate::metrics::Metrics;
 
 /// How often the module file is checked for new content.
 const RELOAD_POLL: Duration = Duration::from_secs(1);
+/// The longest a handler's start waits for the first pull of an image
+/// module that is not stored yet.
+const FIRST_PULL_WAIT: Duration = Duration::from_secs(10);
 
 pub struct WasmHandler {
     name: String,
@@ -167,8 +170,8 @@ impl WasmHandler {
 
     /// Serves the stored module of the reference at once when there is one
     /// (so a restart without the registry serves what it had), else waits
-    /// for the first pull; then resolves the reference again every recheck
-    /// interval (and when asked) and loads a new digest.
+    /// (bounded) for the first pull; then resolves the reference again
+    /// every recheck interval (and when asked) and loads a new digest.
     async fn follow_image(
         self: Arc<Self>,
         host: Arc<WasmHost>,
@@ -191,7 +194,7 @@ impl WasmHandler {
             .store
             .as_ref()
             .and_then(|s| image::cached(&image.source, s));
-        match stored {
+        let first_pull = match stored {
             Some((manifest, bytes)) => {
                 tracing::info!(
                     service = %self.service, handler = %self.name, reference = %image.source.reference,
@@ -200,28 +203,47 @@ impl WasmHandler {
                 let loaded = load_bytes(&image.host, bytes, manifest.clone()).await;
                 image.running = loaded.is_ok().then_some(manifest);
                 self.set_module(loaded);
+                None
             }
-            None => self.check_image(&mut image).await,
-        }
+            None => {
+                self.set_module(Err(ModuleError::Unavailable(format!(
+                    "pulling {}",
+                    image.source.reference
+                ))));
+                Some(Arc::new(Notify::new()))
+            }
+        };
         let mut recheck = image.runtime.images.recheck.subscribe();
         let interval = image.runtime.images.recheck_interval;
-        let mut checked_once = image.running.is_none();
+        let mut pulled = first_pull.clone();
         tokio::spawn(async move {
+            // The first check at once: the registry may have a newer digest
+            // than the stored module, or there is no module yet.
+            let mut first = true;
             loop {
-                if checked_once {
+                if !first {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(interval) => {}
                         changed = recheck.changed() => if changed.is_err() { break },
                     }
                 }
-                checked_once = true;
+                first = false;
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = self.check_image(&mut image) => {}
                 }
+                if let Some(done) = pulled.take() {
+                    done.notify_one();
+                }
             }
         });
+        // A service starts once its modules are loaded, but an unanswering
+        // registry must not hold it (and the services after it) for long:
+        // past this wait the handler answers 503 until its pull ends.
+        if let Some(done) = first_pull {
+            let _ = tokio::time::timeout(FIRST_PULL_WAIT, done.notified()).await;
+        }
     }
 
     /// Resolves the reference; loads the module when its digest is new.
