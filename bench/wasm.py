@@ -3,7 +3,9 @@
 and under edgewire (a `wasm` handler), with edgewire's native `add` as the
 floor, measured in the same run with the same client (edgewire-loadgen's
 HTTP mode, 100 keep-alive clients). Also the time from a new module digest
-appearing in the config to its first answer (the compile of a new module).
+appearing in the config to its first answer (the compile of a new module),
+and the same for an image module pushed to a loopback registry (pull and
+compile).
 Prints tables with ratios and writes them to bench/results/wasm.md. All
 traffic stays on loopback; every run is bounded in count and time. Figures
 only: nothing here passes or fails on a time."""
@@ -24,6 +26,8 @@ LOADGEN = os.environ["EDGEWIRE_LOADGEN"]
 AGENT = os.environ["EDGEWIRE_AGENT"]
 WASMTIME = os.environ["EDGEWIRE_WASMTIME"]
 COMPONENT = Path(os.environ["EDGEWIRE_ADD_COMPONENT"])
+# The test registry and oras (testenv/build.sh), for image modules.
+TESTENV_BIN = os.environ.get("EDGEWIRE_TESTENV_BIN")
 QUICK = os.environ.get("EDGEWIRE_BENCH_QUICK") == "1"
 
 CLIENTS = 100
@@ -119,6 +123,19 @@ def with_custom_section(wasm: bytes, tag: str) -> bytes:
     return wasm + b"\x00" + leb(len(payload)) + payload
 
 
+def first_answer(port, path, config, text):
+    """Writes `text` as the agent's config and times until `path` answers
+    200: one sample, or none when it does not within 60 s."""
+    written = time.monotonic()
+    config.write_text(text)
+    deadline = written + 60
+    while time.monotonic() < deadline:
+        if http_get(port, f"{path}?a=1&b=2") == 200:
+            return [time.monotonic() - written]
+        time.sleep(0.005)
+    return []
+
+
 def cold_starts(tmp):
     """Time from a config naming a module of a new digest to its first 200,
     with the agent reloading its config every 0.1 s (so the reload check
@@ -136,14 +153,41 @@ def cold_starts(tmp):
             module = tmp / f"add-{i}.wasm"
             module.write_bytes(with_custom_section(base, f"{time.time_ns()}-{i}"))
             path = f"/add{i}"
-            written = time.monotonic()
-            config.write_text(agent_config(port, [("native", "/native", None), (f"add{i}", path, module)]))
-            deadline = written + 60
-            while time.monotonic() < deadline:
-                if http_get(port, f"{path}?a=1&b=2") == 200:
-                    samples.append(time.monotonic() - written)
-                    break
-                time.sleep(0.005)
+            samples += first_answer(port, path, config,
+                                    agent_config(port, [("native", "/native", None), (f"add{i}", path, module)]))
+    return samples
+
+
+def pulled_cold_starts(tmp):
+    """Time from a config naming an image of a new digest (pushed with oras
+    to a registry on loopback) to its first 200: resolve, pull, compile."""
+    bin_dir = Path(TESTENV_BIN)
+    registry_port, port = free_port(), free_port()
+    registry_config = tmp / "registry.yml"
+    registry_config.write_text(
+        f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {tmp}/registry\n"
+        f"http:\n  addr: 127.0.0.1:{registry_port}\n")
+    config = tmp / "pull.yaml"
+    config.write_text(agent_config(port, [("native", "/native", None)]))
+    base = COMPONENT.read_bytes()
+    samples = []
+    with Process([bin_dir / "registry", "serve", str(registry_config)], tmp / "registry.log"), \
+            Process([AGENT, "--config", str(config), "--state-dir", str(tmp / "pull-state"),
+                     "--reload-interval", "0.1", "--log-level", "warn"], tmp / "pull.log"):
+        wait_port(registry_port)
+        wait_port(port)
+        for i in range(COLD_STARTS):
+            (tmp / "add.wasm").write_bytes(with_custom_section(base, f"pull-{time.time_ns()}-{i}"))
+            reference = f"127.0.0.1:{registry_port}/bench/add:v{i}"
+            subprocess.run([bin_dir / "oras", "push", "--plain-http", reference, "add.wasm:application/wasm"],
+                           cwd=tmp, check=True, capture_output=True, timeout=60,
+                           env={**os.environ, "HOME": str(tmp), "DOCKER_CONFIG": str(tmp / "oras")})
+            path = f"/pull{i}"
+            lines = agent_config(port, [("native", "/native", None)])
+            lines += (f"      - {{name: pull{i}, kind: wasm, path: {path}, "
+                      f"module: {{image: \"{reference}\", plainHttp: true}}}}\n")
+            samples += first_answer(port, path, config, lines)
     return samples
 
 
@@ -180,6 +224,8 @@ def main():
                 runs[name].append(r)
         cold = cold_starts(tmp)
         print(f"  cold starts (s): {cold}", flush=True)
+        pulled = pulled_cold_starts(tmp) if TESTENV_BIN else []
+        print(f"  cold starts pulling from a registry (s): {pulled}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -220,6 +266,10 @@ def main():
         f"New module digest in the config to its first answer (compile and load, module from a file; "
         f"{len(cold)} samples, seconds): "
         + (f"median {statistics.median(cold):.3f}, max {max(cold):.3f}" if cold else "none answered"),
+        "",
+        f"New image digest in the config to its first answer (resolve, pull from a registry on loopback, "
+        f"compile and load; {len(pulled)} samples, seconds): "
+        + (f"median {statistics.median(pulled):.3f}, max {max(pulled):.3f}" if pulled else "none answered"),
         "",
     ])
     print("\n" + report)

@@ -2,7 +2,8 @@
 # Runs the Wasm handler benchmark (bench/wasm.py) after installing what it
 # needs: release builds of the agent and the load generator, the example
 # components (wasm32-wasip2), and `wasmtime` (the wasmtime-cli crate at the
-# version of the wasmtime the agent embeds, cached outside the repository).
+# version of the wasmtime the agent embeds, cached outside the repository),
+# and the test registry and oras for image modules (testenv/build.sh).
 # EDGEWIRE_BENCH_QUICK=1 runs a short version.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,9 +27,13 @@ if [[ ! -x "$cache/bin/wasmtime" ]]; then
 fi
 "$cache/bin/wasmtime" --version
 
+stage "test registry and oras (testenv/build.sh; the first run builds the control plane too)"
+bin_dir=$(bash testenv/build.sh | tail -n 1)
+
 stage "benchmark"
 EDGEWIRE_LOADGEN="$target/release/edgewire-loadgen" \
 EDGEWIRE_AGENT="$target/release/edgewire-agent" \
 EDGEWIRE_WASMTIME="$cache/bin/wasmtime" \
 EDGEWIRE_ADD_COMPONENT="$component" \
+EDGEWIRE_TESTENV_BIN="$bin_dir" \
   python3 bench/wasm.py

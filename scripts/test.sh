@@ -47,7 +47,7 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r node-agent/tests/seed/requirements.txt
 export EDGEWIRE_PYTHON="$venv/bin/python"
 
-stage "Test control plane binaries and Prometheus (cached; first build takes several minutes)"
+stage "Test control plane binaries, Prometheus, the OCI registry and oras (cached; first build takes several minutes)"
 bin_dir=$(bash testenv/build.sh | tail -n 1)
 export EDGEWIRE_TESTENV_BIN="$bin_dir"
 echo "binaries in $bin_dir"

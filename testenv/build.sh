@@ -81,6 +81,24 @@ build prometheus "$here/go/prometheus" "-s -w -X github.com/prometheus/common/ve
   github.com/prometheus/prometheus/cmd/prometheus
 echo "$prom_version" >"$bin/prometheus.version"
 
+# The OCI registry and the oras CLI for the Wasm module tests, built from the
+# Go modules that go/registry and go/oras pin. Like Prometheus, their versions
+# are not part of the cache key; a stamp beside each rebuilds it instead.
+build_pinned() { # name dir module package ldflags-with-VERSION
+  local name=$1 dir=$2 module=$3 pkg=$4 ldflags=$5 version
+  version=$(cd "$dir" && go list -m -f '{{.Version}}' "$module")
+  if [[ "$(cat "$bin/$name.version" 2>/dev/null)" != "$version" ]]; then
+    rm -f "$bin/$name"
+  fi
+  build "$name" "$dir" "${ldflags//VERSION/$version}" "$pkg"
+  echo "$version" >"$bin/$name.version"
+}
+build_pinned registry "$here/go/registry" github.com/distribution/distribution/v3 \
+  github.com/distribution/distribution/v3/cmd/registry \
+  "-s -w -X github.com/distribution/distribution/v3/version.version=VERSION"
+build_pinned oras "$here/go/oras" oras.land/oras oras.land/oras/cmd/oras \
+  "-s -w -X oras.land/oras/internal/version.GitTreeState=clean"
+
 # The pod sandbox process of the real nodes' pause image: static, so the image
 # holds nothing else.
 if [[ -x "$bin/pause" ]]; then

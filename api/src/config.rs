@@ -142,6 +142,49 @@ pub struct ModuleSource {
     /// cluster; a ConfigMap holds at most 1 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<ConfigMapKey>,
+    /// An OCI reference (`registry/repository:tag` or `...@sha256:...`) to a
+    /// Wasm artifact: a manifest with one `application/wasm` layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    pub image: Option<String>,
+    /// For `image`: the manifest digest (`sha256:` and 64 hex digits) the
+    /// reference must resolve to; any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
+    pub digest: Option<String>,
+    /// For `image` in a cluster: a `kubernetes.io/dockerconfigjson` Secret in
+    /// the EdgeService's namespace with the registry's credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub image_pull_secret: Option<String>,
+    /// For `image`: speak plain HTTP to the registry instead of HTTPS (a
+    /// registry on loopback or a trusted network only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
+}
+
+impl ModuleSource {
+    /// A module read from a file on the node.
+    pub fn file(path: impl Into<String>) -> ModuleSource {
+        ModuleSource {
+            file: Some(path.into()),
+            config_map: None,
+            image: None,
+            digest: None,
+            image_pull_secret: None,
+            plain_http: false,
+        }
+    }
+}
+
+/// Whether `text` is a manifest digest as `module.digest` takes it.
+pub fn is_sha256_digest(text: &str) -> bool {
+    text.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// One `binaryData` key of a ConfigMap.
@@ -635,15 +678,9 @@ impl HandlerSpec {
         match &self.module {
             None => errors.push(FieldError::new(
                 format!("{at}.module"),
-                "a wasm handler needs a module (file or configMap)",
+                "a wasm handler needs a module (file, configMap or image)",
             )),
-            Some(module) => match (&module.file, &module.config_map) {
-                (Some(_), None) | (None, Some(_)) => {}
-                _ => errors.push(FieldError::new(
-                    format!("{at}.module"),
-                    "exactly one of file and configMap must be set",
-                )),
-            },
+            Some(module) => module.validate_into(&format!("{at}.module"), errors),
         }
         if let Some(limits) = &self.limits {
             limits.validate_into(&format!("{at}.limits"), errors);
@@ -658,6 +695,52 @@ impl HandlerSpec {
                     format!("{at}.allowedOutboundHosts[{k}]"),
                     format!("{host:?} must be a host or host:port, without a scheme or path"),
                 ));
+            }
+        }
+    }
+}
+
+impl ModuleSource {
+    fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let sources = [
+            self.file.is_some(),
+            self.config_map.is_some(),
+            self.image.is_some(),
+        ];
+        if sources.iter().filter(|set| **set).count() != 1 {
+            errors.push(FieldError::new(
+                at,
+                "exactly one of file, configMap and image must be set",
+            ));
+        }
+        if let Some(image) = &self.image
+            && (image.is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace))
+        {
+            errors.push(FieldError::new(
+                format!("{at}.image"),
+                format!("{image:?} is not an OCI reference"),
+            ));
+        }
+        if let Some(digest) = &self.digest
+            && !is_sha256_digest(digest)
+        {
+            errors.push(FieldError::new(
+                format!("{at}.digest"),
+                format!("{digest:?} must be sha256: and 64 lowercase hex digits"),
+            ));
+        }
+        if self.image.is_none() {
+            for (field, set) in [
+                ("digest", self.digest.is_some()),
+                ("imagePullSecret", self.image_pull_secret.is_some()),
+                ("plainHttp", self.plain_http),
+            ] {
+                if set {
+                    errors.push(FieldError::new(
+                        format!("{at}.{field}"),
+                        format!("only an image module takes {field}"),
+                    ));
+                }
             }
         }
     }
@@ -964,11 +1047,11 @@ services:
         let service = &mut bad.services[0];
         service.handlers[0].module = None;
         service.handlers[1].module = Some(ModuleSource {
-            file: Some("x.wasm".into()),
             config_map: Some(ConfigMapKey {
                 name: "m".into(),
                 key: "k".into(),
             }),
+            ..ModuleSource::file("x.wasm")
         });
         service.handlers[1].limits = Some(WasmLimits {
             max_memory_bytes: 1,
@@ -991,6 +1074,65 @@ services:
                 "services[0].handlers[2].allowedOutboundHosts",
                 "services[0].channels[0].processor",
                 "services[0].channels[1].processor",
+            ]
+        );
+    }
+
+    #[test]
+    fn image_modules_take_a_pin_a_secret_and_plain_http() {
+        let config = AgentConfig::parse(
+            r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - name: add
+        kind: wasm
+        path: /add
+        module:
+          image: 127.0.0.1:5000/edge/add:v1
+          digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+          imagePullSecret: registry
+          plainHttp: true
+"#,
+        )
+        .unwrap();
+        let module = config.services[0].handlers[0].module.clone().unwrap();
+        assert!(module.plain_http);
+        assert_eq!(module.image_pull_secret.as_deref(), Some("registry"));
+
+        let mut bad = config.clone();
+        let handlers = &mut bad.services[0].handlers;
+        handlers[0].module = Some(ModuleSource {
+            image: Some("a b".into()),
+            digest: Some("sha256:ABC".into()),
+            ..module.clone()
+        });
+        let mut file = ModuleSource::file("add.wasm");
+        file.digest = module.digest.clone();
+        file.plain_http = true;
+        handlers.push(HandlerSpec {
+            name: "file".into(),
+            module: Some(file),
+            path: None,
+            ..handlers[0].clone()
+        });
+        let mut both = module.clone();
+        both.file = Some("add.wasm".into());
+        handlers.push(HandlerSpec {
+            name: "both".into(),
+            module: Some(both),
+            path: None,
+            ..handlers[0].clone()
+        });
+        assert_eq!(
+            fields(bad.validate().unwrap_err()),
+            vec![
+                "services[0].handlers[0].module.image",
+                "services[0].handlers[0].module.digest",
+                "services[0].handlers[1].module.digest",
+                "services[0].handlers[1].module.plainHttp",
+                "services[0].handlers[2].module",
             ]
         );
     }

@@ -7,7 +7,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
@@ -82,6 +82,18 @@ pub struct EdgeServiceSpec {
     pub expose: Expose,
 }
 
+impl EdgeServiceSpec {
+    /// The Secrets (in the EdgeService's namespace) that its Wasm modules are
+    /// pulled with, `module.imagePullSecret`: the agents placed for it need to
+    /// read these, and no other Secret, for its modules.
+    pub fn image_pull_secrets(&self) -> BTreeSet<&str> {
+        self.handlers
+            .iter()
+            .filter_map(|h| h.module.as_ref()?.image_pull_secret.as_deref())
+            .collect()
+    }
+}
+
 fn default_relay_path() -> String {
     "/relay".into()
 }
@@ -154,6 +166,19 @@ pub struct EdgeServiceStatus {
     /// Open client connections summed over the placed nodes.
     #[serde(default)]
     pub connections: i64,
+    /// The Wasm module digests the placed nodes report, per handler, with
+    /// how many nodes serve each (two digests while a new one rolls out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<ServiceModule>,
+}
+
+/// One module digest of a `wasm` handler and the nodes serving it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceModule {
+    pub handler: String,
+    pub digest: String,
+    pub nodes: i32,
 }
 
 /// One node the service is placed on.
@@ -303,9 +328,11 @@ pub struct NodeService {
     pub modules: Vec<NodeModule>,
 }
 
-/// A `wasm` handler's module as one agent runs it: the digest in use, or
-/// why there is none (`reason`: `ModulePullFailed`, `ModuleInvalid`,
-/// `ModuleMissingExport`, `ModuleUnsupportedImport`).
+/// A `wasm` handler's module as one agent runs it: the digest in use (for
+/// an image, its manifest digest), or why there is none (`reason`:
+/// `ModulePullFailed`, `ModuleInvalid`, `ModuleMissingExport`,
+/// `ModuleUnsupportedImport`); `ModuleDigestMismatch` may stand beside the
+/// digest still served when the image now resolves to another one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeModule {
@@ -323,6 +350,25 @@ mod tests {
     use kube::CustomResourceExt;
 
     use super::*;
+
+    #[test]
+    fn the_pull_secrets_a_spec_names() {
+        let spec: EdgeServiceSpec = serde_json::from_value(serde_json::json!({
+            "port": 8080,
+            "handlers": [
+                {"name": "a", "kind": "wasm", "module": {"image": "r/a:1", "imagePullSecret": "creds"}},
+                {"name": "b", "kind": "wasm", "module": {"image": "r/b:1", "imagePullSecret": "creds"}},
+                {"name": "c", "kind": "wasm", "module": {"image": "r/c:1", "imagePullSecret": "other"}},
+                {"name": "d", "kind": "wasm", "module": {"image": "public/d:1"}},
+                {"name": "e", "kind": "echo"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.image_pull_secrets().into_iter().collect::<Vec<_>>(),
+            vec!["creds", "other"]
+        );
+    }
 
     #[test]
     fn crds_carry_names_columns_and_validation() {

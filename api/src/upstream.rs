@@ -334,6 +334,7 @@ services:
             peers: Vec::new(),
             auth: None,
             tls: None,
+            hub: None,
         };
         let mut errors = Vec::new();
         service.validate_into("spec", &mut errors);

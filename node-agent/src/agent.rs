@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use std::sync::Arc;
 
+use crate::handlers::wasm::WasmRuntime;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::plan::plan;
@@ -65,7 +66,8 @@ pub struct ModuleStatus {
     pub handler: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-    /// `ModuleInvalid`, `ModuleMissingExport`, ... when there is no usable module.
+    /// `ModuleInvalid`, `ModuleMissingExport`, ... when there is no usable
+    /// module; `ModuleDigestMismatch` also beside the digest still served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,6 +84,11 @@ impl Agent {
             root: CancellationToken::new(),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// The Wasm runtime every service's handlers run in.
+    pub fn wasm(&self) -> &WasmRuntime {
+        &self.shared.wasm
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -173,19 +180,11 @@ impl Agent {
                     .handlers
                     .modules()
                     .into_iter()
-                    .map(|(handler, module)| match module {
-                        Ok(digest) => ModuleStatus {
-                            handler,
-                            digest: Some(digest),
-                            reason: None,
-                            error: None,
-                        },
-                        Err(err) => ModuleStatus {
-                            handler,
-                            digest: None,
-                            reason: Some(err.reason().to_string()),
-                            error: Some(err.to_string()),
-                        },
+                    .map(|(handler, module)| ModuleStatus {
+                        handler,
+                        digest: module.digest,
+                        reason: module.problem.as_ref().map(|p| p.reason().to_string()),
+                        error: module.problem.as_ref().map(ToString::to_string),
                     })
                     .collect(),
             })

@@ -106,6 +106,15 @@ struct Cli {
     /// default leaves room under the chart's 512 MiB memory limit.
     #[arg(long, env = "EDGEWIRE_QUEUE_BUDGET", default_value_t = 256 * 1024 * 1024)]
     queue_budget: usize,
+    /// A Docker config file (as `docker login` or `oras login` write it)
+    /// with the credentials for pulling image modules. In a cluster, a
+    /// module's `imagePullSecret` is used instead.
+    #[arg(long, env = "EDGEWIRE_REGISTRY_CONFIG")]
+    registry_config: Option<PathBuf>,
+    /// Seconds between two resolutions of an image module's reference (a
+    /// tag pushed anew rolls out within this).
+    #[arg(long, default_value_t = edgewire_agent::handlers::wasm::DEFAULT_IMAGE_RECHECK.as_secs_f64(), value_parser = seconds)]
+    image_recheck_interval: f64,
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
@@ -311,7 +320,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         metrics,
         mesh: mesh.clone(),
         queue_budget,
-        wasm: WasmRuntime::new(Some(cli.state_dir.clone())),
+        wasm: WasmRuntime::with_images(
+            Some(cli.state_dir.clone()),
+            cli.registry_config.clone(),
+            Duration::from_secs_f64(cli.image_recheck_interval),
+        ),
         uplink: edgewire_agent::uplink::Context {
             node: cli.node_name.clone(),
             state_dir: cli.state_dir.clone(),

@@ -752,6 +752,7 @@ fn module_reason(reason: &str) -> &'static str {
         "ModuleInvalid" => "ModuleInvalid",
         "ModuleMissingExport" => "ModuleMissingExport",
         "ModuleUnsupportedImport" => "ModuleUnsupportedImport",
+        "ModuleDigestMismatch" => "ModuleDigestMismatch",
         _ => "ModuleUnusable",
     }
 }

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use edgewire_api::crd::{EdgeServiceStatus, NodeModule, NodePlacement, PlacementState};
+use edgewire_api::crd::{
+    EdgeServiceStatus, NodeModule, NodePlacement, PlacementState, ServiceModule,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::desired::endpoint_family;
@@ -22,6 +24,27 @@ pub struct NodeReport {
     pub service: Option<(bool, Option<String>, i64)>,
     /// The agent's `wasm` handler modules for this EdgeService.
     pub modules: Vec<NodeModule>,
+}
+
+/// The module digests the placed nodes serve, per handler, with how many
+/// nodes serve each.
+fn module_digests(nodes: &[String], reports: &BTreeMap<String, NodeReport>) -> Vec<ServiceModule> {
+    let mut counts: BTreeMap<(&str, &str), i32> = BTreeMap::new();
+    for report in nodes.iter().filter_map(|n| reports.get(n)) {
+        for m in &report.modules {
+            if let Some(digest) = m.digest.as_deref() {
+                *counts.entry((m.handler.as_str(), digest)).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|((handler, digest), nodes)| ServiceModule {
+            handler: handler.into(),
+            digest: digest.into(),
+            nodes,
+        })
+        .collect()
 }
 
 /// The first `wasm` module a placed node reports unusable: (node, reason,
@@ -267,7 +290,7 @@ pub fn compute(
         (
             true,
             reason,
-            format!("handler {handler} on {node} has no usable module: {message}"),
+            format!("handler {handler} on {node}: {message}"),
         )
     } else if !stale.is_empty() {
         (
@@ -310,6 +333,7 @@ pub fn compute(
         desired_nodes: desired,
         ready_nodes: ready,
         nodes: format!("{ready}/{desired}"),
+        modules: module_digests(&decision.nodes, reports),
         placement,
         connections,
     }
@@ -379,6 +403,39 @@ mod tests {
             cond(&s, "Ready").status,
             "True",
             "the service still listens"
+        );
+    }
+
+    #[test]
+    fn module_digests_are_summed_per_handler() {
+        let decision = Decision {
+            nodes: vec!["a".into(), "b".into(), "c".into()],
+            ..Decision::default()
+        };
+        let module = |digest: &str| NodeModule {
+            handler: "add".into(),
+            digest: Some(digest.into()),
+            reason: None,
+            message: None,
+        };
+        let reports: BTreeMap<String, NodeReport> =
+            [("a", "sha256:01"), ("b", "sha256:02"), ("c", "sha256:02")]
+                .into_iter()
+                .map(|(node, digest)| {
+                    let mut r = report(true, Some((true, None, 0)));
+                    r.modules = vec![module(digest)];
+                    (node.to_string(), r)
+                })
+                .collect();
+        let s = compute(&decision, &reports, None, Some(1), &time(10));
+        let summary: Vec<(&str, &str, i32)> = s
+            .modules
+            .iter()
+            .map(|m| (m.handler.as_str(), m.digest.as_str(), m.nodes))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![("add", "sha256:01", 1), ("add", "sha256:02", 2)]
         );
     }
 

@@ -18,6 +18,7 @@ pub mod nodes;
 mod pki;
 mod process;
 pub mod realnode;
+pub mod registry;
 
 use std::time::Duration;
 

@@ -32,8 +32,9 @@ const FIELD_MANAGER: &str = "edgewire-agent";
 const SETTLE: Duration = Duration::from_millis(200);
 /// A status change is reported at once, but no more often than this.
 const MIN_REPORT_GAP: Duration = Duration::from_secs(1);
-/// How often ConfigMap-sourced Wasm modules are fetched again when nothing
-/// else prompts a new rendering, so a new module rolls out on its own.
+/// How often ConfigMap-sourced Wasm modules are fetched again (and image
+/// modules' pull Secrets read and references resolved) when nothing else
+/// prompts a new rendering, so a new module rolls out on its own.
 const MODULE_RECHECK: Duration = Duration::from_secs(15);
 /// The longest a leaving agent waits for its final heartbeat to be written.
 const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -195,7 +196,7 @@ async fn follow_placement(
                 }
                 other => other,
             },
-            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && uses_config_maps(&last_applied, reader) => {
+            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && fetches_modules(&last_applied, reader) => {
                 dirty = true;
                 Seen::Nothing
             }
@@ -215,6 +216,10 @@ async fn follow_placement(
                 {
                     tracing::warn!(%service, %handler, %why, "cannot fetch the wasm module");
                 }
+                // Image modules: the Secrets they pull with, read now, and
+                // their references resolved again (a new tag rolls out).
+                agent.wasm().set_pull_secrets(modules::pull_secrets(client, &rendered.config).await);
+                agent.wasm().recheck_images();
                 if last_applied.as_ref() != Some(&rendered.config) {
                     tracing::info!(services = rendered.config.services.len(), "placement changed; applying");
                     agent.apply(&rendered.config).await;
@@ -247,9 +252,10 @@ async fn follow_placement(
     }
 }
 
-/// Whether some EdgeService placed here takes a module from a ConfigMap
-/// (the rendered config names files only, so the specs are asked).
-fn uses_config_maps(
+/// Whether some EdgeService placed here takes a module from a ConfigMap or
+/// an image (the rendered config names files for ConfigMaps, so the specs
+/// are asked).
+fn fetches_modules(
     last_applied: &Option<edgewire_api::AgentConfig>,
     services: &reflector::Store<EdgeService>,
 ) -> bool {
@@ -263,11 +269,11 @@ fn uses_config_maps(
             es.metadata.name.as_deref().unwrap_or_default()
         );
         config.service(&key).is_some()
-            && es
-                .spec
-                .handlers
-                .iter()
-                .any(|h| h.module.as_ref().is_some_and(|m| m.config_map.is_some()))
+            && es.spec.handlers.iter().any(|h| {
+                h.module
+                    .as_ref()
+                    .is_some_and(|m| m.config_map.is_some() || m.image.is_some())
+            })
     })
 }
 

@@ -2,15 +2,21 @@
 //! EdgeService's namespace when the placement is rendered, stored in the
 //! state directory by digest, and the config then names the file. So the
 //! config stored for offline restarts still finds its code, and a module
-//! that cannot be fetched now keeps the one last fetched.
+//! that cannot be fetched now keeps the one last fetched. Image modules
+//! (`module.image`) are pulled by their handlers; what is read here is the
+//! pull Secret each names, and only those Secrets.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use edgewire_api::{AgentConfig, ConfigMapKey, ModuleSource};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 
-const DIR: &str = "modules";
+use crate::handlers::wasm::{DockerConfig, ModuleStore};
+
+const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
+const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
 /// Replaces each `configMap` module source in `config` with the file it was
 /// stored as. Returns what could not be fetched (service, handler, why);
@@ -22,6 +28,7 @@ pub async fn resolve(
     config: &mut AgentConfig,
     previous: Option<&AgentConfig>,
 ) -> Vec<(String, String, String)> {
+    let store = ModuleStore::new(state_dir);
     let mut failures = Vec::new();
     for service in &mut config.services {
         let Some((namespace, _)) = service.name.split_once('/') else {
@@ -32,10 +39,14 @@ pub async fn resolve(
             let Some(key) = handler.module.as_ref().and_then(|m| m.config_map.clone()) else {
                 continue;
             };
-            let file = match fetch(&api, &key)
-                .await
-                .and_then(|bytes| store(state_dir, &bytes))
-            {
+            let file = match fetch(&api, &key).await.and_then(|bytes| {
+                store.put(&bytes).map_err(|err| {
+                    format!(
+                        "cannot store the module in {}: {err}",
+                        store.dir().display()
+                    )
+                })
+            }) {
                 Ok(file) => file,
                 Err(why) => {
                     let kept = previous
@@ -45,16 +56,13 @@ pub async fn resolve(
                         .map(PathBuf::from);
                     failures.push((service.name.clone(), handler.name.clone(), why));
                     kept.unwrap_or_else(|| {
-                        state_dir
-                            .join(DIR)
+                        store
+                            .dir()
                             .join(format!("unfetched-{namespace}-{}-{}", key.name, key.key))
                     })
                 }
             };
-            handler.module = Some(ModuleSource {
-                file: Some(file.display().to_string()),
-                config_map: None,
-            });
+            handler.module = Some(ModuleSource::file(file.display().to_string()));
         }
     }
     failures
@@ -71,21 +79,51 @@ async fn fetch(api: &Api<ConfigMap>, key: &ConfigMapKey) -> Result<Vec<u8>, Stri
         .ok_or_else(|| format!("ConfigMap {} has no binaryData key {:?}", key.name, key.key))
 }
 
-/// Writes the module as `modules/<sha256>.wasm` (once; beside and renamed).
-fn store(state_dir: &Path, bytes: &[u8]) -> Result<PathBuf, String> {
-    let digest = crate::handlers::wasm::digest(bytes);
-    let hex = digest.trim_start_matches("sha256:");
-    let dir = state_dir.join(DIR);
-    let file = dir.join(format!("{hex}.wasm"));
-    if file.is_file() {
-        return Ok(file);
+/// The pull Secrets the image modules of `config` name, by
+/// `namespace/name`: each one's Docker config, or why it cannot be used.
+pub async fn pull_secrets(
+    client: &Client,
+    config: &AgentConfig,
+) -> BTreeMap<String, Result<DockerConfig, String>> {
+    let mut secrets = BTreeMap::new();
+    for service in &config.services {
+        let Some((namespace, _)) = service.name.split_once('/') else {
+            continue;
+        };
+        for handler in &service.handlers {
+            let Some(name) = handler
+                .module
+                .as_ref()
+                .and_then(|m| m.image_pull_secret.as_deref())
+            else {
+                continue;
+            };
+            let key = format!("{namespace}/{name}");
+            if secrets.contains_key(&key) {
+                continue;
+            }
+            let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            let read = api
+                .get(name)
+                .await
+                .map_err(|err| format!("cannot read the pull Secret {key}: {err}"))
+                .and_then(|secret| docker_config(&key, secret));
+            secrets.insert(key, read);
+        }
     }
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        let partial = dir.join(format!("{hex}.partial"));
-        std::fs::write(&partial, bytes)?;
-        std::fs::rename(&partial, &file)
-    };
-    write().map_err(|err| format!("cannot store the module in {}: {err}", dir.display()))?;
-    Ok(file)
+    secrets
+}
+
+fn docker_config(key: &str, secret: Secret) -> Result<DockerConfig, String> {
+    if secret.type_.as_deref() != Some(DOCKER_CONFIG_TYPE) {
+        return Err(format!(
+            "the pull Secret {key} is of type {:?}, not {DOCKER_CONFIG_TYPE}",
+            secret.type_.unwrap_or_default()
+        ));
+    }
+    let bytes = secret
+        .data
+        .and_then(|mut data| data.remove(DOCKER_CONFIG_KEY))
+        .ok_or_else(|| format!("the pull Secret {key} has no {DOCKER_CONFIG_KEY}"))?;
+    DockerConfig::parse(&bytes.0).map_err(|err| format!("the pull Secret {key}: {err}"))
 }

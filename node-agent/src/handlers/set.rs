@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::upstream::{UpstreamError, UpstreamHandler};
-use super::wasm::{CallError, ModuleError, WasmHandler, WasmRuntime};
+use super::wasm::{CallError, ModuleReport, WasmHandler, WasmRuntime};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -77,8 +77,8 @@ impl HandlerSet {
         }
     }
 
-    /// Each `wasm` handler's module: its digest, or why it has none.
-    pub fn modules(&self) -> Vec<(String, Result<String, ModuleError>)> {
+    /// Each `wasm` handler's module: its digest, and what is wrong.
+    pub fn modules(&self) -> Vec<(String, ModuleReport)> {
         self.by_name
             .iter()
             .filter_map(|(name, handler)| match handler {

@@ -17,6 +17,8 @@ const HANDLER_EXPORT: &str = "wasi:http/incoming-handler@0.2.";
 
 /// A component ready to be instantiated once per request.
 pub struct Loaded {
+    /// How the module is named in status: the SHA-256 of its bytes, or for
+    /// an image module its manifest digest (what a tag resolves to).
     pub digest: String,
     pub pre: ProxyPre<CallState>,
 }
@@ -32,6 +34,8 @@ pub enum ModuleError {
     MissingExport(String),
     #[error("the component imports what the wasi:http proxy world does not provide: {0}")]
     UnsupportedImport(String),
+    #[error("the image resolved to {actual}, not the pinned digest {expected}")]
+    DigestMismatch { expected: String, actual: String },
     #[error("the Wasm runtime cannot start: {0}")]
     Runtime(String),
 }
@@ -44,13 +48,19 @@ impl ModuleError {
             ModuleError::Invalid(_) => "ModuleInvalid",
             ModuleError::MissingExport(_) => "ModuleMissingExport",
             ModuleError::UnsupportedImport(_) => "ModuleUnsupportedImport",
+            ModuleError::DigestMismatch { .. } => "ModuleDigestMismatch",
             ModuleError::Runtime(_) => "WasmRuntimeUnavailable",
         }
     }
 }
 
-/// Compiles and links `bytes`. CPU-bound: call it off the async workers.
-pub fn load(host: &WasmHost, bytes: &[u8]) -> Result<Arc<Loaded>, ModuleError> {
+/// Compiles and links `bytes`, to be reported as `name` (by default the
+/// bytes' own digest). CPU-bound: call it off the async workers.
+pub fn load(
+    host: &WasmHost,
+    bytes: &[u8],
+    name: Option<String>,
+) -> Result<Arc<Loaded>, ModuleError> {
     let digest = cache::digest(bytes);
     let component = cache::component(&host.engine, host.cache_dir.as_deref(), &digest, bytes)
         .map_err(|err| ModuleError::Invalid(format!("{err:#}")))?;
@@ -73,5 +83,8 @@ pub fn load(host: &WasmHost, bytes: &[u8]) -> Result<Arc<Loaded>, ModuleError> {
         .map_err(|err| ModuleError::UnsupportedImport(format!("{err:#}")))?;
     let pre = ProxyPre::new(instance_pre)
         .map_err(|err| ModuleError::MissingExport(format!("{err:#}")))?;
-    Ok(Arc::new(Loaded { digest, pre }))
+    Ok(Arc::new(Loaded {
+        digest: name.unwrap_or(digest),
+        pre,
+    }))
 }
