@@ -21,9 +21,15 @@ pub struct AuthSpec {
     pub algorithm: TokenAlgorithm,
     /// The file holding the key: for HS256 the shared secret (its bytes, less
     /// one trailing newline; at least 32 bytes), for RS256/ES256 the issuer's
-    /// public key in PEM. Read when the service starts.
+    /// public key in PEM. Read when the service starts, and again when it
+    /// changes (for new tokens; live connections keep their access).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// In an EdgeService, instead of `keyFile`: the key of a Secret in the
+    /// EdgeService's namespace holding the same bytes. The agent fetches it
+    /// and stores it as a file of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<SecretKeyRef>,
     /// When set, a token's `iss` must equal it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
@@ -38,6 +44,18 @@ pub struct AuthSpec {
     /// needs a token. A client that presents a token is judged by it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anonymous: Option<Grants>,
+}
+
+/// One key of a Secret in the EdgeService's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in its `data`.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// A JWS algorithm a service may require.
@@ -95,11 +113,21 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 impl AuthSpec {
     /// Validates the block on its own, prefixing each field with `at`.
     pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
-        if self.key_file.as_deref().is_none_or(str::is_empty) {
-            errors.push(FieldError::new(
+        match (self.key_file.as_deref(), &self.key_secret) {
+            (Some(file), None) if !file.is_empty() => {}
+            (None, Some(secret)) if !secret.name.is_empty() && !secret.key.is_empty() => {}
+            (None, None) | (Some(_), None) => errors.push(FieldError::new(
                 format!("{at}.keyFile"),
                 "must name the file holding the token key",
-            ));
+            )),
+            (None, Some(_)) => errors.push(FieldError::new(
+                format!("{at}.keySecret"),
+                "must name a Secret and one of its keys",
+            )),
+            (Some(_), Some(_)) => errors.push(FieldError::new(
+                format!("{at}.keySecret"),
+                "exactly one of keyFile and keySecret must be set",
+            )),
         }
         if self.leeway_seconds > MAX_LEEWAY_SECONDS {
             errors.push(FieldError::new(
@@ -162,5 +190,19 @@ mod tests {
             ["auth.leewaySeconds", "auth.anonymous.subscribe[1]"]
         );
         assert!(serde_yaml_ng::from_str::<AuthSpec>("algorithm: none\n").is_err());
+
+        let both: AuthSpec = serde_yaml_ng::from_str(
+            "algorithm: HS256\nkeyFile: /k\nkeySecret: {name: jwt, key: secret}\n",
+        )
+        .unwrap();
+        let mut errors = Vec::new();
+        both.validate_into("auth", &mut errors);
+        assert_eq!(errors[0].field, "auth.keySecret");
+        let from_secret: AuthSpec =
+            serde_yaml_ng::from_str("algorithm: HS256\nkeySecret: {name: jwt, key: secret}\n")
+                .unwrap();
+        let mut errors = Vec::new();
+        from_secret.validate_into("auth", &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
     }
 }

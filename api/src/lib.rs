@@ -8,7 +8,7 @@ pub mod error;
 pub mod tls;
 pub mod wire;
 
-pub use auth::{AuthSpec, Grants, TokenAlgorithm};
+pub use auth::{AuthSpec, Grants, SecretKeyRef, TokenAlgorithm};
 pub use config::{
     AgentConfig, ChannelSpec, ConfigMapKey, HandlerKind, HandlerSpec, Limits, ModuleSource,
     PeerSpec, ServiceConfig, SlowConsumerPolicy, WasmLimits,

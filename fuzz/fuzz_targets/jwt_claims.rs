@@ -35,6 +35,7 @@ static AUTH: LazyLock<Authenticator> = LazyLock::new(|| {
     let spec = AuthSpec {
         algorithm: TokenAlgorithm::HS256,
         key_file: Some("fuzz".into()),
+        key_secret: None,
         issuer: None,
         audience: None,
         leeway_seconds: LEEWAY,

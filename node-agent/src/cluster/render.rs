@@ -133,6 +133,8 @@ mod tests {
                 relay_path: "/relay".into(),
                 limits: Default::default(),
                 expose: Default::default(),
+                auth: None,
+                tls: None,
             },
         );
         es.metadata.namespace = Some("edge".into());
