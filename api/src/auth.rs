@@ -54,8 +54,48 @@ pub struct SecretKeyRef {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// The key in its `data`.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
+}
+
+/// Whether `name` can name a Secret: a DNS subdomain (RFC 1123).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a Secret name (lowercase letters, digits, '-' and '.')"
+        ))
+    }
+}
+
+/// Whether `key` can be a key of a Secret's data: letters, digits, `-`,
+/// `_` and `.`, and neither `.` nor `..` (the agent stores it as a file name).
+pub fn check_secret_key(key: &str) -> Result<(), String> {
+    let ok = !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key:?} is not a Secret key (letters, digits, '-', '_' and '.')"
+        ))
+    }
 }
 
 /// A JWS algorithm a service may require.
@@ -115,15 +155,20 @@ impl AuthSpec {
     pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
         match (self.key_file.as_deref(), &self.key_secret) {
             (Some(file), None) if !file.is_empty() => {}
-            (None, Some(secret)) if !secret.name.is_empty() && !secret.key.is_empty() => {}
+            (None, Some(secret))
+                if check_secret_name(&secret.name).is_ok()
+                    && check_secret_key(&secret.key).is_ok() => {}
             (None, None) | (Some(_), None) => errors.push(FieldError::new(
                 format!("{at}.keyFile"),
                 "must name the file holding the token key",
             )),
-            (None, Some(_)) => errors.push(FieldError::new(
-                format!("{at}.keySecret"),
-                "must name a Secret and one of its keys",
-            )),
+            (None, Some(secret)) => {
+                let why = check_secret_name(&secret.name)
+                    .and_then(|()| check_secret_key(&secret.key))
+                    .err()
+                    .unwrap_or_default();
+                errors.push(FieldError::new(format!("{at}.keySecret"), why));
+            }
             (Some(_), Some(_)) => errors.push(FieldError::new(
                 format!("{at}.keySecret"),
                 "exactly one of keyFile and keySecret must be set",
@@ -204,5 +249,13 @@ mod tests {
         let mut errors = Vec::new();
         from_secret.validate_into("auth", &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
+        for bad in ["..", "a/b", ""] {
+            assert!(check_secret_key(bad).is_err(), "{bad:?} accepted");
+        }
+        for bad in ["..", "A", "a/b", "-a", ""] {
+            assert!(check_secret_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_secret_name("web-tls.v2").is_ok());
+        assert!(check_secret_key("tls.crt").is_ok());
     }
 }

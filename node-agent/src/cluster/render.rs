@@ -3,8 +3,13 @@
 //! `namespace/name`, with the other placed nodes as its mesh peers, each
 //! with the mesh public key the operator carried over from its EdgeNode.
 
-use edgewire_api::crd::EdgeService;
-use edgewire_api::{AgentConfig, PeerSpec, ServiceConfig};
+use std::path::Path;
+
+use edgewire_api::auth::{check_secret_key, check_secret_name};
+use edgewire_api::crd::{EdgeService, TLS_CERT_KEY, TLS_PRIVATE_KEY};
+use edgewire_api::{AgentConfig, AuthSpec, PeerSpec, ServiceConfig, TlsSpec};
+
+use super::secrets;
 
 /// What to run, and the EdgeServices that could not be run here (with why).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -21,9 +26,54 @@ fn key(es: &EdgeService) -> String {
     )
 }
 
+/// The service's `tls` and `auth` as the agent config has them: the
+/// Secrets they name become the files `secrets` stores them in under
+/// `state_dir`. A key file on the node is not the EdgeService's to name.
+fn client_security(
+    es: &EdgeService,
+    state_dir: &Path,
+) -> Result<(Option<TlsSpec>, Option<AuthSpec>), String> {
+    for (name, key) in secrets::wanted(es) {
+        check_secret_name(&name).and_then(|()| check_secret_key(&key))?;
+    }
+    let namespace = es.metadata.namespace.as_deref().unwrap_or_default();
+    let stored = |name: &str, key: &str| {
+        secrets::file(state_dir, namespace, name, key)
+            .display()
+            .to_string()
+    };
+    let tls = es.spec.tls.as_ref().map(|tls| TlsSpec {
+        cert_file: stored(&tls.secret_name, TLS_CERT_KEY),
+        key_file: stored(&tls.secret_name, TLS_PRIVATE_KEY),
+    });
+    let auth = match &es.spec.auth {
+        None => None,
+        Some(auth) if auth.key_file.is_some() => {
+            return Err(
+                "spec.auth.keyFile: an EdgeService takes its key from keySecret, never from a file on the node"
+                    .into(),
+            );
+        }
+        Some(auth) => {
+            let mut auth = auth.clone();
+            if let Some(secret) = auth.key_secret.take() {
+                auth.key_file = Some(stored(&secret.name, &secret.key));
+            }
+            Some(auth)
+        }
+    };
+    Ok((tls, auth))
+}
+
 /// `mesh_port` is None when this agent runs no mesh: its services then
-/// serve their local clients only, with no peers to dial.
-pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> Rendered {
+/// serve their local clients only, with no peers to dial. Secrets named by
+/// an EdgeService are taken from their files under `state_dir`.
+pub fn render(
+    node: &str,
+    services: &[EdgeService],
+    mesh_port: Option<u16>,
+    state_dir: &Path,
+) -> Rendered {
     let mut placed: Vec<&EdgeService> = services
         .iter()
         .filter(|es| es.metadata.deletion_timestamp.is_none())
@@ -45,6 +95,13 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
                 .rejected
                 .push((name, format!("port {} is out of range", es.spec.port)));
             continue;
+        };
+        let (tls, auth) = match client_security(es, state_dir) {
+            Ok(security) => security,
+            Err(why) => {
+                rendered.rejected.push((name, why));
+                continue;
+            }
         };
         let peers = es
             .status
@@ -80,8 +137,8 @@ pub fn render(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> R
             relay_path: es.spec.relay_path.clone(),
             limits: es.spec.limits.clone(),
             peers,
-            auth: None,
-            tls: None,
+            auth,
+            tls,
         };
         let mut errors = Vec::new();
         service.validate_into("spec", &mut errors);
@@ -170,7 +227,7 @@ mod tests {
             ),
             es("elsewhere", 9000, &[("b", Some("10.0.0.2"))], 2),
         ];
-        let r = render("a", &services, Some(7946));
+        let r = render("a", &services, Some(7946), Path::new("/state"));
         assert!(r.rejected.is_empty());
         assert_eq!(r.config.services.len(), 1);
         let s = &r.config.services[0];
@@ -193,7 +250,7 @@ mod tests {
             es("newer", 8000, &[("a", None)], 5),
             es("older", 8000, &[("a", None)], 1),
         ];
-        let r = render("a", &services, Some(7946));
+        let r = render("a", &services, Some(7946), Path::new("/state"));
         assert_eq!(r.config.services[0].name, "edge/older");
         assert_eq!(r.rejected.len(), 1);
         assert_eq!(r.rejected[0].0, "edge/newer");
@@ -212,7 +269,7 @@ mod tests {
             &[("a", None), ("b", Some("2001:db8::2"))],
             1,
         )];
-        let r = render("a", &services, Some(7946));
+        let r = render("a", &services, Some(7946), Path::new("/state"));
         assert_eq!(r.config.services[0].peers[0].address, "[2001:db8::2]:7946");
     }
 
@@ -231,7 +288,7 @@ mod tests {
         let placement = &mut services[0].status.as_mut().unwrap().placement;
         placement[1].mesh_public_key = None;
         placement[2].mesh_public_key = Some("not hex".into());
-        let r = render("a", &services, Some(7946));
+        let r = render("a", &services, Some(7946), Path::new("/state"));
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
     }
@@ -244,9 +301,53 @@ mod tests {
             &[("a", Some("10.0.0.1")), ("b", Some("10.0.0.2"))],
             1,
         )];
-        let r = render("a", &services, None);
+        let r = render("a", &services, None, Path::new("/state"));
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
         r.config.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_become_files_in_the_state_dir_and_node_files_are_refused() {
+        let mut services = [es("web", 8443, &[("a", None)], 1)];
+        services[0].spec.tls = Some(edgewire_api::crd::ServiceTls {
+            secret_name: "web-tls".into(),
+        });
+        services[0].spec.auth = Some(
+            serde_yaml_ng::from_str("algorithm: HS256\nkeySecret: {name: jwt, key: hs256}\n")
+                .unwrap(),
+        );
+        let r = render("a", &services, None, Path::new("/state"));
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        let s = &r.config.services[0];
+        let tls = s.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, "/state/secrets/edge/web-tls/tls.crt");
+        assert_eq!(tls.key_file, "/state/secrets/edge/web-tls/tls.key");
+        let auth = s.auth.as_ref().unwrap();
+        assert_eq!(
+            auth.key_file.as_deref(),
+            Some("/state/secrets/edge/jwt/hs256")
+        );
+        assert_eq!(auth.key_secret, None);
+        r.config.validate().unwrap();
+
+        let mut from_node = services.clone();
+        from_node[0].spec.auth.as_mut().unwrap().key_file = Some("/etc/shadow".into());
+        let r = render("a", &from_node, None, Path::new("/state"));
+        assert!(r.config.services.is_empty());
+        assert!(r.rejected[0].1.contains("keyFile"), "{:?}", r.rejected);
+
+        let mut climbing = services.clone();
+        climbing[0]
+            .spec
+            .auth
+            .as_mut()
+            .unwrap()
+            .key_secret
+            .as_mut()
+            .unwrap()
+            .key = "..".into();
+        let r = render("a", &climbing, None, Path::new("/state"));
+        assert!(r.config.services.is_empty(), "{:?}", r.config);
     }
 }
