@@ -25,6 +25,8 @@ mod metrics;
 mod placement;
 mod ports;
 mod queue;
+mod secret_access;
+mod secret_check;
 mod status;
 mod triggers;
 mod watch;
@@ -128,6 +130,11 @@ struct RunArgs {
         value_delimiter = ','
     )]
     privileged_port_namespaces: Vec<String>,
+    /// The agents' ServiceAccount, `NAMESPACE/NAME`: in each namespace it is
+    /// granted `get` on exactly the Secrets the EdgeServices there name (a
+    /// Role and RoleBinding the operator keeps). Unset: no such grants.
+    #[arg(long, env = "EDGEWIRE_AGENT_SERVICE_ACCOUNT")]
+    agent_service_account: Option<secret_access::AgentAccount>,
     #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
     log_level: String,
     #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -299,6 +306,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .filter(|n| !n.is_empty())
                 .collect(),
         },
+        agent_account: args.agent_service_account.clone(),
     };
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
