@@ -362,5 +362,11 @@ mod tests {
         );
         let plain: EdgeServiceSpec = serde_yaml_ng::from_str("port: 80\n").unwrap();
         assert!(referenced_secrets(&plain).is_empty());
+        let example: EdgeService =
+            serde_yaml_ng::from_str(include_str!("../../examples/edgeservice-tls.yaml")).unwrap();
+        assert_eq!(
+            referenced_secrets(&example.spec),
+            BTreeSet::from(["telemetry-jwt".to_string(), "telemetry-tls".to_string()])
+        );
     }
 }
