@@ -9,20 +9,19 @@
 //! in the same namespace or another; the grant goes when no EdgeService
 //! names them any more.
 //!
-//! The certificates are the throwaway ones of `tests/fixtures/tls/`.
+//! The certificates are the throwaway ones of `tests/fixtures/tls/`
+//! (`support::tls`).
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewire_api::crd::EdgeService;
 use edgewire_testenv::{ControlPlane, NodeSpec, Options};
-use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -30,16 +29,14 @@ use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 use support::*;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// Control plane, operator and agent on a loaded machine; a rotation waits
 /// for the agent's periodic fetch (15 s) and the files' reload (1 s).
@@ -56,53 +53,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tls")
-        .join(name)
-}
-
-fn leaf_der(name: &str) -> Vec<u8> {
-    CertificateDer::pem_file_iter(fixture(name))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .to_vec()
-}
-
-fn connector() -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(fixture("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-/// A TLS connection verified against the test CA (the certificates name
-/// `localhost`), and the leaf certificate served; an error when the port
-/// serves no TLS (or nothing).
-async fn tls_connect(addr: SocketAddr) -> Result<(TlsStream<TcpStream>, Vec<u8>), String> {
-    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let name = ServerName::try_from("localhost").unwrap();
-    let stream = tokio::time::timeout(WAIT, connector().connect(name, tcp))
-        .await
-        .map_err(|_| "tls handshake timed out".to_string())?
-        .map_err(|e| format!("tls handshake: {e}"))?;
-    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-    Ok((stream, leaf))
 }
 
 fn token(secret: &str) -> String {
@@ -124,7 +74,7 @@ async fn wss_connect(
     addr: SocketAddr,
     token: &str,
 ) -> Result<WebSocketStream<TlsStream<TcpStream>>, WsError> {
-    let (stream, _) = tls_connect(addr).await.expect("tls");
+    let (stream, _) = tls::connect(addr).await;
     let mut request = format!("wss://localhost:{}/", addr.port())
         .into_client_request()
         .unwrap();
@@ -138,48 +88,6 @@ async fn wss_connect(
         .map(|(ws, _)| ws)
 }
 
-async fn echo_round(ws: &mut WebSocketStream<TlsStream<TcpStream>>, text: &str) {
-    ws.send(Message::text(text)).await.expect("send");
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a reply in time")
-            .expect("open")
-            .expect("no error");
-        match msg {
-            Message::Text(reply) => {
-                assert_eq!(reply.as_str(), format!("Echo: {text}"));
-                return;
-            }
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected the echo, got {other:?}"),
-        }
-    }
-}
-
-/// An HTTPS GET; the status.
-async fn https_status(addr: SocketAddr, path: &str, token: Option<&str>) -> u16 {
-    let (stream, _) = tls_connect(addr).await.expect("tls");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("http handshake");
-    tokio::spawn(conn);
-    let mut request = hyper::Request::get(path).header("host", "localhost");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let request = request
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    tokio::time::timeout(WAIT, sender.send_request(request))
-        .await
-        .expect("answer in time")
-        .expect("an answer")
-        .status()
-        .as_u16()
-}
-
 fn tls_secret(cert: &str, key: &str) -> Secret {
     Secret {
         metadata: ObjectMeta {
@@ -190,11 +98,11 @@ fn tls_secret(cert: &str, key: &str) -> Secret {
         data: Some(BTreeMap::from([
             (
                 "tls.crt".to_string(),
-                ByteString(std::fs::read(fixture(cert)).unwrap()),
+                ByteString(std::fs::read(tls::fixture(cert)).unwrap()),
             ),
             (
                 "tls.key".to_string(),
-                ByteString(std::fs::read(fixture(key)).unwrap()),
+                ByteString(std::fs::read(tls::fixture(key)).unwrap()),
             ),
         ])),
         ..Secret::default()
@@ -417,21 +325,31 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     eventually(
         "wss:// with the Secret's certificate never answered",
         || agent.log(),
-        || async { tls_connect(addr).await.is_ok() && wss_connect(addr, &good).await.is_ok() },
+        || async { tls::try_connect(addr).await.is_ok() && wss_connect(addr, &good).await.is_ok() },
     )
     .await;
-    let (_, served) = tls_connect(addr).await.unwrap();
-    assert_eq!(served, leaf_der("server1.pem"), "the Secret's certificate");
+    let (_, served) = tls::try_connect(addr).await.unwrap();
+    assert_eq!(
+        served,
+        tls::leaf_der("server1.pem"),
+        "the Secret's certificate"
+    );
     let mut live = wss_connect(addr, &good).await.expect("a good token");
-    echo_round(&mut live, "over tls, with a token").await;
+    tls::echo_round(&mut live, "over tls, with a token").await;
     match wss_connect(addr, &forged).await {
         Err(WsError::Http(response)) => assert_eq!(response.status().as_u16(), 401),
         Ok(_) => panic!("a token signed with another key was accepted"),
         Err(other) => panic!("the forged token's upgrade failed otherwise: {other}"),
     }
-    assert_eq!(https_status(addr, "/add?a=1&b=2", Some(&good)).await, 200);
-    assert_eq!(https_status(addr, "/add?a=1&b=2", None).await, 401);
-    assert_eq!(https_status(addr, "/add?a=1&b=2", Some(&forged)).await, 401);
+    assert_eq!(
+        tls::https_get(addr, "/add?a=1&b=2", Some(&good)).await.0,
+        200
+    );
+    assert_eq!(tls::https_get(addr, "/add?a=1&b=2", None).await.0, 401);
+    assert_eq!(
+        tls::https_get(addr, "/add?a=1&b=2", Some(&forged)).await.0,
+        401
+    );
     // Plain HTTP on the TLS port gets no answer from a handler.
     let plain = http_get(addr, "/add?a=1&b=2").await;
     assert!(
@@ -535,13 +453,13 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
         "the rotated Secret's certificate is not served",
         || agent.log(),
         || async {
-            tls_connect(addr)
+            tls::try_connect(addr)
                 .await
-                .is_ok_and(|(_, leaf)| leaf == leaf_der("server2.pem"))
+                .is_ok_and(|(_, leaf)| leaf == tls::leaf_der("server2.pem"))
         },
     )
     .await;
-    echo_round(&mut live, "still here after the rotation").await;
+    tls::echo_round(&mut live, "still here after the rotation").await;
 
     // No EdgeService names a Secret any more: the grant is gone.
     for name in ["web", "broken"] {

@@ -176,7 +176,7 @@ async fn follow_placement(
                 }
                 let placed: Vec<&EdgeService> = services
                     .iter()
-                    .filter(|es| rendered.config.service(&service_key(es)).is_some())
+                    .filter(|es| rendered.config.service(&render::key(es)).is_some())
                     .collect();
                 let (secrets_changed, failures) =
                     secrets::sync(client, &options.state_dir, &placed).await;
@@ -200,14 +200,6 @@ async fn follow_placement(
     }
 }
 
-fn service_key(es: &EdgeService) -> String {
-    format!(
-        "{}/{}",
-        es.metadata.namespace.as_deref().unwrap_or_default(),
-        es.metadata.name.as_deref().unwrap_or_default()
-    )
-}
-
 /// Whether some EdgeService placed here takes a module from a ConfigMap or
 /// names a Secret (the rendered config names files only, so the specs are
 /// asked).
@@ -219,7 +211,7 @@ fn fetches_objects(
         return false;
     };
     services.state().iter().any(|es| {
-        config.service(&service_key(es)).is_some()
+        config.service(&render::key(es)).is_some()
             && (es
                 .spec
                 .handlers

@@ -18,7 +18,8 @@ pub struct Rendered {
     pub rejected: Vec<(String, String)>,
 }
 
-fn key(es: &EdgeService) -> String {
+/// The service name an EdgeService runs under: `namespace/name`.
+pub fn key(es: &EdgeService) -> String {
     format!(
         "{}/{}",
         es.metadata.namespace.as_deref().unwrap_or_default(),
