@@ -261,6 +261,7 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
             ])
             .args(["--node-selector", &format!("edgewire.dev/test={NAMESPACE}")])
             .args(["--heartbeat-timeout", "10", "--status-interval", "2"])
+            .args(["--log-level", "edgewire_operator=debug,info"])
             .args([
                 "--agent-service-account",
                 &format!("{NAMESPACE}/{AGENT_ACCOUNT}"),
@@ -415,12 +416,24 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
         .expect("a token")
         .token;
     let agent_client = client_with_token(&plane, &agent_token).await;
-    eventually(
-        "the agents' token cannot get the named Secret",
-        operator_log,
-        || async { get_code(&agent_client, NAMESPACE, "web-tls").await == "ok" },
-    )
-    .await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = Instant::now() + SLOW_WAIT;
+    loop {
+        let code = get_code(&agent_client, NAMESPACE, "web-tls").await;
+        if code == "ok" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agents' token cannot get the named Secret: {code}; their Role: {:?}\noperator log:\n{}",
+            roles
+                .get_opt("agent-secrets")
+                .await
+                .map(|r| r.map(|r| r.rules)),
+            operator_log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let mut holes = Vec::new();
     for (namespace, name, want) in [
         (NAMESPACE, "jwt", "ok"),
@@ -468,7 +481,6 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
             .await
             .unwrap();
     }
-    let roles: Api<Role> = Api::namespaced(client.clone(), NAMESPACE);
     eventually(
         "the agents' Role outlived the EdgeServices",
         operator_log,

@@ -24,6 +24,8 @@ use crate::queue::CoalescingQueue;
 
 /// Marks the Roles and RoleBindings this module writes, to find them again.
 const PURPOSE_LABEL: &str = "edgewire.dev/agent-secret-access";
+/// The longest the first listing of Roles may take.
+const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A failed write is tried again after this long.
 const RETRY: Duration = Duration::from_secs(5);
 
@@ -172,20 +174,22 @@ pub async fn run(
     agent: AgentAccount,
     stop: CancellationToken,
 ) {
+    tracing::debug!("keeping the agents' Secret access");
     let roles: Api<Role> = match &scope {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    match roles
-        .list(&ListParams::default().labels(&format!("{PURPOSE_LABEL}=true")))
-        .await
-    {
-        Ok(list) => namespaces.extend(list.items.iter().filter_map(|r| r.namespace())),
-        Err(err) => tracing::warn!(%err, "cannot list the agents' secret Roles"),
+    let listed = tokio::time::timeout(
+        LIST_TIMEOUT,
+        roles.list(&ListParams::default().labels(&format!("{PURPOSE_LABEL}=true"))),
+    )
+    .await;
+    match listed {
+        Ok(Ok(list)) => namespaces.extend(list.items.iter().filter_map(|r| r.namespace())),
+        Ok(Err(err)) => tracing::warn!(%err, "cannot list the agents' secret Roles"),
+        Err(_) => tracing::warn!("listing the agents' secret Roles timed out"),
     }
-    if services.wait_until_ready().await.is_err() {
-        return;
-    }
+    tracing::debug!("listed the agents' Secret Roles");
     let mut written: HashMap<String, BTreeSet<String>> = HashMap::new();
     let mut pending = Box::pin(Arc::clone(&namespaces).stream());
     loop {
@@ -196,8 +200,14 @@ pub async fn run(
                 None => return,
             },
         };
+        // Judged from a complete listing only: an empty cache must never
+        // read as "no Secret is named here".
+        if services.wait_until_ready().await.is_err() {
+            return;
+        }
         let secrets = named_in(&services.state(), &namespace);
         if written.get(&namespace) == Some(&secrets) {
+            tracing::debug!(%namespace, "agents' Secret access unchanged");
             continue;
         }
         match sync(&client, &namespace, &secrets, &agent).await {
