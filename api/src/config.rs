@@ -97,6 +97,10 @@ pub struct HandlerSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub allowed_outbound_hosts: Vec<String>,
+    /// For `kind: upstream`: the URL it forwards to and the bounds on each
+    /// forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<crate::upstream::UpstreamSpec>,
 }
 
 impl HandlerSpec {
@@ -109,6 +113,7 @@ impl HandlerSpec {
             module: None,
             limits: None,
             allowed_outbound_hosts: Vec::new(),
+            upstream: None,
         }
     }
 
@@ -233,16 +238,28 @@ pub enum HandlerKind {
     /// as a JSON POST body, the JSON response body as `result`. Channel
     /// processor: see [`ChannelSpec::processor`].
     Wasm,
+    /// A forward to the HTTP(S) service at `upstream.url` (in the cloud, or
+    /// beside the agent). HTTP: the request passed through (method, headers
+    /// but hop-by-hop ones, query, body) and the upstream's answer passed
+    /// back. Relay call: the args as a JSON POST body, the JSON response
+    /// body as `result`.
+    Upstream,
 }
 
 impl HandlerKind {
-    pub const ALL: [HandlerKind; 3] = [HandlerKind::Echo, HandlerKind::Add, HandlerKind::Wasm];
+    pub const ALL: [HandlerKind; 4] = [
+        HandlerKind::Echo,
+        HandlerKind::Add,
+        HandlerKind::Wasm,
+        HandlerKind::Upstream,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             HandlerKind::Echo => "echo",
             HandlerKind::Add => "add",
             HandlerKind::Wasm => "wasm",
+            HandlerKind::Upstream => "upstream",
         }
     }
 }
@@ -469,6 +486,7 @@ impl ServiceConfig {
                 ));
             }
             handler.validate_wasm_into(&hat, errors);
+            handler.validate_upstream_into(&hat, errors);
             if let Some(path) = &handler.path {
                 if let Err(why) = check_path(path) {
                     errors.push(FieldError::new(format!("{hat}.path"), why));

@@ -186,6 +186,9 @@ pub struct EdgeServiceStatus {
     /// `ready/desired`, for `kubectl get es`.
     #[serde(default)]
     pub nodes: String,
+    /// The placed nodes, for people: every one while there are at most
+    /// 100, else the 100 a reader most needs (those not Ready first). The
+    /// whole placement is in the service's PlacementSlices.
     #[serde(default)]
     pub placement: Vec<NodePlacement>,
     /// Open client connections summed over the placed nodes.
@@ -220,6 +223,37 @@ pub enum PlacementState {
     Stale,
     /// The agent reported an error (e.g. port in use).
     Failed,
+}
+
+/// A bounded part of an EdgeService's placement: the nodes it runs on, at
+/// most a few hundred per object, as EndpointSlices split a Service's
+/// endpoints. The operator writes them (owned by the EdgeService, labelled
+/// `edgewire.dev/edgeservice`); agents read them to learn what runs on their
+/// node and who their mesh peers are. So a service on ten thousand nodes
+/// never needs one object near etcd's size limit, and a change on one node
+/// rewrites one slice, not the whole list.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "edgewire.dev",
+    version = "v1alpha1",
+    kind = "PlacementSlice",
+    namespaced,
+    shortname = "epl",
+    category = "edgewire",
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSliceSpec {
+    /// The EdgeService, in the same namespace, these nodes run.
+    pub service: String,
+    /// The nodes, by name; each node appears in one slice of its service.
+    #[serde(default)]
+    pub nodes: Vec<NodePlacement>,
 }
 
 /// What the agent on one node reports: one per node, named after the node.
@@ -339,7 +373,7 @@ mod tests {
             "handler names must be unique",
             "handler paths must be unique",
             r#""maximum":65535"#,
-            r#""enum":["echo","add","wasm"]"#,
+            r#""enum":["echo","add","wasm","upstream"]"#,
             r#""jsonPath":".status.nodes""#,
         ] {
             assert!(es.contains(needle), "EdgeService CRD lacks {needle}");

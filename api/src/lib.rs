@@ -6,6 +6,7 @@ pub mod config;
 pub mod crd;
 pub mod error;
 pub mod tls;
+pub mod upstream;
 pub mod wire;
 
 pub use auth::{AuthSpec, Grants, SecretKeyRef, TokenAlgorithm};
@@ -15,3 +16,4 @@ pub use config::{
 };
 pub use error::{ConfigError, FieldError};
 pub use tls::TlsSpec;
+pub use upstream::{BreakerSpec, UpstreamSpec};

@@ -168,6 +168,9 @@ pub struct Metrics {
     message_latency: HistogramVec,
     pub handler_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
+    upstream_bytes: IntCounterVec,
+    upstream_breaker: IntGaugeVec,
+    upstream_errors: IntCounterVec,
     handler_errors: IntCounterVec,
     messages: IntCounterVec,
     dropped: IntCounterVec,
@@ -225,8 +228,23 @@ impl Metrics {
             ),
             upstream_duration: histogram(
                 "edgewire_upstream_duration_seconds",
-                "Time spent waiting on an upstream (cloud) call.",
-                &["service"],
+                "Time spent waiting on an upstream (cloud) call, per attempt, by outcome.",
+                &["service", "upstream", "outcome"],
+            ),
+            upstream_bytes: counter(
+                "edgewire_upstream_bytes_total",
+                "Body bytes sent to and received from upstreams.",
+                &["service", "upstream", "direction"],
+            ),
+            upstream_breaker: gauge(
+                "edgewire_upstream_breaker_state",
+                "An upstream's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                &["service", "upstream"],
+            ),
+            upstream_errors: counter(
+                "edgewire_upstream_errors_total",
+                "Upstream forwards answered by the agent instead of the upstream, by reason.",
+                &["service", "upstream", "reason"],
             ),
             handler_errors: counter(
                 "edgewire_handler_errors_total",
@@ -276,6 +294,9 @@ impl Metrics {
             Box::new(metrics.message_latency.clone()),
             Box::new(metrics.handler_duration.clone()),
             Box::new(metrics.upstream_duration.clone()),
+            Box::new(metrics.upstream_bytes.clone()),
+            Box::new(metrics.upstream_breaker.clone()),
+            Box::new(metrics.upstream_errors.clone()),
             Box::new(metrics.handler_errors.clone()),
             Box::new(metrics.messages.clone()),
             Box::new(metrics.dropped.clone()),
@@ -334,7 +355,6 @@ impl Metrics {
         self.handshake_duration.with_label_values(&[service]);
         self.message_latency.with_label_values(&[service, "local"]);
         self.message_latency.with_label_values(&[service, "mesh"]);
-        self.upstream_duration.with_label_values(&[service]);
         self.messages.with_label_values(&[service, "in"]);
         self.messages.with_label_values(&[service, "out"]);
         for reason in DropReason::ALL {
@@ -346,6 +366,64 @@ impl Metrics {
         for direction in ["sent", "received"] {
             self.mesh_messages.with_label_values(&[service, direction]);
         }
+    }
+
+    /// Makes an upstream's series visible at zero: bytes both ways, the
+    /// breaker closed, each error reason, and the duration of `outcomes`.
+    pub fn init_upstream(
+        &self,
+        service: &str,
+        upstream: &str,
+        outcomes: &[&str],
+        reasons: &[&str],
+    ) {
+        for outcome in outcomes {
+            self.upstream_duration
+                .with_label_values(&[service, upstream, outcome]);
+        }
+        for direction in ["sent", "received"] {
+            self.upstream_bytes
+                .with_label_values(&[service, upstream, direction]);
+        }
+        self.upstream_breaker
+            .with_label_values(&[service, upstream])
+            .set(0);
+        for reason in reasons {
+            self.upstream_errors
+                .with_label_values(&[service, upstream, reason]);
+        }
+    }
+
+    /// Shows one outcome of an upstream's attempts at zero.
+    pub fn upstream_attempt_init(&self, service: &str, upstream: &str, outcome: &str) {
+        self.upstream_duration
+            .with_label_values(&[service, upstream, outcome]);
+    }
+
+    /// One attempt at an upstream: how long the cloud took, and how it ended.
+    pub fn upstream_attempt(&self, service: &str, upstream: &str, outcome: &str, seconds: f64) {
+        self.upstream_duration
+            .with_label_values(&[service, upstream, outcome])
+            .observe(seconds);
+    }
+
+    /// Body bytes to (`sent`) or from (`received`) an upstream.
+    pub fn upstream_bytes(&self, service: &str, upstream: &str, direction: &str, bytes: usize) {
+        self.upstream_bytes
+            .with_label_values(&[service, upstream, direction])
+            .inc_by(bytes as u64);
+    }
+
+    pub fn upstream_breaker(&self, service: &str, upstream: &str, state: i64) {
+        self.upstream_breaker
+            .with_label_values(&[service, upstream])
+            .set(state);
+    }
+
+    pub fn upstream_error(&self, service: &str, upstream: &str, reason: &str) {
+        self.upstream_errors
+            .with_label_values(&[service, upstream, reason])
+            .inc();
     }
 
     /// Counts one authentication or permission decision; the labels come

@@ -28,6 +28,7 @@ const CONTRACT_METRICS: &[&str] = &[
     "edgewire_message_latency_seconds",
     "edgewire_handler_duration_seconds",
     "edgewire_upstream_duration_seconds",
+    "edgewire_upstream_bytes_total",
     "edgewire_messages_total",
     "edgewire_messages_dropped_total",
     "edgewire_mesh_peers",
@@ -35,7 +36,13 @@ const CONTRACT_METRICS: &[&str] = &[
 
 #[tokio::test]
 async fn health_readiness_and_every_contract_metric() {
-    let agent = AgentProcess::start(TWO_SERVICES).await;
+    // The upstream series exist per upstream handler (labelled with its
+    // name, never its URL): one that is never called shows them.
+    let config = TWO_SERVICES.replace(
+        "handlers: [{name: echo, kind: echo, path: /}]\n",
+        "handlers: [{name: echo, kind: echo, path: /}, {name: cloud, kind: upstream, upstream: {url: \"http://127.0.0.1:9/\"}}]\n",
+    );
+    let agent = AgentProcess::start(&config).await;
     let (status, body) = http_get(agent.admin, "/healthz").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, ready) = agent.readyz().await;

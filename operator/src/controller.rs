@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgewire_api::crd::{EdgeNode, EdgeService, EdgeServiceStatus, PlacementState};
+use edgewire_api::crd::{
+    EdgeNode, EdgeService, EdgeServiceStatus, NodePlacement, PlacementSlice, PlacementState,
+};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -27,6 +29,8 @@ use crate::freshness::{HeartbeatClock, Timeouts};
 use crate::index::{self, Index};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, Decision, Freshness, PortClaim};
+use crate::placement_book::{self, PlacementBook};
+use crate::placement_slices;
 use crate::queue::CoalescingQueue;
 use crate::status::{self, NodeReport};
 use crate::triggers::{self, Changes};
@@ -49,6 +53,8 @@ pub struct Settings {
     /// The agents' ServiceAccount: in each namespace it may read the Secrets
     /// the EdgeServices there name. None: the operator grants no such access.
     pub agent_account: Option<crate::secret_access::AgentAccount>,
+    /// Nodes per PlacementSlice at most.
+    pub placement_slice_size: usize,
 }
 
 impl Settings {
@@ -67,6 +73,8 @@ pub struct Context {
     pub edge_nodes: Store<EdgeNode>,
     pub owned_services: Store<Service>,
     pub owned_slices: Store<EndpointSlice>,
+    /// Every EdgeService's placement, as written in its PlacementSlices.
+    pub placements: PlacementBook,
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub settings: Settings,
@@ -154,6 +162,7 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         let _ = ctx.edge_nodes.wait_until_ready().await;
         let _ = ctx.owned_services.wait_until_ready().await;
         let _ = ctx.owned_slices.wait_until_ready().await;
+        let _ = ctx.placements.store.wait_until_ready().await;
     };
     if tokio::time::timeout(Duration::from_secs(30), caches)
         .await
@@ -170,11 +179,8 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
     }
     let now = Timestamp::now();
     let es_ref = ObjectRef::from_obj(es);
-    let previous: Vec<String> = es
-        .status
-        .iter()
-        .flat_map(|s| s.placement.iter().map(|p| p.node.clone()))
-        .collect();
+    let placed_before = placed_before(es, ctx);
+    let previous: Vec<String> = placed_before.iter().map(|p| p.node.clone()).collect();
     let placed_now: std::collections::HashSet<&str> = previous.iter().map(String::as_str).collect();
 
     let mut next_check: Option<Duration> = None;
@@ -272,6 +278,9 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             &Time(now),
         );
     }
+    let placed_now = std::mem::take(&mut new_status.placement);
+    new_status.placement =
+        placement_slices::status_summary(&placed_now, placement_slices::STATUS_NODES);
 
     let foreign = foreign_service(es, ctx).await?;
     match &foreign {
@@ -290,9 +299,14 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         }
         None => {
             apply_service(es, ctx).await?;
-            apply_slices(es, &new_status, ctx).await?;
+            apply_slices(es, &placed_now, ctx).await?;
         }
     }
+    // The whole placement goes into the PlacementSlices after the
+    // EndpointSlices (a leaving agent reads a node no longer Ready there as
+    // out of the endpoints) and before the status says the spec is decided
+    // (a younger service on the port waits for that).
+    apply_placement(es, &placed_now, ctx).await?;
     // Connection counts change all the time; alone, they are written at
     // most every `status_interval`.
     let mut connections_due: Option<Duration> = None;
@@ -332,8 +346,8 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             .insert(es_ref, Instant::now());
         publish_events(
             es,
-            es.status.as_ref(),
-            &new_status,
+            (es.status.as_ref(), &placed_before),
+            (&new_status, &placed_now),
             &decision,
             foreign.as_deref(),
             ctx,
@@ -389,13 +403,12 @@ fn port_claims(es: &EdgeService, ctx: &Context) -> Option<Vec<PortClaim>> {
         .iter()
         .flat_map(|other| {
             let owner = key(other);
-            other
-                .status
-                .iter()
-                .flat_map(|s| s.placement.iter())
+            ctx.placements
+                .placement(other)
+                .into_iter()
                 .map(move |p| PortClaim {
                     owner: owner.clone(),
-                    node: p.node.clone(),
+                    node: p.node,
                     port: other.spec.port,
                 })
         })
@@ -442,32 +455,42 @@ async fn apply_service(es: &EdgeService, ctx: &Context) -> Result<(), Error> {
         return Ok(());
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_owned(&api, &es.name_any(), &want, "service", ctx).await
+}
+
+/// Server-side applies `object` as this operator and counts the write.
+async fn apply_owned<K>(
+    api: &Api<K>,
+    name: &str,
+    object: &K,
+    kind: &str,
+    ctx: &Context,
+) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     api.patch(
-        &es.name_any(),
+        name,
         &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&want),
+        &Patch::Apply(object),
     )
     .await?;
-    ctx.metrics.write("service");
+    ctx.metrics.write(kind);
     Ok(())
 }
 
-fn owned_by(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    want: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> bool {
-    let labels_ok = want
-        .labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
-    let owners_ok = want.owner_references.iter().flatten().all(|o| {
-        meta.owner_references
-            .iter()
-            .flatten()
-            .any(|h| h.uid == o.uid && h.controller == o.controller)
-    });
-    labels_ok && owners_ok
+/// Deletes an object this operator wrote (already gone is fine) and counts
+/// the write.
+async fn delete_owned<K>(api: &Api<K>, name: &str, kind: &str, ctx: &Context) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => ctx.metrics.write(kind),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
 }
 
 fn service_matches(have: &Service, want: &Service) -> bool {
@@ -487,7 +510,7 @@ fn service_matches(have: &Service, want: &Service) -> bool {
         }
         _ => false,
     };
-    owned_by(&have.metadata, &want.metadata)
+    desired::owned_by(&have.metadata, &want.metadata)
         && h.type_ == w.type_
         && h.selector.is_none()
         && ports_match
@@ -506,19 +529,68 @@ fn slice_matches(have: &EndpointSlice, want: &EndpointSlice) -> bool {
             })
             .collect::<Vec<_>>()
     };
-    owned_by(&have.metadata, &want.metadata)
+    desired::owned_by(&have.metadata, &want.metadata)
         && have.address_type == want.address_type
         && have.ports == want.ports
         && endpoints(have) == endpoints(want)
 }
 
+/// Where `es` was placed: its PlacementSlices, or, for a service placed
+/// before there were slices, the list in its status.
+fn placed_before(es: &EdgeService, ctx: &Context) -> Vec<NodePlacement> {
+    let placed = ctx.placements.placement(es);
+    if !placed.is_empty() {
+        return placed;
+    }
+    es.status
+        .as_ref()
+        .map(|s| s.placement.clone())
+        .unwrap_or_default()
+}
+
+/// Writes `es`'s placement into its PlacementSlices: the slices that differ
+/// are applied, the ones left empty deleted.
+async fn apply_placement(
+    es: &EdgeService,
+    placement: &[NodePlacement],
+    ctx: &Context,
+) -> Result<(), Error> {
+    let layout = ctx.placements.layout(es);
+    let want =
+        placement_slices::desired(es, placement, &layout, ctx.settings.placement_slice_size)?;
+    let ns = es.namespace().unwrap_or_default();
+    let api: Api<PlacementSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let have: BTreeMap<String, Arc<PlacementSlice>> = ctx
+        .placements
+        .slices(es)
+        .into_iter()
+        .map(|s| (s.name_any(), s))
+        .collect();
+    for slice in &want {
+        let name = slice.name_any();
+        if have
+            .get(&name)
+            .is_some_and(|h| placement_slices::matches(h, slice))
+        {
+            continue;
+        }
+        apply_owned(&api, &name, slice, "placementslice", ctx).await?;
+    }
+    for name in have.keys() {
+        if !want.iter().any(|w| &w.name_any() == name) {
+            delete_owned(&api, name, "placementslice", ctx).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies the EndpointSlices that differ and deletes the ones no longer wanted.
 async fn apply_slices(
     es: &EdgeService,
-    status: &EdgeServiceStatus,
+    placement: &[NodePlacement],
     ctx: &Context,
 ) -> Result<(), Error> {
-    let want = desired::endpoint_slices(es, &status.placement)?;
+    let want = desired::endpoint_slices(es, placement)?;
     let ns = es.namespace().unwrap_or_default();
     let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     for slice in &want {
@@ -530,13 +602,7 @@ async fn apply_slices(
         {
             continue;
         }
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(slice),
-        )
-        .await?;
-        ctx.metrics.write("endpointslice");
+        apply_owned(&api, &name, slice, "endpointslice", ctx).await?;
     }
     let wanted: Vec<&str> = want
         .iter()
@@ -564,14 +630,7 @@ async fn prune_slices(es: &EdgeService, keep: &[&str], ctx: &Context) -> Result<
                 .iter()
                 .any(|o| Some(&o.uid) == uid.as_ref());
         if owned_here && !keep.contains(&stale.name_any().as_str()) {
-            match api
-                .delete(&stale.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => ctx.metrics.write("endpointslice"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_owned(&api, &stale.name_any(), "endpointslice", ctx).await?;
         }
     }
     Ok(())
@@ -580,19 +639,20 @@ async fn prune_slices(es: &EdgeService, keep: &[&str], ctx: &Context) -> Result<
 /// Events for what a user should see in `kubectl describe es`.
 async fn publish_events(
     es: &EdgeService,
-    old: Option<&EdgeServiceStatus>,
-    new: &EdgeServiceStatus,
+    (old, placed_before): (Option<&EdgeServiceStatus>, &[NodePlacement]),
+    (new, placed_now): (&EdgeServiceStatus, &[NodePlacement]),
     decision: &Decision,
     foreign: Option<&str>,
     ctx: &Context,
 ) {
-    let state_of = |s: Option<&EdgeServiceStatus>| -> BTreeMap<String, PlacementState> {
-        s.iter()
-            .flat_map(|s| s.placement.iter().map(|p| (p.node.clone(), p.state)))
+    let state_of = |placement: &[NodePlacement]| -> BTreeMap<String, PlacementState> {
+        placement
+            .iter()
+            .map(|p| (p.node.clone(), p.state))
             .collect()
     };
-    let before = state_of(old);
-    let after = state_of(Some(new));
+    let before = state_of(placed_before);
+    let after = state_of(placed_now);
     let mut events = Vec::new();
     let added: Vec<&str> = after
         .keys()
@@ -746,21 +806,23 @@ fn error_policy(es: Arc<EdgeService>, err: &Error, ctx: Arc<Context>) -> Action 
 /// its labels, and those placed on it.
 fn affected(
     services: &Store<EdgeService>,
+    placements: &PlacementBook,
     node: &str,
     labels: Option<&BTreeMap<String, String>>,
 ) -> Vec<ObjectRef<EdgeService>> {
-    services
+    let mut refs: Vec<ObjectRef<EdgeService>> = services
         .state()
         .iter()
-        .filter(|es| {
-            labels.is_none_or(|l| placement::matches_selector(&es.spec.node_selector, l))
-                || es
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.placement.iter().any(|p| p.node == node))
-        })
+        .filter(|es| labels.is_none_or(|l| placement::matches_selector(&es.spec.node_selector, l)))
         .map(|es| ObjectRef::from_obj(es.as_ref()))
-        .collect()
+        .collect();
+    refs.extend(
+        placements
+            .services_on(node)
+            .into_iter()
+            .map(|(namespace, name)| ObjectRef::new(&name).within(&namespace)),
+    );
+    refs
 }
 
 /// The other EdgeServices on `es`'s port: when its placement changes, the
@@ -842,8 +904,8 @@ pub async fn run(
     // The namespaces whose EdgeServices changed, for the agents' Secret access.
     let secret_namespaces = CoalescingQueue::<String>::new();
     // EdgeServices: each change reconciles the service itself; a change of
-    // its placement also its neighbours on the same port.
-    let placements = Changes::default();
+    // its port or its decision also its neighbours on the same port.
+    let claims = Changes::default();
     let (services, es_task) = {
         let (queue, by_port) = (Arc::clone(&queue), Arc::clone(&services_by_port));
         let secret_namespaces = Arc::clone(&secret_namespaces);
@@ -856,7 +918,7 @@ pub async fn run(
                 for (es, exists) in touched(event) {
                     queue.push(ObjectRef::from_obj(&es));
                     secret_namespaces.push(es.namespace().unwrap_or_default());
-                    if placements.changed(&key(&es), triggers::placement_digest(&es), exists) {
+                    if claims.changed(&key(&es), triggers::claim_digest(&es), exists) {
                         queue.extend(same_port(services, &es));
                     }
                 }
@@ -876,8 +938,38 @@ pub async fn run(
         ))
     });
 
+    // PlacementSlices: a change reconciles the owner (a user's edit is
+    // undone) and its neighbours on the same port (they see the port held
+    // on other nodes now).
+    let (placements, placement_task) = {
+        let (queue, services) = (Arc::clone(&queue), services.clone());
+        let indexes = placement_book::Indexes::default();
+        let feed = indexes.clone();
+        let (store, task) = caches::spawn(
+            scope.api::<PlacementSlice>(&client),
+            owned_wc.clone(),
+            caches::trim_meta,
+            move |_, event| {
+                feed.apply(event);
+                for (slice, _) in touched(event) {
+                    let Some((ns, name)) = caches::owner(&slice) else {
+                        continue;
+                    };
+                    let owner = ObjectRef::<EdgeService>::new(&name).within(&ns);
+                    if let Some(es) = services.get(&owner) {
+                        queue.extend(same_port(&services, &es));
+                    }
+                    queue.push(owner);
+                }
+            },
+            tasks_stop.clone(),
+        );
+        (indexes.book(store), task)
+    };
+
     let (nodes, node_task) = {
         let (queue, services) = (Arc::clone(&queue), services.clone());
+        let placements = placements.clone();
         let by_label = Arc::clone(&nodes_by_label);
         let changes = Changes::default();
         caches::spawn(
@@ -890,7 +982,12 @@ pub async fn run(
                     let name = node.name_any();
                     if changes.changed(&name, triggers::node_digest(&node), exists) {
                         tracing::debug!(node = %name, exists, "node change");
-                        queue.extend(affected(&services, &name, exists.then(|| node.labels())));
+                        queue.extend(affected(
+                            &services,
+                            &placements,
+                            &name,
+                            exists.then(|| node.labels()),
+                        ));
                     }
                 }
             },
@@ -899,6 +996,7 @@ pub async fn run(
     };
     let (edge_nodes, edge_task) = {
         let (queue, services, nodes) = (Arc::clone(&queue), services.clone(), nodes.clone());
+        let placements = placements.clone();
         let clock = Arc::clone(&clock);
         let changes = Changes::default();
         caches::spawn(
@@ -921,6 +1019,7 @@ pub async fn run(
                         let node = nodes.get(&ObjectRef::new(&name));
                         queue.extend(affected(
                             &services,
+                            &placements,
                             &name,
                             node.as_deref().map(|n| n.labels()),
                         ));
@@ -964,6 +1063,7 @@ pub async fn run(
         edge_nodes,
         owned_services,
         owned_slices,
+        placements,
         recorder,
         metrics,
         settings: settings.clone(),
@@ -989,9 +1089,16 @@ pub async fn run(
         })
         .await;
     tasks_stop.cancel();
-    for task in [es_task, node_task, edge_task, svc_task, slice_task]
-        .into_iter()
-        .chain(access_task)
+    for task in [
+        es_task,
+        placement_task,
+        node_task,
+        edge_task,
+        svc_task,
+        slice_task,
+    ]
+    .into_iter()
+    .chain(access_task)
     {
         let _ = task.await;
     }

@@ -1,6 +1,6 @@
 //! The CRD YAML, as `edgewire-operator crd` prints it and `crds/` holds it.
 
-use edgewire_api::crd::{EdgeNode, EdgeService};
+use edgewire_api::crd::{EdgeNode, EdgeService, PlacementSlice};
 use kube::CustomResourceExt;
 
 /// One YAML document per CRD, with a header saying where it comes from.
@@ -14,6 +14,13 @@ pub fn files() -> Result<Vec<(&'static str, String)>, serde_yaml_ng::Error> {
         (
             "edgenodes.edgewire.dev.yaml",
             format!("{HEADER}{}", serde_yaml_ng::to_string(&EdgeNode::crd())?),
+        ),
+        (
+            "placementslices.edgewire.dev.yaml",
+            format!(
+                "{HEADER}{}",
+                serde_yaml_ng::to_string(&PlacementSlice::crd())?
+            ),
         ),
     ])
 }

@@ -39,7 +39,7 @@ fn labels(es_name: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn meta(
+pub(crate) fn meta(
     es: &EdgeService,
     name: String,
     extra: &[(&str, &str)],
@@ -60,6 +60,25 @@ fn meta(
         owner_references: Some(vec![owner(es)?]),
         ..ObjectMeta::default()
     })
+}
+
+/// Whether `meta` carries the labels and controller owner of `want`.
+pub(crate) fn owned_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    want: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> bool {
+    let labels_ok = want
+        .labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
+    let owners_ok = want.owner_references.iter().flatten().all(|o| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|h| h.uid == o.uid && h.controller == o.controller)
+    });
+    labels_ok && owners_ok
 }
 
 /// The Service clients use: same name as the EdgeService, no selector (its

@@ -23,6 +23,8 @@ mod index;
 mod leader;
 mod metrics;
 mod placement;
+mod placement_book;
+mod placement_slices;
 mod ports;
 mod queue;
 mod secret_access;
@@ -119,6 +121,11 @@ struct RunArgs {
     /// EdgeServices reconciled at the same time, at most.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
+    /// Nodes per PlacementSlice at most (an EdgeService's placement is
+    /// written in slices of this many nodes).
+    #[arg(long, default_value_t = placement_slices::DEFAULT_NODES_PER_SLICE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=5_000))]
+    placement_slice_size: u64,
     /// The host ports EdgeServices may use, `MIN-MAX`; others are not placed.
     #[arg(long, env = "EDGEWIRE_HOST_PORTS", default_value = "1024-65535")]
     host_ports: ports::PortRange,
@@ -299,6 +306,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
         status_interval: Duration::from_secs(args.status_interval),
         concurrency: args.reconcile_concurrency,
+        placement_slice_size: usize::try_from(args.placement_slice_size)
+            .unwrap_or(placement_slices::DEFAULT_NODES_PER_SLICE),
         ports: ports::PortPolicy {
             range: args.host_ports,
             privileged_namespaces: (args.privileged_port_namespaces.iter())

@@ -39,14 +39,15 @@ pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     h.finish()
 }
 
-/// What other EdgeServices' placement reads from an EdgeService, as a hash:
-/// its port and the nodes it is placed on.
-pub fn placement_digest(es: &EdgeService) -> u64 {
+/// What other EdgeServices' placement reads from an EdgeService object, as
+/// a hash: its port, and whether it has decided on its latest spec (a
+/// younger service on the port waits for that). The nodes it holds the
+/// port on are in its PlacementSlices, whose changes trigger on their own.
+pub fn claim_digest(es: &EdgeService) -> u64 {
     let mut h = DefaultHasher::new();
     es.spec.port.hash(&mut h);
-    for p in es.status.iter().flat_map(|s| s.placement.iter()) {
-        p.node.hash(&mut h);
-    }
+    let decided = es.status.as_ref().and_then(|s| s.observed_generation) == es.metadata.generation;
+    decided.hash(&mut h);
     h.finish()
 }
 

@@ -76,6 +76,13 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
     .unwrap();
     let (ok, stderr) = kubectl_apply(plane, &ns.name, &example);
     assert!(ok, "the README's example is accepted: {stderr}");
+    let upstream = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/upstream.yaml"
+    ))
+    .unwrap();
+    let (ok, stderr) = kubectl_apply(plane, &ns.name, &upstream);
+    assert!(ok, "the upstream example is accepted: {stderr}");
 
     let cases = [
         (
@@ -120,6 +127,14 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
             "dup-channel",
             VALID.replace("[{name: chat}]", "[{name: chat}, {name: chat}]"),
             "channel names must be unique",
+        ),
+        (
+            "upstream-query",
+            VALID.replace(
+                "{name: add, kind: add, path: /add}",
+                "{name: add, kind: upstream, path: /add, upstream: {url: \"http://cloud/add?a=1\"}}",
+            ),
+            "spec.handlers[1].upstream.url",
         ),
         (
             "max-zero",

@@ -253,6 +253,11 @@ fn rbac_is_least_privilege() {
         })
     };
     assert!(can(&agent, "edgeservices", "watch"));
+    assert!(can(&agent, "placementslices", "watch"));
+    assert!(
+        !can(&agent, "placementslices", "patch"),
+        "the placement is the operator's to write"
+    );
     assert!(
         !can(&agent, "edgeservices", "patch"),
         "agents only read EdgeServices"
@@ -267,6 +272,8 @@ fn rbac_is_least_privilege() {
     let operator = rules("ew-operator");
     assert!(can(&operator, "endpointslices", "delete"));
     assert!(can(&operator, "edgeservices/status", "patch"));
+    assert!(can(&operator, "placementslices", "patch"));
+    assert!(can(&operator, "placementslices", "delete"));
     assert!(!can(&operator, "edgeservices", "delete"));
     // The operator checks the Secrets EdgeServices name, and can grant the
     // agents only what it holds; it never lists or watches them.
@@ -326,6 +333,27 @@ fn monitoring_objects_when_enabled() {
     let json: Value = serde_json::from_str(dashboard["data"]["edgewire.json"].as_str().unwrap())
         .expect("dashboard JSON");
     assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    let exprs: Vec<&str> = json["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    for metric in [
+        "edgewire_handler_duration_seconds_sum",
+        "edgewire_upstream_duration_seconds_bucket",
+        "edgewire_upstream_bytes_total",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric)),
+            "the edge-and-cloud row shows {metric}"
+        );
+    }
+    assert!(
+        alerts.contains(&"EdgewireUpstreamBreakerOpen"),
+        "{alerts:?}"
+    );
     let agent = find(&objects, "DaemonSet", "ew-agent").unwrap();
     assert!(
         agent["spec"]["template"]["metadata"]["annotations"].is_null(),

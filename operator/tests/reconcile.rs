@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgewire_api::crd::{EdgeService, PlacementState};
+use edgewire_api::crd::{EdgeService, PlacementSlice, PlacementState};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -527,12 +527,16 @@ async fn deleting_an_edgeservice_garbage_collects_what_it_owned() {
             .list(&ListParams::default().labels("kubernetes.io/service-name=gone"))
             .await
             .unwrap();
-        if svc.is_none() && left.items.is_empty() {
+        let placement = Api::<PlacementSlice>::namespaced(env.client.clone(), env.name())
+            .list(&ListParams::default().labels("edgewire.dev/edgeservice=gone"))
+            .await
+            .unwrap();
+        if svc.is_none() && left.items.is_empty() && placement.items.is_empty() {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "Service or slices survived their EdgeService"
+            "Service, EndpointSlices or PlacementSlices survived their EdgeService"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -1,10 +1,11 @@
-//! `edgewire-loadgen`: drives WebSocket servers and prints one JSON line of
-//! figures. It speaks edgewire's relay protocol, plain text echo and NATS
-//! over WebSocket, so that edgewire and its peers are measured with the same
-//! client. It is a bench tool, not a test: every run is bounded in count and
+//! `edgewire-loadgen`: drives WebSocket and HTTP servers and prints one JSON
+//! line of figures. It speaks edgewire's relay protocol, plain text echo and
+//! NATS over WebSocket, and HTTP/1.1 GETs, so that edgewire and its peers
+//! are measured with the same client. It is a bench tool, not a test: every run is bounded in count and
 //! in time, and it only talks to loopback addresses.
 
 mod dial;
+mod http;
 mod mesh;
 mod workload;
 
@@ -75,6 +76,24 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         hold: u64,
     },
+    /// HTTP GETs over keep-alive connections: requests per second and
+    /// latency, every answer checked.
+    Http {
+        /// http://ip:port/path?query (loopback only)
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Requests per client.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Each answer's body must contain this.
+        #[arg(long, default_value = "")]
+        expect: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// A publisher at one server, subscribers at others: publish-to-delivery
     /// latency and throughput across links, with loss and order checked.
     Mesh {
@@ -104,6 +123,7 @@ impl Cmd {
             | Cmd::Handshakes { dial, .. }
             | Cmd::Idle { dial, .. }
             | Cmd::Mesh { dial, .. } => dial,
+            Cmd::Http { timeout, .. } => return Duration::from_secs(*timeout),
         };
         Duration::from_secs(dial.timeout)
     }
@@ -134,6 +154,22 @@ impl Cmd {
                 connections,
                 hold,
             } => workload::idle(dial, url, connections, hold).await,
+            Cmd::Http {
+                url,
+                clients,
+                requests,
+                expect,
+                timeout,
+            } => {
+                http::http(http::HttpRun {
+                    url,
+                    clients,
+                    requests,
+                    expect,
+                    timeout: Duration::from_secs(timeout),
+                })
+                .await
+            }
             Cmd::Mesh {
                 publish_url,
                 subscribe_urls,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
+use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, NodeService, PlacementSlice};
 use futures_util::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -204,23 +204,26 @@ fn status(services: &[NodeService]) -> serde_json::Value {
     })
 }
 
-/// Keeps `placed` in step with the EdgeServices' `status.placement`, and
-/// wakes the agents whose services changed.
+/// Keeps `placed` in step with the EdgeServices' PlacementSlices (as the
+/// agent does), and wakes the agents whose services changed.
 async fn follow_placement(
-    api: Api<EdgeService>,
+    api: Api<PlacementSlice>,
     placed: Arc<Mutex<Placed>>,
     notify: Arc<HashMap<String, Arc<Notify>>>,
     stop: CancellationToken,
 ) {
     let mut events = watcher(api, watcher::Config::default()).boxed();
+    // Each slice's service and nodes; a service's placement is the union
+    // of its slices'.
+    let mut slices: HashMap<ServiceKey, (ServiceKey, BTreeSet<String>)> = HashMap::new();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
             event = events.next() => event,
         };
-        let (es, deleted) = match event {
-            Some(Ok(watcher::Event::Apply(es) | watcher::Event::InitApply(es))) => (es, false),
-            Some(Ok(watcher::Event::Delete(es))) => (es, true),
+        let (slice, deleted) = match event {
+            Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => (s, false),
+            Some(Ok(watcher::Event::Delete(s))) => (s, true),
             Some(Ok(_)) => continue,
             Some(Err(_)) => {
                 // The watcher retries by itself; pace it.
@@ -229,15 +232,20 @@ async fn follow_placement(
             }
             None => return,
         };
-        let key = (es.namespace().unwrap_or_default(), es.name_any());
-        let now: BTreeSet<String> = if deleted {
-            BTreeSet::new()
+        let namespace = slice.namespace().unwrap_or_default();
+        let key = (namespace.clone(), slice.spec.service.clone());
+        let slice_key = (namespace, slice.name_any());
+        if deleted {
+            slices.remove(&slice_key);
         } else {
-            es.status
-                .iter()
-                .flat_map(|s| s.placement.iter().map(|p| p.node.clone()))
-                .collect()
-        };
+            let nodes = slice.spec.nodes.iter().map(|p| p.node.clone()).collect();
+            slices.insert(slice_key, (key.clone(), nodes));
+        }
+        let now: BTreeSet<String> = slices
+            .values()
+            .filter(|(service, _)| service == &key)
+            .flat_map(|(_, nodes)| nodes.iter().cloned())
+            .collect();
         let changed: Vec<String> = {
             let mut placed = placed.lock().unwrap_or_else(|e| e.into_inner());
             let before = placed

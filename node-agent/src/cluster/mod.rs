@@ -1,5 +1,5 @@
-//! Cluster mode: the agent follows the operator's placement (a read-only
-//! watch of EdgeServices), keeps its node's EdgeNode up to date, and keeps
+//! Cluster mode: the agent follows the operator's placement (read-only
+//! watches of EdgeServices and their PlacementSlices), keeps its node's EdgeNode up to date, and keeps
 //! serving from its stored config while the API server is out of reach.
 
 pub mod leave;
@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeModule, NodeService};
+use edgewire_api::crd::{
+    EdgeNode, EdgeNodeSpec, EdgeService, NodeModule, NodeService, PlacementSlice,
+};
 use futures_util::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
@@ -79,6 +81,8 @@ struct Shared {
     report_now: Notify,
     /// The EdgeServices as last seen.
     services: reflector::Store<EdgeService>,
+    /// The PlacementSlices as last seen: which nodes run each service.
+    slices: reflector::Store<PlacementSlice>,
 }
 
 pub async fn run(
@@ -97,6 +101,7 @@ pub async fn run(
         agent.apply(&config).await;
     }
     let (reader, writer) = reflector::store::<EdgeService>();
+    let (slice_reader, slice_writer) = reflector::store::<PlacementSlice>();
     let shared = Arc::new(Shared {
         agent,
         client,
@@ -104,16 +109,47 @@ pub async fn run(
         rejected: Mutex::default(),
         report_now: Notify::new(),
         services: reader,
+        slices: slice_reader,
     });
     let heartbeat = tokio::spawn(heartbeat_loop(Arc::clone(&shared), stop.clone(), leave));
-    follow_placement(&shared, writer, stop).await;
+    follow_placement(&shared, (writer, slice_writer), stop).await;
     let _ = heartbeat.await;
 }
 
-/// Watches EdgeServices and applies what is placed on this node.
+/// What one watch event means to the placement follower.
+enum Seen {
+    /// The cache changed (or finished its first listing, when `listed`).
+    Change {
+        listed: bool,
+    },
+    Nothing,
+    Error(String),
+    End,
+}
+
+fn seen<K>(event: Option<Result<watcher::Event<K>, watcher::Error>>) -> Seen {
+    match event {
+        Some(Ok(
+            event @ (watcher::Event::Apply(_)
+            | watcher::Event::Delete(_)
+            | watcher::Event::InitDone),
+        )) => Seen::Change {
+            listed: matches!(event, watcher::Event::InitDone),
+        },
+        Some(Ok(_)) => Seen::Nothing,
+        Some(Err(err)) => Seen::Error(err.to_string()),
+        None => Seen::End,
+    }
+}
+
+/// Watches EdgeServices and their PlacementSlices and applies what is
+/// placed on this node.
 async fn follow_placement(
     shared: &Shared,
-    writer: reflector::store::Writer<EdgeService>,
+    (writer, slice_writer): (
+        reflector::store::Writer<EdgeService>,
+        reflector::store::Writer<PlacementSlice>,
+    ),
     stop: CancellationToken,
 ) {
     let Shared {
@@ -123,6 +159,7 @@ async fn follow_placement(
         rejected,
         report_now,
         services: reader,
+        slices: slice_reader,
     } = shared;
     let mut events = watcher(
         Api::<EdgeService>::all(client.clone()),
@@ -131,40 +168,47 @@ async fn follow_placement(
     .default_backoff()
     .reflect(writer)
     .boxed();
+    let mut slice_events = watcher(
+        Api::<PlacementSlice>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(slice_writer)
+    .boxed();
     let mut dirty = false;
-    let mut listed = false;
+    // Both caches have had a complete listing.
+    let (mut services_listed, mut slices_listed) = (false, false);
     let mut api_down = false;
     let mut last_applied = None;
     loop {
-        tokio::select! {
+        let listed = services_listed && slices_listed;
+        let event = tokio::select! {
             _ = stop.cancelled() => return,
-            event = events.next() => match event {
-                Some(Ok(event @ (watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone))) => {
-                    listed |= matches!(event, watcher::Event::InitDone);
-                    if api_down {
-                        tracing::info!("API server reachable again; catching up");
-                        api_down = false;
-                    }
-                    dirty = true;
+            event = events.next() => match seen(event) {
+                Seen::Change { listed } => {
+                    services_listed |= listed;
+                    Seen::Change { listed }
                 }
-                Some(Ok(_)) => {}
-                Some(Err(err)) => {
-                    if !api_down {
-                        tracing::warn!(%err, "lost the API server; serving the last config and retrying");
-                        api_down = true;
-                    }
+                other => other,
+            },
+            event = slice_events.next() => match seen(event) {
+                Seen::Change { listed } => {
+                    slices_listed |= listed;
+                    Seen::Change { listed }
                 }
-                None => return,
+                other => other,
             },
             _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && fetches_objects(&last_applied, reader) => {
                 dirty = true;
+                Seen::Nothing
             }
             // Only render from a complete listing: an empty cache must never
             // read as "nothing is placed here".
             _ = tokio::time::sleep(SETTLE), if dirty && listed => {
                 dirty = false;
                 let services: Vec<EdgeService> = reader.state().iter().map(|es| es.as_ref().clone()).collect();
-                let mut rendered = render::render(&options.node, &services, options.mesh_port, &options.state_dir);
+                let slices: Vec<PlacementSlice> = slice_reader.state().iter().map(|s| s.as_ref().clone()).collect();
+                let mut rendered = render::render(&options.node, &services, &slices, options.mesh_port, &options.state_dir);
                 for (name, why) in &rendered.rejected {
                     tracing::error!(service = %name, %why, "cannot run this EdgeService here");
                 }
@@ -195,7 +239,25 @@ async fn follow_placement(
                     last_applied = Some(rendered.config);
                     report_now.notify_one();
                 }
+                Seen::Nothing
             }
+        };
+        match event {
+            Seen::Change { .. } => {
+                if api_down {
+                    tracing::info!("API server reachable again; catching up");
+                    api_down = false;
+                }
+                dirty = true;
+            }
+            Seen::Error(err) => {
+                if !api_down {
+                    tracing::warn!(%err, "lost the API server; serving the last config and retrying");
+                    api_down = true;
+                }
+            }
+            Seen::End => return,
+            Seen::Nothing => {}
         }
     }
 }
@@ -279,6 +341,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Lea
         rejected,
         report_now,
         services: _,
+        slices: _,
     } = shared.as_ref();
     let api: Api<EdgeNode> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -381,7 +444,13 @@ async fn leave_endpoints(shared: &Shared, api: &Api<EdgeNode>, params: &PatchPar
                 .iter()
                 .map(|es| es.as_ref().clone())
                 .collect();
-            if leave::out_of_endpoints(&shared.options.node, &services, &running) {
+            let slices: Vec<PlacementSlice> = shared
+                .slices
+                .state()
+                .iter()
+                .map(|s| s.as_ref().clone())
+                .collect();
+            if leave::out_of_endpoints(&shared.options.node, &services, &slices, &running) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,12 +1,16 @@
-//! The agent's config in a cluster, as a pure function of the EdgeServices:
-//! every EdgeService whose placement names this node becomes a service named
-//! `namespace/name`, with the other placed nodes as its mesh peers, each
-//! with the mesh public key the operator carried over from its EdgeNode.
+//! The agent's config in a cluster, as a pure function of the EdgeServices
+//! and their PlacementSlices: every EdgeService whose slices name this node
+//! becomes a service named `namespace/name`, with the other placed nodes as
+//! its mesh peers, each with the mesh public key the operator carried over
+//! from its EdgeNode.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use edgewire_api::auth::{check_secret_key, check_secret_name};
-use edgewire_api::crd::{EdgeService, TLS_CERT_KEY, TLS_PRIVATE_KEY};
+use edgewire_api::crd::{
+    EdgeService, NodePlacement, PlacementSlice, TLS_CERT_KEY, TLS_PRIVATE_KEY,
+};
 use edgewire_api::{AgentConfig, AuthSpec, PeerSpec, ServiceConfig, TlsSpec};
 
 use super::secrets;
@@ -66,23 +70,61 @@ fn client_security(
     Ok((tls, auth))
 }
 
+/// Each EdgeService's placed nodes (`namespace/name` to its nodes), from
+/// the slices its current object owns (a slice left by a deleted service of
+/// the same name is not its placement).
+pub fn placements<'a>(
+    services: &[EdgeService],
+    slices: &'a [PlacementSlice],
+) -> BTreeMap<String, Vec<&'a NodePlacement>> {
+    let uids: BTreeMap<String, Option<&str>> = services
+        .iter()
+        .map(|es| (key(es), es.metadata.uid.as_deref()))
+        .collect();
+    let mut by_service: BTreeMap<String, Vec<&NodePlacement>> = BTreeMap::new();
+    for slice in slices {
+        let service = format!(
+            "{}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.spec.service
+        );
+        let Some(uid) = uids.get(&service) else {
+            continue;
+        };
+        let owned = uid.is_none_or(|uid| {
+            slice
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.uid == uid)
+        });
+        if owned {
+            by_service
+                .entry(service)
+                .or_default()
+                .extend(slice.spec.nodes.iter());
+        }
+    }
+    by_service
+}
+
 /// `mesh_port` is None when this agent runs no mesh: its services then
 /// serve their local clients only, with no peers to dial. Secrets named by
 /// an EdgeService are taken from their files under `state_dir`.
 pub fn render(
     node: &str,
     services: &[EdgeService],
+    slices: &[PlacementSlice],
     mesh_port: Option<u16>,
     state_dir: &Path,
 ) -> Rendered {
+    let placements = placements(services, slices);
+    let nodes_of = |es: &EdgeService| placements.get(&key(es)).map_or(&[][..], Vec::as_slice);
     let mut placed: Vec<&EdgeService> = services
         .iter()
         .filter(|es| es.metadata.deletion_timestamp.is_none())
-        .filter(|es| {
-            es.status
-                .as_ref()
-                .is_some_and(|s| s.placement.iter().any(|p| p.node == node))
-        })
+        .filter(|es| nodes_of(es).iter().any(|p| p.node == node))
         .collect();
     // Oldest first, so that if two ever claim one port here, the older wins
     // (the operator's rule too).
@@ -104,10 +146,8 @@ pub fn render(
                 continue;
             }
         };
-        let peers = es
-            .status
+        let peers = nodes_of(es)
             .iter()
-            .flat_map(|s| s.placement.iter())
             .filter(|p| p.node != node)
             .filter_map(|p| {
                 let mesh_port = mesh_port?;
@@ -165,7 +205,9 @@ pub fn render(
 
 #[cfg(test)]
 mod tests {
-    use edgewire_api::crd::{EdgeServiceSpec, EdgeServiceStatus, NodePlacement, PlacementState};
+    use edgewire_api::crd::{
+        EdgeServiceSpec, EdgeServiceStatus, NodePlacement, PlacementSliceSpec, PlacementState,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
 
@@ -213,6 +255,43 @@ mod tests {
         es
     }
 
+    /// One slice per service, holding the placement its status lists.
+    fn slices_of(services: &[EdgeService]) -> Vec<PlacementSlice> {
+        services
+            .iter()
+            .map(|es| {
+                let mut slice = PlacementSlice::new(
+                    &format!("{}-0", es.metadata.name.as_deref().unwrap()),
+                    PlacementSliceSpec {
+                        service: es.metadata.name.clone().unwrap(),
+                        nodes: es.status.as_ref().unwrap().placement.clone(),
+                    },
+                );
+                slice.metadata.namespace = es.metadata.namespace.clone();
+                slice
+            })
+            .collect()
+    }
+
+    fn render_placed(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> Rendered {
+        render(
+            node,
+            services,
+            &slices_of(services),
+            mesh_port,
+            Path::new("/state"),
+        )
+    }
+
+    #[test]
+    fn a_slice_of_a_deleted_namesake_places_nothing() {
+        let mut services = [es("chat", 8765, &[("a", Some("10.0.0.1"))], 1)];
+        let slices = slices_of(&services);
+        services[0].metadata.uid = Some("new-uid".into());
+        let r = render("a", &services, &slices, Some(7946), Path::new("/state"));
+        assert!(r.config.services.is_empty(), "{:?}", r.config.services);
+    }
+
     #[test]
     fn runs_what_is_placed_here_with_the_others_as_peers() {
         let services = [
@@ -228,7 +307,7 @@ mod tests {
             ),
             es("elsewhere", 9000, &[("b", Some("10.0.0.2"))], 2),
         ];
-        let r = render("a", &services, Some(7946), Path::new("/state"));
+        let r = render_placed("a", &services, Some(7946));
         assert!(r.rejected.is_empty());
         assert_eq!(r.config.services.len(), 1);
         let s = &r.config.services[0];
@@ -251,7 +330,7 @@ mod tests {
             es("newer", 8000, &[("a", None)], 5),
             es("older", 8000, &[("a", None)], 1),
         ];
-        let r = render("a", &services, Some(7946), Path::new("/state"));
+        let r = render_placed("a", &services, Some(7946));
         assert_eq!(r.config.services[0].name, "edge/older");
         assert_eq!(r.rejected.len(), 1);
         assert_eq!(r.rejected[0].0, "edge/newer");
@@ -270,7 +349,7 @@ mod tests {
             &[("a", None), ("b", Some("2001:db8::2"))],
             1,
         )];
-        let r = render("a", &services, Some(7946), Path::new("/state"));
+        let r = render_placed("a", &services, Some(7946));
         assert_eq!(r.config.services[0].peers[0].address, "[2001:db8::2]:7946");
     }
 
@@ -289,7 +368,7 @@ mod tests {
         let placement = &mut services[0].status.as_mut().unwrap().placement;
         placement[1].mesh_public_key = None;
         placement[2].mesh_public_key = Some("not hex".into());
-        let r = render("a", &services, Some(7946), Path::new("/state"));
+        let r = render_placed("a", &services, Some(7946));
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
     }
@@ -302,7 +381,7 @@ mod tests {
             &[("a", Some("10.0.0.1")), ("b", Some("10.0.0.2"))],
             1,
         )];
-        let r = render("a", &services, None, Path::new("/state"));
+        let r = render_placed("a", &services, None);
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
         r.config.validate().unwrap();
@@ -318,7 +397,7 @@ mod tests {
             serde_yaml_ng::from_str("algorithm: HS256\nkeySecret: {name: jwt, key: hs256}\n")
                 .unwrap(),
         );
-        let r = render("a", &services, None, Path::new("/state"));
+        let r = render_placed("a", &services, None);
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         let s = &r.config.services[0];
         let tls = s.tls.as_ref().unwrap();
@@ -334,7 +413,7 @@ mod tests {
 
         let mut from_node = services.clone();
         from_node[0].spec.auth.as_mut().unwrap().key_file = Some("/etc/shadow".into());
-        let r = render("a", &from_node, None, Path::new("/state"));
+        let r = render_placed("a", &from_node, None);
         assert!(r.config.services.is_empty());
         assert!(r.rejected[0].1.contains("keyFile"), "{:?}", r.rejected);
 
@@ -348,7 +427,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .key = "..".into();
-        let r = render("a", &climbing, None, Path::new("/state"));
+        let r = render_placed("a", &climbing, None);
         assert!(r.config.services.is_empty(), "{:?}", r.config);
     }
 }

@@ -9,7 +9,7 @@ use thiserror::Error;
 pub enum HandlerError {
     #[error("{0}")]
     InvalidArguments(String),
-    /// A `wasm` handler has no built-in behaviour; it runs through `wasm`.
+    /// A `wasm` or `upstream` handler has no built-in behaviour.
     #[error("handler kind {0:?} is not built in")]
     NotBuiltin(&'static str),
 }
@@ -40,7 +40,7 @@ pub fn call(kind: HandlerKind, args: &Value) -> Result<Value, HandlerError> {
             let b = json_integer(map.get("b"), "b")?;
             add(a, b).map(Value::from)
         }
-        HandlerKind::Wasm => Err(HandlerError::NotBuiltin(kind.as_str())),
+        HandlerKind::Wasm | HandlerKind::Upstream => Err(HandlerError::NotBuiltin(kind.as_str())),
     }
 }
 
@@ -90,7 +90,7 @@ pub fn http_get(kind: HandlerKind, query: Option<&str>) -> HttpAnswer {
         },
         HandlerKind::Add => query_integer(param("a"), "a")
             .and_then(|a| query_integer(param("b"), "b").and_then(|b| add(a, b))),
-        HandlerKind::Wasm => Err(HandlerError::NotBuiltin(kind.as_str())),
+        HandlerKind::Wasm | HandlerKind::Upstream => Err(HandlerError::NotBuiltin(kind.as_str())),
     };
     match result {
         Ok(value) => HttpAnswer::json(200, json!({ "result": value })),

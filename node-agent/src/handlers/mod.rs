@@ -1,9 +1,11 @@
 //! Compute handlers. The built-in ones are pure functions (`builtin`); `wasm`
-//! runs a user's WebAssembly component; `set` is one service's handlers by
-//! name, built when the service starts.
+//! runs a user's WebAssembly component; `upstream` forwards to an HTTP(S)
+//! service; `set` is one service's handlers by name, built when the service
+//! starts.
 
 pub mod builtin;
 pub mod set;
+pub mod upstream;
 pub mod wasm;
 
 pub use builtin::{HandlerError, HttpAnswer, call, echo, http_get};

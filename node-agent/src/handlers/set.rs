@@ -13,13 +13,15 @@ use hyper::header::{self, HeaderValue};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::wasm::{Answer, CallError, ModuleError, WasmHandler, WasmRuntime};
+use super::upstream::{UpstreamError, UpstreamHandler};
+use super::wasm::{CallError, ModuleError, WasmHandler, WasmRuntime};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub enum Handler {
     Builtin(HandlerKind),
     Wasm(Arc<WasmHandler>),
+    Upstream(Arc<UpstreamHandler>),
 }
 
 #[derive(Clone, Default)]
@@ -44,6 +46,12 @@ impl HandlerSet {
                 HandlerKind::Wasm => Handler::Wasm(
                     WasmHandler::start(spec, &config.name, metrics, wasm, stop.clone()).await,
                 ),
+                HandlerKind::Upstream => Handler::Upstream(UpstreamHandler::start(
+                    spec,
+                    &config.name,
+                    metrics,
+                    config.auth.is_some(),
+                )),
                 kind => Handler::Builtin(kind),
             };
             by_name.insert(spec.name.clone(), handler);
@@ -62,13 +70,20 @@ impl HandlerSet {
         }
     }
 
+    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamHandler>> {
+        match self.by_name.get(name) {
+            Some(Handler::Upstream(handler)) => Some(handler),
+            _ => None,
+        }
+    }
+
     /// Each `wasm` handler's module: its digest, or why it has none.
     pub fn modules(&self) -> Vec<(String, Result<String, ModuleError>)> {
         self.by_name
             .iter()
             .filter_map(|(name, handler)| match handler {
                 Handler::Wasm(wasm) => Some((name.clone(), wasm.module_status())),
-                Handler::Builtin(_) => None,
+                Handler::Builtin(_) | Handler::Upstream(_) => None,
             })
             .collect()
     }
@@ -101,11 +116,13 @@ fn json_post(path: &str, body: &Value, channel: Option<&str>) -> hyper::Request<
     request
 }
 
-/// Why a relay `call` of a `wasm` handler has no result.
+/// Why a relay `call` of a `wasm` or `upstream` handler has no result.
 #[derive(Debug, thiserror::Error)]
 pub enum JsonCallError {
     #[error(transparent)]
     Call(#[from] CallError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     /// The component answered, but not with 2xx: the status and its body.
     #[error("the handler answered {status}: {body}")]
     Status { status: u16, body: String },
@@ -118,6 +135,7 @@ impl JsonCallError {
     pub fn status(&self) -> u16 {
         match self {
             JsonCallError::Call(err) => err.status(),
+            JsonCallError::Upstream(err) => err.status(),
             JsonCallError::Status { status, .. } => *status,
             JsonCallError::NotJson(_) => 502,
         }
@@ -132,7 +150,18 @@ pub async fn call_json(
     args: &Value,
 ) -> Result<Value, JsonCallError> {
     let answer = handler.call(json_post(path, args, None)).await?;
-    let answer = success(answer)?;
+    success(answer.status, &answer.body)?;
+    serde_json::from_slice(&answer.body).map_err(|err| JsonCallError::NotJson(err.to_string()))
+}
+
+/// A relay `call` of an `upstream` handler: `args` POSTed as JSON to its
+/// url; the JSON response body is the result.
+pub async fn call_upstream(
+    handler: &UpstreamHandler,
+    args: &Value,
+) -> Result<Value, JsonCallError> {
+    let answer = handler.call_json(args).await?;
+    success(answer.status, &answer.body)?;
     serde_json::from_slice(&answer.body).map_err(|err| JsonCallError::NotJson(err.to_string()))
 }
 
@@ -146,7 +175,7 @@ pub async fn process(
     data: &Value,
 ) -> Result<Vec<Value>, JsonCallError> {
     let answer = handler.call(json_post(path, data, Some(channel))).await?;
-    let answer = success(answer)?;
+    success(answer.status, &answer.body)?;
     match serde_json::from_slice(&answer.body) {
         Ok(Value::Array(messages)) => Ok(messages),
         Ok(other) => Err(JsonCallError::NotJson(format!(
@@ -157,16 +186,13 @@ pub async fn process(
     }
 }
 
-fn success(answer: Answer) -> Result<Answer, JsonCallError> {
-    if (200..300).contains(&answer.status) {
-        Ok(answer)
+fn success(status: u16, body: &[u8]) -> Result<(), JsonCallError> {
+    if (200..300).contains(&status) {
+        Ok(())
     } else {
-        let mut body = String::from_utf8_lossy(&answer.body).into_owned();
+        let mut body = String::from_utf8_lossy(body).into_owned();
         body.truncate(body.floor_char_boundary(512));
-        Err(JsonCallError::Status {
-            status: answer.status,
-            body,
-        })
+        Err(JsonCallError::Status { status, body })
     }
 }
 

@@ -27,7 +27,7 @@ use super::transport::Transport;
 use super::websocket::{self, Mode};
 use super::{ServiceRuntime, gate};
 use crate::auth::Access;
-use crate::handlers::{self, HttpAnswer};
+use crate::handlers::{self, Handler, HttpAnswer};
 use crate::metrics::Outcome;
 
 /// How long an HTTP connection that is mid-request gets to finish when the
@@ -104,15 +104,22 @@ async fn route(
         Ok(access) => access,
         Err(turned) => return turned.response(),
     };
-    if let Some(wasm) = runtime.handlers.wasm(&handler.name) {
-        if wants_upgrade {
+    match runtime.handlers.get(&handler.name) {
+        Some(Handler::Wasm(_) | Handler::Upstream(_)) if wants_upgrade => {
             return answer(HttpAnswer::error(
                 400,
                 &format!("handler {:?} answers HTTP, not WebSocket", handler.name),
             ));
         }
-        let wasm = Arc::clone(wasm);
-        return super::wasm_http::serve(&wasm, req).await;
+        Some(Handler::Wasm(wasm)) => {
+            let wasm = Arc::clone(wasm);
+            return super::wasm_http::serve(&wasm, req).await;
+        }
+        Some(Handler::Upstream(upstream)) => {
+            let upstream = Arc::clone(upstream);
+            return super::upstream_http::serve(&upstream, req).await;
+        }
+        Some(Handler::Builtin(_)) | None => {}
     }
     if wants_upgrade {
         return match handler.kind {
@@ -125,13 +132,15 @@ async fn route(
                 access,
                 accepted_at,
             ),
-            HandlerKind::Add | HandlerKind::Wasm => answer(HttpAnswer::error(
-                400,
-                &format!(
-                    "handler {:?} answers HTTP GET; over WebSocket, call it through the relay at {}",
-                    handler.name, runtime.config.relay_path
-                ),
-            )),
+            HandlerKind::Add | HandlerKind::Wasm | HandlerKind::Upstream => {
+                answer(HttpAnswer::error(
+                    400,
+                    &format!(
+                        "handler {:?} answers HTTP GET; over WebSocket, call it through the relay at {}",
+                        handler.name, runtime.config.relay_path
+                    ),
+                ))
+            }
         };
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {

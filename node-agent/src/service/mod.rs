@@ -2,10 +2,12 @@
 //! accept loop. HTTP routing lives in `http`, a WebSocket session in `websocket`.
 
 mod batch;
+mod body;
 mod gate;
 mod http;
 mod socket;
 mod transport;
+mod upstream_http;
 mod wasm_http;
 mod wasm_relay;
 mod websocket;

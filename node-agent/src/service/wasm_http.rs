@@ -4,11 +4,12 @@
 //! error.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use super::body::{self, Unread};
 use super::http::answer;
 use crate::handlers::HttpAnswer;
 use crate::handlers::wasm::{CallError, WasmHandler};
@@ -17,19 +18,13 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
     let (mut parts, body) = req.into_parts();
     // The body is read within the call's deadline too: a client that sends
     // it slowly cannot hold an instance slot or this task for longer.
-    let limited = Limited::new(body, handler.max_request_bytes);
-    let body = match tokio::time::timeout(handler.timeout(), limited.collect()).await {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+    let body = match body::read_within(body, handler.max_request_bytes, handler.timeout()).await {
+        Ok(body) => body,
+        Err(Unread::TooLarge) => {
             return failure(&CallError::RequestTooLarge(handler.max_request_bytes));
         }
-        Ok(Err(err)) => {
-            return answer(HttpAnswer::error(
-                400,
-                &format!("cannot read the body: {err}"),
-            ));
-        }
-        Err(_) => return failure(&CallError::Timeout(handler.timeout())),
+        Err(Unread::Failed(err)) => return answer(body::unreadable(&err)),
+        Err(Unread::Timeout) => return failure(&CallError::Timeout(handler.timeout())),
     };
     // HTTP/1.0 clients may send no Host; the component's request needs an
     // authority.
@@ -64,8 +59,14 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
 }
 
 fn failure(err: &CallError) -> Response<Full<Bytes>> {
-    let mut response = answer(HttpAnswer::error(err.status(), &err.to_string()));
-    if err.status() == 503 {
+    refusal(HttpAnswer::error(err.status(), &err.to_string()))
+}
+
+/// An error answer; a 503 says when to try again.
+pub(super) fn refusal(error: HttpAnswer) -> Response<Full<Bytes>> {
+    let unavailable = error.status == 503;
+    let mut response = answer(error);
+    if unavailable {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

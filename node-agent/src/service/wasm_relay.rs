@@ -1,6 +1,7 @@
 //! The relay requests that reach a `wasm` handler: a `call` of one, and a
-//! publish on a channel with a processor. Both await the component, so they
-//! are resolved here, before the session's synchronous request handling.
+//! publish on a channel with a processor; and a `call` of an `upstream`
+//! handler. All await the handler, so they are resolved here, before the
+//! session's synchronous request handling.
 
 use edgewire_api::wire::{ClientMessage, ErrorCode, RequestId, ServerMessage};
 use serde_json::Value;
@@ -26,6 +27,16 @@ pub enum Prepared {
 pub async fn prepare(runtime: &ServiceRuntime, request: ClientMessage) -> Prepared {
     match request {
         ClientMessage::Call { id, handler, args } => {
+            if let Some(upstream) = runtime.handlers.upstream(&handler) {
+                return match set::call_upstream(upstream, &args).await {
+                    Ok(result) => Prepared::Reply(ServerMessage::Result {
+                        id,
+                        handler,
+                        result,
+                    }),
+                    Err(err) => Prepared::Reply(failed(Some(id), &err)),
+                };
+            }
             let (Some(wasm), Some(spec)) = (
                 runtime.handlers.wasm(&handler),
                 runtime.config.handler(&handler),

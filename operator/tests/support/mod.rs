@@ -295,6 +295,15 @@ impl Operator {
         identity: &str,
         kubeconfig: &std::path::Path,
     ) -> Operator {
+        Operator::spawn(env, identity, kubeconfig, &[])
+    }
+
+    /// As `start`, with more command-line arguments.
+    pub fn start_with_args(env: &Env, identity: &str, args: &[&str]) -> Operator {
+        Operator::spawn(env, identity, &env.plane.kubeconfig, args)
+    }
+
+    fn spawn(env: &Env, identity: &str, kubeconfig: &std::path::Path, args: &[&str]) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
         let metrics_port = edgewire_testenv::free_port().unwrap();
@@ -311,6 +320,7 @@ impl Operator {
             .args(["--heartbeat-timeout", &HEARTBEAT_TIMEOUT_SECS.to_string()])
             .args(["--eviction-timeout", "120"])
             .args(["--log-level", "edgewire_operator=debug,info"])
+            .args(args)
             .env("KUBECONFIG", kubeconfig)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

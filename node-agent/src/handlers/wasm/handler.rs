@@ -70,12 +70,18 @@ impl WasmHandler {
             outbound: Outbound {
                 allowed: spec.allowed_outbound_hosts.clone().into(),
                 service,
+                handler: Arc::from(spec.name.as_str()),
                 metrics: metrics.clone(),
             },
             metrics: metrics.clone(),
             module: RwLock::new(Err(ModuleError::Unavailable("not loaded yet".into()))),
         });
         metrics.init_handler(&handler.service, &handler.name, &CallError::REASONS);
+        if !spec.allowed_outbound_hosts.is_empty() {
+            for outcome in crate::handlers::upstream::Outcome::LABELS {
+                metrics.upstream_attempt_init(&handler.service, &handler.name, outcome);
+            }
+        }
         let path = spec.module.as_ref().and_then(|m| m.file.clone());
         let (Some(path), Ok(host)) = (path, runtime.host()) else {
             let why = match runtime.host() {

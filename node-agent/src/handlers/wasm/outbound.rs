@@ -1,6 +1,8 @@
 //! Outbound HTTP from a component: denied unless the request's host is in the
 //! handler's `allowedOutboundHosts`; allowed requests are timed in
-//! `edgewire_upstream_duration_seconds`.
+//! `edgewire_upstream_duration_seconds`, with the handler's name as the
+//! `upstream` label and the outcome as an `upstream` handler's attempts
+//! name it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,13 +10,39 @@ use std::time::Instant;
 use http_body_util::BodyExt;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
+use crate::handlers::upstream::Outcome;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct Outbound {
     pub allowed: Arc<[String]>,
     pub service: Arc<str>,
+    pub handler: Arc<str>,
     pub metrics: Metrics,
+}
+
+/// How an outbound request ended, in an upstream attempt's terms.
+fn outcome(sent: &Result<u16, &Error>) -> Outcome {
+    match sent {
+        Ok(status) => Outcome::Answered(*status),
+        Err(
+            Error::DnsTimeout
+            | Error::ConnectionTimeout
+            | Error::ConnectionReadTimeout
+            | Error::ConnectionWriteTimeout
+            | Error::HttpResponseTimeout,
+        ) => Outcome::Timeout,
+        Err(
+            Error::Tls(_)
+            | Error::TlsProtocolError
+            | Error::TlsCertificateError
+            | Error::TlsAlertReceived { .. },
+        ) => Outcome::Tls,
+        Err(Error::Hyper(_) | Error::ConnectionTerminated | Error::HttpResponseIncomplete) => {
+            Outcome::ConnectionLost
+        }
+        Err(_) => Outcome::ConnectFailed,
+    }
 }
 
 /// Whether `host` (with `port`, when the URI names one) is on the list. An
@@ -67,14 +95,18 @@ impl WasiHttpHooks for Outbound {
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
         let service = Arc::clone(&self.service);
+        let handler = Arc::clone(&self.handler);
         let metrics = self.metrics.clone();
         Box::new(async move {
             let started = Instant::now();
             let sent = wasmtime_wasi_http::default_send_request(request, options).await;
-            metrics
-                .upstream_duration
-                .with_label_values(&[&*service])
-                .observe(started.elapsed().as_secs_f64());
+            let ended = outcome(&sent.as_ref().map(|(r, _)| r.status().as_u16()));
+            metrics.upstream_attempt(
+                &service,
+                &handler,
+                ended.label(),
+                started.elapsed().as_secs_f64(),
+            );
             let (response, io) = sent?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
