@@ -22,6 +22,9 @@ use serde_json::Value;
 #[path = "../../node-agent/src/auth/access.rs"]
 mod access;
 #[allow(dead_code)]
+#[path = "../../node-agent/src/reloading.rs"]
+mod reloading;
+#[allow(dead_code)]
 #[path = "../../node-agent/src/auth/verify.rs"]
 mod verify;
 
