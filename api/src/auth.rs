@@ -21,9 +21,15 @@ pub struct AuthSpec {
     pub algorithm: TokenAlgorithm,
     /// The file holding the key: for HS256 the shared secret (its bytes, less
     /// one trailing newline; at least 32 bytes), for RS256/ES256 the issuer's
-    /// public key in PEM. Read when the service starts.
+    /// public key in PEM. Read when the service starts, and again when it
+    /// changes (for new tokens; live connections keep their access).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// In an EdgeService, instead of `keyFile`: the key of a Secret in the
+    /// EdgeService's namespace holding the same bytes. The agent fetches it
+    /// and stores it as a file of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<SecretKeyRef>,
     /// When set, a token's `iss` must equal it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
@@ -38,6 +44,58 @@ pub struct AuthSpec {
     /// needs a token. A client that presents a token is judged by it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anonymous: Option<Grants>,
+}
+
+/// One key of a Secret in the EdgeService's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in its `data`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// Whether `name` can name a Secret: a DNS subdomain (RFC 1123).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a Secret name (lowercase letters, digits, '-' and '.')"
+        ))
+    }
+}
+
+/// Whether `key` can be a key of a Secret's data: letters, digits, `-`,
+/// `_` and `.`, and neither `.` nor `..` (the agent stores it as a file name).
+pub fn check_secret_key(key: &str) -> Result<(), String> {
+    let ok = !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key:?} is not a Secret key (letters, digits, '-', '_' and '.')"
+        ))
+    }
 }
 
 /// A JWS algorithm a service may require.
@@ -95,11 +153,26 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 impl AuthSpec {
     /// Validates the block on its own, prefixing each field with `at`.
     pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
-        if self.key_file.as_deref().is_none_or(str::is_empty) {
-            errors.push(FieldError::new(
+        match (self.key_file.as_deref(), &self.key_secret) {
+            (Some(file), None) if !file.is_empty() => {}
+            (None, Some(secret))
+                if check_secret_name(&secret.name).is_ok()
+                    && check_secret_key(&secret.key).is_ok() => {}
+            (None, None) | (Some(_), None) => errors.push(FieldError::new(
                 format!("{at}.keyFile"),
                 "must name the file holding the token key",
-            ));
+            )),
+            (None, Some(secret)) => {
+                let why = check_secret_name(&secret.name)
+                    .and_then(|()| check_secret_key(&secret.key))
+                    .err()
+                    .unwrap_or_default();
+                errors.push(FieldError::new(format!("{at}.keySecret"), why));
+            }
+            (Some(_), Some(_)) => errors.push(FieldError::new(
+                format!("{at}.keySecret"),
+                "exactly one of keyFile and keySecret must be set",
+            )),
         }
         if self.leeway_seconds > MAX_LEEWAY_SECONDS {
             errors.push(FieldError::new(
@@ -162,5 +235,27 @@ mod tests {
             ["auth.leewaySeconds", "auth.anonymous.subscribe[1]"]
         );
         assert!(serde_yaml_ng::from_str::<AuthSpec>("algorithm: none\n").is_err());
+
+        let both: AuthSpec = serde_yaml_ng::from_str(
+            "algorithm: HS256\nkeyFile: /k\nkeySecret: {name: jwt, key: secret}\n",
+        )
+        .unwrap();
+        let mut errors = Vec::new();
+        both.validate_into("auth", &mut errors);
+        assert_eq!(errors[0].field, "auth.keySecret");
+        let from_secret: AuthSpec =
+            serde_yaml_ng::from_str("algorithm: HS256\nkeySecret: {name: jwt, key: secret}\n")
+                .unwrap();
+        let mut errors = Vec::new();
+        from_secret.validate_into("auth", &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        for bad in ["..", "a/b", ""] {
+            assert!(check_secret_key(bad).is_err(), "{bad:?} accepted");
+        }
+        for bad in ["..", "A", "a/b", "-a", ""] {
+            assert!(check_secret_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_secret_name("web-tls.v2").is_ok());
+        assert!(check_secret_key("tls.crt").is_ok());
     }
 }

@@ -14,6 +14,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthSpec;
 use crate::config::{ChannelSpec, HandlerSpec, Limits};
 
 pub const GROUP: &str = "edgewire.dev";
@@ -56,7 +57,8 @@ pub const GROUP: &str = "edgewire.dev";
     validation = Rule::new("self.handlers.all(h, self.handlers.exists_one(o, o.name == h.name))").message("handler names must be unique").field_path(".handlers"),
     validation = Rule::new("self.handlers.all(h, !has(h.path) || self.handlers.exists_one(o, has(o.path) && o.path == h.path))").message("handler paths must be unique").field_path(".handlers"),
     validation = Rule::new("self.handlers.all(h, !has(h.path) || h.path != self.relayPath)").message("a handler path may not be the relay path").field_path(".handlers"),
-    validation = Rule::new("self.channels.all(c, self.channels.exists_one(o, o.name == c.name))").message("channel names must be unique").field_path(".channels")
+    validation = Rule::new("self.channels.all(c, self.channels.exists_one(o, o.name == c.name))").message("channel names must be unique").field_path(".channels"),
+    validation = Rule::new("!has(self.auth) || (has(self.auth.keySecret) && !has(self.auth.keyFile))").message("auth takes its key from keySecret (a Secret in this namespace), never from a file on the node").field_path(".auth")
 )]
 pub struct EdgeServiceSpec {
     /// Labels a node must have to run this service (all must match).
@@ -80,6 +82,46 @@ pub struct EdgeServiceSpec {
     pub limits: Limits,
     #[serde(default)]
     pub expose: Expose,
+    /// Client authentication with JWTs, its key from `keySecret` (a Secret
+    /// in this namespace). Absent: every client is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// Serve `wss://` and `https://` only, with the certificate of a Secret
+    /// in this namespace. Absent: plain `ws://` and `http://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServiceTls>,
+}
+
+/// The Secret key holding a `kubernetes.io/tls` Secret's certificate chain.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// The Secret key holding a `kubernetes.io/tls` Secret's private key.
+pub const TLS_PRIVATE_KEY: &str = "tls.key";
+
+/// Client TLS of an EdgeService.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceTls {
+    /// A `kubernetes.io/tls` Secret (what cert-manager writes): `tls.crt`,
+    /// the certificate then any intermediates, and `tls.key`, its private
+    /// key, both PEM. A renewed certificate is served to new connections.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+}
+
+/// Every Secret the spec names, all in the EdgeService's namespace: what its
+/// agents may read (and nothing else). Each field that names a Secret feeds
+/// this one function: `tls`, `auth.keySecret`, and the wasm modules'
+/// `imagePullSecret`.
+pub fn referenced_secrets(spec: &EdgeServiceSpec) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    if let Some(tls) = &spec.tls {
+        names.insert(tls.secret_name.clone());
+    }
+    if let Some(key) = spec.auth.as_ref().and_then(|a| a.key_secret.as_ref()) {
+        names.insert(key.name.clone());
+    }
+    names.extend(spec.image_pull_secrets().into_iter().map(str::to_string));
+    names
 }
 
 impl EdgeServiceSpec {
@@ -384,8 +426,33 @@ mod tests {
         ] {
             assert!(es.contains(needle), "EdgeService CRD lacks {needle}");
         }
+        assert!(es.contains("auth takes its key from keySecret"));
         let en = serde_json::to_string(&EdgeNode::crd()).unwrap();
         assert!(en.contains(r#""scope":"Cluster""#));
         assert!(en.contains(r#""name":"Last Heartbeat""#));
+    }
+
+    #[test]
+    fn referenced_secrets_are_the_tls_auth_key_and_pull_secrets() {
+        let spec: EdgeServiceSpec = serde_yaml_ng::from_str(
+            "port: 8443\ntls: {secretName: web-tls}\nauth: {algorithm: HS256, keySecret: {name: jwt, key: secret}}\nhandlers:\n  - {name: f, kind: wasm, path: /f, module: {image: 'registry.example/f:1', imagePullSecret: regcred}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            referenced_secrets(&spec),
+            BTreeSet::from([
+                "jwt".to_string(),
+                "regcred".to_string(),
+                "web-tls".to_string()
+            ])
+        );
+        let plain: EdgeServiceSpec = serde_yaml_ng::from_str("port: 80\n").unwrap();
+        assert!(referenced_secrets(&plain).is_empty());
+        let example: EdgeService =
+            serde_yaml_ng::from_str(include_str!("../../examples/edgeservice-tls.yaml")).unwrap();
+        assert_eq!(
+            referenced_secrets(&example.spec),
+            BTreeSet::from(["telemetry-jwt".to_string(), "telemetry-tls".to_string()])
+        );
     }
 }

@@ -10,7 +10,7 @@ pub mod tls;
 pub mod upstream;
 pub mod wire;
 
-pub use auth::{AuthSpec, Grants, TokenAlgorithm};
+pub use auth::{AuthSpec, Grants, SecretKeyRef, TokenAlgorithm};
 pub use config::{
     AgentConfig, ChannelSpec, ConfigMapKey, HandlerKind, HandlerSpec, Limits, ModuleSource,
     PeerSpec, ServiceConfig, SlowConsumerPolicy, WasmLimits,

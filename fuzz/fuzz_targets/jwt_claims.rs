@@ -22,6 +22,9 @@ use serde_json::Value;
 #[path = "../../node-agent/src/auth/access.rs"]
 mod access;
 #[allow(dead_code)]
+#[path = "../../node-agent/src/reloading.rs"]
+mod reloading;
+#[allow(dead_code)]
 #[path = "../../node-agent/src/auth/verify.rs"]
 mod verify;
 
@@ -35,6 +38,7 @@ static AUTH: LazyLock<Authenticator> = LazyLock::new(|| {
     let spec = AuthSpec {
         algorithm: TokenAlgorithm::HS256,
         key_file: Some("fuzz".into()),
+        key_secret: None,
         issuer: None,
         audience: None,
         leeway_seconds: LEEWAY,

@@ -4,6 +4,7 @@
 //! - [`agent`]: the set of running services and how a new config is applied.
 //! - [`service`]: one service's listener, HTTP routing and WebSocket sessions.
 //! - [`tls`]: client TLS from certificate files, reloaded when they change.
+//! - [`reloading`]: a value built from files, built again when they change.
 //! - [`relay`]: channel subscriptions and fan-out (the relay).
 //! - [`budget`]: byte budgets for everything queued.
 //! - [`mesh`]: links to the peer agents of each service.
@@ -25,6 +26,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod plan;
 pub mod relay;
+pub mod reloading;
 pub mod service;
 pub mod tls;
 pub mod uplink;

@@ -4,8 +4,7 @@
 //! connections keep the session they have.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
 
 use edgewire_api::TlsSpec;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -13,9 +12,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-/// How often, at most, a handshake looks at the files: a burst of handshakes
-/// costs one `stat` pair per interval, not one each.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+use crate::reloading::Reloading;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -34,34 +31,13 @@ pub enum TlsError {
     },
 }
 
-/// What the files looked like when last read: a change in either means a
-/// rotation (or half of one) happened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    cert: (Option<SystemTime>, u64),
-    key: (Option<SystemTime>, u64),
-}
-
-fn stamp_of(path: &Path) -> (Option<SystemTime>, u64) {
-    match std::fs::metadata(path) {
-        Ok(meta) => (meta.modified().ok(), meta.len()),
-        Err(_) => (None, 0),
-    }
-}
-
-struct Loaded {
-    key: Arc<CertifiedKey>,
-    stamp: Stamp,
-    checked: Instant,
-}
-
 /// Serves the newest certificate and key that load and match; a half-written
 /// rotation (a new certificate with the old key, say) keeps the previous
 /// pair until both files agree.
 pub struct ReloadingResolver {
     cert_file: PathBuf,
     key_file: PathBuf,
-    loaded: RwLock<Loaded>,
+    pair: Reloading<Arc<CertifiedKey>>,
 }
 
 impl std::fmt::Debug for ReloadingResolver {
@@ -77,65 +53,23 @@ impl ReloadingResolver {
     pub fn load(spec: &TlsSpec) -> Result<ReloadingResolver, TlsError> {
         let cert_file = PathBuf::from(&spec.cert_file);
         let key_file = PathBuf::from(&spec.key_file);
-        let stamp = Stamp {
-            cert: stamp_of(&cert_file),
-            key: stamp_of(&key_file),
-        };
-        let key = read_pair(&cert_file, &key_file)?;
+        let pair = Reloading::load(vec![cert_file.clone(), key_file.clone()], || {
+            read_pair(&cert_file, &key_file)
+        })?;
         Ok(ReloadingResolver {
             cert_file,
             key_file,
-            loaded: RwLock::new(Loaded {
-                key,
-                stamp,
-                checked: Instant::now(),
-            }),
+            pair,
         })
-    }
-
-    fn current(&self) -> Arc<CertifiedKey> {
-        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(&loaded.key)
-    }
-
-    /// Reads the files again if they changed since the last read; at most
-    /// once per [`CHECK_EVERY`].
-    fn refresh(&self) {
-        {
-            let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
-            if loaded.checked.elapsed() < CHECK_EVERY {
-                return;
-            }
-        }
-        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
-        if loaded.checked.elapsed() < CHECK_EVERY {
-            return;
-        }
-        loaded.checked = Instant::now();
-        let stamp = Stamp {
-            cert: stamp_of(&self.cert_file),
-            key: stamp_of(&self.key_file),
-        };
-        if stamp == loaded.stamp {
-            return;
-        }
-        match read_pair(&self.cert_file, &self.key_file) {
-            Ok(key) => {
-                tracing::info!(cert = %self.cert_file.display(), "tls certificate reloaded");
-                loaded.key = key;
-                loaded.stamp = stamp;
-            }
-            // Mid-rotation or broken: keep serving the pair that works and
-            // look again at the next check.
-            Err(err) => tracing::warn!(%err, "tls certificate not reloaded"),
-        }
     }
 }
 
 impl ResolvesServerCert for ReloadingResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.refresh();
-        Some(self.current())
+        let pair = self
+            .pair
+            .current(|| read_pair(&self.cert_file, &self.key_file));
+        Some(Arc::clone(&pair))
     }
 }
 

@@ -465,3 +465,63 @@ async fn a_service_whose_key_cannot_be_read_does_not_listen() {
     assert_eq!(status, 503, "{ready}");
     assert!(ready.contains("at least 32 bytes"), "{ready}");
 }
+
+/// The key file is read again when it changes, as the TLS files are: after
+/// a rotation new tokens signed with the new key are accepted and tokens of
+/// the old key refused, while a connection opened with an old token stays up.
+#[tokio::test]
+async fn a_rotated_key_file_is_used_for_new_tokens_and_live_connections_stay() {
+    const NEW_SECRET: &str = "fedcba9876543210fedcba9876543210-rotated-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(&hs256_config(dir.path(), "")).await;
+    let addr = agent.service_addr("edge").await;
+    let old_token = hs256(grants(now() + 600));
+    let new_token = sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(NEW_SECRET.as_bytes()).unwrap(),
+        &grants(now() + 600),
+    );
+    let mut live = ws_connect(addr, "/relay", Some(&old_token))
+        .await
+        .expect("the old key's token before the rotation");
+    assert_eq!(
+        refused_upgrade(addr, "/relay", Some(&new_token)).await,
+        401,
+        "the new key's token before the rotation"
+    );
+
+    // Replaced in one step, as a Secret volume's update does.
+    let staged = dir.path().join("secret.new");
+    std::fs::write(&staged, NEW_SECRET).unwrap();
+    std::fs::rename(&staged, dir.path().join("secret")).unwrap();
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if ws_connect(addr, "/relay", Some(&new_token)).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a token of the new key is still refused after the rotation; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        refused_upgrade(addr, "/relay", Some(&old_token)).await,
+        401,
+        "a token of the old key after the rotation"
+    );
+    let (status, _, _) = get(addr, "/add?a=1&b=2", Some(&old_token)).await;
+    assert_eq!(status, 401, "the old key's token over HTTP");
+    let (status, _, body) = get(addr, "/add?a=1&b=2", Some(&new_token)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The connection opened before the rotation keeps its access.
+    let reply = request(
+        &mut live,
+        json!({"type": "subscribe", "id": 1, "channel": "chat"}),
+    )
+    .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+}

@@ -50,6 +50,9 @@ pub struct Settings {
     pub concurrency: u16,
     /// The host ports EdgeServices may use.
     pub ports: crate::ports::PortPolicy,
+    /// The agents' ServiceAccount: in each namespace it may read the Secrets
+    /// the EdgeServices there name. None: the operator grants no such access.
+    pub agent_account: Option<crate::secret_access::AgentAccount>,
     /// Nodes per PlacementSlice at most.
     pub placement_slice_size: usize,
 }
@@ -261,6 +264,19 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
     );
     if let Some(refusal) = &refused {
         crate::ports::mark_refused(&mut new_status, refusal, es.status.as_ref(), &Time(now));
+    } else if let Some((reason, message)) =
+        crate::secret_check::check(&ctx.client, &es.namespace().unwrap_or_default(), &es.spec).await
+    {
+        // Placed all the same: the agents serve once the Secret is right,
+        // and until then refuse rather than serve without it.
+        status::mark_degraded(
+            &mut new_status,
+            es.status.as_ref(),
+            reason,
+            &message,
+            es.metadata.generation,
+            &Time(now),
+        );
     }
     let placed_now = std::mem::take(&mut new_status.placement);
     new_status.placement =
@@ -727,6 +743,14 @@ async fn publish_events(
     {
         events.push((EventType::Warning, module_reason(&reason), message));
     }
+    // A Secret problem is told again when it changes (another Secret, or
+    // missing turned invalid).
+    if let Some((reason, message)) = degraded_reason(Some(new))
+        && let Some(reason) = secret_reason(&reason)
+        && degraded_reason(old) != Some((reason.to_string(), message.clone()))
+    {
+        events.push((EventType::Warning, reason, message));
+    }
     if let Some(note) = crate::ports::newly_refused(old, new) {
         events.push((EventType::Warning, crate::ports::PORT_NOT_ALLOWED, note));
     }
@@ -755,6 +779,14 @@ fn module_reason(reason: &str) -> &'static str {
         "ModuleDigestMismatch" => "ModuleDigestMismatch",
         _ => "ModuleUnusable",
     }
+}
+
+/// The Event reasons for unusable Secrets (Event reasons are static).
+fn secret_reason(reason: &str) -> Option<&'static str> {
+    use crate::secret_check::{SECRET_INVALID, SECRET_MISSING};
+    [SECRET_MISSING, SECRET_INVALID]
+        .into_iter()
+        .find(|r| *r == reason)
 }
 
 fn error_policy(es: Arc<EdgeService>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -870,11 +902,14 @@ pub async fn run(
     // The caches' tasks end with the controller, not only with `stop`.
     let tasks_stop = stop.child_token();
 
+    // The namespaces whose EdgeServices changed, for the agents' Secret access.
+    let secret_namespaces = CoalescingQueue::<String>::new();
     // EdgeServices: each change reconciles the service itself; a change of
     // its port or its decision also its neighbours on the same port.
     let claims = Changes::default();
     let (services, es_task) = {
         let (queue, by_port) = (Arc::clone(&queue), Arc::clone(&services_by_port));
+        let secret_namespaces = Arc::clone(&secret_namespaces);
         caches::spawn(
             scope.api::<EdgeService>(&client),
             watcher::Config::default(),
@@ -883,6 +918,7 @@ pub async fn run(
                 by_port.apply(event, key, |es| vec![es.spec.port.to_string()]);
                 for (es, exists) in touched(event) {
                     queue.push(ObjectRef::from_obj(&es));
+                    secret_namespaces.push(es.namespace().unwrap_or_default());
                     if claims.changed(&key(&es), triggers::claim_digest(&es), exists) {
                         queue.extend(same_port(services, &es));
                     }
@@ -892,6 +928,16 @@ pub async fn run(
         )
     };
     metrics.watch_services(services.clone());
+    let access_task = settings.agent_account.clone().map(|agent| {
+        tokio::spawn(crate::secret_access::run(
+            client.clone(),
+            services.clone(),
+            Arc::clone(&secret_namespaces),
+            scope.namespace.clone(),
+            agent,
+            tasks_stop.clone(),
+        ))
+    });
 
     // PlacementSlices: a change reconciles the owner (a user's edit is
     // undone) and its neighbours on the same port (they see the port held
@@ -1051,7 +1097,10 @@ pub async fn run(
         edge_task,
         svc_task,
         slice_task,
-    ] {
+    ]
+    .into_iter()
+    .chain(access_task)
+    {
         let _ = task.await;
     }
 }

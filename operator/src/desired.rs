@@ -229,6 +229,8 @@ mod tests {
                     type_: expose,
                     node_port: Some(30080),
                 },
+                auth: None,
+                tls: None,
             },
         );
         es.metadata.namespace = Some("edge".into());

@@ -27,6 +27,8 @@ mod placement_book;
 mod placement_slices;
 mod ports;
 mod queue;
+mod secret_access;
+mod secret_check;
 mod status;
 mod triggers;
 mod watch;
@@ -135,6 +137,11 @@ struct RunArgs {
         value_delimiter = ','
     )]
     privileged_port_namespaces: Vec<String>,
+    /// The agents' ServiceAccount, `NAMESPACE/NAME`: in each namespace it is
+    /// granted `get` on exactly the Secrets the EdgeServices there name (a
+    /// Role and RoleBinding the operator keeps). Unset: no such grants.
+    #[arg(long, env = "EDGEWIRE_AGENT_SERVICE_ACCOUNT")]
+    agent_service_account: Option<secret_access::AgentAccount>,
     #[arg(long, env = "EDGEWIRE_LOG", default_value = "info")]
     log_level: String,
     #[arg(long, env = "EDGEWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -308,6 +315,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .filter(|n| !n.is_empty())
                 .collect(),
         },
+        agent_account: args.agent_service_account.clone(),
     };
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),

@@ -213,6 +213,8 @@ mod tests {
             relay_path: "/relay".into(),
             limits: Default::default(),
             expose: Default::default(),
+            auth: None,
+            tls: None,
         }
     }
 

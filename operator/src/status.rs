@@ -142,12 +142,25 @@ pub fn service_conflict(
     generation: Option<i64>,
     now: &Time,
 ) {
+    mark_degraded(status, old, SERVICE_CONFLICT, message, generation, now);
+}
+
+/// Marks `status` Degraded for `reason`, in place of the reason it was
+/// computed with.
+pub fn mark_degraded(
+    status: &mut EdgeServiceStatus,
+    old: Option<&EdgeServiceStatus>,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let degraded = condition(
         old_conditions,
         "Degraded",
         true,
-        SERVICE_CONFLICT,
+        reason,
         message.to_string(),
         generation,
         now,

@@ -266,7 +266,8 @@ fn rbac_is_least_privilege() {
     assert!(can(&agent, "edgenodes/status", "patch"));
     assert!(
         !can(&agent, "secrets", "get"),
-        "the mesh secret is mounted, not read from the API"
+        "no cluster-wide Secret access: the mesh secret is mounted, and the \
+         Secrets EdgeServices name are granted per namespace by name"
     );
     let operator = rules("ew-operator");
     assert!(can(&operator, "endpointslices", "delete"));
@@ -274,7 +275,23 @@ fn rbac_is_least_privilege() {
     assert!(can(&operator, "placementslices", "patch"));
     assert!(can(&operator, "placementslices", "delete"));
     assert!(!can(&operator, "edgeservices", "delete"));
-    assert!(!can(&operator, "secrets", "get"));
+    // The operator checks the Secrets EdgeServices name, and can grant the
+    // agents only what it holds; it never lists or watches them.
+    assert!(can(&operator, "secrets", "get"));
+    for verb in ["list", "watch", "create", "patch", "update", "delete"] {
+        assert!(
+            !can(&operator, "secrets", verb),
+            "operator may {verb} secrets"
+        );
+    }
+    assert!(can(&operator, "roles", "patch") && can(&operator, "rolebindings", "delete"));
+    for verb in ["escalate", "bind"] {
+        assert!(!can(&operator, "roles", verb), "operator may {verb} roles");
+        assert!(
+            !can(&operator, "clusterroles", verb),
+            "operator may {verb} clusterroles"
+        );
+    }
     assert!(
         agent
             .iter()

@@ -2,11 +2,14 @@
 //! leeway, and the decision a request's token (or its absence) leads to.
 //! Signatures and time claims are checked by `jsonwebtoken`.
 
+use std::path::PathBuf;
+
 use edgewire_api::{AuthSpec, Grants, TokenAlgorithm};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use super::access::{Access, Claims, Refusal};
+use crate::reloading::Reloading;
 
 /// Tokens longer than this are refused unread: a header line of a few KiB
 /// is plenty for any grant list, and verification cost grows with length.
@@ -37,7 +40,12 @@ pub enum KeyError {
 
 /// Decides, for one service, what a request's token allows.
 pub struct Authenticator {
-    key: DecodingKey,
+    /// The key, read again when its file changes (a rotated Secret): new
+    /// tokens are judged by the new key, admitted connections keep theirs.
+    key: Reloading<DecodingKey>,
+    /// Where the key comes from; `None` for a key given as bytes.
+    key_file: Option<String>,
+    algorithm: TokenAlgorithm,
     validation: Validation,
     leeway_seconds: u32,
     anonymous: Option<Grants>,
@@ -52,15 +60,47 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+fn read_key(algorithm: TokenAlgorithm, path: &str) -> Result<DecodingKey, KeyError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.to_string(),
+        source,
+    })?;
+    decoding_key(algorithm, path, &bytes)
+}
+
+/// The key from its bytes; `path` only names it in errors.
+fn decoding_key(
+    algorithm: TokenAlgorithm,
+    path: &str,
+    bytes: &[u8],
+) -> Result<DecodingKey, KeyError> {
+    let bad = |source| KeyError::BadKey {
+        path: path.to_string(),
+        algorithm,
+        source,
+    };
+    match algorithm {
+        TokenAlgorithm::HS256 => {
+            // `echo secret > file` leaves a newline no signer includes.
+            let secret = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+            if secret.len() < MIN_HS256_SECRET_BYTES {
+                return Err(KeyError::ShortSecret {
+                    path: path.to_string(),
+                });
+            }
+            DecodingKey::from_secret(secret).map_err(bad)
+        }
+        TokenAlgorithm::RS256 => DecodingKey::from_rsa_pem(bytes).map_err(bad),
+        TokenAlgorithm::ES256 => DecodingKey::from_ec_pem(bytes).map_err(bad),
+    }
+}
+
 impl Authenticator {
-    /// Reads the key file the spec names.
+    /// Reads the key file the spec names; it is read again when it changes.
     pub fn load(spec: &AuthSpec) -> Result<Authenticator, KeyError> {
         let path = spec.key_file.as_deref().ok_or(KeyError::NoKeyFile)?;
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
-            path: path.to_string(),
-            source,
-        })?;
-        Authenticator::from_key_bytes(spec, path, &bytes)
+        let key = Reloading::load(vec![PathBuf::from(path)], || read_key(spec.algorithm, path))?;
+        Ok(Authenticator::with_key(spec, key, Some(path.to_string())))
     }
 
     /// Builds the rules from the key's bytes; `path` only names it in errors.
@@ -69,33 +109,19 @@ impl Authenticator {
         path: &str,
         bytes: &[u8],
     ) -> Result<Authenticator, KeyError> {
-        let bad = |source| KeyError::BadKey {
-            path: path.to_string(),
-            algorithm: spec.algorithm,
-            source,
-        };
-        let (key, algorithm) = match spec.algorithm {
-            TokenAlgorithm::HS256 => {
-                // `echo secret > file` leaves a newline no signer includes.
-                let secret = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-                if secret.len() < MIN_HS256_SECRET_BYTES {
-                    return Err(KeyError::ShortSecret {
-                        path: path.to_string(),
-                    });
-                }
-                (
-                    DecodingKey::from_secret(secret).map_err(bad)?,
-                    Algorithm::HS256,
-                )
-            }
-            TokenAlgorithm::RS256 => (
-                DecodingKey::from_rsa_pem(bytes).map_err(bad)?,
-                Algorithm::RS256,
-            ),
-            TokenAlgorithm::ES256 => (
-                DecodingKey::from_ec_pem(bytes).map_err(bad)?,
-                Algorithm::ES256,
-            ),
+        let key = Reloading::load(Vec::new(), || decoding_key(spec.algorithm, path, bytes))?;
+        Ok(Authenticator::with_key(spec, key, None))
+    }
+
+    fn with_key(
+        spec: &AuthSpec,
+        key: Reloading<DecodingKey>,
+        key_file: Option<String>,
+    ) -> Authenticator {
+        let algorithm = match spec.algorithm {
+            TokenAlgorithm::HS256 => Algorithm::HS256,
+            TokenAlgorithm::RS256 => Algorithm::RS256,
+            TokenAlgorithm::ES256 => Algorithm::ES256,
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = spec.leeway_seconds.into();
@@ -108,11 +134,21 @@ impl Authenticator {
         if let Some(issuer) = &spec.issuer {
             validation.set_issuer(&[issuer]);
         }
-        Ok(Authenticator {
+        Authenticator {
             key,
+            key_file,
+            algorithm: spec.algorithm,
             validation,
             leeway_seconds: spec.leeway_seconds,
             anonymous: spec.anonymous.clone(),
+        }
+    }
+
+    /// The key in force, read again first if its file changed.
+    fn key(&self) -> std::sync::Arc<DecodingKey> {
+        self.key.current(|| match &self.key_file {
+            Some(path) => read_key(self.algorithm, path),
+            None => Err(KeyError::NoKeyFile),
         })
     }
 
@@ -130,7 +166,7 @@ impl Authenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::Malformed);
         }
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        jsonwebtoken::decode::<Claims>(token, &self.key(), &self.validation)
             .map(|data| Access::from_claims(data.claims, self.leeway_seconds))
             .map_err(|err| refusal(err.kind()))
     }

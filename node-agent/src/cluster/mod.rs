@@ -5,6 +5,7 @@
 pub mod leave;
 pub mod modules;
 pub mod render;
+pub mod secrets;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -32,9 +33,11 @@ const FIELD_MANAGER: &str = "edgewire-agent";
 const SETTLE: Duration = Duration::from_millis(200);
 /// A status change is reported at once, but no more often than this.
 const MIN_REPORT_GAP: Duration = Duration::from_secs(1);
-/// How often ConfigMap-sourced Wasm modules are fetched again (and image
-/// modules' pull Secrets read and references resolved) when nothing else
-/// prompts a new rendering, so a new module rolls out on its own.
+/// How often ConfigMap-sourced Wasm modules and named Secrets are fetched
+/// again (and image modules' pull Secrets read and references resolved)
+/// when nothing else prompts a new rendering, so a new module or a rotated
+/// certificate or key rolls out on its own (the agent may `get` those
+/// Secrets, not watch them).
 const MODULE_RECHECK: Duration = Duration::from_secs(15);
 /// The longest a leaving agent waits for its final heartbeat to be written.
 const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -196,7 +199,7 @@ async fn follow_placement(
                 }
                 other => other,
             },
-            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && fetches_modules(&last_applied, reader) => {
+            _ = tokio::time::sleep(MODULE_RECHECK), if listed && !dirty && fetches_objects(&last_applied, reader) => {
                 dirty = true;
                 Seen::Nothing
             }
@@ -206,7 +209,7 @@ async fn follow_placement(
                 dirty = false;
                 let services: Vec<EdgeService> = reader.state().iter().map(|es| es.as_ref().clone()).collect();
                 let slices: Vec<PlacementSlice> = slice_reader.state().iter().map(|s| s.as_ref().clone()).collect();
-                let mut rendered = render::render(&options.node, &services, &slices, options.mesh_port);
+                let mut rendered = render::render(&options.node, &services, &slices, options.mesh_port, &options.state_dir);
                 for (name, why) in &rendered.rejected {
                     tracing::error!(service = %name, %why, "cannot run this EdgeService here");
                 }
@@ -220,7 +223,19 @@ async fn follow_placement(
                 // their references resolved again (a new tag rolls out).
                 agent.wasm().set_pull_secrets(modules::pull_secrets(client, &rendered.config).await);
                 agent.wasm().recheck_images();
-                if last_applied.as_ref() != Some(&rendered.config) {
+                let placed: Vec<&EdgeService> = services
+                    .iter()
+                    .filter(|es| rendered.config.service(&render::key(es)).is_some())
+                    .collect();
+                let (secrets_changed, failures) =
+                    secrets::sync(client, &options.state_dir, &placed).await;
+                for (service, why) in failures {
+                    tracing::warn!(%service, %why, "cannot fetch a Secret; keeping what was stored");
+                }
+                // The files changed under the same config: running services
+                // read them again themselves; applying again starts those
+                // that could not start without them.
+                if last_applied.as_ref() != Some(&rendered.config) || secrets_changed {
                     tracing::info!(services = rendered.config.services.len(), "placement changed; applying");
                     agent.apply(&rendered.config).await;
                     if let Err(err) = state::save(&options.state_dir, &rendered.config) {
@@ -253,9 +268,9 @@ async fn follow_placement(
 }
 
 /// Whether some EdgeService placed here takes a module from a ConfigMap or
-/// an image (the rendered config names files for ConfigMaps, so the specs
-/// are asked).
-fn fetches_modules(
+/// names a Secret, or an image (the rendered config names files only, so
+/// the specs are asked).
+fn fetches_objects(
     last_applied: &Option<edgewire_api::AgentConfig>,
     services: &reflector::Store<EdgeService>,
 ) -> bool {
@@ -263,17 +278,12 @@ fn fetches_modules(
         return false;
     };
     services.state().iter().any(|es| {
-        let key = format!(
-            "{}/{}",
-            es.metadata.namespace.as_deref().unwrap_or_default(),
-            es.metadata.name.as_deref().unwrap_or_default()
-        );
-        config.service(&key).is_some()
-            && es.spec.handlers.iter().any(|h| {
+        config.service(&render::key(es)).is_some()
+            && (es.spec.handlers.iter().any(|h| {
                 h.module
                     .as_ref()
                     .is_some_and(|m| m.config_map.is_some() || m.image.is_some())
-            })
+            }) || !edgewire_api::crd::referenced_secrets(&es.spec).is_empty())
     })
 }
 

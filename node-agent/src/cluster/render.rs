@@ -5,9 +5,15 @@
 //! from its EdgeNode.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use edgewire_api::crd::{EdgeService, NodePlacement, PlacementSlice};
-use edgewire_api::{AgentConfig, PeerSpec, ServiceConfig};
+use edgewire_api::auth::{check_secret_key, check_secret_name};
+use edgewire_api::crd::{
+    EdgeService, NodePlacement, PlacementSlice, TLS_CERT_KEY, TLS_PRIVATE_KEY,
+};
+use edgewire_api::{AgentConfig, AuthSpec, PeerSpec, ServiceConfig, TlsSpec};
+
+use super::secrets;
 
 /// What to run, and the EdgeServices that could not be run here (with why).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -16,12 +22,52 @@ pub struct Rendered {
     pub rejected: Vec<(String, String)>,
 }
 
-fn key(es: &EdgeService) -> String {
+/// The service name an EdgeService runs under: `namespace/name`.
+pub fn key(es: &EdgeService) -> String {
     format!(
         "{}/{}",
         es.metadata.namespace.as_deref().unwrap_or_default(),
         es.metadata.name.as_deref().unwrap_or_default()
     )
+}
+
+/// The service's `tls` and `auth` as the agent config has them: the
+/// Secrets they name become the files `secrets` stores them in under
+/// `state_dir`. A key file on the node is not the EdgeService's to name.
+fn client_security(
+    es: &EdgeService,
+    state_dir: &Path,
+) -> Result<(Option<TlsSpec>, Option<AuthSpec>), String> {
+    for (name, key) in secrets::wanted(es) {
+        check_secret_name(&name).and_then(|()| check_secret_key(&key))?;
+    }
+    let namespace = es.metadata.namespace.as_deref().unwrap_or_default();
+    let stored = |name: &str, key: &str| {
+        secrets::file(state_dir, namespace, name, key)
+            .display()
+            .to_string()
+    };
+    let tls = es.spec.tls.as_ref().map(|tls| TlsSpec {
+        cert_file: stored(&tls.secret_name, TLS_CERT_KEY),
+        key_file: stored(&tls.secret_name, TLS_PRIVATE_KEY),
+    });
+    let auth = match &es.spec.auth {
+        None => None,
+        Some(auth) if auth.key_file.is_some() => {
+            return Err(
+                "spec.auth.keyFile: an EdgeService takes its key from keySecret, never from a file on the node"
+                    .into(),
+            );
+        }
+        Some(auth) => {
+            let mut auth = auth.clone();
+            if let Some(secret) = auth.key_secret.take() {
+                auth.key_file = Some(stored(&secret.name, &secret.key));
+            }
+            Some(auth)
+        }
+    };
+    Ok((tls, auth))
 }
 
 /// Each EdgeService's placed nodes (`namespace/name` to its nodes), from
@@ -64,12 +110,14 @@ pub fn placements<'a>(
 }
 
 /// `mesh_port` is None when this agent runs no mesh: its services then
-/// serve their local clients only, with no peers to dial.
+/// serve their local clients only, with no peers to dial. Secrets named by
+/// an EdgeService are taken from their files under `state_dir`.
 pub fn render(
     node: &str,
     services: &[EdgeService],
     slices: &[PlacementSlice],
     mesh_port: Option<u16>,
+    state_dir: &Path,
 ) -> Rendered {
     let placements = placements(services, slices);
     let nodes_of = |es: &EdgeService| placements.get(&key(es)).map_or(&[][..], Vec::as_slice);
@@ -90,6 +138,13 @@ pub fn render(
                 .rejected
                 .push((name, format!("port {} is out of range", es.spec.port)));
             continue;
+        };
+        let (tls, auth) = match client_security(es, state_dir) {
+            Ok(security) => security,
+            Err(why) => {
+                rendered.rejected.push((name, why));
+                continue;
+            }
         };
         let peers = nodes_of(es)
             .iter()
@@ -123,8 +178,8 @@ pub fn render(
             relay_path: es.spec.relay_path.clone(),
             limits: es.spec.limits.clone(),
             peers,
-            auth: None,
-            tls: None,
+            auth,
+            tls,
             hub: None,
         };
         let mut errors = Vec::new();
@@ -179,6 +234,8 @@ mod tests {
                 relay_path: "/relay".into(),
                 limits: Default::default(),
                 expose: Default::default(),
+                auth: None,
+                tls: None,
             },
         );
         es.metadata.namespace = Some("edge".into());
@@ -218,7 +275,13 @@ mod tests {
     }
 
     fn render_placed(node: &str, services: &[EdgeService], mesh_port: Option<u16>) -> Rendered {
-        render(node, services, &slices_of(services), mesh_port)
+        render(
+            node,
+            services,
+            &slices_of(services),
+            mesh_port,
+            Path::new("/state"),
+        )
     }
 
     #[test]
@@ -226,7 +289,7 @@ mod tests {
         let mut services = [es("chat", 8765, &[("a", Some("10.0.0.1"))], 1)];
         let slices = slices_of(&services);
         services[0].metadata.uid = Some("new-uid".into());
-        let r = render("a", &services, &slices, Some(7946));
+        let r = render("a", &services, &slices, Some(7946), Path::new("/state"));
         assert!(r.config.services.is_empty(), "{:?}", r.config.services);
     }
 
@@ -323,5 +386,49 @@ mod tests {
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert!(r.config.services[0].peers.is_empty());
         r.config.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_become_files_in_the_state_dir_and_node_files_are_refused() {
+        let mut services = [es("web", 8443, &[("a", None)], 1)];
+        services[0].spec.tls = Some(edgewire_api::crd::ServiceTls {
+            secret_name: "web-tls".into(),
+        });
+        services[0].spec.auth = Some(
+            serde_yaml_ng::from_str("algorithm: HS256\nkeySecret: {name: jwt, key: hs256}\n")
+                .unwrap(),
+        );
+        let r = render_placed("a", &services, None);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        let s = &r.config.services[0];
+        let tls = s.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, "/state/secrets/edge/web-tls/tls.crt");
+        assert_eq!(tls.key_file, "/state/secrets/edge/web-tls/tls.key");
+        let auth = s.auth.as_ref().unwrap();
+        assert_eq!(
+            auth.key_file.as_deref(),
+            Some("/state/secrets/edge/jwt/hs256")
+        );
+        assert_eq!(auth.key_secret, None);
+        r.config.validate().unwrap();
+
+        let mut from_node = services.clone();
+        from_node[0].spec.auth.as_mut().unwrap().key_file = Some("/etc/shadow".into());
+        let r = render_placed("a", &from_node, None);
+        assert!(r.config.services.is_empty());
+        assert!(r.rejected[0].1.contains("keyFile"), "{:?}", r.rejected);
+
+        let mut climbing = services.clone();
+        climbing[0]
+            .spec
+            .auth
+            .as_mut()
+            .unwrap()
+            .key_secret
+            .as_mut()
+            .unwrap()
+            .key = "..".into();
+        let r = render_placed("a", &climbing, None);
+        assert!(r.config.services.is_empty(), "{:?}", r.config);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod prometheus;
+pub mod tls;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
