@@ -855,7 +855,6 @@ impl Mesh {
                     _ = &mut ping => {}
                 }
             } else {
-                let mut sent = Sent::default();
                 while !in_flight.is_empty() {
                     // Publishes that fit one Noise message together travel
                     // as one batch: one encryption and one WebSocket frame
@@ -877,18 +876,20 @@ impl Mesh {
                     if let Err(why) =
                         within(&mut deadline, sink.feed(Message::Binary(message))).await
                     {
-                        self.metrics_sent(sent);
                         return why;
                     }
+                    // Counted per message written, so a link cut off later
+                    // in the batch has counted what it wrote.
+                    let mut sent = Sent::default();
                     for done in in_flight.drain(..count.max(1)) {
                         sent.count(&done.service);
                         // Its bytes are back in the budget: a paced
                         // publisher may go on.
                         drop(done);
                     }
+                    self.metrics_sent(sent);
                     outbox.wrote();
                 }
-                self.metrics_sent(sent);
                 if let Err(why) = within(&mut deadline, sink.flush()).await {
                     return why;
                 }
@@ -926,8 +927,8 @@ struct Delivering {
     received: u64,
 }
 
-/// Publishes written in one go, by service: the metric is counted once per
-/// service, not once per publish.
+/// Publishes written in one message, by service: the metric is counted once
+/// per service, not once per publish.
 #[derive(Default)]
 struct Sent {
     by_service: Vec<(Arc<str>, u64)>,
