@@ -25,6 +25,11 @@ LOADGEN = os.environ["EDGEWIRE_LOADGEN"]
 AGENT = os.environ["EDGEWIRE_AGENT"]
 SEED_PYTHON = os.environ["EDGEWIRE_SEED_PYTHON"]
 QUICK = os.environ.get("EDGEWIRE_BENCH_QUICK") == "1"
+# "mesh" runs the mesh workloads alone (edgewire's cluster beside NATS's) and
+# writes results/agent-mesh.md, leaving the full report as it was.
+ONLY = os.environ.get("EDGEWIRE_BENCH_ONLY", "")
+if ONLY not in ("", "mesh"):
+    sys.exit(f"EDGEWIRE_BENCH_ONLY={ONLY!r}: the only choice is 'mesh'")
 
 ECHO_CLIENTS = [100, 1000]
 ECHO_MESSAGES = 20 if QUICK else 100
@@ -366,7 +371,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="edgewire-bench-"))
     servers = [edgewire(tmp), seed_python(tmp), node_ws(tmp), nats(tmp)]
     single = {}
-    for server in servers:
+    for server in servers if ONLY != "mesh" else []:
         print(f"== {server.name}", flush=True)
         single[server.name] = measure(server)
     clusters = [edgewire_mesh(tmp), nats_cluster(tmp)]
@@ -411,16 +416,20 @@ def main():
         f"{platform.system()} {platform.release()}"
     )
     seed_v = version_of(SEED_PYTHON, "-c", "import websockets,sys;print('websockets', websockets.__version__, 'python', sys.version.split()[0])")
-    report = "\n".join([
+    header = [
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine}{' (quick mode)' if QUICK else ''}.",
         f"Versions: {version_of(AGENT, '--version')}; {seed_v}; node {version_of('node', '--version')} with ws 8.18.3; "
         f"{version_of('nats-server', '--version')}.",
-        "Command: `bench/agent.sh`. Ratios are edgewire/peer; `better`/`worse` say which way they lean.",
+        f"Command: `{'EDGEWIRE_BENCH_ONLY=mesh ' if ONLY else ''}bench/agent.sh`. Ratios are edgewire/peer; `better`/`worse` say which way they lean.",
         "",
+    ]
+    one_server = [] if ONLY == "mesh" else [
         "### One server",
         "",
         *table(rows, single["edgewire"], [s.name for s in servers[1:]], single),
         "",
+    ]
+    report = "\n".join(header + one_server + [
         f"### Mesh of three nodes ({', '.join(MESH_NODES)}), {MESH_RATE} messages/s for latency",
         "",
         *table(mesh_rows, meshes["edgewire"], [c.name for c in clusters[1:]], meshes),
@@ -431,7 +440,7 @@ def main():
         json.dumps({"single": single, "mesh": meshes}, indent=1),
         "```",
     ])
-    out = BENCH / "results" / "agent.md"
+    out = BENCH / "results" / ("agent-mesh.md" if ONLY == "mesh" else "agent.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(report + "\n")
     print()

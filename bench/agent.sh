@@ -2,7 +2,8 @@
 # Runs the agent benchmarks (bench/agent.py) after installing what they need:
 # release builds of the agent and the load generator, nats-server (Debian),
 # the Node.js ws peer (npm), and the seed server's Python package (virtualenv).
-# EDGEWIRE_BENCH_QUICK=1 runs a short version of each workload.
+# EDGEWIRE_BENCH_QUICK=1 runs a short version of each workload;
+# EDGEWIRE_BENCH_ONLY=mesh runs the mesh workloads alone.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

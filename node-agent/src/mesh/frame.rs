@@ -1,6 +1,8 @@
 //! What travels on a mesh link (inside Noise, see `noise`): interest as JSON
 //! text frames, and publishes as binary frames that carry the relay message
 //! as bytes, length-delimited, never re-escaped inside JSON (see [`Publish`]).
+//! Several queued publishes may travel as one binary frame, a batch (see
+//! [`encode_batch`]), once the peer said it reads them.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,10 @@ pub enum LinkFrame {
         service: String,
         channel: String,
     },
+    /// Sent by the accepting side of a link: it reads publish batches, so
+    /// the dialer may send them. A dialer that never hears it (an agent of
+    /// an earlier version) sends one publish per frame.
+    PublishBatches,
 }
 
 impl LinkFrame {
@@ -48,6 +54,11 @@ pub struct Publish {
 }
 
 const PUBLISH: u8 = 1;
+/// `2u8 | (publish frame length u32 | publish frame)*`, at least one
+/// publish, each a whole kind-1 frame.
+const PUBLISH_BATCH: u8 = 2;
+/// What a publish costs in a batch beyond its own frame.
+pub const BATCH_ENTRY: usize = 4;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -59,6 +70,65 @@ pub enum FrameError {
     InvalidUtf8,
     #[error("a name is longer than 65535 bytes")]
     NameTooLong,
+    #[error("a publish batch holds no publish, or one that is not a plain publish")]
+    BadBatch,
+}
+
+/// How many of the leading `frames` (publish frame lengths, in queue order)
+/// one batch of at most `max_bytes` carries; 0 or 1 means the first goes
+/// alone, as a plain publish frame.
+pub fn batch_len(frames: impl IntoIterator<Item = usize>, max_bytes: usize) -> usize {
+    let mut bytes = 1;
+    let mut count = 0;
+    for len in frames {
+        bytes += BATCH_ENTRY + len;
+        if bytes > max_bytes {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
+/// Packs publish frames (each from [`Publish::encode`]) into one batch frame.
+pub fn encode_batch<'a>(frames: impl Iterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let size = 1 + frames.clone().map(|f| BATCH_ENTRY + f.len()).sum::<usize>();
+    let mut out = BytesMut::with_capacity(size);
+    out.put_u8(PUBLISH_BATCH);
+    for frame in frames {
+        // A publish frame is bounded by the link's frame limit, far below 4 GiB.
+        out.put_u32(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+        out.put_slice(frame);
+    }
+    out.freeze()
+}
+
+/// Decodes a binary link frame: a plain publish or each publish of a batch,
+/// in order. A batch is refused whole if any part of it is malformed.
+pub fn decode_publishes(mut frame: Bytes) -> Result<Vec<Publish>, FrameError> {
+    if frame.first() != Some(&PUBLISH_BATCH) {
+        return Publish::decode(frame).map(|p| vec![p]);
+    }
+    frame.advance(1);
+    let mut publishes = Vec::new();
+    while frame.has_remaining() {
+        if frame.remaining() < BATCH_ENTRY {
+            return Err(FrameError::Truncated);
+        }
+        let len = usize::try_from(frame.get_u32()).map_err(|_| FrameError::Truncated)?;
+        if frame.remaining() < len {
+            return Err(FrameError::Truncated);
+        }
+        let one = frame.split_to(len);
+        if one.first() != Some(&PUBLISH) {
+            return Err(FrameError::BadBatch);
+        }
+        publishes.push(Publish::decode(one)?);
+    }
+    if publishes.is_empty() {
+        return Err(FrameError::BadBatch);
+    }
+    Ok(publishes)
 }
 
 impl Publish {
@@ -180,5 +250,68 @@ mod tests {
             Publish::encode(&"s".repeat(70_000), "c", 1, b"").unwrap_err(),
             FrameError::NameTooLong
         );
+    }
+
+    #[test]
+    fn a_batch_carries_its_publishes_in_order_and_a_plain_frame_decodes_as_one() {
+        let frames: Vec<Bytes> = (0..3)
+            .map(|i| Publish::encode("s", &format!("c{i}"), i, b"{}").unwrap())
+            .collect();
+        let batch = encode_batch(frames.iter().map(|f| &f[..]));
+        assert_eq!(
+            batch.len(),
+            1 + frames.iter().map(|f| BATCH_ENTRY + f.len()).sum::<usize>()
+        );
+        let publishes = decode_publishes(batch).unwrap();
+        let channels: Vec<&str> = publishes.iter().map(|p| p.channel.as_str()).collect();
+        assert_eq!(channels, ["c0", "c1", "c2"]);
+        assert_eq!(
+            decode_publishes(frames[0].clone()).unwrap(),
+            [Publish::decode(frames[0].clone()).unwrap()]
+        );
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_whole() {
+        let one = Publish::encode("s", "c", 1, b"hello").unwrap();
+        let batch = encode_batch([&one[..], &one[..]].into_iter());
+        let first_whole = 1 + BATCH_ENTRY + one.len();
+        for cut in (1..batch.len()).filter(|&cut| cut != first_whole) {
+            assert!(
+                decode_publishes(batch.slice(..cut)).is_err(),
+                "cut at {cut} decodes"
+            );
+        }
+        assert_eq!(
+            decode_publishes(batch.slice(..first_whole)).unwrap().len(),
+            1,
+            "a batch of the first publish alone"
+        );
+        assert_eq!(
+            decode_publishes(Bytes::from_static(&[PUBLISH_BATCH])).unwrap_err(),
+            FrameError::BadBatch,
+            "empty"
+        );
+        let nested = encode_batch([&batch[..]].into_iter());
+        assert_eq!(
+            decode_publishes(nested).unwrap_err(),
+            FrameError::BadBatch,
+            "a batch inside a batch"
+        );
+    }
+
+    #[test]
+    fn a_batch_takes_what_fits_and_a_large_publish_goes_alone() {
+        let fit = 1 + 3 * (BATCH_ENTRY + 100);
+        assert_eq!(batch_len([100; 10], fit), 3);
+        assert_eq!(batch_len([100; 10], fit - 1), 2);
+        assert_eq!(batch_len([100, 100], 4096), 2, "no more than is queued");
+        assert_eq!(batch_len([5000, 100], 4096), 0, "too large for a batch");
+        assert_eq!(
+            batch_len([100, 5000, 100], 4096),
+            1,
+            "stops at the first that does not fit"
+        );
+        assert_eq!(batch_len([], 4096), 0);
     }
 }

@@ -20,6 +20,7 @@
 //! own, so a peer that stops reading is noticed and redialed. Dial failures back off
 //! exponentially with jitter.
 
+pub mod deadline;
 pub mod frame;
 pub mod noise;
 pub mod outbox;
@@ -27,7 +28,7 @@ pub mod routing;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use self::deadline::Deadline;
 use self::frame::{LinkFrame, Publish, now_us};
 use self::noise::{HandshakeError, Identity, KEY_LEN, SecureSink, SecureStream};
 use self::outbox::{Outbox, Queued, Refused};
@@ -136,15 +138,16 @@ fn peer_key(peer: &PeerSpec) -> Option<[u8; KEY_LEN]> {
     peer.public_key.as_deref().and_then(noise::parse_public)
 }
 
-/// Runs one write on a link within [`WRITE_DEADLINE`].
-async fn within<F>(write: F) -> Result<(), LinkEnd>
+/// Runs one write on a link within [`WRITE_DEADLINE`] of its start
+/// (`deadline` is the link's writer's, one timer for all its writes).
+async fn within<F>(deadline: &mut Deadline, write: F) -> Result<(), LinkEnd>
 where
     F: std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
 {
-    match tokio::time::timeout(WRITE_DEADLINE, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("write failed"),
-        Err(_) => Err("the peer took no bytes within the write deadline"),
+    match deadline.within(write).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err("write failed"),
+        None => Err("the peer took no bytes within the write deadline"),
     }
 }
 
@@ -467,35 +470,52 @@ impl Mesh {
             }
         }
         tracing::info!(peer = %node, "mesh link from peer up");
-
-        let why = loop {
-            let next = tokio::select! {
-                biased;
-                _ = superseded.cancelled() => break "replaced by a newer link, or no longer a peer",
-                next = tokio::time::timeout(DEAD_AFTER, stream.next()) => next,
-            };
-            match next {
-                Ok(Some(Ok(Message::Binary(frame)))) => match Publish::decode(frame) {
-                    Ok(publish) => {
-                        // Backpressure across the mesh: this link is read no
-                        // faster than the subscribers it fills drain, so the
-                        // publisher at the peer is paced in turn.
-                        for subscriber in self.on_publish(&node, publish) {
-                            subscriber.room().await;
+        // The dialer may pack publishes into batches from now on.
+        let said = tokio::time::timeout(
+            WRITE_DEADLINE,
+            sink.send(Message::text(LinkFrame::PublishBatches.to_json())),
+        )
+        .await;
+        let mut silence = Deadline::new(DEAD_AFTER);
+        let why = 'link: {
+            if !matches!(said, Ok(Ok(()))) {
+                break 'link "write failed";
+            }
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = superseded.cancelled() => break "replaced by a newer link, or no longer a peer",
+                    next = stream.next() => next,
+                    _ = silence.expired() => break "the peer was silent too long",
+                };
+                silence.progressed();
+                match next {
+                    Some(Ok(Message::Binary(frame))) => match frame::decode_publishes(frame) {
+                        Ok(publishes) => {
+                            let mut into = Delivering::default();
+                            for publish in publishes {
+                                // Backpressure across the mesh: this link is
+                                // read no faster than the subscribers it fills
+                                // drain, so the publisher at the peer is paced
+                                // in turn.
+                                for subscriber in self.on_publish(&node, &mut into, publish) {
+                                    subscriber.room().await;
+                                }
+                            }
+                            self.count_received(into);
+                        }
+                        Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
+                    },
+                    Some(Ok(Message::Text(text))) => {
+                        match serde_json::from_str::<LinkFrame>(text.as_str()) {
+                            Ok(frame) => self.on_frame(&node, generation, frame),
+                            Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
                         }
                     }
-                    Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
-                },
-                Ok(Some(Ok(Message::Text(text)))) => {
-                    match serde_json::from_str::<LinkFrame>(text.as_str()) {
-                        Ok(frame) => self.on_frame(&node, generation, frame),
-                        Err(err) => tracing::warn!(peer = %node, %err, "bad mesh frame"),
-                    }
+                    Some(Ok(Message::Close(_))) | None => break "closed by the peer",
+                    Some(Err(_)) => break "read failed",
+                    Some(Ok(_)) => {}
                 }
-                Ok(Some(Ok(Message::Close(_)))) | Ok(None) => break "closed by the peer",
-                Ok(Some(Err(_))) => break "read failed",
-                Err(_) => break "the peer was silent too long",
-                Ok(Some(Ok(_))) => {}
             }
         };
         // The dialer's ping answers need a flush; a closed link needs none.
@@ -553,22 +573,38 @@ impl Mesh {
                     set.remove(&(service, channel));
                 }
             }
+            // Said by an accepting side; this side sends no publishes.
+            LinkFrame::PublishBatches => {}
         }
+    }
+
+    /// Whether `from` and this node share `service`, and its runtime here
+    /// if it runs.
+    fn placement(&self, from: &str, service: &str) -> Option<Option<Arc<ServiceRuntime>>> {
+        let inner = self.lock();
+        let placed = inner
+            .peers_by_service
+            .get(service)
+            .is_some_and(|peers| peers.iter().any(|p| p.node == from));
+        placed.then(|| inner.services.get(service).and_then(Weak::upgrade))
     }
 
     /// Delivers a publish from peer `from` to the local subscribers, if
     /// the service is placed on both nodes; returns the subscribers it left
     /// more than half full, for the link to wait on.
-    fn on_publish(&self, from: &str, publish: Publish) -> Vec<Subscriber> {
-        let runtime = {
-            let inner = self.lock();
-            let placed = inner
-                .peers_by_service
-                .get(&publish.service)
-                .is_some_and(|peers| peers.iter().any(|p| p.node == from));
-            placed.then(|| inner.services.get(&publish.service).and_then(Weak::upgrade))
-        };
-        let Some(runtime) = runtime else {
+    fn on_publish(&self, from: &str, into: &mut Delivering, publish: Publish) -> Vec<Subscriber> {
+        if into.service != publish.service {
+            let placement = self.placement(from, &publish.service);
+            self.count_received(std::mem::replace(
+                into,
+                Delivering {
+                    service: publish.service.clone(),
+                    placement,
+                    received: 0,
+                },
+            ));
+        }
+        let Some(runtime) = &into.placement else {
             self.metrics.mesh_refused(MeshRefusal::NotPlaced);
             tracing::warn!(peer = %from, service = %publish.service, "mesh publish refused: the peer is not placed on the service");
             return Vec::new();
@@ -576,10 +612,7 @@ impl Mesh {
         let Some(runtime) = runtime else {
             return Vec::new();
         };
-        self.metrics
-            .mesh_messages
-            .with_label_values(&[&publish.service, "received"])
-            .inc();
+        into.received += 1;
         let age = Duration::from_micros(now_us().saturating_sub(publish.sent_us));
         let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         runtime.deliver(
@@ -588,6 +621,15 @@ impl Mesh {
             published_at,
             DeliveryPath::Mesh,
         )
+    }
+
+    fn count_received(&self, into: Delivering) {
+        if into.received > 0 {
+            self.metrics
+                .mesh_messages
+                .with_label_values(&[&into.service, "received"])
+                .inc_by(into.received);
+        }
     }
 
     fn link_state_changed(&self, node: &str, up: bool, why: LinkEnd) {
@@ -709,13 +751,29 @@ impl Mesh {
             mut sink,
             mut stream,
         } = link;
+        // Whether the peer reads publish batches: it says so once, first
+        // thing on the link; until then publishes go one per frame.
+        let batches = AtomicBool::new(false);
         let reader = async {
+            let mut silence = Deadline::new(DEAD_AFTER);
             loop {
-                match tokio::time::timeout(DEAD_AFTER, stream.next()).await {
-                    Err(_) => return "the peer was silent too long",
-                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return "closed by the peer",
-                    Ok(Some(Err(_))) => return "read failed",
-                    Ok(Some(Ok(_))) => {}
+                let next = tokio::select! {
+                    biased;
+                    next = stream.next() => next,
+                    _ = silence.expired() => return "the peer was silent too long",
+                };
+                silence.progressed();
+                match next {
+                    Some(Ok(Message::Close(_))) | None => return "closed by the peer",
+                    Some(Err(_)) => return "read failed",
+                    Some(Ok(Message::Text(text))) => {
+                        if let Ok(LinkFrame::PublishBatches) =
+                            serde_json::from_str::<LinkFrame>(text.as_str())
+                        {
+                            batches.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Some(Ok(_)) => {}
                 }
             }
         };
@@ -726,7 +784,7 @@ impl Mesh {
         let why = tokio::select! {
             _ = stop.cancelled() => "stopped",
             why = reader => why,
-            why = self.write_link(node, &mut sink, outbox, &mut in_flight) => why,
+            why = self.write_link(node, &mut sink, outbox, &batches, &mut in_flight) => why,
         };
         for lost in in_flight {
             self.metrics
@@ -745,18 +803,24 @@ impl Mesh {
         node: &str,
         sink: &mut LinkSink,
         outbox: &Outbox,
+        batches: &AtomicBool,
         in_flight: &mut VecDeque<Queued>,
     ) -> LinkEnd {
+        let mut deadline = Deadline::new(WRITE_DEADLINE);
         for service in self.services_with(node) {
             let frame = self.snapshot_of(&service);
-            if let Err(why) = within(sink.feed(Message::text(frame.to_json()))).await {
+            if let Err(why) = within(&mut deadline, sink.feed(Message::text(frame.to_json()))).await
+            {
                 return why;
             }
         }
-        if let Err(why) = within(sink.flush()).await {
+        if let Err(why) = within(&mut deadline, sink.flush()).await {
             return why;
         }
+        // One timer for the link's pings, moved after each.
         let mut next_ping = tokio::time::Instant::now() + PING_EVERY;
+        let ping = tokio::time::sleep_until(next_ping);
+        tokio::pin!(ping);
         loop {
             let interest = outbox.take_interest();
             if !interest.is_empty() {
@@ -772,11 +836,13 @@ impl Mesh {
                         }
                     }));
                 for frame in frames {
-                    if let Err(why) = within(sink.feed(Message::text(frame.to_json()))).await {
+                    if let Err(why) =
+                        within(&mut deadline, sink.feed(Message::text(frame.to_json()))).await
+                    {
                         return why;
                     }
                 }
-                if let Err(why) = within(sink.flush()).await {
+                if let Err(why) = within(&mut deadline, sink.flush()).await {
                     return why;
                 }
                 continue;
@@ -786,35 +852,93 @@ impl Mesh {
                 outbox.wrote();
                 tokio::select! {
                     _ = outbox.wait() => {}
-                    _ = tokio::time::sleep_until(next_ping) => {}
+                    _ = &mut ping => {}
                 }
             } else {
-                while let Some(queued) = in_flight.front() {
-                    let message = Message::Binary(queued.frame.clone());
-                    if let Err(why) = within(sink.feed(message)).await {
+                while !in_flight.is_empty() {
+                    // Publishes that fit one Noise message together travel
+                    // as one batch: one encryption and one WebSocket frame
+                    // for all of them.
+                    let count = if batches.load(Ordering::Relaxed) {
+                        frame::batch_len(in_flight.iter().map(|q| q.frame.len()), noise::CHUNK)
+                    } else {
+                        0
+                    };
+                    let message = match count {
+                        0 | 1 => in_flight
+                            .front()
+                            .map(|q| q.frame.clone())
+                            .unwrap_or_default(),
+                        _ => {
+                            frame::encode_batch(in_flight.iter().take(count).map(|q| &q.frame[..]))
+                        }
+                    };
+                    if let Err(why) =
+                        within(&mut deadline, sink.feed(Message::Binary(message))).await
+                    {
                         return why;
                     }
-                    let Some(done) = in_flight.pop_front() else {
-                        break;
-                    };
-                    self.metrics
-                        .mesh_messages
-                        .with_label_values(&[&done.service, "sent"])
-                        .inc();
-                    // Its bytes are back in the budget: a paced publisher may go on.
-                    drop(done);
+                    // Counted per message written, so a link cut off later
+                    // in the batch has counted what it wrote.
+                    let mut sent = Sent::default();
+                    for done in in_flight.drain(..count.max(1)) {
+                        sent.count(&done.service);
+                        // Its bytes are back in the budget: a paced
+                        // publisher may go on.
+                        drop(done);
+                    }
+                    self.metrics_sent(sent);
                     outbox.wrote();
                 }
-                if let Err(why) = within(sink.flush()).await {
+                if let Err(why) = within(&mut deadline, sink.flush()).await {
                     return why;
                 }
             }
             if tokio::time::Instant::now() >= next_ping {
-                if let Err(why) = within(sink.send(Message::Ping(Default::default()))).await {
+                if let Err(why) =
+                    within(&mut deadline, sink.send(Message::Ping(Default::default()))).await
+                {
                     return why;
                 }
                 next_ping = tokio::time::Instant::now() + PING_EVERY;
+                ping.as_mut().reset(next_ping);
             }
+        }
+    }
+
+    /// Counts the publishes a link wrote, by service.
+    fn metrics_sent(&self, sent: Sent) {
+        for (service, count) in sent.by_service {
+            self.metrics
+                .mesh_messages
+                .with_label_values(&[&service, "sent"])
+                .inc_by(count);
+        }
+    }
+}
+
+/// The service a link's reader last delivered into: its placement is looked
+/// up, and its metric counted, once per run of publishes of one service in a
+/// frame rather than once per publish.
+#[derive(Default)]
+struct Delivering {
+    service: String,
+    placement: Option<Option<Arc<ServiceRuntime>>>,
+    received: u64,
+}
+
+/// Publishes written in one message, by service: the metric is counted once
+/// per service, not once per publish.
+#[derive(Default)]
+struct Sent {
+    by_service: Vec<(Arc<str>, u64)>,
+}
+
+impl Sent {
+    fn count(&mut self, service: &Arc<str>) {
+        match self.by_service.iter_mut().find(|(s, _)| s == service) {
+            Some((_, n)) => *n += 1,
+            None => self.by_service.push((Arc::clone(service), 1)),
         }
     }
 }

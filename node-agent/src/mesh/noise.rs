@@ -43,7 +43,9 @@ const TAG_LEN: usize = 16;
 /// The largest WebSocket message a mesh link carries, before and after
 /// authentication.
 pub const MAX_WIRE_MESSAGE: usize = 4096;
-const CHUNK: usize = MAX_WIRE_MESSAGE - TAG_LEN - 1;
+/// The most plaintext one wire message carries: a link frame up to this
+/// size costs one encryption and one WebSocket frame.
+pub const CHUNK: usize = MAX_WIRE_MESSAGE - TAG_LEN - 1;
 const FINAL: u8 = 1;
 const BINARY: u8 = 2;
 
