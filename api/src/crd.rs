@@ -58,7 +58,9 @@ pub const GROUP: &str = "edgewire.dev";
     validation = Rule::new("self.handlers.all(h, !has(h.path) || self.handlers.exists_one(o, has(o.path) && o.path == h.path))").message("handler paths must be unique").field_path(".handlers"),
     validation = Rule::new("self.handlers.all(h, !has(h.path) || h.path != self.relayPath)").message("a handler path may not be the relay path").field_path(".handlers"),
     validation = Rule::new("self.channels.all(c, self.channels.exists_one(o, o.name == c.name))").message("channel names must be unique").field_path(".channels"),
-    validation = Rule::new("!has(self.auth) || (has(self.auth.keySecret) && !has(self.auth.keyFile))").message("auth takes its key from keySecret (a Secret in this namespace), never from a file on the node").field_path(".auth")
+    validation = Rule::new("!has(self.auth) || (has(self.auth.keySecret) && !has(self.auth.keyFile))").message("auth takes its key from keySecret (a Secret in this namespace), never from a file on the node").field_path(".auth"),
+    validation = Rule::new("self.handlers.all(h, !has(h.module) || !has(h.module.file))").message("a wasm module comes from configMap or image, never from a file on the node (module.file is the standalone agent's)").field_path(".handlers"),
+    validation = Rule::new("self.handlers.all(h, !has(h.upstream) || !has(h.upstream.caFile))").message("an upstream's CA is never read from a file on the node (upstream.caFile is the standalone agent's)").field_path(".handlers")
 )]
 pub struct EdgeServiceSpec {
     /// Labels a node must have to run this service (all must match).

@@ -129,6 +129,22 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
             "channel names must be unique",
         ),
         (
+            "module-file",
+            VALID.replace(
+                "{name: add, kind: add, path: /add}",
+                "{name: add, kind: wasm, path: /add, module: {file: /etc/shadow}}",
+            ),
+            "never from a file on the node",
+        ),
+        (
+            "upstream-ca-file",
+            VALID.replace(
+                "{name: add, kind: add, path: /add}",
+                "{name: add, kind: upstream, path: /add, upstream: {url: \"https://cloud/add\", caFile: /etc/shadow}}",
+            ),
+            "never read from a file on the node",
+        ),
+        (
             "upstream-query",
             VALID.replace(
                 "{name: add, kind: add, path: /add}",

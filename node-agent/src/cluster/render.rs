@@ -70,6 +70,29 @@ fn client_security(
     Ok((tls, auth))
 }
 
+/// Handler fields naming a file on the node: the standalone agent's alone.
+/// From an EdgeService they would have a root agent read a host path its
+/// author chose (admission refuses them too; this holds for objects written
+/// before that rule).
+fn node_files(handlers: &[edgewire_api::HandlerSpec]) -> Vec<edgewire_api::FieldError> {
+    let mut errors = Vec::new();
+    for (i, h) in handlers.iter().enumerate() {
+        if h.module.as_ref().is_some_and(|m| m.file.is_some()) {
+            errors.push(edgewire_api::FieldError::new(
+                format!("spec.handlers[{i}].module.file"),
+                "an EdgeService takes a module from configMap or image, never from a file on the node",
+            ));
+        }
+        if h.upstream.as_ref().is_some_and(|u| u.ca_file.is_some()) {
+            errors.push(edgewire_api::FieldError::new(
+                format!("spec.handlers[{i}].upstream.caFile"),
+                "an EdgeService never has the agent read a CA from a file on the node",
+            ));
+        }
+    }
+    errors
+}
+
 /// Each EdgeService's placed nodes (`namespace/name` to its nodes), from
 /// the slices its current object owns (a slice left by a deleted service of
 /// the same name is not its placement).
@@ -182,7 +205,7 @@ pub fn render(
             tls,
             hub: None,
         };
-        let mut errors = Vec::new();
+        let mut errors = node_files(&service.handlers);
         service.validate_into("spec", &mut errors);
         if let Some(taken) = rendered.config.services.iter().find(|s| s.port == port) {
             errors.push(edgewire_api::FieldError::new(
@@ -282,6 +305,20 @@ mod tests {
             mesh_port,
             Path::new("/state"),
         )
+    }
+
+    #[test]
+    fn handlers_naming_files_on_the_node_are_refused() {
+        let mut services = [es("files", 8000, &[("a", None)], 1)];
+        services[0].spec.handlers = serde_yaml_ng::from_str(
+            "- {name: f, kind: wasm, path: /f, module: {file: /etc/shadow}}\n- {name: u, kind: upstream, path: /u, upstream: {url: 'https://cloud/u', caFile: /etc/shadow}}\n",
+        )
+        .unwrap();
+        let r = render_placed("a", &services, None);
+        assert!(r.config.services.is_empty());
+        let why = &r.rejected[0].1;
+        assert!(why.contains("spec.handlers[0].module.file"), "{why}");
+        assert!(why.contains("spec.handlers[1].upstream.caFile"), "{why}");
     }
 
     #[test]
