@@ -28,6 +28,11 @@ const PURPOSE_LABEL: &str = "edgewire.dev/agent-secret-access";
 const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A failed write is tried again after this long.
 const RETRY: Duration = Duration::from_secs(5);
+/// The longest one namespace's Role and RoleBinding writes may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+/// Every namespace with EdgeServices is judged again this often, so that an
+/// access never waits on one change notice alone.
+const RESYNC: Duration = Duration::from_secs(30);
 
 /// The agents' ServiceAccount, `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +131,18 @@ async fn sync(
     namespace: &str,
     secrets: &BTreeSet<String>,
     agent: &AgentAccount,
+) -> Result<(), String> {
+    write_access(client, namespace, secrets, agent)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The Role and RoleBinding writes (or deletions) themselves.
+async fn write_access(
+    client: &Client,
+    namespace: &str,
+    secrets: &BTreeSet<String>,
+    agent: &AgentAccount,
 ) -> Result<(), kube::Error> {
     let roles: Api<Role> = Api::namespaced(client.clone(), namespace);
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
@@ -192,9 +209,15 @@ pub async fn run(
     tracing::debug!("listed the agents' Secret Roles");
     let mut written: HashMap<String, BTreeSet<String>> = HashMap::new();
     let mut pending = Box::pin(Arc::clone(&namespaces).stream());
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let namespace = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = resync.tick() => {
+                namespaces.extend(services.state().iter().filter_map(|es| es.namespace()));
+                continue;
+            }
             next = pending.next() => match next {
                 Some(ns) => ns,
                 None => return,
@@ -202,15 +225,24 @@ pub async fn run(
         };
         // Judged from a complete listing only: an empty cache must never
         // read as "no Secret is named here".
-        if services.wait_until_ready().await.is_err() {
-            return;
+        match tokio::time::timeout(SYNC_TIMEOUT, services.wait_until_ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!(%namespace, "the EdgeService cache is not ready; judging the agents' Secret access later");
+                retry_later(&namespaces, namespace, &stop);
+                continue;
+            }
         }
         let secrets = named_in(&services.state(), &namespace);
         if written.get(&namespace) == Some(&secrets) {
             tracing::debug!(%namespace, "agents' Secret access unchanged");
             continue;
         }
-        match sync(&client, &namespace, &secrets, &agent).await {
+        tracing::debug!(%namespace, secrets = secrets.len(), "writing the agents' Secret access");
+        let synced =
+            tokio::time::timeout(SYNC_TIMEOUT, sync(&client, &namespace, &secrets, &agent)).await;
+        match synced.unwrap_or_else(|_| Err(format!("no answer within {SYNC_TIMEOUT:?}"))) {
             Ok(()) => {
                 tracing::info!(%namespace, secrets = secrets.len(), "agents' Secret access updated");
                 written.insert(namespace, secrets);
@@ -218,17 +250,26 @@ pub async fn run(
             Err(err) => {
                 tracing::warn!(%namespace, %err, "cannot update the agents' Secret access; retrying");
                 written.remove(&namespace);
-                let queue = Arc::clone(&namespaces);
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep(RETRY) => queue.push(namespace),
-                    }
-                });
+                retry_later(&namespaces, namespace, &stop);
             }
         }
     }
+}
+
+/// Queues `namespace` again after [`RETRY`].
+fn retry_later(
+    namespaces: &Arc<CoalescingQueue<String>>,
+    namespace: String,
+    stop: &CancellationToken,
+) {
+    let queue = Arc::clone(namespaces);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(RETRY) => queue.push(namespace),
+        }
+    });
 }
 
 #[cfg(test)]
