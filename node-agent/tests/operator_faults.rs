@@ -432,13 +432,24 @@ async fn an_api_outage_longer_than_the_heartbeat_timeout_removes_no_live_endpoin
     fleet
         .wait_endpoints(&node_refs, Duration::from_secs(90), "three live agents")
         .await;
-    let ready_since = fleet
-        .es()
-        .await
-        .and_then(|es| es.status)
-        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
-        .expect("a Ready condition");
-    assert_eq!(ready_since.status, "True");
+    // The status is written after the slices: the endpoints can be complete
+    // a moment before it says Ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let ready_since = loop {
+        let ready = fleet
+            .es()
+            .await
+            .and_then(|es| es.status)
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
+        match ready {
+            Some(c) if c.status == "True" => break c,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the EdgeService never turned Ready with three live agents: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     // Every write to a slice bumps its generation; every Ready transition
     // of an EdgeNode its transition time. Neither may move.
     let slice_generations = fleet.slice_generations().await;
