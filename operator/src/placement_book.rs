@@ -15,8 +15,7 @@ use crate::index::Index;
 #[derive(Clone)]
 pub struct PlacementBook {
     pub store: Store<PlacementSlice>,
-    by_service: Arc<Index>,
-    by_node: Arc<Index>,
+    indexes: Indexes,
 }
 
 /// `namespace/name` of a slice or a service.
@@ -52,8 +51,7 @@ impl Indexes {
     pub fn book(self, store: Store<PlacementSlice>) -> PlacementBook {
         PlacementBook {
             store,
-            by_service: self.by_service,
-            by_node: self.by_node,
+            indexes: self,
         }
     }
 }
@@ -69,7 +67,8 @@ impl PlacementBook {
     pub fn slices(&self, es: &EdgeService) -> Vec<Arc<PlacementSlice>> {
         let namespace = es.namespace().unwrap_or_default();
         let uid = es.uid();
-        self.by_service
+        self.indexes
+            .by_service
             .get(&key(&namespace, &es.name_any()))
             .iter()
             .filter_map(|k| self.store.get(&object_ref(k)?))
@@ -110,6 +109,7 @@ impl PlacementBook {
     /// The services (`namespace`, `name`) placed on `node`.
     pub fn services_on(&self, node: &str) -> Vec<(String, String)> {
         let mut services: Vec<(String, String)> = self
+            .indexes
             .by_node
             .get(node)
             .iter()

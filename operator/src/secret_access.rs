@@ -131,18 +131,6 @@ async fn sync(
     namespace: &str,
     secrets: &BTreeSet<String>,
     agent: &AgentAccount,
-) -> Result<(), String> {
-    write_access(client, namespace, secrets, agent)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// The Role and RoleBinding writes (or deletions) themselves.
-async fn write_access(
-    client: &Client,
-    namespace: &str,
-    secrets: &BTreeSet<String>,
-    agent: &AgentAccount,
 ) -> Result<(), kube::Error> {
     let roles: Api<Role> = Api::namespaced(client.clone(), namespace);
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
@@ -241,8 +229,11 @@ pub async fn run(
         }
         tracing::debug!(%namespace, secrets = secrets.len(), "writing the agents' Secret access");
         let synced =
-            tokio::time::timeout(SYNC_TIMEOUT, sync(&client, &namespace, &secrets, &agent)).await;
-        match synced.unwrap_or_else(|_| Err(format!("no answer within {SYNC_TIMEOUT:?}"))) {
+            tokio::time::timeout(SYNC_TIMEOUT, sync(&client, &namespace, &secrets, &agent))
+                .await
+                .map_err(|_| format!("no answer within {SYNC_TIMEOUT:?}"))
+                .and_then(|written| written.map_err(|e| e.to_string()));
+        match synced {
             Ok(()) => {
                 tracing::info!(%namespace, secrets = secrets.len(), "agents' Secret access updated");
                 written.insert(namespace, secrets);
