@@ -365,6 +365,15 @@ impl Session {
             } => {
                 self.known_channel(id, channel)?;
                 gate::permit(&self.runtime, &self.access, id, Action::Publish, channel)?;
+                if let Some(origin) = origin {
+                    gate::permit(
+                        &self.runtime,
+                        &self.access,
+                        id,
+                        Action::Forward,
+                        &origin.node,
+                    )?;
+                }
                 // A message an edge forwards again (its acknowledgement was
                 // lost) is acknowledged, and not delivered a second time.
                 if let Some(origin) = origin
