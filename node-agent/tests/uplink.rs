@@ -623,6 +623,51 @@ async fn a_client_cannot_forward_as_a_node_its_token_does_not_name() {
     );
 }
 
+/// A message larger than the hub takes (its `maxMessageBytes` is below the
+/// edge's) is dropped at the edge and counted, and the messages after it go
+/// up: sent, it would make the hub close the link at every attempt and hold
+/// everything behind it in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_the_hub_is_dropped_and_the_rest_go_up() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/relay");
+    let state = root.path().join("hub").display().to_string();
+    let config =
+        hub_config(root.path(), port).replace("limits: {", "limits: {maxMessageBytes: 4096, ");
+    let hub = AgentProcess::spawn(Some(&config), &["--state-dir", &state]);
+    hub.wait_ready().await;
+    let mut subscriber = connect(SocketAddr::from(([127, 0, 0, 1], port)), "/relay").await;
+    subscribe(&mut subscriber, "telemetry").await;
+
+    let edge = Edge::spawn("edge-0", root.path(), &url, 1 << 20);
+    edge.give_token(&edge_token(SECRET));
+    edge.agent.wait_ready().await;
+    let mut publisher = edge.relay().await;
+    publish_all(&mut publisher, "telemetry", 0..4, |k| {
+        let pad = if k == 1 { 8_000 } else { 10 };
+        json!({"edge": "edge-0", "n": k, "pad": "x".repeat(pad)})
+    })
+    .await;
+    let got = drain_messages(&mut subscriber, 3, DRAIN, Duration::from_secs(2)).await;
+    assert_eq!(
+        by_edge(&got).get("edge-0"),
+        Some(&vec![0, 2, 3]),
+        "all but the oversize one, once, in order"
+    );
+    assert_eq!(
+        edge.metric(r#"edgewire_uplink_dropped_total{reason="too_large",service="edge"}"#)
+            .await,
+        1.0
+    );
+    eventually(WAIT, "an empty queue", || async {
+        edge.metric(r#"edgewire_uplink_queue_messages{service="edge"}"#)
+            .await
+            == 0.0
+    })
+    .await;
+}
+
 /// A hub that cannot be reached, one that fails TLS, and one that refuses
 /// the credential: each is logged clearly and counted by reason, messages
 /// wait in the queue, and the edge goes on serving its local clients.

@@ -30,8 +30,19 @@ fn nats_server() -> String {
 
 /// `nats-server -js` on 127.0.0.1:`port`, storing in `dir`; killed on drop.
 async fn start_nats(port: u16, dir: &Path) -> Killed {
+    start_nats_with(port, dir, "").await
+}
+
+/// As `start_nats`, with `config` (nats-server's config file syntax).
+async fn start_nats_with(port: u16, dir: &Path, config: &str) -> Killed {
     let log = std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap();
-    let child = Command::new(nats_server())
+    let mut command = Command::new(nats_server());
+    if !config.is_empty() {
+        let file = dir.join(format!("nats-{port}.conf"));
+        std::fs::write(&file, config).unwrap();
+        command.arg("-c").arg(file);
+    }
+    let child = command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.join("jetstream"))
         .stdin(Stdio::null())
@@ -277,6 +288,51 @@ async fn nats_downlink_reaches_every_edge_once_and_nothing_loops() {
     assert_eq!(at_edge1.len(), 1, "{at_edge1:?}");
     assert_eq!(at_edge1[0]["origin"]["node"], "edge-0");
     assert_eq!(at_edge1[0]["data"], json!({"edge": "edge-0", "n": 0}));
+}
+
+/// A message over the NATS server's `max_payload` is dropped at the edge
+/// and counted, and the messages after it go up: sent, it would fail the
+/// connection at every attempt and hold everything behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_nats_max_payload_is_dropped_and_the_rest_go_up() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = start_nats_with(port, root.path(), "max_payload: 4096\n").await;
+    let client = async_nats::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut up = client.subscribe("edgewire.telemetry").await.unwrap();
+    client.flush().await.unwrap();
+    let edge = spawn_edge("edge-0", root.path(), port);
+    edge.wait_ready().await;
+    let mut ws = connect(edge.service_addr("edge").await, "/relay").await;
+    for k in 0..4u64 {
+        let pad = "x".repeat(if k == 1 { 8_000 } else { 10 });
+        let reply = request(
+            &mut ws,
+            json!({"type": "publish", "channel": "telemetry", "id": k,
+                   "data": {"edge": "edge-0", "n": k, "pad": pad}}),
+        )
+        .await;
+        assert_eq!(reply["type"], "published", "{reply}");
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let Ok(Some(message)) = tokio::time::timeout(DRAIN, up.next()).await else {
+            break;
+        };
+        let data: Value = serde_json::from_slice(&message.payload).unwrap();
+        got.push(data["n"].as_u64().unwrap());
+    }
+    assert_eq!(got, [0, 2, 3], "all but the oversize one, in order");
+    assert_eq!(
+        metric(
+            &edge,
+            r#"edgewire_uplink_dropped_total{reason="too_large",service="edge"}"#
+        )
+        .await,
+        1.0
+    );
 }
 
 /// The relay messages `ws` gets until `quiet` passes without one (the

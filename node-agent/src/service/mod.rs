@@ -16,6 +16,7 @@ pub use batch::{
     MAX_BYTES as BATCH_MAX_BYTES, MAX_MESSAGES as BATCH_MAX_MESSAGES,
     SUBPROTOCOL as BATCH_SUBPROTOCOL,
 };
+pub use http::MAX_MESSAGE_BYTES_HEADER;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
