@@ -371,8 +371,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Makes every metric family of `service` visible at zero, so dashboards and
-    /// alerts see the series before the first event.
     /// `service`'s per-message series (see [`MessageCounters`]).
     pub fn message_counters(&self, service: &str) -> MessageCounters {
         MessageCounters {
@@ -383,6 +381,8 @@ impl Metrics {
         }
     }
 
+    /// Makes every metric family of `service` visible at zero, so dashboards and
+    /// alerts see the series before the first event.
     pub fn init_service(&self, service: &str) {
         self.connections.with_label_values(&[service]);
         for outcome in [
