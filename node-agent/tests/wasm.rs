@@ -2,7 +2,9 @@
 //! components from `examples/wasm/` (built here for wasm32-wasip2 when the
 //! test command has not built them yet) reached over HTTP, the relay's
 //! `call` and as a channel processor; hostile components that must fail
-//! alone; a broken module replaced by a good one without a restart.
+//! alone; a broken module replaced by a good one without a restart; every
+//! call finding the module's memory as loaded, whatever the calls before it
+//! wrote.
 
 mod support;
 
