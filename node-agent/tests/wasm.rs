@@ -2,7 +2,9 @@
 //! components from `examples/wasm/` (built here for wasm32-wasip2 when the
 //! test command has not built them yet) reached over HTTP, the relay's
 //! `call` and as a channel processor; hostile components that must fail
-//! alone; a broken module replaced by a good one without a restart.
+//! alone; a broken module replaced by a good one without a restart; every
+//! call finding the module's memory as loaded, whatever the calls before it
+//! wrote.
 
 mod support;
 
@@ -422,4 +424,49 @@ services:
         ),
         4.0
     );
+}
+
+#[tokio::test]
+async fn every_call_finds_the_module_as_loaded_never_what_a_call_before_left() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: fresh
+    port: 0
+    handlers:
+      - {{name: fresh, kind: wasm, path: /fresh, module: {{file: "{fresh}"}}, limits: {{maxInstances: 4}}}}
+"#,
+        fresh = component("fresh_state")
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("fresh").await;
+    let pristine = json!({"data": 7, "bss": 0, "pages": 0, "heap": 0});
+
+    // One after another, so each call takes the slot the last one left
+    // (the pool prefers the slot a module ran in), then a few at once.
+    for call in 0..40 {
+        assert_eq!(
+            get_json(addr, "/fresh").await,
+            (200, pristine.clone()),
+            "call {call}"
+        );
+    }
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..10 {
+                    seen.push(get_json(addr, "/fresh").await);
+                }
+                seen
+            })
+        })
+        .collect();
+    for caller in callers {
+        for (status, body) in caller.await.expect("caller") {
+            // Four callers and four instances: none is ever refused.
+            assert_eq!((status, &body), (200, &pristine));
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The agent's one wasmtime engine, shared by every `wasm` handler: the
 //! pooling allocator (instances come from preallocated slots, so a fresh
-//! instance per request is cheap), epoch interruption (a ticker advances the
+//! instance per request is cheap, and a slot's written pages are reset in
+//! place rather than faulted in anew), epoch interruption (a ticker advances the
 //! epoch; a call checks its wall-clock deadline at each tick), and the linker:
 //! WASI 0.2 and wasi:http, as `wasmtime serve` links them (components built
 //! by language toolchains import `wasi:cli` and `wasi:filesystem` beside the
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::call::CallState;
 
@@ -25,6 +26,12 @@ const POOL_COMPONENT_INSTANCES: u32 = 256;
 /// The largest linear memory the pool gives a slot; each handler's
 /// `maxMemoryBytes` caps it lower.
 const POOL_MAX_MEMORY: usize = 4 << 30;
+/// Bytes of a slot's linear memory (and of its tables) reset in place when
+/// an instance ends, rather than handed back to the kernel: only the pages
+/// the instance wrote are copied back from the module's image or zeroed, so
+/// the next instance in the slot finds them mapped instead of faulting each
+/// in again. Pages written beyond this are handed back as before.
+const POOL_KEEP_RESIDENT: usize = 2 << 20;
 
 pub struct WasmHost {
     pub(super) engine: Engine,
@@ -44,6 +51,15 @@ impl WasmHost {
             .total_tables(POOL_COMPONENT_INSTANCES * 2)
             .total_stacks(POOL_COMPONENT_INSTANCES)
             .max_memory_size(POOL_MAX_MEMORY);
+        // Resetting in place pays only where the kernel tells which pages
+        // were written (PAGEMAP_SCAN, Linux 6.7); without it wasmtime would
+        // rewrite the whole resident span on every call, so the slots are
+        // then handed back to the kernel whole.
+        if PoolingAllocationConfig::is_pagemap_scan_available() {
+            pool.pagemap_scan(Enabled::Yes)
+                .linear_memory_keep_resident(POOL_KEEP_RESIDENT)
+                .table_keep_resident(POOL_KEEP_RESIDENT);
+        }
         let mut config = Config::new();
         config
             .wasm_component_model(true)
