@@ -98,8 +98,9 @@ def agent_config(port, handlers):
         if module is None:
             lines.append(f"      - {{name: {name}, kind: add, path: {path}}}")
         else:
-            # As many instances as clients: the default cap (16) would answer
-            # the 17th concurrent request 503 at once, by design.
+            # As many instances as clients: with the default cap (16) the 17th
+            # concurrent request waits for a free instance (503 past its
+            # deadline), and the benchmark would measure that queue.
             lines.append(f"      - {{name: {name}, kind: wasm, path: {path}, module: {{file: {module}}}, "
                          f"limits: {{maxInstances: {CLIENTS + 28}}}}}")
     return "\n".join(lines) + "\n"
