@@ -5,6 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{SecretKeyRef, check_secret_key, check_secret_name};
 use crate::error::FieldError;
 
 /// Where a service's hub is and how its queue is bounded. The hub is an
@@ -15,15 +16,29 @@ use crate::error::FieldError;
 pub struct HubSpec {
     /// The hub's relay endpoint, `ws://host:port/relay` or `wss://...`; or
     /// a NATS server with JetStream, `nats://host:port`.
+    #[schemars(length(min = 1, max = 2048))]
     pub url: String,
     /// A file holding the bearer token the agent presents to the hub (the
     /// hub checks it like any client's, see `auth`). Read at each connect.
+    /// The standalone agent's only: an EdgeService uses `tokenSecret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub token_file: Option<String>,
-    /// PEM CA certificates that a `wss://` hub's certificate must chain to.
-    /// Absent: the system's roots.
+    /// In an EdgeService, instead of `tokenFile`: the key of a Secret in
+    /// its namespace holding the token. The agent stores it as a file of
+    /// its own and reads that at each connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+    /// PEM CA certificates that a `wss://` hub's certificate must chain to.
+    /// Absent: the system's roots. The standalone agent's only: an
+    /// EdgeService uses `caSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub ca_file: Option<String>,
+    /// In an EdgeService, instead of `caFile`: the key of a Secret in its
+    /// namespace holding the PEM CA certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
     /// Bytes of uplink messages the on-disk queue holds at most; past it the
     /// oldest are dropped (and counted).
     #[serde(default = "default_queue_bytes")]
@@ -63,7 +78,9 @@ impl HubSpec {
         HubSpec {
             url: url.into(),
             token_file: None,
+            token_secret: None,
             ca_file: None,
+            ca_secret: None,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             ttl_seconds: DEFAULT_TTL_SECONDS,
             stream: None,
@@ -118,9 +135,31 @@ impl HubSpec {
                 errors.push(FieldError::new(format!("{at}.{field}"), "must name a file"));
             }
         }
-        if self.ca_file.is_some() && !self.is_tls() {
+        for (field, file, secret) in [
+            ("token", &self.token_file, &self.token_secret),
+            ("ca", &self.ca_file, &self.ca_secret),
+        ] {
+            if let Some(secret) = secret {
+                let checked =
+                    check_secret_name(&secret.name).and_then(|()| check_secret_key(&secret.key));
+                if let Err(why) = checked {
+                    errors.push(FieldError::new(format!("{at}.{field}Secret"), why));
+                } else if file.is_some() {
+                    errors.push(FieldError::new(
+                        format!("{at}.{field}Secret"),
+                        format!("exactly one of {field}File and {field}Secret may be set"),
+                    ));
+                }
+            }
+        }
+        if (self.ca_file.is_some() || self.ca_secret.is_some()) && !self.is_tls() {
+            let field = if self.ca_file.is_some() {
+                "caFile"
+            } else {
+                "caSecret"
+            };
             errors.push(FieldError::new(
-                format!("{at}.caFile"),
+                format!("{at}.{field}"),
                 "only a wss:// hub takes a CA",
             ));
         }
@@ -246,6 +285,50 @@ mod tests {
         let mut relay = HubSpec::at("ws://h/relay");
         relay.stream = Some("S".into());
         assert_eq!(fields(&relay), ["hub.stream"]);
+    }
+
+    #[test]
+    fn a_credential_comes_from_a_file_or_a_secret_never_both() {
+        let secret = |name: &str, key: &str| {
+            Some(SecretKeyRef {
+                name: name.into(),
+                key: key.into(),
+            })
+        };
+        let mut spec = HubSpec::at("wss://h/relay");
+        spec.token_secret = secret("hub", "token");
+        spec.ca_secret = secret("hub", "ca.crt");
+        assert!(fields(&spec).is_empty(), "{:?}", fields(&spec));
+        spec.token_file = Some("/t".into());
+        spec.ca_secret = secret("Hub", "..");
+        assert_eq!(fields(&spec), ["hub.tokenSecret", "hub.caSecret"]);
+        let mut plain = HubSpec::at("ws://h/relay");
+        plain.ca_secret = secret("hub", "ca.crt");
+        assert_eq!(fields(&plain), ["hub.caSecret"]);
+    }
+
+    #[test]
+    fn an_agent_config_names_files_not_secrets() {
+        let err = crate::AgentConfig::parse(
+            r#"
+services:
+  - name: edge
+    port: 0
+    channels: [{name: t, uplink: true}]
+    hub: {url: "wss://h/relay", tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca}}
+    handlers:
+      - {name: u, kind: upstream, upstream: {url: "https://c/u", caSecret: {name: c, key: ca}}}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for field in [
+            "services[0].hub.tokenSecret",
+            "services[0].hub.caSecret",
+            "services[0].handlers[0].upstream.caSecret",
+        ] {
+            assert!(err.contains(field), "{field} in {err}");
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Whether the Secrets an EdgeService names can serve it: present, with
-//! the keys its `tls` and `auth` read, in a shape the agent accepts. A
-//! problem makes the EdgeService `Degraded` (`SecretMissing`,
-//! `SecretInvalid`) with an Event; the agents refuse to serve it without
-//! them (never plaintext where TLS was asked, never anonymous where a token
-//! was). The decision is pure; `check` only fetches.
+//! the keys its `tls`, `auth`, `hub` and upstream handlers read, in a shape
+//! the agent accepts. A problem makes the EdgeService `Degraded`
+//! (`SecretMissing`, `SecretInvalid`) with an Event; the agents refuse to
+//! serve it without its TLS and token key (never plaintext where TLS was
+//! asked, never anonymous where a token was), and without a hub token or a
+//! CA they serve their local clients while the hub link or the upstream
+//! fails. The decision is pure; `check` only fetches.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +32,11 @@ enum Use {
         key: String,
         algorithm: TokenAlgorithm,
     },
+    /// `hub.tokenSecret`: one key holding the bearer token for the hub.
+    HubToken { key: String },
+    /// `hub.caSecret`, an upstream's `caSecret`: one key holding PEM CA
+    /// certificates.
+    Ca { key: String },
 }
 
 /// Each Secret the spec names, with what it is used for.
@@ -48,6 +55,22 @@ fn uses(spec: &EdgeServiceSpec) -> Vec<(String, Use)> {
                 algorithm: auth.algorithm,
             },
         ));
+    }
+    if let Some(hub) = &spec.hub {
+        if let Some(secret) = &hub.token_secret {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::HubToken { key }));
+        }
+        if let Some(secret) = &hub.ca_secret {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::Ca { key }));
+        }
+    }
+    for handler in &spec.handlers {
+        if let Some(secret) = handler.upstream.as_ref().and_then(|u| u.ca_secret.as_ref()) {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::Ca { key }));
+        }
     }
     uses
 }
@@ -109,6 +132,33 @@ fn judge(name: &str, usage: &Use, data: Option<&BTreeMap<String, ByteString>>) -
                     })
                 }
             }
+        }
+        Use::HubToken { key } => {
+            let Some(bytes) = value(key) else {
+                return invalid(format!("no key {key:?}"));
+            };
+            // Sent as `Authorization: Bearer <token>` (surrounding
+            // whitespace trimmed): visible ASCII only.
+            let token = bytes.trim_ascii();
+            let header_safe = !token.is_empty() && token.iter().all(|b| b.is_ascii_graphic());
+            (!header_safe).then(|| {
+                (
+                    SECRET_INVALID,
+                    format!("Secret {name}: key {key:?} is not a token (visible ASCII, not empty)"),
+                )
+            })
+        }
+        Use::Ca { key } => {
+            let Some(bytes) = value(key) else {
+                return invalid(format!("no key {key:?}"));
+            };
+            let certs = CertificateDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>();
+            (!certs.is_ok_and(|c| !c.is_empty())).then(|| {
+                (
+                    SECRET_INVALID,
+                    format!("Secret {name}: key {key:?} holds no PEM certificate"),
+                )
+            })
         }
     }
 }
@@ -193,5 +243,48 @@ mod tests {
         assert_eq!(judge("j", &es, Some(&pem)), None);
         let secrets = data(&[("pub", &"x".repeat(40))]);
         assert_eq!(judge("j", &es, Some(&secrets)).unwrap().0, SECRET_INVALID);
+    }
+
+    #[test]
+    fn hub_tokens_are_header_safe_and_cas_hold_certificates() {
+        let token = |key: &str| Use::HubToken { key: key.into() };
+        let ca = |key: &str| Use::Ca { key: key.into() };
+        let secrets = data(&[
+            ("good", "eyJhbGciOi.eyJzdWIi.sig\n"),
+            ("spaced", "two words"),
+            ("blank", " \n"),
+            ("ca", CERT),
+            ("key", KEY),
+        ]);
+        assert_eq!(judge("h", &token("good"), Some(&secrets)), None);
+        for bad in ["spaced", "blank", "absent"] {
+            let (reason, message) = judge("h", &token(bad), Some(&secrets)).unwrap();
+            assert_eq!(reason, SECRET_INVALID, "{bad}: {message}");
+        }
+        assert_eq!(judge("h", &ca("ca"), Some(&secrets)), None);
+        for bad in ["key", "good", "absent"] {
+            let (reason, message) = judge("h", &ca(bad), Some(&secrets)).unwrap();
+            assert_eq!(reason, SECRET_INVALID, "{bad}: {message}");
+        }
+        assert_eq!(judge("h", &ca("ca"), None).unwrap().0, SECRET_MISSING);
+    }
+
+    #[test]
+    fn every_secret_the_spec_stores_is_judged() {
+        let spec: EdgeServiceSpec = serde_yaml_ng::from_str(
+            "port: 80\nchannels: [{name: t, uplink: true}]\nhub: {url: 'wss://h/relay', tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca.crt}}\nhandlers: [{name: u, kind: upstream, upstream: {url: 'https://c/u', caSecret: {name: cloud, key: ca.pem}}}]\n",
+        )
+        .unwrap();
+        let judged: Vec<(String, String)> = uses(&spec)
+            .into_iter()
+            .map(|(name, usage)| {
+                let key = match usage {
+                    Use::HubToken { key } | Use::Ca { key } | Use::TokenKey { key, .. } => key,
+                    Use::Tls => String::new(),
+                };
+                (name, key)
+            })
+            .collect();
+        assert_eq!(judged, spec.stored_secret_keys());
     }
 }
