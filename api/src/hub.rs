@@ -249,6 +249,13 @@ mod tests {
         assert!(service.is_uplink("chat") && service.is_downlink("chat"));
         assert!(!service.is_uplink("local") && !service.is_downlink("local"));
         crate::AgentConfig::parse(include_str!("../../examples/hub/hub.yaml")).unwrap();
+        let es: crate::crd::EdgeService =
+            serde_yaml_ng::from_str(include_str!("../../examples/hub/edgeservice.yaml")).unwrap();
+        assert_eq!(
+            crate::crd::referenced_secrets(&es.spec),
+            std::collections::BTreeSet::from(["hub-credentials".to_string()])
+        );
+        assert_eq!(es.spec.channels, edge.services[0].channels);
     }
 
     #[test]
