@@ -612,6 +612,7 @@ impl ServiceConfig {
             for (field, secret) in [
                 ("tokenSecret", &hub.token_secret),
                 ("caSecret", &hub.ca_secret),
+                ("credentialsSecret", &hub.credentials_secret),
             ] {
                 if secret.is_some() {
                     errors.push(FieldError::new(format!("{at}.hub.{field}"), why));

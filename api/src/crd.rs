@@ -62,7 +62,7 @@ pub const GROUP: &str = "edgewire.dev";
     validation = Rule::new("!has(self.auth) || (has(self.auth.keySecret) && !has(self.auth.keyFile))").message("auth takes its key from keySecret (a Secret in this namespace), never from a file on the node").field_path(".auth"),
     validation = Rule::new("self.handlers.all(h, !has(h.module) || !has(h.module.file))").message("a wasm module comes from configMap or image, never from a file on the node (module.file is the standalone agent's)").field_path(".handlers"),
     validation = Rule::new("self.handlers.all(h, !has(h.upstream) || !has(h.upstream.caFile))").message("an upstream's CA is never read from a file on the node (upstream.caFile is the standalone agent's)").field_path(".handlers"),
-    validation = Rule::new("!has(self.hub) || (!has(self.hub.tokenFile) && !has(self.hub.caFile))").message("a hub's token and CA come from tokenSecret and caSecret (Secrets in this namespace), never from files on the node (hub.tokenFile and hub.caFile are the standalone agent's)").field_path(".hub"),
+    validation = Rule::new("!has(self.hub) || (!has(self.hub.tokenFile) && !has(self.hub.caFile) && !has(self.hub.credentialsFile))").message("a hub's token, CA and credentials come from tokenSecret, caSecret and credentialsSecret (Secrets in this namespace), never from files on the node (hub.tokenFile, hub.caFile and hub.credentialsFile are the standalone agent's)").field_path(".hub"),
     validation = Rule::new("!has(self.hub) || self.channels.exists(c, (has(c.uplink) && c.uplink) || (has(c.downlink) && c.downlink))").message("a hub needs a channel marked uplink or downlink").field_path(".hub"),
     validation = Rule::new("has(self.hub) || self.channels.all(c, !(has(c.uplink) && c.uplink) && !(has(c.downlink) && c.downlink))").message("uplink and downlink need the service's hub").field_path(".channels")
 )]
@@ -137,8 +137,8 @@ pub fn referenced_secrets(spec: &EdgeServiceSpec) -> BTreeSet<String> {
 impl EdgeServiceSpec {
     /// The (Secret, key) pairs of this namespace whose bytes the agents
     /// store as files for the service to read: the `tls` pair, the token
-    /// key `auth.keySecret`, the hub's `tokenSecret` and `caSecret`, and
-    /// each upstream handler's `caSecret`.
+    /// key `auth.keySecret`, the hub's `tokenSecret`, `caSecret` and
+    /// `credentialsSecret`, and each upstream handler's `caSecret`.
     pub fn stored_secret_keys(&self) -> Vec<(String, String)> {
         let mut keys = Vec::new();
         if let Some(tls) = &self.tls {
@@ -150,6 +150,7 @@ impl EdgeServiceSpec {
         let hub = self.hub.as_ref();
         let hub_keys = hub.and_then(|h| h.token_secret.as_ref()).into_iter();
         let hub_ca = hub.and_then(|h| h.ca_secret.as_ref()).into_iter();
+        let hub_credentials = hub.and_then(|h| h.credentials_secret.as_ref()).into_iter();
         let upstream_cas = self
             .handlers
             .iter()
@@ -158,6 +159,7 @@ impl EdgeServiceSpec {
             .into_iter()
             .chain(hub_keys)
             .chain(hub_ca)
+            .chain(hub_credentials)
             .chain(upstream_cas)
         {
             keys.push((secret.name.clone(), secret.key.clone()));

@@ -39,6 +39,16 @@ pub struct HubSpec {
     /// namespace holding the PEM CA certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
+    /// A NATS hub: a file holding the user's NKEY seed (`SU...`) or a
+    /// `.creds` file (user JWT and seed). Read at each connect. The
+    /// standalone agent's only: an EdgeService uses `credentialsSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub credentials_file: Option<String>,
+    /// In an EdgeService, instead of `credentialsFile`: the key of a Secret
+    /// in its namespace holding the seed or the `.creds` text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<SecretKeyRef>,
     /// Bytes of uplink messages the on-disk queue holds at most; past it the
     /// oldest are dropped (and counted).
     #[serde(default = "default_queue_bytes")]
@@ -81,6 +91,8 @@ impl HubSpec {
             token_secret: None,
             ca_file: None,
             ca_secret: None,
+            credentials_file: None,
+            credentials_secret: None,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             ttl_seconds: DEFAULT_TTL_SECONDS,
             stream: None,
@@ -111,6 +123,12 @@ impl HubSpec {
         self.url.starts_with("wss://")
     }
 
+    /// Whether a CA may be named: a `wss://` hub, or a NATS hub (which then
+    /// must serve TLS).
+    pub fn takes_ca(&self) -> bool {
+        self.is_tls() || self.is_nats()
+    }
+
     pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
         let rest = self
             .url
@@ -130,7 +148,11 @@ impl HubSpec {
                 ),
             ));
         }
-        for (field, value) in [("tokenFile", &self.token_file), ("caFile", &self.ca_file)] {
+        for (field, value) in [
+            ("tokenFile", &self.token_file),
+            ("caFile", &self.ca_file),
+            ("credentialsFile", &self.credentials_file),
+        ] {
             if value.as_deref().is_some_and(str::is_empty) {
                 errors.push(FieldError::new(format!("{at}.{field}"), "must name a file"));
             }
@@ -138,6 +160,11 @@ impl HubSpec {
         for (field, file, secret) in [
             ("token", &self.token_file, &self.token_secret),
             ("ca", &self.ca_file, &self.ca_secret),
+            (
+                "credentials",
+                &self.credentials_file,
+                &self.credentials_secret,
+            ),
         ] {
             if let Some(secret) = secret {
                 let checked =
@@ -152,7 +179,7 @@ impl HubSpec {
                 }
             }
         }
-        if (self.ca_file.is_some() || self.ca_secret.is_some()) && !self.is_tls() {
+        if (self.ca_file.is_some() || self.ca_secret.is_some()) && !self.takes_ca() {
             let field = if self.ca_file.is_some() {
                 "caFile"
             } else {
@@ -160,7 +187,20 @@ impl HubSpec {
             };
             errors.push(FieldError::new(
                 format!("{at}.{field}"),
-                "only a wss:// hub takes a CA",
+                "only a wss:// or nats:// hub takes a CA",
+            ));
+        }
+        let credentials = self.credentials_file.is_some() || self.credentials_secret.is_some();
+        let token = self.token_file.is_some() || self.token_secret.is_some();
+        if credentials && !self.is_nats() {
+            errors.push(FieldError::new(
+                format!("{at}.credentialsFile"),
+                "only a nats:// hub takes NATS credentials",
+            ));
+        } else if credentials && token {
+            errors.push(FieldError::new(
+                format!("{at}.credentialsFile"),
+                "a NATS hub takes a token or credentials, not both",
             ));
         }
         let nats_names = [
@@ -312,6 +352,19 @@ mod tests {
         let mut plain = HubSpec::at("ws://h/relay");
         plain.ca_secret = secret("hub", "ca.crt");
         assert_eq!(fields(&plain), ["hub.caSecret"]);
+        plain.ca_secret = None;
+        plain.credentials_file = Some("/user.creds".into());
+        assert_eq!(fields(&plain), ["hub.credentialsFile"]);
+
+        let mut nats = HubSpec::at("nats://h:4222");
+        nats.ca_file = Some("/ca.pem".into());
+        nats.credentials_secret = secret("nats", "user.creds");
+        assert!(fields(&nats).is_empty(), "{:?}", fields(&nats));
+        nats.token_file = Some("/t".into());
+        assert_eq!(fields(&nats), ["hub.credentialsFile"]);
+        nats.token_file = None;
+        nats.credentials_file = Some("/user.creds".into());
+        assert_eq!(fields(&nats), ["hub.credentialsSecret"]);
     }
 
     #[test]
@@ -322,7 +375,7 @@ services:
   - name: edge
     port: 0
     channels: [{name: t, uplink: true}]
-    hub: {url: "wss://h/relay", tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca}}
+    hub: {url: "nats://h:4222", credentialsSecret: {name: hub, key: creds}, caSecret: {name: hub, key: ca}}
     handlers:
       - {name: u, kind: upstream, upstream: {url: "https://c/u", caSecret: {name: c, key: ca}}}
 "#,
@@ -330,7 +383,7 @@ services:
         .unwrap_err()
         .to_string();
         for field in [
-            "services[0].hub.tokenSecret",
+            "services[0].hub.credentialsSecret",
             "services[0].hub.caSecret",
             "services[0].handlers[0].upstream.caSecret",
         ] {

@@ -37,6 +37,8 @@ enum Use {
     /// `hub.caSecret`, an upstream's `caSecret`: one key holding PEM CA
     /// certificates.
     Ca { key: String },
+    /// `hub.credentialsSecret`: a NATS user's NKEY seed, or a `.creds` file.
+    NatsCredentials { key: String },
 }
 
 /// Each Secret the spec names, with what it is used for.
@@ -64,6 +66,10 @@ fn uses(spec: &EdgeServiceSpec) -> Vec<(String, Use)> {
         if let Some(secret) = &hub.ca_secret {
             let key = secret.key.clone();
             uses.push((secret.name.clone(), Use::Ca { key }));
+        }
+        if let Some(secret) = &hub.credentials_secret {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::NatsCredentials { key }));
         }
     }
     for handler in &spec.handlers {
@@ -157,6 +163,29 @@ fn judge(name: &str, usage: &Use, data: Option<&BTreeMap<String, ByteString>>) -
                 (
                     SECRET_INVALID,
                     format!("Secret {name}: key {key:?} holds no PEM certificate"),
+                )
+            })
+        }
+        Use::NatsCredentials { key } => {
+            let Some(bytes) = value(key) else {
+                return invalid(format!("no key {key:?}"));
+            };
+            let text = String::from_utf8_lossy(bytes);
+            let creds =
+                text.contains("BEGIN NATS USER JWT") && text.contains("BEGIN USER NKEY SEED");
+            let seed = text.trim();
+            // An NKEY user seed: 'S' (a seed) then 'U' (of a user), base32.
+            let user_seed = seed.starts_with("SU")
+                && seed.len() > 2
+                && seed
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+            (!creds && !user_seed).then(|| {
+                (
+                    SECRET_INVALID,
+                    format!(
+                        "Secret {name}: key {key:?} holds neither an NKEY user seed nor a .creds file"
+                    ),
                 )
             })
         }
@@ -267,19 +296,38 @@ mod tests {
             assert_eq!(reason, SECRET_INVALID, "{bad}: {message}");
         }
         assert_eq!(judge("h", &ca("ca"), None).unwrap().0, SECRET_MISSING);
+        let nats = |key: &str| Use::NatsCredentials { key: key.into() };
+        let creds = "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\nSUAM\n------END USER NKEY SEED------\n";
+        let secrets = data(&[
+            (
+                "seed",
+                "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU\n",
+            ),
+            ("creds", creds),
+            ("token", "s3cr3t"),
+        ]);
+        assert_eq!(judge("n", &nats("seed"), Some(&secrets)), None);
+        assert_eq!(judge("n", &nats("creds"), Some(&secrets)), None);
+        assert_eq!(
+            judge("n", &nats("token"), Some(&secrets)).unwrap().0,
+            SECRET_INVALID
+        );
     }
 
     #[test]
     fn every_secret_the_spec_stores_is_judged() {
         let spec: EdgeServiceSpec = serde_yaml_ng::from_str(
-            "port: 80\nchannels: [{name: t, uplink: true}]\nhub: {url: 'wss://h/relay', tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca.crt}}\nhandlers: [{name: u, kind: upstream, upstream: {url: 'https://c/u', caSecret: {name: cloud, key: ca.pem}}}]\n",
+            "port: 80\nchannels: [{name: t, uplink: true}]\nhub: {url: 'nats://h:4222', credentialsSecret: {name: hub, key: user.creds}, caSecret: {name: hub, key: ca.crt}}\nhandlers: [{name: u, kind: upstream, upstream: {url: 'https://c/u', caSecret: {name: cloud, key: ca.pem}}}]\n",
         )
         .unwrap();
         let judged: Vec<(String, String)> = uses(&spec)
             .into_iter()
             .map(|(name, usage)| {
                 let key = match usage {
-                    Use::HubToken { key } | Use::Ca { key } | Use::TokenKey { key, .. } => key,
+                    Use::HubToken { key }
+                    | Use::Ca { key }
+                    | Use::NatsCredentials { key }
+                    | Use::TokenKey { key, .. } => key,
                     Use::Tls => String::new(),
                 };
                 (name, key)

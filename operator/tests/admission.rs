@@ -167,6 +167,14 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
             "never from files on the node",
         ),
         (
+            "hub-credentials-file",
+            VALID.replace(
+                "[{name: chat}]",
+                "[{name: chat, uplink: true}]\n  hub: {url: \"nats://hub:4222\", credentialsFile: /etc/shadow}",
+            ),
+            "never from files on the node",
+        ),
+        (
             "hub-unbridged",
             VALID.replace(
                 "[{name: chat}]",

@@ -81,6 +81,9 @@ fn from_secrets(es: &EdgeService, state_dir: &Path) -> Result<FromSecrets, Strin
         if let Some(secret) = hub.ca_secret.take() {
             hub.ca_file = Some(stored_ref(&secret));
         }
+        if let Some(secret) = hub.credentials_secret.take() {
+            hub.credentials_file = Some(stored_ref(&secret));
+        }
         hub
     });
     let mut handlers = es.spec.handlers.clone();
@@ -104,11 +107,15 @@ fn from_secrets(es: &EdgeService, state_dir: &Path) -> Result<FromSecrets, Strin
 fn node_files(es: &EdgeService) -> Vec<edgewire_api::FieldError> {
     let mut errors = Vec::new();
     if let Some(hub) = &es.spec.hub {
-        for (field, file) in [("tokenFile", &hub.token_file), ("caFile", &hub.ca_file)] {
+        for (field, file) in [
+            ("tokenFile", &hub.token_file),
+            ("caFile", &hub.ca_file),
+            ("credentialsFile", &hub.credentials_file),
+        ] {
             if file.is_some() {
                 errors.push(edgewire_api::FieldError::new(
                     format!("spec.hub.{field}"),
-                    "an EdgeService takes the hub's token and CA from Secrets, never from a file on the node",
+                    "an EdgeService takes the hub's token, CA and credentials from Secrets, never from a file on the node",
                 ));
             }
         }
@@ -355,7 +362,7 @@ mod tests {
         .unwrap();
         services[0].spec.hub = Some(
             serde_yaml_ng::from_str(
-                "{url: 'wss://hub/relay', tokenFile: /etc/shadow, caFile: /etc/shadow}",
+                "{url: 'nats://hub:4222', credentialsFile: /etc/shadow, caFile: /etc/shadow}",
             )
             .unwrap(),
         );
@@ -369,7 +376,7 @@ mod tests {
         for field in [
             "spec.handlers[0].module.file",
             "spec.handlers[1].upstream.caFile",
-            "spec.hub.tokenFile",
+            "spec.hub.credentialsFile",
             "spec.hub.caFile",
         ] {
             assert!(why.contains(field), "{field} in {why}");
@@ -416,6 +423,21 @@ mod tests {
             Some("/state/secrets/edge/cloud-ca/ca.pem")
         );
         assert_eq!(upstream.ca_secret, None);
+        r.config.validate().unwrap();
+
+        services[0].spec.hub = Some(
+            serde_yaml_ng::from_str(
+                "{url: 'nats://hub:4222', credentialsSecret: {name: nats, key: user.creds}}",
+            )
+            .unwrap(),
+        );
+        let r = render_placed("a", &services, None);
+        let hub = r.config.services[0].hub.as_ref().unwrap();
+        assert_eq!(
+            hub.credentials_file.as_deref(),
+            Some("/state/secrets/edge/nats/user.creds")
+        );
+        assert_eq!(hub.credentials_secret, None);
         r.config.validate().unwrap();
     }
 
