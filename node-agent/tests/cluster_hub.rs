@@ -15,39 +15,27 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewire_api::crd::EdgeService;
 use edgewire_testenv::{ControlPlane, NodeSpec, Options};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::Api;
 use serde_json::{Value, json};
+use support::cluster::*;
+use support::prometheus::Killed;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Control plane, operator and agent on a loaded machine; a changed Secret
-/// waits for the agent's periodic fetch (15 s).
-const SLOW_WAIT: Duration = Duration::from_secs(120);
 const NAMESPACE: &str = "hubs";
 const SERVICE: &str = "hubs/linked";
 const EDGE_IP: &str = "127.0.0.76";
 const HUB_SECRET: &str = "0123456789abcdef0123456789abcdef-hub-of-the-cluster";
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A token the hub accepts when signed with `HUB_SECRET`: publish and
 /// subscribe on every channel.
@@ -99,59 +87,10 @@ fn spawn_hub(dir: &Path, hub_port: u16, cloud_port: u16) -> AgentProcess {
     )
 }
 
-fn opaque_secret(name: &str, key: &str, value: &[u8]) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([(
-            key.to_string(),
-            ByteString(value.to_vec()),
-        )])),
-        ..Secret::default()
-    }
-}
-
-async fn apply<K>(api: &Api<K>, name: &str, object: &K)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("apply {name}: {e}"));
-}
-
-fn degraded(es: &EdgeService) -> (String, String, String) {
-    es.status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == "Degraded")
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-        .unwrap_or_default()
-}
-
 /// The Degraded condition's reason, keeping the whole condition in `last`.
 async fn last_degraded(services: &Api<EdgeService>, last: &mut (String, String, String)) -> String {
     *last = degraded(&services.get("linked").await.unwrap());
     last.1.clone()
-}
-
-/// Waits (bounded) until `check` holds; `what` and `log` explain a failure.
-async fn eventually<F, Fut>(what: &str, log: impl Fn() -> String, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + SLOW_WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}\n{}", log());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 async fn metric(agent: &AgentProcess, series: &str) -> f64 {

@@ -30,10 +30,18 @@ fn nats_server() -> String {
 
 /// `nats-server -js` on 127.0.0.1:`port`, storing in `dir`; killed on drop.
 async fn start_nats(port: u16, dir: &Path) -> Killed {
-    let log = std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap();
-    let child = Command::new(nats_server())
+    let mut command = Command::new(nats_server());
+    command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.join("jetstream"))
+        .arg(dir.join("jetstream"));
+    run_nats(command, port, dir).await
+}
+
+/// Runs `command`, a nats-server on 127.0.0.1:`port` logging into `dir`,
+/// and waits until it listens; killed on drop.
+async fn run_nats(mut command: Command, port: u16, dir: &Path) -> Killed {
+    let log = std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap();
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -311,25 +319,9 @@ async fn start_secured_nats(port: u16, dir: &Path, user: &str) -> Killed {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap();
-    let child = Command::new(nats_server())
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("nats-server (scripts/test.sh installs it)");
-    let server = Killed(child);
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "nats-server did not listen");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    server
+    let mut command = Command::new(nats_server());
+    command.arg("-c").arg(&config);
+    run_nats(command, port, dir).await
 }
 
 /// An edge whose NATS hub is reached with `hub_extra` (YAML lines of the
