@@ -67,6 +67,8 @@ struct Reading {
     publish: Value,
     #[serde(default)]
     call: Value,
+    #[serde(default)]
+    origins: Value,
 }
 
 fn granted(patterns: &Value, name: &str) -> bool {
@@ -109,6 +111,7 @@ fuzz_target!(|data: &[u8]| {
         (Action::Subscribe, &claims.subscribe),
         (Action::Publish, &claims.publish),
         (Action::Call, &claims.call),
+        (Action::Forward, &claims.origins),
     ] {
         assert_eq!(
             access.allows(action, name),

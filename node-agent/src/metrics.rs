@@ -3,7 +3,8 @@
 //! outcome, state. Never a client address or an id.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets from 50µs to 10s: the range from a loopback echo to a slow upstream.
@@ -159,6 +160,28 @@ pub enum DeliveryPath {
     Mesh,
     /// Published at the service's hub and brought down by its link.
     Hub,
+}
+
+/// One service's per-message series, looked up once: a relay message
+/// costs an atomic add, not a label lookup under the vector's lock.
+#[derive(Clone, Debug)]
+pub struct MessageCounters {
+    pub messages_in: IntCounter,
+    pub messages_out: IntCounter,
+    latency_local: Histogram,
+    latency_mesh: Histogram,
+}
+
+impl MessageCounters {
+    /// The latency series of `path`; `None` for the hub's, which is made
+    /// on first use (most services have no hub).
+    pub fn latency(&self, path: DeliveryPath) -> Option<&Histogram> {
+        match path {
+            DeliveryPath::Local => Some(&self.latency_local),
+            DeliveryPath::Mesh => Some(&self.latency_mesh),
+            DeliveryPath::Hub => None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -346,6 +369,16 @@ impl Metrics {
         self.handler_errors
             .with_label_values(&[service, handler, reason])
             .inc();
+    }
+
+    /// `service`'s per-message series (see [`MessageCounters`]).
+    pub fn message_counters(&self, service: &str) -> MessageCounters {
+        MessageCounters {
+            messages_in: self.messages.with_label_values(&[service, "in"]),
+            messages_out: self.messages.with_label_values(&[service, "out"]),
+            latency_local: self.message_latency.with_label_values(&[service, "local"]),
+            latency_mesh: self.message_latency.with_label_values(&[service, "mesh"]),
+        }
     }
 
     /// Makes every metric family of `service` visible at zero, so dashboards and

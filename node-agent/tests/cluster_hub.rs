@@ -38,7 +38,7 @@ const EDGE_IP: &str = "127.0.0.76";
 const HUB_SECRET: &str = "0123456789abcdef0123456789abcdef-hub-of-the-cluster";
 
 /// A token the hub accepts when signed with `HUB_SECRET`: publish and
-/// subscribe on every channel.
+/// subscribe on every channel, forwarding as node `edge-h`.
 fn edge_token(secret: &str) -> String {
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -47,7 +47,7 @@ fn edge_token(secret: &str) -> String {
         + 3600;
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &json!({"sub": "edge-h", "exp": exp, "publish": ["*"], "subscribe": ["*"]}),
+        &json!({"sub": "edge-h", "exp": exp, "publish": ["*"], "subscribe": ["*"], "origins": ["edge-h"]}),
         &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
     )
     .unwrap()

@@ -33,11 +33,22 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// A token for an edge: it may publish and subscribe on every channel.
+/// A token for the edges: it may publish and subscribe on every channel, and
+/// forward the messages of the nodes named `edge-*`.
 fn edge_token(secret: &str) -> String {
+    token(
+        secret,
+        json!({"publish": ["*"], "subscribe": ["*"], "origins": ["edge-*"]}),
+    )
+}
+
+/// A token signed with `secret` granting `grants`, valid for an hour.
+fn token(secret: &str, grants: Value) -> String {
+    let mut claims = grants;
+    claims["exp"] = json!(now() + 3600);
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &json!({"sub": "edge", "exp": now() + 3600, "publish": ["*"], "subscribe": ["*"]}),
+        &claims,
         &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
     )
     .unwrap()
@@ -576,6 +587,113 @@ async fn downlink_reaches_every_edge_once_and_nothing_loops() {
             .await,
         1.0
     );
+}
+
+/// A client of the hub that may publish, but whose token does not name
+/// edge-0 among its `origins`, cannot forward as edge-0: were it let
+/// through, its made-up sequence number would make the hub drop every
+/// message edge-0 really sends after it as already delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_forward_as_a_node_its_token_does_not_name() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/relay");
+    let hub = spawn_hub(root.path(), port, "");
+    hub.wait_ready().await;
+    let hub_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut subscriber = connect(hub_addr, "/relay").await;
+    subscribe(&mut subscriber, "telemetry").await;
+
+    let other = token(
+        SECRET,
+        json!({"publish": ["*"], "subscribe": ["*"], "origins": ["edge-9"]}),
+    );
+    let mut mallory = connect(hub_addr, &format!("/relay?token={other}")).await;
+    let reply = request(
+        &mut mallory,
+        json!({"type": "publish", "channel": "telemetry", "id": "spoof",
+               "data": {"edge": "edge-0", "n": 999},
+               "origin": {"node": "edge-0", "seq": u64::MAX - 1}}),
+    )
+    .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{reply}"
+    );
+    assert_eq!(
+        metric_value(
+            &hub.metrics().await,
+            r#"edgewire_auth_total{outcome="denied",reason="forward",service="hub"}"#
+        ),
+        1.0
+    );
+
+    let edge = Edge::spawn("edge-0", root.path(), &url, 1 << 20);
+    edge.give_token(&token(
+        SECRET,
+        json!({"publish": ["telemetry"], "subscribe": ["*"], "origins": ["edge-0"]}),
+    ));
+    edge.agent.wait_ready().await;
+    let mut publisher = edge.relay().await;
+    publish_all(
+        &mut publisher,
+        "telemetry",
+        0..10,
+        |k| json!({"edge": "edge-0", "n": k}),
+    )
+    .await;
+    let got = drain_messages(&mut subscriber, 10, DRAIN, Duration::from_secs(2)).await;
+    assert_eq!(
+        by_edge(&got).get("edge-0"),
+        Some(&(0..10).collect::<Vec<u64>>()),
+        "edge-0's own messages all arrive, and nothing else: {got:?}"
+    );
+}
+
+/// A message larger than the hub takes (its `maxMessageBytes` is below the
+/// edge's) is dropped at the edge and counted, and the messages after it go
+/// up: sent, it would make the hub close the link at every attempt and hold
+/// everything behind it in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_the_hub_is_dropped_and_the_rest_go_up() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/relay");
+    let state = root.path().join("hub").display().to_string();
+    let config =
+        hub_config(root.path(), port).replace("limits: {", "limits: {maxMessageBytes: 4096, ");
+    let hub = AgentProcess::spawn(Some(&config), &["--state-dir", &state]);
+    hub.wait_ready().await;
+    let mut subscriber = connect(SocketAddr::from(([127, 0, 0, 1], port)), "/relay").await;
+    subscribe(&mut subscriber, "telemetry").await;
+
+    let edge = Edge::spawn("edge-0", root.path(), &url, 1 << 20);
+    edge.give_token(&edge_token(SECRET));
+    edge.agent.wait_ready().await;
+    let mut publisher = edge.relay().await;
+    publish_all(&mut publisher, "telemetry", 0..4, |k| {
+        let pad = if k == 1 { 8_000 } else { 10 };
+        json!({"edge": "edge-0", "n": k, "pad": "x".repeat(pad)})
+    })
+    .await;
+    let got = drain_messages(&mut subscriber, 3, DRAIN, Duration::from_secs(2)).await;
+    assert_eq!(
+        by_edge(&got).get("edge-0"),
+        Some(&vec![0, 2, 3]),
+        "all but the oversize one, once, in order"
+    );
+    assert_eq!(
+        edge.metric(r#"edgewire_uplink_dropped_total{reason="too_large",service="edge"}"#)
+            .await,
+        1.0
+    );
+    eventually(WAIT, "an empty queue", || async {
+        edge.metric(r#"edgewire_uplink_queue_messages{service="edge"}"#)
+            .await
+            == 0.0
+    })
+    .await;
 }
 
 /// A hub that cannot be reached, one that fails TLS, and one that refuses

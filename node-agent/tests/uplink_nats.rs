@@ -30,18 +30,21 @@ fn nats_server() -> String {
 
 /// `nats-server -js` on 127.0.0.1:`port`, storing in `dir`; killed on drop.
 async fn start_nats(port: u16, dir: &Path) -> Killed {
-    let mut command = Command::new(nats_server());
-    command
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.join("jetstream"));
-    run_nats(command, port, dir).await
+    start_nats_with(port, dir, "").await
 }
 
-/// Runs `command`, a nats-server on 127.0.0.1:`port` logging into `dir`,
-/// and waits until it listens; killed on drop.
-async fn run_nats(mut command: Command, port: u16, dir: &Path) -> Killed {
+/// As `start_nats`, with `config` (nats-server's config file syntax).
+async fn start_nats_with(port: u16, dir: &Path, config: &str) -> Killed {
     let log = std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap();
+    let mut command = Command::new(nats_server());
+    if !config.is_empty() {
+        let file = dir.join(format!("nats-{port}.conf"));
+        std::fs::write(&file, config).unwrap();
+        command.arg("-c").arg(file);
+    }
     let child = command
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.join("jetstream"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -287,6 +290,51 @@ async fn nats_downlink_reaches_every_edge_once_and_nothing_loops() {
     assert_eq!(at_edge1[0]["data"], json!({"edge": "edge-0", "n": 0}));
 }
 
+/// A message over the NATS server's `max_payload` is dropped at the edge
+/// and counted, and the messages after it go up: sent, it would fail the
+/// connection at every attempt and hold everything behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_nats_max_payload_is_dropped_and_the_rest_go_up() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = start_nats_with(port, root.path(), "max_payload: 4096\n").await;
+    let client = async_nats::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut up = client.subscribe("edgewire.telemetry").await.unwrap();
+    client.flush().await.unwrap();
+    let edge = spawn_edge("edge-0", root.path(), port);
+    edge.wait_ready().await;
+    let mut ws = connect(edge.service_addr("edge").await, "/relay").await;
+    for k in 0..4u64 {
+        let pad = "x".repeat(if k == 1 { 8_000 } else { 10 });
+        let reply = request(
+            &mut ws,
+            json!({"type": "publish", "channel": "telemetry", "id": k,
+                   "data": {"edge": "edge-0", "n": k, "pad": pad}}),
+        )
+        .await;
+        assert_eq!(reply["type"], "published", "{reply}");
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let Ok(Some(message)) = tokio::time::timeout(DRAIN, up.next()).await else {
+            break;
+        };
+        let data: Value = serde_json::from_slice(&message.payload).unwrap();
+        got.push(data["n"].as_u64().unwrap());
+    }
+    assert_eq!(got, [0, 2, 3], "all but the oversize one, in order");
+    assert_eq!(
+        metric(
+            &edge,
+            r#"edgewire_uplink_dropped_total{reason="too_large",service="edge"}"#
+        )
+        .await,
+        1.0
+    );
+}
+
 /// The relay messages `ws` gets until `quiet` passes without one (the
 /// first may take up to `WAIT`).
 async fn messages(ws: &mut Client, quiet: Duration) -> Vec<Value> {
@@ -308,20 +356,12 @@ async fn messages(ws: &mut Client, quiet: Duration) -> Vec<Value> {
 /// `nats-server -js` on 127.0.0.1:`port` serving TLS only (the test
 /// certificate) to one NKEY user, `user`'s public key; killed on drop.
 async fn start_secured_nats(port: u16, dir: &Path, user: &str) -> Killed {
-    let config = dir.join(format!("nats-{port}.conf"));
-    std::fs::write(
-        &config,
-        format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{store}\" }}\ntls {{ cert_file: \"{cert}\", key_file: \"{key}\" }}\nauthorization {{ users: [ {{ nkey: \"{user}\" }} ] }}\n",
-            store = dir.join(format!("jetstream-{port}")).display(),
-            cert = tls::fixture("server1.pem").display(),
-            key = tls::fixture("server1.key").display(),
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new(nats_server());
-    command.arg("-c").arg(&config);
-    run_nats(command, port, dir).await
+    let config = format!(
+        "tls {{ cert_file: \"{cert}\", key_file: \"{key}\" }}\nauthorization {{ users: [ {{ nkey: \"{user}\" }} ] }}\n",
+        cert = tls::fixture("server1.pem").display(),
+        key = tls::fixture("server1.key").display(),
+    );
+    start_nats_with(port, dir, &config).await
 }
 
 /// An edge whose NATS hub is reached with `hub_extra` (YAML lines of the

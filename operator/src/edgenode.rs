@@ -21,10 +21,12 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::caches::WatchEvent;
 use crate::desired::MANAGER;
 use crate::freshness::HeartbeatClock;
 use crate::metrics::Metrics;
 use crate::placement::Freshness;
+use crate::triggers::{Changes, node_digest};
 use crate::watch::WatchBackoff;
 
 struct Ctx {
@@ -194,6 +196,27 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
     }))
 }
 
+/// The Node an event is news of for its EdgeNode: one whose addresses (or
+/// labels) changed, or one gone. The kubelet rewrites its Node's status
+/// every few seconds; reconciling every EdgeNode on each of those writes
+/// would be most of this controller's work, for nothing it reads.
+fn address_news(
+    changes: &Changes,
+    event: WatchEvent<Node>,
+) -> Option<Result<Node, watcher::Error>> {
+    match event {
+        Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => changes
+            .changed(&node.name_any(), node_digest(&node), true)
+            .then_some(Ok(node)),
+        Ok(watcher::Event::Delete(node)) => {
+            changes.changed(&node.name_any(), 0, false);
+            Some(Ok(node))
+        }
+        Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+        Err(err) => Some(Err(err)),
+    }
+}
+
 fn error_policy(_node: Arc<EdgeNode>, err: &kube::Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!(error = %err, "edgenode reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
@@ -211,15 +234,16 @@ pub async fn run(
     if let Some(selector) = &selector {
         wc = wc.labels(selector);
     }
-    // The Nodes, for their addresses: a Node's change is its EdgeNode's.
+    // The Nodes, for their addresses: a change of those is its EdgeNode's.
     let (nodes, node_writer) = reflector::store::<Node>();
+    let node_changes = Changes::default();
     let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
         .backoff(WatchBackoff::default())
         // Only the addresses are read here: the rest of a Node (its image
         // list above all) is not worth a second copy in memory.
         .modify(crate::caches::trim_node)
         .reflect(node_writer)
-        .touched_objects();
+        .filter_map(move |event| std::future::ready(address_news(&node_changes, event)));
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         metrics,
@@ -281,6 +305,33 @@ mod tests {
         assert_eq!(ok.status, "False");
         let missing = address_condition(&edge("10.0.0.5"), None, now);
         assert_eq!(missing.reason, NODE_NOT_FOUND);
+    }
+
+    #[test]
+    fn only_address_changes_and_deletions_of_nodes_are_news() {
+        let changes = Changes::default();
+        let mut n = node("10.0.0.5");
+        n.metadata.name = Some("edge-1".into());
+        let news = |event| address_news(&changes, Ok(event)).is_some();
+        assert!(news(watcher::Event::InitApply(n.clone())), "first sight");
+        let mut heartbeat = n.clone();
+        if let Some(status) = heartbeat.status.as_mut() {
+            status.conditions = Some(Vec::new());
+        }
+        assert!(
+            !news(watcher::Event::Apply(heartbeat)),
+            "a kubelet status write"
+        );
+        assert!(!news(watcher::Event::Apply(n.clone())));
+        let moved = {
+            let mut m = node("10.0.0.6");
+            m.metadata.name = Some("edge-1".into());
+            m
+        };
+        assert!(news(watcher::Event::Apply(moved.clone())), "a new address");
+        assert!(news(watcher::Event::Delete(moved.clone())), "gone");
+        assert!(news(watcher::Event::Apply(moved)), "back again");
+        assert!(!news(watcher::Event::InitDone));
     }
 
     #[test]

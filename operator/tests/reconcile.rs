@@ -272,6 +272,39 @@ async fn scale_down_relabel_and_stale_heartbeat() {
     beats.set(&nodes[1], true);
     env.wait_es("feed", "b ready again", ready).await;
     wait_endpoints(&env, "feed", &["192.0.2.2", "192.0.2.3"]).await;
+
+    // A Node deleted under a silent agent: its EdgeNode changes no more, so
+    // only the Node's deletion can tell the EdgeNode controller.
+    beats.set(&nodes[0], false);
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    node_api
+        .delete(&nodes[0], &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let degraded = env
+            .plane
+            .kubectl()
+            .unwrap()
+            .args([
+                "get",
+                "edgenode",
+                &nodes[0],
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Degraded\")].reason}",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&degraded.stdout) == "NodeNotFound" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "EdgeNode of a deleted Node never marked NodeNotFound"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.cleanup_nodes(&nodes).await;
 }
 

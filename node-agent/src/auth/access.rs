@@ -13,6 +13,9 @@ pub enum Action {
     Subscribe,
     Publish,
     Call,
+    /// Publish as an edge node's hub link: with the `origin` of that node,
+    /// whose sequence numbers the hub deduplicates by.
+    Forward,
 }
 
 impl Action {
@@ -21,6 +24,7 @@ impl Action {
             Action::Subscribe => "subscribe",
             Action::Publish => "publish",
             Action::Call => "call",
+            Action::Forward => "forward",
         }
     }
 }
@@ -38,6 +42,11 @@ pub struct Claims {
     pub publish: Vec<String>,
     #[serde(default)]
     pub call: Vec<String>,
+    /// The edge nodes whose messages the holder may forward (a hub link's
+    /// `origin`). A hub drops what it has seen from an origin, so a client
+    /// that could name any origin could silence that node's uplink.
+    #[serde(default)]
+    pub origins: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +60,9 @@ enum Scope {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Access {
     scope: Scope,
+    /// The origins it may forward as (see `Claims::origins`); open access
+    /// may forward as any.
+    origins: Vec<String>,
     /// When the access ends (seconds since the epoch, leeway included);
     /// `None` for open services and anonymous clients.
     pub expires_at: Option<u64>,
@@ -61,6 +73,7 @@ impl Access {
     pub fn open() -> Access {
         Access {
             scope: Scope::Everything,
+            origins: Vec::new(),
             expires_at: None,
         }
     }
@@ -69,6 +82,7 @@ impl Access {
     pub fn anonymous(grants: Grants) -> Access {
         Access {
             scope: Scope::Only(grants),
+            origins: Vec::new(),
             expires_at: None,
         }
     }
@@ -77,6 +91,7 @@ impl Access {
     pub fn from_claims(claims: Claims, leeway_seconds: u32) -> Access {
         Access {
             expires_at: Some(claims.exp.saturating_add(leeway_seconds.into())),
+            origins: claims.origins,
             scope: Scope::Only(Grants {
                 subscribe: claims.subscribe,
                 publish: claims.publish,
@@ -95,6 +110,7 @@ impl Access {
             Action::Subscribe => &grants.subscribe,
             Action::Publish => &grants.publish,
             Action::Call => &grants.call,
+            Action::Forward => &self.origins,
         };
         patterns.iter().any(|p| pattern_matches(p, name))
     }
@@ -185,7 +201,15 @@ impl Decision {
         [Decision::AcceptedToken, Decision::AcceptedAnonymous]
             .into_iter()
             .chain(Refusal::ALL.map(Decision::Rejected))
-            .chain([Action::Subscribe, Action::Publish, Action::Call].map(Decision::Denied))
+            .chain(
+                [
+                    Action::Subscribe,
+                    Action::Publish,
+                    Action::Call,
+                    Action::Forward,
+                ]
+                .map(Decision::Denied),
+            )
             .chain([Decision::Expired])
     }
 
@@ -211,6 +235,7 @@ mod tests {
             subscribe: owned(subscribe),
             publish: owned(publish),
             call: owned(call),
+            origins: Vec::new(),
         }
     }
 
@@ -231,12 +256,30 @@ mod tests {
     fn no_claims_grant_nothing_and_open_grants_all() {
         let none = Access::from_claims(claims(&[], &[], &[]), 0);
         let anonymous = Access::anonymous(Grants::default());
-        for action in [Action::Subscribe, Action::Publish, Action::Call] {
+        for action in [
+            Action::Subscribe,
+            Action::Publish,
+            Action::Call,
+            Action::Forward,
+        ] {
             assert!(!none.allows(action, "chat"));
             assert!(!anonymous.allows(action, "chat"));
             assert!(Access::open().allows(action, "chat"));
         }
         assert_eq!(Access::open().time_left(SystemTime::now()), None);
+    }
+
+    #[test]
+    fn only_the_origins_a_token_names_may_be_forwarded_as() {
+        let mut edge = claims(&[], &["telemetry"], &[]);
+        edge.origins = vec!["edge-7".into(), "site-b-*".into()];
+        let access = Access::from_claims(edge, 0);
+        assert!(access.allows(Action::Forward, "edge-7"));
+        assert!(access.allows(Action::Forward, "site-b-2"));
+        assert!(!access.allows(Action::Forward, "edge-8"));
+        // Publishing on the channel is no licence to speak for a node.
+        let client = Access::from_claims(claims(&[], &["*"], &[]), 0);
+        assert!(!client.allows(Action::Forward, "edge-7"));
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct Mesh {
 struct Inner {
     services: HashMap<String, Weak<ServiceRuntime>>,
     peers_by_service: HashMap<String, Vec<PeerSpec>>,
+    /// Each service's name as its queued publishes share it (one
+    /// allocation per service, not per publish).
+    service_names: HashMap<String, Arc<str>>,
     links: HashMap<String, Link>,
     /// What each peer has subscribers for. Kept when the peer's link to us
     /// drops (the peer still has them, and our link to it may be healthy);
@@ -205,6 +208,10 @@ impl Mesh {
             .cloned()
             .collect();
         inner.peers_by_service.insert(name.to_string(), peers);
+        inner
+            .service_names
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::from(name));
         self.reconcile_links(&mut inner);
         if replaced {
             inner.resync(name);
@@ -218,6 +225,7 @@ impl Mesh {
         inner.resync(name);
         inner.services.remove(name);
         inner.peers_by_service.remove(name);
+        inner.service_names.remove(name);
         self.reconcile_links(&mut inner);
     }
 
@@ -318,16 +326,20 @@ impl Mesh {
     /// waits for them ([`Backlog::drained`]) before its next message is read.
     pub fn forward(&self, service: &str, channel: &str, message: &Utf8Bytes) -> Backlog {
         let mut backlog = Backlog::default();
-        let outboxes: Vec<Option<Arc<Outbox>>> = {
+        let (service_name, outboxes): (Arc<str>, Vec<Option<Arc<Outbox>>>) = {
             let inner = self.lock();
-            let Some(peers) = inner.peers_by_service.get(service) else {
+            let (Some(peers), Some(name)) = (
+                inner.peers_by_service.get(service),
+                inner.service_names.get(service),
+            ) else {
                 return backlog;
             };
-            let names: Vec<String> = peers.iter().map(|p| p.node.clone()).collect();
-            routing::targets(true, service, channel, &names, &inner.remote_interest)
+            let nodes = peers.iter().map(|p| p.node.as_str());
+            let outboxes = routing::targets(true, service, channel, nodes, &inner.remote_interest)
                 .into_iter()
                 .map(|node| inner.links.get(node).map(|l| Arc::clone(&l.outbox)))
-                .collect()
+                .collect();
+            (Arc::clone(name), outboxes)
         };
         if outboxes.is_empty() {
             return backlog;
@@ -340,7 +352,6 @@ impl Mesh {
                 return backlog;
             }
         };
-        let service_name: Arc<str> = Arc::from(service);
         for outbox in outboxes {
             let pushed = outbox
                 .as_ref()
@@ -492,7 +503,7 @@ impl Mesh {
                 match next {
                     Some(Ok(Message::Binary(frame))) => match frame::decode_publishes(frame) {
                         Ok(publishes) => {
-                            let mut into = Delivering::default();
+                            let mut into = Delivering::now();
                             for publish in publishes {
                                 // Backpressure across the mesh: this link is
                                 // read no faster than the subscribers it fills
@@ -601,6 +612,7 @@ impl Mesh {
                     service: publish.service.clone(),
                     placement,
                     received: 0,
+                    clock: into.clock,
                 },
             ));
         }
@@ -613,8 +625,9 @@ impl Mesh {
             return Vec::new();
         };
         into.received += 1;
-        let age = Duration::from_micros(now_us().saturating_sub(publish.sent_us));
-        let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let (now, now_wall) = into.clock;
+        let age = Duration::from_micros(now_wall.saturating_sub(publish.sent_us));
+        let published_at = now.checked_sub(age).unwrap_or(now);
         runtime.deliver(
             &publish.channel,
             &publish.message,
@@ -920,11 +933,24 @@ impl Mesh {
 /// The service a link's reader last delivered into: its placement is looked
 /// up, and its metric counted, once per run of publishes of one service in a
 /// frame rather than once per publish.
-#[derive(Default)]
 struct Delivering {
     service: String,
     placement: Option<Option<Arc<ServiceRuntime>>>,
     received: u64,
+    /// When the frame was read, by both clocks (read once per frame): the
+    /// publishes in it are aged against it.
+    clock: (Instant, u64),
+}
+
+impl Delivering {
+    fn now() -> Delivering {
+        Delivering {
+            service: String::new(),
+            placement: None,
+            received: 0,
+            clock: (Instant::now(), now_us()),
+        }
+    }
 }
 
 /// Publishes written in one message, by service: the metric is counted once

@@ -13,7 +13,7 @@ pub fn targets<'a>(
     origin_is_local: bool,
     service: &str,
     channel: &str,
-    peers: &'a [String],
+    peers: impl IntoIterator<Item = &'a str>,
     remote_interest: &HashMap<String, BTreeSet<(String, String)>>,
 ) -> Vec<&'a str> {
     if !origin_is_local {
@@ -21,9 +21,8 @@ pub fn targets<'a>(
     }
     let key = (service.to_string(), channel.to_string());
     peers
-        .iter()
+        .into_iter()
         .filter(|peer| remote_interest.get(*peer).is_some_and(|i| i.contains(&key)))
-        .map(String::as_str)
         .collect()
 }
 
@@ -107,7 +106,13 @@ mod tests {
                         .filter(|n| **n != nodes[from])
                         .cloned()
                         .collect();
-                    for to in targets(true, "svc", channel, &peers, &interest) {
+                    for to in targets(
+                        true,
+                        "svc",
+                        channel,
+                        peers.iter().map(String::as_str),
+                        &interest,
+                    ) {
                         let to = nodes.iter().position(|n| n == to).unwrap();
                         links.entry((from, to)).or_default().push_back(msg);
                     }
@@ -130,7 +135,16 @@ mod tests {
                     // A message from the mesh is never forwarded.
                     let peers: Vec<String> =
                         nodes.iter().filter(|n| **n != nodes[to]).cloned().collect();
-                    assert!(targets(false, "svc", msg.2, &peers, &interest).is_empty());
+                    assert!(
+                        targets(
+                            false,
+                            "svc",
+                            msg.2,
+                            peers.iter().map(String::as_str),
+                            &interest
+                        )
+                        .is_empty()
+                    );
                 }
             }
             // Drain the links.

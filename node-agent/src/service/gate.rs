@@ -111,6 +111,7 @@ pub fn permit(
         Action::Subscribe => "subscribing to channel",
         Action::Publish => "publishing to channel",
         Action::Call => "calling handler",
+        Action::Forward => "forwarding the messages of node",
     };
     Err(WireError::new(
         id.clone(),

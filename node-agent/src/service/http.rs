@@ -30,6 +30,9 @@ use crate::auth::Access;
 use crate::handlers::{self, Handler, HttpAnswer};
 use crate::metrics::Outcome;
 
+/// The upgrade answer's header naming the largest message the service reads.
+pub const MAX_MESSAGE_BYTES_HEADER: &str = "edgewire-max-message-bytes";
+
 /// How long an HTTP connection that is mid-request gets to finish when the
 /// service stops.
 const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
@@ -300,5 +303,12 @@ fn upgrade(
             HeaderValue::from_static(batch::SUBPROTOCOL),
         );
     }
+    // The largest message this service reads; a larger one closes the
+    // connection (1009). An edge's hub link reads this so it never sends
+    // one that would close the link at every attempt.
+    headers.insert(
+        MAX_MESSAGE_BYTES_HEADER,
+        HeaderValue::from(runtime.config.limits.max_message_bytes),
+    );
     response
 }

@@ -5,6 +5,7 @@ mod batch;
 mod body;
 mod gate;
 mod http;
+mod publish;
 mod socket;
 mod transport;
 mod upstream_http;
@@ -16,6 +17,7 @@ pub use batch::{
     MAX_BYTES as BATCH_MAX_BYTES, MAX_MESSAGES as BATCH_MAX_MESSAGES,
     SUBPROTOCOL as BATCH_SUBPROTOCOL,
 };
+pub use http::MAX_MESSAGE_BYTES_HEADER;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -35,7 +37,7 @@ use crate::budget::Budget;
 use crate::handlers::HandlerSet;
 use crate::handlers::wasm::WasmRuntime;
 use crate::mesh::Mesh;
-use crate::metrics::{DeliveryPath, DropReason, Metrics};
+use crate::metrics::{DeliveryPath, DropReason, MessageCounters, Metrics};
 use crate::relay::{ConnId, Hub, Subscriber};
 use crate::uplink::Uplink;
 use crate::uplink::dedup::Dedup;
@@ -71,6 +73,8 @@ pub struct ServiceRuntime {
     /// The handlers by name, with each `wasm` handler's module loaded.
     pub handlers: HandlerSet,
     pub metrics: Metrics,
+    /// This service's per-message series, looked up once.
+    pub counters: MessageCounters,
     pub hub: Hub,
     /// Links to the other agents running this service, when meshed.
     pub mesh: Option<Arc<Mesh>>,
@@ -110,10 +114,12 @@ impl ServiceRuntime {
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
         metrics.init_service(&config.name);
+        let counters = metrics.message_counters(&config.name);
         ServiceRuntime {
             config,
             handlers,
             metrics,
+            counters,
             hub: Hub::new(),
             mesh: shared.mesh.clone(),
             queue_budget: Arc::clone(&shared.queue_budget),

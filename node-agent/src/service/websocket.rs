@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use edgewire_api::wire::{self, ClientMessage, ErrorCode, ServerMessage, WireError};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::ProtocolError};
 
 use super::batch::{self, Packer};
+use super::publish;
 use super::socket::ClientSocket;
 use super::wasm_relay::{self, Prepared};
 use super::{ConnectionSlot, ServiceRuntime, gate};
@@ -33,6 +34,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Deliveries written per flush, so one busy subscriber cannot hog its task
 /// (in batch mode `batch::MAX_MESSAGES`, as they leave in few frames).
 const MAX_BATCH: usize = 64;
+/// Frames handled in one go when the client has sent several (see
+/// `Session::read_run`): bounded, so deliveries, pings and shutdown still
+/// get their turn under a flood.
+const READ_RUN: usize = 64;
 /// The longest close reason RFC 6455 allows (125 bytes of payload less the code).
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -159,7 +164,7 @@ impl Session {
                 }
                 Some(()) = recv_or_pending(evictions) => return slow_consumer(),
                 Some(first) = recv_or_pending(deliveries) => {
-                    // Boxed, like `pace`: idle sessions keep only what waiting needs.
+                    // Boxed, like `read_run`: idle sessions keep only what waiting needs.
                     if let Err(end) = Box::pin(self.write_deliveries(sink, first)).await {
                         return end;
                     }
@@ -177,31 +182,62 @@ impl Session {
                         Ok(Some(Ok(frame))) => frame,
                     };
                     deadline = tokio::time::Instant::now() + idle;
-                    match frame {
-                        Message::Text(text) => {
-                            runtime.metrics.message(runtime.name(), Direction::In);
-                            if let Err(end) = Box::pin(self.on_text(sink, text)).await {
-                                return end;
-                            }
-                            if !self.backlog.is_empty() {
-                                let backlog = std::mem::take(&mut self.backlog);
-                                // Boxed: rare, and every idle session would
-                                // otherwise carry room for its state.
-                                if let Err(end) = Box::pin(self.pace(sink, backlog)).await {
-                                    return end;
-                                }
-                            }
-                        }
-                        Message::Binary(_) => {
-                            runtime.metrics.message(runtime.name(), Direction::In);
-                            runtime.metrics.dropped(runtime.name(), DropReason::Unsupported);
-                            return End::close(CloseCode::Unsupported, "binary messages are not supported; send text");
-                        }
-                        Message::Close(_) => return End::PeerGone,
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    // Boxed: every idle session would otherwise carry room
+                    // for the state of handling a frame.
+                    if let Err(end) = Box::pin(self.read_run(sink, stream, frame)).await {
+                        return end;
                     }
                 }
             }
+        }
+    }
+
+    /// Handles `first` and then the frames already read behind it (up to
+    /// [`READ_RUN`]), so a busy client costs one wait in the session's loop
+    /// per run of frames rather than per frame.
+    async fn read_run(
+        &mut self,
+        sink: &mut Sink,
+        stream: &mut SplitStream<Ws>,
+        first: Message,
+    ) -> Result<(), End> {
+        let runtime = Arc::clone(&self.runtime);
+        let mut frame = first;
+        let mut taken = 0;
+        loop {
+            taken += 1;
+            match frame {
+                Message::Text(text) => {
+                    runtime.counters.messages_in.inc();
+                    self.on_text(sink, text).await?;
+                    if !self.backlog.is_empty() {
+                        let backlog = std::mem::take(&mut self.backlog);
+                        self.pace(sink, backlog).await?;
+                    }
+                }
+                Message::Binary(_) => {
+                    runtime.counters.messages_in.inc();
+                    runtime
+                        .metrics
+                        .dropped(runtime.name(), DropReason::Unsupported);
+                    return Err(End::close(
+                        CloseCode::Unsupported,
+                        "binary messages are not supported; send text",
+                    ));
+                }
+                Message::Close(_) => return Err(End::PeerGone),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+            if taken == READ_RUN {
+                return Ok(());
+            }
+            frame = match stream.next().now_or_never() {
+                Some(Some(Ok(next))) => next,
+                Some(Some(Err(err))) => return Err(self.read_error(err)),
+                Some(None) => return Err(End::PeerGone),
+                // Nothing more read yet: back to waiting for anything.
+                None => return Ok(()),
+            };
         }
     }
 
@@ -308,14 +344,75 @@ impl Session {
                     .observe(started.elapsed().as_secs_f64());
                 self.send_text(sink, reply).await
             }
-            Mode::Relay { .. } => match wire::parse_client_message(text.as_str()) {
-                Ok(request) => match self.on_relay_request(request).await {
+            Mode::Relay { .. } => {
+                let answer = match publish::parse(text.as_str()) {
+                    Some(plain) if self.publishes_as_is(&plain.channel) => {
+                        self.on_plain_publish(plain)
+                    }
+                    _ => match wire::parse_client_message(text.as_str()) {
+                        Ok(request) => self.on_relay_request(request).await,
+                        Err(err) => Err(err),
+                    },
+                };
+                match answer {
                     Ok(Some(reply)) => self.reply(sink, reply).await,
                     Ok(None) => Ok(()),
                     Err(err) => self.refuse(sink, err).await,
-                },
-                Err(err) => self.refuse(sink, err).await,
-            },
+                }
+            }
+        }
+    }
+
+    /// Whether a publish on `channel` is delivered as the client sent it:
+    /// no processor transforms it and no uplink stores it (those take the
+    /// full request).
+    fn publishes_as_is(&self, channel: &str) -> bool {
+        let config = &self.runtime.config;
+        let processed = config
+            .channels
+            .iter()
+            .any(|c| c.name == channel && c.processor.is_some());
+        let uplinked = self.runtime.uplink.is_some() && config.is_uplink(channel);
+        !processed && !uplinked
+    }
+
+    /// A plain publish (see `publish`): the same checks and deliveries as
+    /// a publish through `on_request`, without a JSON tree.
+    fn on_plain_publish(
+        &mut self,
+        plain: publish::PlainPublish<'_>,
+    ) -> Result<Option<ServerMessage>, WireError> {
+        let id = plain.id.clone();
+        self.known_channel(&id, &plain.channel)?;
+        gate::permit(
+            &self.runtime,
+            &self.access,
+            &id,
+            Action::Publish,
+            &plain.channel,
+        )?;
+        let published_at = Instant::now();
+        let channel = plain.channel.clone().into_owned();
+        self.fan_out(
+            &channel,
+            Utf8Bytes::from(plain.message_frame()),
+            published_at,
+        );
+        Ok(id.map(|id| ServerMessage::Published {
+            id: Some(id),
+            channel,
+        }))
+    }
+
+    /// Delivers a publish's frame to the local subscribers and forwards it
+    /// to the mesh.
+    fn fan_out(&mut self, channel: &str, frame: Utf8Bytes, published_at: Instant) {
+        let runtime = Arc::clone(&self.runtime);
+        // Local subscribers never hold a publisher back (their
+        // slow-consumer policy applies), so nothing to wait for here.
+        let _ = runtime.deliver(channel, &frame, published_at, DeliveryPath::Local);
+        if let Some(mesh) = &runtime.mesh {
+            self.backlog = mesh.forward(runtime.name(), channel, &frame);
         }
     }
 
@@ -365,6 +462,15 @@ impl Session {
             } => {
                 self.known_channel(id, channel)?;
                 gate::permit(&self.runtime, &self.access, id, Action::Publish, channel)?;
+                if let Some(origin) = origin {
+                    gate::permit(
+                        &self.runtime,
+                        &self.access,
+                        id,
+                        Action::Forward,
+                        &origin.node,
+                    )?;
+                }
                 // A message an edge forwards again (its acknowledgement was
                 // lost) is acknowledged, and not delivered a second time.
                 if let Some(origin) = origin
@@ -455,12 +561,7 @@ impl Session {
                     }
                     .to_json(),
                 );
-                // Local subscribers never hold a publisher back (their
-                // slow-consumer policy applies), so nothing to wait for here.
-                let _ = runtime.deliver(&channel, &frame, published_at, DeliveryPath::Local);
-                if let Some(mesh) = &runtime.mesh {
-                    self.backlog = mesh.forward(runtime.name(), &channel, &frame);
-                }
+                self.fan_out(&channel, frame, published_at);
                 Ok(id.map(|id| ServerMessage::Published {
                     id: Some(id),
                     channel,
@@ -537,6 +638,7 @@ impl Session {
     async fn write_deliveries(&mut self, sink: &mut Sink, first: Delivery) -> Result<(), End> {
         let runtime = Arc::clone(&self.runtime);
         let mut stamps = Vec::with_capacity(8);
+        let mut frames = Vec::with_capacity(8);
         if self.batch() {
             let mut next = Some(first);
             while let Some(delivery) = next.take() {
@@ -553,32 +655,39 @@ impl Session {
                         carry = self.next_queued();
                     }
                 }
-                self.guarded(sink.feed(Message::Text(packer.finish())))
-                    .await?;
+                frames.push(Message::Text(packer.finish()));
             }
         } else {
             let mut next = Some(first);
             while let Some(delivery) = next.take() {
-                self.guarded(sink.feed(Message::Text(delivery.frame)))
-                    .await?;
                 stamps.push((delivery.published_at, delivery.path));
+                frames.push(Message::Text(delivery.frame));
                 if stamps.len() < MAX_BATCH {
                     next = self.next_queued();
                 }
             }
         }
-        self.guarded(sink.flush()).await?;
+        // One deadline for the run of frames and its flush, not a timer
+        // per frame.
+        self.guarded(async {
+            for frame in frames {
+                sink.feed(frame).await?;
+            }
+            sink.flush().await
+        })
+        .await?;
         if let Some((subscriber, _, _)) = &self.queue {
             subscriber.pacer.took(subscriber.caught_up());
         }
         let now = Instant::now();
+        let counters = &runtime.counters;
+        counters.messages_out.inc_by(stamps.len() as u64);
         for (stamp, path) in stamps {
-            runtime.metrics.message(runtime.name(), Direction::Out);
-            runtime.metrics.latency(
-                runtime.name(),
-                path,
-                now.duration_since(stamp).as_secs_f64(),
-            );
+            let seconds = now.duration_since(stamp).as_secs_f64();
+            match counters.latency(path) {
+                Some(latency) => latency.observe(seconds),
+                None => runtime.metrics.latency(runtime.name(), path, seconds),
+            }
         }
         Ok(())
     }

@@ -33,6 +33,10 @@ pub trait HubLink: Send {
     /// Writes `batch`, in order, within the link's write deadline. Each
     /// message gets exactly one `Acked` or `Rejected`, in order.
     fn send(&mut self, batch: &[Record]) -> impl Future<Output = Result<(), String>> + Send;
+    /// Whether the hub takes a message this large at all. One it does not
+    /// would end the connection at every attempt (a relay closes it with
+    /// 1009) and hold everything behind it, so it is never sent.
+    fn takes(&self, record: &Record) -> bool;
     /// The next event. Cancel-safe: dropping the future loses nothing.
     fn next(&mut self) -> impl Future<Output = Result<Event, String>> + Send;
     /// Called every few seconds: fails when the hub has gone quiet.

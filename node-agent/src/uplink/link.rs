@@ -212,14 +212,41 @@ impl Session<'_> {
                 room.min(BATCH_MAX_MESSAGES),
                 BATCH_MAX_BYTES,
             );
+            let Some(first) = batch.first() else {
+                return Ok(());
+            };
+            let sendable = batch.iter().take_while(|r| link.takes(r)).count();
+            if sendable == 0 {
+                // Once everything before it is acknowledged it heads the
+                // queue: drop it there, and go on with the rest.
+                if self.in_flight == 0 {
+                    self.drop_too_large(first.seq, first.data.len());
+                    continue;
+                }
+                return Ok(());
+            }
+            let batch = &batch[..sendable];
             let Some(last) = batch.last().map(|r| r.seq) else {
                 return Ok(());
             };
-            link.send(&batch).await?;
+            link.send(batch).await?;
             self.in_flight += batch.len() as u64;
             self.sent_through = Some(last);
         }
         Ok(())
+    }
+
+    /// Drops the queue's head, `seq`, which the hub would not take.
+    fn drop_too_large(&mut self, seq: u64, bytes: usize) {
+        let service = self.uplink.service.as_str();
+        let dropped = self.uplink.queue.remove_through(seq);
+        self.uplink.metrics.drop_n(service, "too_large", dropped);
+        self.uplink.refresh_gauges();
+        tracing::warn!(
+            service,
+            bytes,
+            "an uplink message is larger than the hub takes; it is dropped (counted as too_large)"
+        );
     }
 
     fn on_event(&mut self, event: Event) {

@@ -4,7 +4,7 @@ use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Why a queued message left without reaching the hub; the `reason` label
 /// of `edgewire_uplink_dropped_total`.
-pub const DROP_REASONS: [&str; 4] = ["capacity", "ttl", "store_failed", "rejected"];
+pub const DROP_REASONS: [&str; 5] = ["capacity", "ttl", "store_failed", "rejected", "too_large"];
 /// The `state` label of `edgewire_uplink_link`.
 pub const STATES: [&str; 2] = ["connecting", "connected"];
 

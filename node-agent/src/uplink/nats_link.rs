@@ -189,6 +189,12 @@ impl NatsLink {
 }
 
 impl HubLink for NatsLink {
+    fn takes(&self, record: &Record) -> bool {
+        // The server's max_payload bounds the payload with its headers
+        // (ids, origin: well under 512 bytes for any node name it takes).
+        record.data.len() + 512 + self.node.len() <= self.client.server_info().max_payload
+    }
+
     async fn send(&mut self, batch: &[Record]) -> Result<(), String> {
         for record in batch {
             let seq = record.seq;

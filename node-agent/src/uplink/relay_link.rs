@@ -31,13 +31,16 @@ pub struct RelayLink {
     pending: VecDeque<Event>,
     /// Downlink subscriptions not yet confirmed.
     unconfirmed: usize,
+    /// The largest message the hub reads, as its upgrade answer said (an
+    /// older hub does not say).
+    max_message_bytes: Option<usize>,
     heard: Instant,
 }
 
 impl RelayLink {
     /// Subscribes to the downlink channels on a fresh connection.
     pub async fn start(
-        socket: HubSocket,
+        (socket, max_message_bytes): (HubSocket, Option<usize>),
         node: &str,
         downlink: &[String],
     ) -> Result<RelayLink, String> {
@@ -48,6 +51,7 @@ impl RelayLink {
             node: node.to_string(),
             pending: VecDeque::new(),
             unconfirmed: downlink.len(),
+            max_message_bytes,
             heard: Instant::now(),
         };
         for channel in downlink {
@@ -157,6 +161,17 @@ impl RelayLink {
 }
 
 impl HubLink for RelayLink {
+    fn takes(&self, record: &Record) -> bool {
+        let Some(max) = self.max_message_bytes else {
+            return true;
+        };
+        // The publish around the data is short: build it only when the
+        // data alone comes near the limit. A quoted name is at most six
+        // bytes per byte (`\u00XX`).
+        let around = 128 + 6 * (record.channel.len() + self.node.len());
+        record.data.len() + around <= max || publish_text(&self.node, record).len() <= max
+    }
+
     async fn send(&mut self, batch: &[Record]) -> Result<(), String> {
         for record in batch {
             let text = publish_text(&self.node, record);

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::service::BATCH_SUBPROTOCOL;
+use crate::service::{BATCH_SUBPROTOCOL, MAX_MESSAGE_BYTES_HEADER};
 
 /// TCP connect, TLS and the WebSocket upgrade together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,8 +75,12 @@ impl ConnectError {
     }
 }
 
-/// Opens a relay connection to the hub.
-pub async fn connect(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, ConnectError> {
+/// Opens a relay connection to the hub; with the largest message the hub
+/// reads, when it says.
+pub async fn connect(
+    spec: &HubSpec,
+    max_message_bytes: usize,
+) -> Result<(HubSocket, Option<usize>), ConnectError> {
     match tokio::time::timeout(CONNECT_TIMEOUT, dial(spec, max_message_bytes)).await {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Unreachable(format!(
@@ -86,7 +90,10 @@ pub async fn connect(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSock
     }
 }
 
-async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, ConnectError> {
+async fn dial(
+    spec: &HubSpec,
+    max_message_bytes: usize,
+) -> Result<(HubSocket, Option<usize>), ConnectError> {
     let url_error = |why: String| ConnectError::Url(spec.url.clone(), why);
     let mut request = spec
         .url
@@ -133,7 +140,13 @@ async fn dial(spec: &HubSpec, max_message_bytes: usize) -> Result<HubSocket, Con
         .max_message_size(Some(max_message_bytes.max(1 << 20) * 2))
         .max_frame_size(Some(max_message_bytes.max(1 << 20) * 2));
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
-        Ok((socket, _response)) => Ok(socket),
+        Ok((socket, response)) => {
+            let hub_max = response
+                .headers()
+                .get(MAX_MESSAGE_BYTES_HEADER)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            Ok((socket, hub_max))
+        }
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
             Err(if matches!(status, 401 | 403) {
