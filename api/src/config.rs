@@ -50,10 +50,10 @@ pub struct ServiceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::TlsSpec>,
     /// A hub this service links to, for the channels marked `uplink` or
-    /// `downlink`. Standalone agents only for now: an EdgeService has no
-    /// hub (its credential would come from a Secret), so the CRD omits it.
+    /// `downlink`. Its credential and CA come from files (`tokenFile`,
+    /// `caFile`); an EdgeService names Secrets instead, which the agent
+    /// stores as files before the config reaches here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(skip)]
     pub hub: Option<crate::hub::HubSpec>,
 }
 
@@ -330,12 +330,10 @@ pub struct ChannelSpec {
     /// Every message published on this channel at this node is also sent to
     /// the same channel at the service's `hub` (stored while the hub is away).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    #[schemars(skip)]
     pub uplink: bool,
     /// Messages published on this channel at the service's `hub` reach this
     /// channel's subscribers here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    #[schemars(skip)]
     pub downlink: bool,
 }
 
@@ -489,6 +487,7 @@ impl AgentConfig {
                 ));
             }
             service.validate_into(&at, &mut errors);
+            service.refuse_secret_refs_into(&at, &mut errors);
         }
         if errors.is_empty() {
             Ok(())
@@ -601,6 +600,36 @@ impl ServiceConfig {
         }
         if let Some(tls) = &self.tls {
             tls.validate_into(&format!("{at}.tls"), errors);
+        }
+    }
+
+    /// The hub's and upstreams' Secret references are an EdgeService's: an
+    /// agent config names files (in a cluster the agent has replaced each
+    /// Secret with the file it stored it in before the config gets here).
+    fn refuse_secret_refs_into(&self, at: &str, errors: &mut Vec<FieldError>) {
+        let why = "names a Secret, which only an EdgeService can; an agent config names a file";
+        if let Some(hub) = &self.hub {
+            for (field, secret) in [
+                ("tokenSecret", &hub.token_secret),
+                ("caSecret", &hub.ca_secret),
+                ("credentialsSecret", &hub.credentials_secret),
+            ] {
+                if secret.is_some() {
+                    errors.push(FieldError::new(format!("{at}.hub.{field}"), why));
+                }
+            }
+        }
+        for (j, handler) in self.handlers.iter().enumerate() {
+            if handler
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.ca_secret.is_some())
+            {
+                errors.push(FieldError::new(
+                    format!("{at}.handlers[{j}].upstream.caSecret"),
+                    why,
+                ));
+            }
         }
     }
 

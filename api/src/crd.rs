@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthSpec;
 use crate::config::{ChannelSpec, HandlerSpec, Limits};
+use crate::hub::HubSpec;
 
 pub const GROUP: &str = "edgewire.dev";
 
@@ -60,7 +61,10 @@ pub const GROUP: &str = "edgewire.dev";
     validation = Rule::new("self.channels.all(c, self.channels.exists_one(o, o.name == c.name))").message("channel names must be unique").field_path(".channels"),
     validation = Rule::new("!has(self.auth) || (has(self.auth.keySecret) && !has(self.auth.keyFile))").message("auth takes its key from keySecret (a Secret in this namespace), never from a file on the node").field_path(".auth"),
     validation = Rule::new("self.handlers.all(h, !has(h.module) || !has(h.module.file))").message("a wasm module comes from configMap or image, never from a file on the node (module.file is the standalone agent's)").field_path(".handlers"),
-    validation = Rule::new("self.handlers.all(h, !has(h.upstream) || !has(h.upstream.caFile))").message("an upstream's CA is never read from a file on the node (upstream.caFile is the standalone agent's)").field_path(".handlers")
+    validation = Rule::new("self.handlers.all(h, !has(h.upstream) || !has(h.upstream.caFile))").message("an upstream's CA is never read from a file on the node (upstream.caFile is the standalone agent's)").field_path(".handlers"),
+    validation = Rule::new("!has(self.hub) || (!has(self.hub.tokenFile) && !has(self.hub.caFile) && !has(self.hub.credentialsFile))").message("a hub's token, CA and credentials come from tokenSecret, caSecret and credentialsSecret (Secrets in this namespace), never from files on the node (hub.tokenFile, hub.caFile and hub.credentialsFile are the standalone agent's)").field_path(".hub"),
+    validation = Rule::new("!has(self.hub) || self.channels.exists(c, (has(c.uplink) && c.uplink) || (has(c.downlink) && c.downlink))").message("a hub needs a channel marked uplink or downlink").field_path(".hub"),
+    validation = Rule::new("has(self.hub) || self.channels.all(c, !(has(c.uplink) && c.uplink) && !(has(c.downlink) && c.downlink))").message("uplink and downlink need the service's hub").field_path(".channels")
 )]
 pub struct EdgeServiceSpec {
     /// Labels a node must have to run this service (all must match).
@@ -92,6 +96,11 @@ pub struct EdgeServiceSpec {
     /// in this namespace. Absent: plain `ws://` and `http://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServiceTls>,
+    /// A hub the channels marked `uplink`/`downlink` are bridged to, its
+    /// token (`tokenSecret`) and CA (`caSecret`) from Secrets in this
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubSpec>,
 }
 
 /// The Secret key holding a `kubernetes.io/tls` Secret's certificate chain.
@@ -112,21 +121,52 @@ pub struct ServiceTls {
 
 /// Every Secret the spec names, all in the EdgeService's namespace: what its
 /// agents may read (and nothing else). Each field that names a Secret feeds
-/// this one function: `tls`, `auth.keySecret`, and the wasm modules'
+/// this one function: those whose keys the agents store as files
+/// ([`EdgeServiceSpec::stored_secret_keys`]), and the wasm modules'
 /// `imagePullSecret`.
 pub fn referenced_secrets(spec: &EdgeServiceSpec) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    if let Some(tls) = &spec.tls {
-        names.insert(tls.secret_name.clone());
-    }
-    if let Some(key) = spec.auth.as_ref().and_then(|a| a.key_secret.as_ref()) {
-        names.insert(key.name.clone());
-    }
+    let mut names: BTreeSet<String> = spec
+        .stored_secret_keys()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     names.extend(spec.image_pull_secrets().into_iter().map(str::to_string));
     names
 }
 
 impl EdgeServiceSpec {
+    /// The (Secret, key) pairs of this namespace whose bytes the agents
+    /// store as files for the service to read: the `tls` pair, the token
+    /// key `auth.keySecret`, the hub's `tokenSecret`, `caSecret` and
+    /// `credentialsSecret`, and each upstream handler's `caSecret`.
+    pub fn stored_secret_keys(&self) -> Vec<(String, String)> {
+        let mut keys = Vec::new();
+        if let Some(tls) = &self.tls {
+            for key in [TLS_CERT_KEY, TLS_PRIVATE_KEY] {
+                keys.push((tls.secret_name.clone(), key.to_string()));
+            }
+        }
+        let auth_key = self.auth.as_ref().and_then(|a| a.key_secret.as_ref());
+        let hub = self.hub.as_ref();
+        let hub_keys = hub.and_then(|h| h.token_secret.as_ref()).into_iter();
+        let hub_ca = hub.and_then(|h| h.ca_secret.as_ref()).into_iter();
+        let hub_credentials = hub.and_then(|h| h.credentials_secret.as_ref()).into_iter();
+        let upstream_cas = self
+            .handlers
+            .iter()
+            .filter_map(|h| h.upstream.as_ref()?.ca_secret.as_ref());
+        for secret in auth_key
+            .into_iter()
+            .chain(hub_keys)
+            .chain(hub_ca)
+            .chain(hub_credentials)
+            .chain(upstream_cas)
+        {
+            keys.push((secret.name.clone(), secret.key.clone()));
+        }
+        keys
+    }
+
     /// The Secrets (in the EdgeService's namespace) that its Wasm modules are
     /// pulled with, `module.imagePullSecret`: the agents placed for it need to
     /// read these, and no other Secret, for its modules.
@@ -429,6 +469,15 @@ mod tests {
             assert!(es.contains(needle), "EdgeService CRD lacks {needle}");
         }
         assert!(es.contains("auth takes its key from keySecret"));
+        for needle in [
+            r#""tokenSecret""#,
+            r#""caSecret""#,
+            r#""uplink""#,
+            r#""downlink""#,
+            "a hub needs a channel marked uplink or downlink",
+        ] {
+            assert!(es.contains(needle), "EdgeService CRD lacks {needle}");
+        }
         let en = serde_json::to_string(&EdgeNode::crd()).unwrap();
         assert!(en.contains(r#""scope":"Cluster""#));
         assert!(en.contains(r#""name":"Last Heartbeat""#));
@@ -450,6 +499,18 @@ mod tests {
         );
         let plain: EdgeServiceSpec = serde_yaml_ng::from_str("port: 80\n").unwrap();
         assert!(referenced_secrets(&plain).is_empty());
+        let linked: EdgeServiceSpec = serde_yaml_ng::from_str(
+            "port: 80\nchannels: [{name: t, uplink: true}]\nhub: {url: 'wss://h/relay', tokenSecret: {name: hub-token, key: token}, caSecret: {name: hub-ca, key: ca.crt}}\nhandlers: [{name: u, kind: upstream, upstream: {url: 'https://c/u', caSecret: {name: cloud-ca, key: ca.pem}}}]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            referenced_secrets(&linked),
+            BTreeSet::from([
+                "cloud-ca".to_string(),
+                "hub-ca".to_string(),
+                "hub-token".to_string()
+            ])
+        );
         let example: EdgeService =
             serde_yaml_ng::from_str(include_str!("../../examples/edgeservice-tls.yaml")).unwrap();
         assert_eq!(

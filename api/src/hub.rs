@@ -5,6 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{SecretKeyRef, check_secret_key, check_secret_name};
 use crate::error::FieldError;
 
 /// Where a service's hub is and how its queue is bounded. The hub is an
@@ -15,15 +16,39 @@ use crate::error::FieldError;
 pub struct HubSpec {
     /// The hub's relay endpoint, `ws://host:port/relay` or `wss://...`; or
     /// a NATS server with JetStream, `nats://host:port`.
+    #[schemars(length(min = 1, max = 2048))]
     pub url: String,
     /// A file holding the bearer token the agent presents to the hub (the
     /// hub checks it like any client's, see `auth`). Read at each connect.
+    /// The standalone agent's only: an EdgeService uses `tokenSecret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub token_file: Option<String>,
-    /// PEM CA certificates that a `wss://` hub's certificate must chain to.
-    /// Absent: the system's roots.
+    /// In an EdgeService, instead of `tokenFile`: the key of a Secret in
+    /// its namespace holding the token. The agent stores it as a file of
+    /// its own and reads that at each connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeyRef>,
+    /// PEM CA certificates that a `wss://` hub's certificate must chain to.
+    /// Absent: the system's roots. The standalone agent's only: an
+    /// EdgeService uses `caSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub ca_file: Option<String>,
+    /// In an EdgeService, instead of `caFile`: the key of a Secret in its
+    /// namespace holding the PEM CA certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
+    /// A NATS hub: a file holding the user's NKEY seed (`SU...`) or a
+    /// `.creds` file (user JWT and seed). Read at each connect. The
+    /// standalone agent's only: an EdgeService uses `credentialsSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub credentials_file: Option<String>,
+    /// In an EdgeService, instead of `credentialsFile`: the key of a Secret
+    /// in its namespace holding the seed or the `.creds` text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<SecretKeyRef>,
     /// Bytes of uplink messages the on-disk queue holds at most; past it the
     /// oldest are dropped (and counted).
     #[serde(default = "default_queue_bytes")]
@@ -63,7 +88,11 @@ impl HubSpec {
         HubSpec {
             url: url.into(),
             token_file: None,
+            token_secret: None,
             ca_file: None,
+            ca_secret: None,
+            credentials_file: None,
+            credentials_secret: None,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             ttl_seconds: DEFAULT_TTL_SECONDS,
             stream: None,
@@ -94,6 +123,12 @@ impl HubSpec {
         self.url.starts_with("wss://")
     }
 
+    /// Whether a CA may be named: a `wss://` hub, or a NATS hub (which then
+    /// must serve TLS).
+    pub fn takes_ca(&self) -> bool {
+        self.is_tls() || self.is_nats()
+    }
+
     pub fn validate_into(&self, at: &str, errors: &mut Vec<FieldError>) {
         let rest = self
             .url
@@ -113,15 +148,59 @@ impl HubSpec {
                 ),
             ));
         }
-        for (field, value) in [("tokenFile", &self.token_file), ("caFile", &self.ca_file)] {
+        for (field, value) in [
+            ("tokenFile", &self.token_file),
+            ("caFile", &self.ca_file),
+            ("credentialsFile", &self.credentials_file),
+        ] {
             if value.as_deref().is_some_and(str::is_empty) {
                 errors.push(FieldError::new(format!("{at}.{field}"), "must name a file"));
             }
         }
-        if self.ca_file.is_some() && !self.is_tls() {
+        for (field, file, secret) in [
+            ("token", &self.token_file, &self.token_secret),
+            ("ca", &self.ca_file, &self.ca_secret),
+            (
+                "credentials",
+                &self.credentials_file,
+                &self.credentials_secret,
+            ),
+        ] {
+            if let Some(secret) = secret {
+                let checked =
+                    check_secret_name(&secret.name).and_then(|()| check_secret_key(&secret.key));
+                if let Err(why) = checked {
+                    errors.push(FieldError::new(format!("{at}.{field}Secret"), why));
+                } else if file.is_some() {
+                    errors.push(FieldError::new(
+                        format!("{at}.{field}Secret"),
+                        format!("exactly one of {field}File and {field}Secret may be set"),
+                    ));
+                }
+            }
+        }
+        if (self.ca_file.is_some() || self.ca_secret.is_some()) && !self.takes_ca() {
+            let field = if self.ca_file.is_some() {
+                "caFile"
+            } else {
+                "caSecret"
+            };
             errors.push(FieldError::new(
-                format!("{at}.caFile"),
-                "only a wss:// hub takes a CA",
+                format!("{at}.{field}"),
+                "only a wss:// or nats:// hub takes a CA",
+            ));
+        }
+        let credentials = self.credentials_file.is_some() || self.credentials_secret.is_some();
+        let token = self.token_file.is_some() || self.token_secret.is_some();
+        if credentials && !self.is_nats() {
+            errors.push(FieldError::new(
+                format!("{at}.credentialsFile"),
+                "only a nats:// hub takes NATS credentials",
+            ));
+        } else if credentials && token {
+            errors.push(FieldError::new(
+                format!("{at}.credentialsFile"),
+                "a NATS hub takes a token or credentials, not both",
             ));
         }
         let nats_names = [
@@ -210,6 +289,13 @@ mod tests {
         assert!(service.is_uplink("chat") && service.is_downlink("chat"));
         assert!(!service.is_uplink("local") && !service.is_downlink("local"));
         crate::AgentConfig::parse(include_str!("../../examples/hub/hub.yaml")).unwrap();
+        let es: crate::crd::EdgeService =
+            serde_yaml_ng::from_str(include_str!("../../examples/hub/edgeservice.yaml")).unwrap();
+        assert_eq!(
+            crate::crd::referenced_secrets(&es.spec),
+            std::collections::BTreeSet::from(["hub-credentials".to_string()])
+        );
+        assert_eq!(es.spec.channels, edge.services[0].channels);
     }
 
     #[test]
@@ -246,6 +332,63 @@ mod tests {
         let mut relay = HubSpec::at("ws://h/relay");
         relay.stream = Some("S".into());
         assert_eq!(fields(&relay), ["hub.stream"]);
+    }
+
+    #[test]
+    fn a_credential_comes_from_a_file_or_a_secret_never_both() {
+        let secret = |name: &str, key: &str| {
+            Some(SecretKeyRef {
+                name: name.into(),
+                key: key.into(),
+            })
+        };
+        let mut spec = HubSpec::at("wss://h/relay");
+        spec.token_secret = secret("hub", "token");
+        spec.ca_secret = secret("hub", "ca.crt");
+        assert!(fields(&spec).is_empty(), "{:?}", fields(&spec));
+        spec.token_file = Some("/t".into());
+        spec.ca_secret = secret("Hub", "..");
+        assert_eq!(fields(&spec), ["hub.tokenSecret", "hub.caSecret"]);
+        let mut plain = HubSpec::at("ws://h/relay");
+        plain.ca_secret = secret("hub", "ca.crt");
+        assert_eq!(fields(&plain), ["hub.caSecret"]);
+        plain.ca_secret = None;
+        plain.credentials_file = Some("/user.creds".into());
+        assert_eq!(fields(&plain), ["hub.credentialsFile"]);
+
+        let mut nats = HubSpec::at("nats://h:4222");
+        nats.ca_file = Some("/ca.pem".into());
+        nats.credentials_secret = secret("nats", "user.creds");
+        assert!(fields(&nats).is_empty(), "{:?}", fields(&nats));
+        nats.token_file = Some("/t".into());
+        assert_eq!(fields(&nats), ["hub.credentialsFile"]);
+        nats.token_file = None;
+        nats.credentials_file = Some("/user.creds".into());
+        assert_eq!(fields(&nats), ["hub.credentialsSecret"]);
+    }
+
+    #[test]
+    fn an_agent_config_names_files_not_secrets() {
+        let err = crate::AgentConfig::parse(
+            r#"
+services:
+  - name: edge
+    port: 0
+    channels: [{name: t, uplink: true}]
+    hub: {url: "nats://h:4222", credentialsSecret: {name: hub, key: creds}, caSecret: {name: hub, key: ca}}
+    handlers:
+      - {name: u, kind: upstream, upstream: {url: "https://c/u", caSecret: {name: c, key: ca}}}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for field in [
+            "services[0].hub.credentialsSecret",
+            "services[0].hub.caSecret",
+            "services[0].handlers[0].upstream.caSecret",
+        ] {
+            assert!(err.contains(field), "{field} in {err}");
+        }
     }
 
     #[test]

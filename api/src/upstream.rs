@@ -49,10 +49,15 @@ pub struct UpstreamSpec {
     pub max_response_bytes: u32,
     /// PEM file of the CA certificates that sign the upstream's certificate,
     /// instead of the system's roots (for an `https://` url). A path on the
-    /// node, read when the handler starts.
+    /// node, read when the handler starts: the standalone agent's only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub ca_file: Option<String>,
+    /// In an EdgeService, instead of `caFile`: the key of a Secret in its
+    /// namespace holding the PEM CA certificates. The agent stores it as a
+    /// file of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<crate::auth::SecretKeyRef>,
 }
 
 /// The circuit breaker: after `failures` consecutive failed attempts the
@@ -112,6 +117,7 @@ impl UpstreamSpec {
             max_request_bytes: default_body_bytes(),
             max_response_bytes: default_body_bytes(),
             ca_file: None,
+            ca_secret: None,
         }
     }
 
@@ -168,6 +174,21 @@ impl UpstreamSpec {
             check("caFile", !file.is_empty(), "must name a PEM file".into());
             check(
                 "caFile",
+                self.is_https(),
+                "only an https:// url uses a CA".into(),
+            );
+        }
+        if let Some(secret) = &self.ca_secret {
+            let named = crate::auth::check_secret_name(&secret.name)
+                .and_then(|()| crate::auth::check_secret_key(&secret.key));
+            check("caSecret", named.is_ok(), named.err().unwrap_or_default());
+            check(
+                "caSecret",
+                self.ca_file.is_none(),
+                "exactly one of caFile and caSecret may be set".into(),
+            );
+            check(
+                "caSecret",
                 self.is_https(),
                 "only an https:// url uses a CA".into(),
             );

@@ -17,7 +17,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewire_api::crd::EdgeService;
@@ -28,8 +28,10 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::Role;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::json;
+use support::cluster::*;
+use support::prometheus::Killed;
 use support::*;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -38,22 +40,10 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-/// Control plane, operator and agent on a loaded machine; a rotation waits
-/// for the agent's periodic fetch (15 s) and the files' reload (1 s).
-const SLOW_WAIT: Duration = Duration::from_secs(120);
 const NAMESPACE: &str = "sec";
 const OTHER_NAMESPACE: &str = "sec-other";
 const AGENT_ACCOUNT: &str = "agent";
 const HS256_SECRET: &str = "0123456789abcdef0123456789abcdef-cluster-secret";
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn token(secret: &str) -> String {
     let exp = SystemTime::now()
@@ -109,33 +99,6 @@ fn tls_secret(cert: &str, key: &str) -> Secret {
     }
 }
 
-fn opaque_secret(name: &str, key: &str, value: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([(
-            key.to_string(),
-            ByteString(value.as_bytes().to_vec()),
-        )])),
-        ..Secret::default()
-    }
-}
-
-async fn apply<K>(api: &Api<K>, name: &str, object: &K)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("apply {name}: {e}"));
-}
-
 /// A client that authenticates with `token` only.
 async fn client_with_token(plane: &ControlPlane, token: &str) -> kube::Client {
     let raw = kube::config::Kubeconfig::read_from(&plane.kubeconfig).unwrap();
@@ -159,28 +122,6 @@ async fn get_code(client: &kube::Client, namespace: &str, name: &str) -> String 
         Ok(_) => "ok".into(),
         Err(kube::Error::Api(e)) => e.code.to_string(),
         Err(e) => format!("error: {e}"),
-    }
-}
-
-fn degraded(es: &EdgeService) -> (String, String, String) {
-    es.status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == "Degraded")
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-        .unwrap_or_default()
-}
-
-/// Waits (bounded) until `check` holds; `what` and `log` explain a failure.
-async fn eventually<F, Fut>(what: &str, log: impl Fn() -> String, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + SLOW_WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}\n{}", log());
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -231,13 +172,13 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     apply(
         &secrets,
         "jwt",
-        &opaque_secret("jwt", "hs256", HS256_SECRET),
+        &opaque_secret("jwt", "hs256", HS256_SECRET.as_bytes()),
     )
     .await;
     apply(
         &secrets,
         "unnamed",
-        &opaque_secret("unnamed", "password", "not for the agents"),
+        &opaque_secret("unnamed", "password", b"not for the agents"),
     )
     .await;
     let elsewhere: Api<Secret> = Api::namespaced(client.clone(), OTHER_NAMESPACE);

@@ -276,9 +276,23 @@ fn per_edge() -> u64 {
         .unwrap_or(10_000)
 }
 
-/// Three edges publish while the hub is down; one is SIGKILLed and restarted
-/// halfway; then the hub comes back. Its subscriber gets every message once,
-/// in publish order per edge, and the queues empty.
+/// How long the hub stays away in the outage test; the edges' publishing is
+/// spread over it.
+fn outage() -> Duration {
+    let seconds = std::env::var("EDGEWIRE_UPLINK_OUTAGE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(seconds)
+}
+
+/// The outage's publishing comes in this many rounds, evenly spaced.
+const ROUNDS: u64 = 40;
+
+/// Three edges publish while the hub is down for `outage()`, their messages
+/// spread over it; one is SIGKILLed and restarted halfway; then the hub
+/// comes back. Its subscriber gets every message once, in publish order per
+/// edge, and the queues empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_loses_and_duplicates_nothing_across_an_edge_restart() {
     let n = per_edge();
@@ -291,25 +305,39 @@ async fn an_outage_loses_and_duplicates_nothing_across_an_edge_restart() {
     for edge in &edges {
         edge.agent.wait_ready().await;
     }
+    // The hub is away from here until `outage()` has passed: the edges
+    // publish a round each 1/ROUNDS of it, and edge-0 is SIGKILLed and
+    // restarted halfway.
     let started = Instant::now();
+    let outage = outage();
     let data = |edge: String| move |k: u64| json!({"edge": edge, "n": k});
-    for edge in &edges[1..] {
-        let mut ws = edge.relay().await;
-        publish_all(&mut ws, "telemetry", 0..n, data(edge.node.clone())).await;
+    let mut sockets = Vec::new();
+    for edge in &edges {
+        sockets.push(edge.relay().await);
     }
-    let mut ws = edges[0].relay().await;
-    publish_all(&mut ws, "telemetry", 0..n / 2, data(edges[0].node.clone())).await;
-    drop(ws);
-    edges[0].kill_and_restart().await;
-    assert_eq!(
-        edges[0]
-            .metric(r#"edgewire_uplink_queue_messages{service="edge"}"#)
-            .await,
-        (n / 2) as f64,
-        "the queue came back from disk"
-    );
-    let mut ws = edges[0].relay().await;
-    publish_all(&mut ws, "telemetry", n / 2..n, data(edges[0].node.clone())).await;
+    for round in 0..ROUNDS {
+        let range = round * n / ROUNDS..(round + 1) * n / ROUNDS;
+        if round == ROUNDS / 2 {
+            drop(sockets.remove(0));
+            edges[0].kill_and_restart().await;
+            assert_eq!(
+                edges[0]
+                    .metric(r#"edgewire_uplink_queue_messages{service="edge"}"#)
+                    .await,
+                range.start as f64,
+                "the queue came back from disk"
+            );
+            sockets.insert(0, edges[0].relay().await);
+        }
+        if !range.is_empty() {
+            for (edge, ws) in edges.iter().zip(&mut sockets) {
+                publish_all(ws, "telemetry", range.clone(), data(edge.node.clone())).await;
+            }
+        }
+        let next = started + outage * (round + 1) as u32 / ROUNDS as u32;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    drop(sockets);
     for edge in &edges {
         let text = edge.agent.metrics().await;
         assert_eq!(
@@ -332,7 +360,7 @@ async fn an_outage_loses_and_duplicates_nothing_across_an_edge_restart() {
         );
     }
     eprintln!(
-        "published {} messages during the outage in {:?}",
+        "published {} messages during an outage of {:?}",
         3 * n,
         started.elapsed()
     );

@@ -352,3 +352,102 @@ async fn messages(ws: &mut Client, quiet: Duration) -> Vec<Value> {
         }
     }
 }
+
+/// `nats-server -js` on 127.0.0.1:`port` serving TLS only (the test
+/// certificate) to one NKEY user, `user`'s public key; killed on drop.
+async fn start_secured_nats(port: u16, dir: &Path, user: &str) -> Killed {
+    let config = format!(
+        "tls {{ cert_file: \"{cert}\", key_file: \"{key}\" }}\nauthorization {{ users: [ {{ nkey: \"{user}\" }} ] }}\n",
+        cert = tls::fixture("server1.pem").display(),
+        key = tls::fixture("server1.key").display(),
+    );
+    start_nats_with(port, dir, &config).await
+}
+
+/// An edge whose NATS hub is reached with `hub_extra` (YAML lines of the
+/// `hub` block).
+fn spawn_secured_edge(node: &str, root: &Path, port: u16, hub_extra: &str) -> AgentProcess {
+    let state = root.join(node);
+    std::fs::create_dir_all(&state).unwrap();
+    let config = format!(
+        "services:\n  - name: edge\n    port: 0\n    channels: [{{name: telemetry, uplink: true}}]\n    hub:\n      url: nats://127.0.0.1:{port}\n{hub_extra}"
+    );
+    AgentProcess::spawn(
+        Some(&config),
+        &[
+            "--node-name",
+            node,
+            "--state-dir",
+            &state.display().to_string(),
+        ],
+    )
+}
+
+/// A NATS hub that serves TLS only and admits one NKEY user: an edge with
+/// the CA and that user's seed delivers into the stream; one without the CA
+/// fails TLS, one with another user's seed is refused; each failure is
+/// counted by its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_nats_hub_is_reached_with_its_ca_and_an_nkey() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let user = nkeys::KeyPair::new_user();
+    let _nats = start_secured_nats(port, root.path(), &user.public_key()).await;
+    let write = |name: &str, text: &str| {
+        let path = root.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let seed = write("user.nk", &format!("{}\n", user.seed().unwrap()));
+    let stranger = write("stranger.nk", &nkeys::KeyPair::new_user().seed().unwrap());
+    let ca = tls::fixture("ca.pem").display().to_string();
+    let good = spawn_secured_edge(
+        "edge-ok",
+        root.path(),
+        port,
+        &format!("      caFile: {ca}\n      credentialsFile: {seed}\n"),
+    );
+    let no_ca = spawn_secured_edge(
+        "edge-no-ca",
+        root.path(),
+        port,
+        &format!("      credentialsFile: {seed}\n"),
+    );
+    let wrong = spawn_secured_edge(
+        "edge-wrong",
+        root.path(),
+        port,
+        &format!("      caFile: {ca}\n      credentialsFile: {stranger}\n"),
+    );
+    for edge in [&good, &no_ca, &wrong] {
+        edge.wait_ready().await;
+    }
+    publish_all(&good, "edge-ok", 0..3).await;
+    good.wait_metric(r#"edgewire_uplink_delivered_total{service="edge"}"#, 3.0)
+        .await;
+    no_ca
+        .wait_metric(
+            r#"edgewire_uplink_connect_failures_total{reason="tls",service="edge"}"#,
+            1.0,
+        )
+        .await;
+    wrong
+        .wait_metric(
+            r#"edgewire_uplink_connect_failures_total{reason="unauthorized",service="edge"}"#,
+            1.0,
+        )
+        .await;
+
+    // The stream holds the three, read by a client that is let in the same way.
+    let client = async_nats::ConnectOptions::with_nkey(user.seed().unwrap())
+        .add_root_certificates(tls::fixture("ca.pem"))
+        .require_tls(true)
+        .connect(format!("127.0.0.1:{port}"))
+        .await
+        .expect("a test client with the CA and the seed");
+    let mut stream = jetstream::new(client)
+        .get_stream("EDGEWIRE")
+        .await
+        .expect("the edge made the stream");
+    assert_eq!(stream.info().await.unwrap().state.messages, 3);
+}

@@ -231,6 +231,7 @@ mod tests {
                 },
                 auth: None,
                 tls: None,
+                hub: None,
             },
         );
         es.metadata.namespace = Some("edge".into());

@@ -215,6 +215,7 @@ mod tests {
             expose: Default::default(),
             auth: None,
             tls: None,
+            hub: None,
         }
     }
 

@@ -1,9 +1,11 @@
 //! Whether the Secrets an EdgeService names can serve it: present, with
-//! the keys its `tls` and `auth` read, in a shape the agent accepts. A
-//! problem makes the EdgeService `Degraded` (`SecretMissing`,
-//! `SecretInvalid`) with an Event; the agents refuse to serve it without
-//! them (never plaintext where TLS was asked, never anonymous where a token
-//! was). The decision is pure; `check` only fetches.
+//! the keys its `tls`, `auth`, `hub` and upstream handlers read, in a shape
+//! the agent accepts. A problem makes the EdgeService `Degraded`
+//! (`SecretMissing`, `SecretInvalid`) with an Event; the agents refuse to
+//! serve it without its TLS and token key (never plaintext where TLS was
+//! asked, never anonymous where a token was), and without a hub token or a
+//! CA they serve their local clients while the hub link or the upstream
+//! fails. The decision is pure; `check` only fetches.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +32,13 @@ enum Use {
         key: String,
         algorithm: TokenAlgorithm,
     },
+    /// `hub.tokenSecret`: one key holding the bearer token for the hub.
+    HubToken { key: String },
+    /// `hub.caSecret`, an upstream's `caSecret`: one key holding PEM CA
+    /// certificates.
+    Ca { key: String },
+    /// `hub.credentialsSecret`: a NATS user's NKEY seed, or a `.creds` file.
+    NatsCredentials { key: String },
 }
 
 /// Each Secret the spec names, with what it is used for.
@@ -48,6 +57,26 @@ fn uses(spec: &EdgeServiceSpec) -> Vec<(String, Use)> {
                 algorithm: auth.algorithm,
             },
         ));
+    }
+    if let Some(hub) = &spec.hub {
+        if let Some(secret) = &hub.token_secret {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::HubToken { key }));
+        }
+        if let Some(secret) = &hub.ca_secret {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::Ca { key }));
+        }
+        if let Some(secret) = &hub.credentials_secret {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::NatsCredentials { key }));
+        }
+    }
+    for handler in &spec.handlers {
+        if let Some(secret) = handler.upstream.as_ref().and_then(|u| u.ca_secret.as_ref()) {
+            let key = secret.key.clone();
+            uses.push((secret.name.clone(), Use::Ca { key }));
+        }
     }
     uses
 }
@@ -109,6 +138,56 @@ fn judge(name: &str, usage: &Use, data: Option<&BTreeMap<String, ByteString>>) -
                     })
                 }
             }
+        }
+        Use::HubToken { key } => {
+            let Some(bytes) = value(key) else {
+                return invalid(format!("no key {key:?}"));
+            };
+            // Sent as `Authorization: Bearer <token>` (surrounding
+            // whitespace trimmed): visible ASCII only.
+            let token = bytes.trim_ascii();
+            let header_safe = !token.is_empty() && token.iter().all(|b| b.is_ascii_graphic());
+            (!header_safe).then(|| {
+                (
+                    SECRET_INVALID,
+                    format!("Secret {name}: key {key:?} is not a token (visible ASCII, not empty)"),
+                )
+            })
+        }
+        Use::Ca { key } => {
+            let Some(bytes) = value(key) else {
+                return invalid(format!("no key {key:?}"));
+            };
+            let certs = CertificateDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>();
+            (!certs.is_ok_and(|c| !c.is_empty())).then(|| {
+                (
+                    SECRET_INVALID,
+                    format!("Secret {name}: key {key:?} holds no PEM certificate"),
+                )
+            })
+        }
+        Use::NatsCredentials { key } => {
+            let Some(bytes) = value(key) else {
+                return invalid(format!("no key {key:?}"));
+            };
+            let text = String::from_utf8_lossy(bytes);
+            let creds =
+                text.contains("BEGIN NATS USER JWT") && text.contains("BEGIN USER NKEY SEED");
+            let seed = text.trim();
+            // An NKEY user seed: 'S' (a seed) then 'U' (of a user), base32.
+            let user_seed = seed.starts_with("SU")
+                && seed.len() > 2
+                && seed
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+            (!creds && !user_seed).then(|| {
+                (
+                    SECRET_INVALID,
+                    format!(
+                        "Secret {name}: key {key:?} holds neither an NKEY user seed nor a .creds file"
+                    ),
+                )
+            })
         }
     }
 }
@@ -193,5 +272,67 @@ mod tests {
         assert_eq!(judge("j", &es, Some(&pem)), None);
         let secrets = data(&[("pub", &"x".repeat(40))]);
         assert_eq!(judge("j", &es, Some(&secrets)).unwrap().0, SECRET_INVALID);
+    }
+
+    #[test]
+    fn hub_tokens_are_header_safe_and_cas_hold_certificates() {
+        let token = |key: &str| Use::HubToken { key: key.into() };
+        let ca = |key: &str| Use::Ca { key: key.into() };
+        let secrets = data(&[
+            ("good", "eyJhbGciOi.eyJzdWIi.sig\n"),
+            ("spaced", "two words"),
+            ("blank", " \n"),
+            ("ca", CERT),
+            ("key", KEY),
+        ]);
+        assert_eq!(judge("h", &token("good"), Some(&secrets)), None);
+        for bad in ["spaced", "blank", "absent"] {
+            let (reason, message) = judge("h", &token(bad), Some(&secrets)).unwrap();
+            assert_eq!(reason, SECRET_INVALID, "{bad}: {message}");
+        }
+        assert_eq!(judge("h", &ca("ca"), Some(&secrets)), None);
+        for bad in ["key", "good", "absent"] {
+            let (reason, message) = judge("h", &ca(bad), Some(&secrets)).unwrap();
+            assert_eq!(reason, SECRET_INVALID, "{bad}: {message}");
+        }
+        assert_eq!(judge("h", &ca("ca"), None).unwrap().0, SECRET_MISSING);
+        let nats = |key: &str| Use::NatsCredentials { key: key.into() };
+        let creds = "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\nSUAM\n------END USER NKEY SEED------\n";
+        let secrets = data(&[
+            (
+                "seed",
+                "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU\n",
+            ),
+            ("creds", creds),
+            ("token", "s3cr3t"),
+        ]);
+        assert_eq!(judge("n", &nats("seed"), Some(&secrets)), None);
+        assert_eq!(judge("n", &nats("creds"), Some(&secrets)), None);
+        assert_eq!(
+            judge("n", &nats("token"), Some(&secrets)).unwrap().0,
+            SECRET_INVALID
+        );
+    }
+
+    #[test]
+    fn every_secret_the_spec_stores_is_judged() {
+        let spec: EdgeServiceSpec = serde_yaml_ng::from_str(
+            "port: 80\nchannels: [{name: t, uplink: true}]\nhub: {url: 'nats://h:4222', credentialsSecret: {name: hub, key: user.creds}, caSecret: {name: hub, key: ca.crt}}\nhandlers: [{name: u, kind: upstream, upstream: {url: 'https://c/u', caSecret: {name: cloud, key: ca.pem}}}]\n",
+        )
+        .unwrap();
+        let judged: Vec<(String, String)> = uses(&spec)
+            .into_iter()
+            .map(|(name, usage)| {
+                let key = match usage {
+                    Use::HubToken { key }
+                    | Use::Ca { key }
+                    | Use::NatsCredentials { key }
+                    | Use::TokenKey { key, .. } => key,
+                    Use::Tls => String::new(),
+                };
+                (name, key)
+            })
+            .collect();
+        assert_eq!(judged, spec.stored_secret_keys());
     }
 }

@@ -83,6 +83,12 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
     .unwrap();
     let (ok, stderr) = kubectl_apply(plane, &ns.name, &upstream);
     assert!(ok, "the upstream example is accepted: {stderr}");
+    let linked = VALID.replace("NAME", "linked").replace(
+        "[{name: chat}]",
+        "[{name: chat, uplink: true, downlink: true}]\n  hub: {url: \"wss://hub/relay\", tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca.crt}}",
+    );
+    let (ok, stderr) = kubectl_apply(plane, &ns.name, &linked);
+    assert!(ok, "a hub with its Secrets is accepted: {stderr}");
 
     let cases = [
         (
@@ -143,6 +149,43 @@ async fn invalid_edgeservices_are_refused_with_the_field_named() {
                 "{name: add, kind: upstream, path: /add, upstream: {url: \"https://cloud/add\", caFile: /etc/shadow}}",
             ),
             "never read from a file on the node",
+        ),
+        (
+            "hub-token-file",
+            VALID.replace(
+                "[{name: chat}]",
+                "[{name: chat, uplink: true}]\n  hub: {url: \"wss://hub/relay\", tokenFile: /etc/shadow}",
+            ),
+            "never from files on the node",
+        ),
+        (
+            "hub-ca-file",
+            VALID.replace(
+                "[{name: chat}]",
+                "[{name: chat, uplink: true}]\n  hub: {url: \"wss://hub/relay\", caFile: /etc/shadow}",
+            ),
+            "never from files on the node",
+        ),
+        (
+            "hub-credentials-file",
+            VALID.replace(
+                "[{name: chat}]",
+                "[{name: chat, uplink: true}]\n  hub: {url: \"nats://hub:4222\", credentialsFile: /etc/shadow}",
+            ),
+            "never from files on the node",
+        ),
+        (
+            "hub-unbridged",
+            VALID.replace(
+                "[{name: chat}]",
+                "[{name: chat}]\n  hub: {url: \"wss://hub/relay\", tokenSecret: {name: hub, key: token}}",
+            ),
+            "a hub needs a channel marked uplink or downlink",
+        ),
+        (
+            "uplink-no-hub",
+            VALID.replace("[{name: chat}]", "[{name: chat, downlink: true}]"),
+            "uplink and downlink need the service's hub",
         ),
         (
             "upstream-query",

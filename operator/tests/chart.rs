@@ -389,6 +389,7 @@ fn bad_values_are_refused_by_the_schema() {
         ("agent.stateDir=relative", "stateDir"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.leaseDuration=6", "renewDeadline < leaseDuration"),
+        ("hub.enabled=true", "keySecret"),
     ] {
         let out = helm()
             .args(["template", "ew", chart().to_str().unwrap(), "--set", set])
@@ -398,6 +399,95 @@ fn bad_values_are_refused_by_the_schema() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{set}: {err}");
     }
+}
+
+#[test]
+fn an_optional_hub_is_an_agent_deployment_with_a_service_and_its_config() {
+    let objects = render(&[]);
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o["metadata"]["labels"]["app.kubernetes.io/component"] == "hub"),
+        "no hub unless enabled"
+    );
+
+    let objects = render(&[
+        "hub.enabled=true",
+        "hub.port=9000",
+        "hub.auth.keySecret.name=hub-jwt",
+        "hub.auth.keySecret.key=hs256",
+        "hub.auth.anonymous.subscribe={telemetry}",
+        "hub.channels={telemetry,commands,chat}",
+        "hub.service.type=LoadBalancer",
+    ]);
+    let config_map = find(&objects, "ConfigMap", "ew-hub").expect("the hub's ConfigMap");
+    let text = config_map["data"]["config.yaml"].as_str().unwrap();
+    let config = edgewire_api::AgentConfig::parse(text)
+        .unwrap_or_else(|e| panic!("the hub's config is not an agent config: {e}\n{text}"));
+    let service = &config.services[0];
+    assert_eq!(service.port, 9000);
+    let channels: Vec<&str> = service.channels.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(channels, ["telemetry", "commands", "chat"]);
+    assert_eq!(service.limits.send_queue_messages, 65536);
+    let auth = service.auth.as_ref().expect("edges need a token");
+    assert_eq!(auth.algorithm, edgewire_api::TokenAlgorithm::HS256);
+    assert_eq!(auth.anonymous.as_ref().unwrap().subscribe, ["telemetry"]);
+    assert!(service.hub.is_none(), "the hub links to no hub of its own");
+
+    let deployment = find(&objects, "Deployment", "ew-hub").expect("the hub's Deployment");
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    assert_ne!(pod["spec"]["hostNetwork"], true);
+    let container = &pod["spec"]["containers"][0];
+    assert!(
+        container["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("edgewire/edgewire-agent:")
+    );
+    let hub_args = args(container);
+    assert!(
+        hub_args.contains(&"--config=/etc/edgewire/hub/config.yaml".to_string()),
+        "{hub_args:?}"
+    );
+    assert!(!hub_args.contains(&"--cluster".to_string()), "{hub_args:?}");
+    assert_eq!(container["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let mount_of = |volume: &str| {
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no mount of {volume}"))
+            .to_string()
+    };
+    assert_eq!(
+        auth.key_file.as_deref(),
+        Some(format!("{}/hs256", mount_of("key")).as_str()),
+        "the config reads the key where the Secret is mounted"
+    );
+    assert_eq!(mount_of("config"), "/etc/edgewire/hub");
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap();
+    assert_eq!(volume("key")["secret"]["secretName"], "hub-jwt");
+    assert_eq!(volume("key")["secret"]["items"][0]["key"], "hs256");
+    assert_eq!(volume("config")["configMap"]["name"], "ew-hub");
+
+    let svc = find(&objects, "Service", "ew-hub").expect("the hub's Service");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9000);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "relay");
+    let labels = &pod["metadata"]["labels"];
+    for (key, value) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[key], value, "the Service selects the hub's pods");
+    }
+    assert_eq!(
+        container["ports"][0],
+        serde_json::json!({"name": "relay", "containerPort": 9000})
+    );
 }
 
 fn args(container: &Value) -> Vec<String> {

@@ -8,6 +8,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "edgewire.operatorName" -}}{{ .Release.Name }}-operator{{- end }}
 {{- define "edgewire.agentName" -}}{{ .Release.Name }}-agent{{- end }}
+{{- define "edgewire.hubName" -}}{{ .Release.Name }}-hub{{- end }}
 
 {{- define "edgewire.image" -}}
 {{- $img := index .root.Values.image .component -}}

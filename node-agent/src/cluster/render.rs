@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use edgewire_api::auth::{check_secret_key, check_secret_name};
+use edgewire_api::auth::{SecretKeyRef, check_secret_key, check_secret_name};
 use edgewire_api::crd::{
     EdgeService, NodePlacement, PlacementSlice, TLS_CERT_KEY, TLS_PRIVATE_KEY,
 };
-use edgewire_api::{AgentConfig, AuthSpec, PeerSpec, ServiceConfig, TlsSpec};
+use edgewire_api::{AgentConfig, AuthSpec, HandlerSpec, HubSpec, PeerSpec, ServiceConfig, TlsSpec};
 
 use super::secrets;
 
@@ -31,13 +31,19 @@ pub fn key(es: &EdgeService) -> String {
     )
 }
 
-/// The service's `tls` and `auth` as the agent config has them: the
-/// Secrets they name become the files `secrets` stores them in under
-/// `state_dir`. A key file on the node is not the EdgeService's to name.
-fn client_security(
-    es: &EdgeService,
-    state_dir: &Path,
-) -> Result<(Option<TlsSpec>, Option<AuthSpec>), String> {
+/// The parts of a service that name Secrets, as the agent config has them:
+/// each Secret becomes the file `secrets` stores it in under `state_dir`.
+struct FromSecrets {
+    tls: Option<TlsSpec>,
+    auth: Option<AuthSpec>,
+    hub: Option<HubSpec>,
+    handlers: Vec<HandlerSpec>,
+}
+
+/// The service's `tls`, `auth`, `hub` and handlers with their Secrets
+/// replaced by the stored files. A key file on the node is not the
+/// EdgeService's to name.
+fn from_secrets(es: &EdgeService, state_dir: &Path) -> Result<FromSecrets, String> {
     for (name, key) in secrets::wanted(es) {
         check_secret_name(&name).and_then(|()| check_secret_key(&key))?;
     }
@@ -47,6 +53,7 @@ fn client_security(
             .display()
             .to_string()
     };
+    let stored_ref = |secret: &SecretKeyRef| stored(&secret.name, &secret.key);
     let tls = es.spec.tls.as_ref().map(|tls| TlsSpec {
         cert_file: stored(&tls.secret_name, TLS_CERT_KEY),
         key_file: stored(&tls.secret_name, TLS_PRIVATE_KEY),
@@ -62,21 +69,58 @@ fn client_security(
         Some(auth) => {
             let mut auth = auth.clone();
             if let Some(secret) = auth.key_secret.take() {
-                auth.key_file = Some(stored(&secret.name, &secret.key));
+                auth.key_file = Some(stored_ref(&secret));
             }
             Some(auth)
         }
     };
-    Ok((tls, auth))
+    let hub = es.spec.hub.clone().map(|mut hub| {
+        if let Some(secret) = hub.token_secret.take() {
+            hub.token_file = Some(stored_ref(&secret));
+        }
+        if let Some(secret) = hub.ca_secret.take() {
+            hub.ca_file = Some(stored_ref(&secret));
+        }
+        if let Some(secret) = hub.credentials_secret.take() {
+            hub.credentials_file = Some(stored_ref(&secret));
+        }
+        hub
+    });
+    let mut handlers = es.spec.handlers.clone();
+    for upstream in handlers.iter_mut().filter_map(|h| h.upstream.as_mut()) {
+        if let Some(secret) = upstream.ca_secret.take() {
+            upstream.ca_file = Some(stored_ref(&secret));
+        }
+    }
+    Ok(FromSecrets {
+        tls,
+        auth,
+        hub,
+        handlers,
+    })
 }
 
-/// Handler fields naming a file on the node: the standalone agent's alone.
-/// From an EdgeService they would have a root agent read a host path its
-/// author chose (admission refuses them too; this holds for objects written
-/// before that rule).
-fn node_files(handlers: &[edgewire_api::HandlerSpec]) -> Vec<edgewire_api::FieldError> {
+/// Fields naming a file on the node: the standalone agent's alone. From an
+/// EdgeService they would have a root agent read a host path its author
+/// chose (admission refuses them too; this holds for objects written before
+/// that rule).
+fn node_files(es: &EdgeService) -> Vec<edgewire_api::FieldError> {
     let mut errors = Vec::new();
-    for (i, h) in handlers.iter().enumerate() {
+    if let Some(hub) = &es.spec.hub {
+        for (field, file) in [
+            ("tokenFile", &hub.token_file),
+            ("caFile", &hub.ca_file),
+            ("credentialsFile", &hub.credentials_file),
+        ] {
+            if file.is_some() {
+                errors.push(edgewire_api::FieldError::new(
+                    format!("spec.hub.{field}"),
+                    "an EdgeService takes the hub's token, CA and credentials from Secrets, never from a file on the node",
+                ));
+            }
+        }
+    }
+    for (i, h) in es.spec.handlers.iter().enumerate() {
         if h.module.as_ref().is_some_and(|m| m.file.is_some()) {
             errors.push(edgewire_api::FieldError::new(
                 format!("spec.handlers[{i}].module.file"),
@@ -162,8 +206,8 @@ pub fn render(
                 .push((name, format!("port {} is out of range", es.spec.port)));
             continue;
         };
-        let (tls, auth) = match client_security(es, state_dir) {
-            Ok(security) => security,
+        let secured = match from_secrets(es, state_dir) {
+            Ok(secured) => secured,
             Err(why) => {
                 rendered.rejected.push((name, why));
                 continue;
@@ -196,16 +240,16 @@ pub fn render(
         let service = ServiceConfig {
             name: name.clone(),
             port,
-            handlers: es.spec.handlers.clone(),
+            handlers: secured.handlers,
             channels: es.spec.channels.clone(),
             relay_path: es.spec.relay_path.clone(),
             limits: es.spec.limits.clone(),
             peers,
-            auth,
-            tls,
-            hub: None,
+            auth: secured.auth,
+            tls: secured.tls,
+            hub: secured.hub,
         };
-        let mut errors = node_files(&service.handlers);
+        let mut errors = node_files(es);
         service.validate_into("spec", &mut errors);
         if let Some(taken) = rendered.config.services.iter().find(|s| s.port == port) {
             errors.push(edgewire_api::FieldError::new(
@@ -229,6 +273,7 @@ pub fn render(
 
 #[cfg(test)]
 mod tests {
+    use edgewire_api::ChannelSpec;
     use edgewire_api::crd::{
         EdgeServiceSpec, EdgeServiceStatus, NodePlacement, PlacementSliceSpec, PlacementState,
     };
@@ -259,6 +304,7 @@ mod tests {
                 expose: Default::default(),
                 auth: None,
                 tls: None,
+                hub: None,
             },
         );
         es.metadata.namespace = Some("edge".into());
@@ -308,17 +354,91 @@ mod tests {
     }
 
     #[test]
-    fn handlers_naming_files_on_the_node_are_refused() {
+    fn fields_naming_files_on_the_node_are_refused() {
         let mut services = [es("files", 8000, &[("a", None)], 1)];
         services[0].spec.handlers = serde_yaml_ng::from_str(
             "- {name: f, kind: wasm, path: /f, module: {file: /etc/shadow}}\n- {name: u, kind: upstream, path: /u, upstream: {url: 'https://cloud/u', caFile: /etc/shadow}}\n",
         )
         .unwrap();
+        services[0].spec.hub = Some(
+            serde_yaml_ng::from_str(
+                "{url: 'nats://hub:4222', credentialsFile: /etc/shadow, caFile: /etc/shadow}",
+            )
+            .unwrap(),
+        );
+        services[0].spec.channels = vec![ChannelSpec {
+            uplink: true,
+            ..ChannelSpec::named("t")
+        }];
         let r = render_placed("a", &services, None);
         assert!(r.config.services.is_empty());
         let why = &r.rejected[0].1;
-        assert!(why.contains("spec.handlers[0].module.file"), "{why}");
-        assert!(why.contains("spec.handlers[1].upstream.caFile"), "{why}");
+        for field in [
+            "spec.handlers[0].module.file",
+            "spec.handlers[1].upstream.caFile",
+            "spec.hub.credentialsFile",
+            "spec.hub.caFile",
+        ] {
+            assert!(why.contains(field), "{field} in {why}");
+        }
+    }
+
+    #[test]
+    fn the_hubs_and_upstreams_secrets_become_files_in_the_state_dir() {
+        let mut services = [es("linked", 8000, &[("a", None)], 1)];
+        services[0].spec.hub = Some(
+            serde_yaml_ng::from_str(
+                "{url: 'wss://hub/relay', tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca.crt}, queueBytes: 65536}",
+            )
+            .unwrap(),
+        );
+        services[0].spec.channels = vec![ChannelSpec {
+            uplink: true,
+            downlink: true,
+            ..ChannelSpec::named("t")
+        }];
+        services[0].spec.handlers = serde_yaml_ng::from_str(
+            "- {name: u, kind: upstream, path: /u, upstream: {url: 'https://cloud/u', caSecret: {name: cloud-ca, key: ca.pem}}}\n",
+        )
+        .unwrap();
+        let r = render_placed("a", &services, None);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        let s = &r.config.services[0];
+        let hub = s.hub.as_ref().unwrap();
+        assert_eq!(hub.url, "wss://hub/relay");
+        assert_eq!(hub.queue_bytes, 65536);
+        assert_eq!(
+            hub.token_file.as_deref(),
+            Some("/state/secrets/edge/hub/token")
+        );
+        assert_eq!(
+            hub.ca_file.as_deref(),
+            Some("/state/secrets/edge/hub/ca.crt")
+        );
+        assert_eq!((&hub.token_secret, &hub.ca_secret), (&None, &None));
+        assert!(s.is_uplink("t") && s.is_downlink("t"));
+        let upstream = s.handlers[0].upstream.as_ref().unwrap();
+        assert_eq!(
+            upstream.ca_file.as_deref(),
+            Some("/state/secrets/edge/cloud-ca/ca.pem")
+        );
+        assert_eq!(upstream.ca_secret, None);
+        r.config.validate().unwrap();
+
+        services[0].spec.hub = Some(
+            serde_yaml_ng::from_str(
+                "{url: 'nats://hub:4222', credentialsSecret: {name: nats, key: user.creds}}",
+            )
+            .unwrap(),
+        );
+        let r = render_placed("a", &services, None);
+        let hub = r.config.services[0].hub.as_ref().unwrap();
+        assert_eq!(
+            hub.credentials_file.as_deref(),
+            Some("/state/secrets/edge/nats/user.creds")
+        );
+        assert_eq!(hub.credentials_secret, None);
+        r.config.validate().unwrap();
     }
 
     #[test]

@@ -1,17 +1,18 @@
-//! Secrets an EdgeService names (`tls.secretName`, `auth.keySecret`):
-//! fetched from its namespace by name, one `get` each (the agent may read
+//! Secrets an EdgeService names (`tls.secretName`, `auth.keySecret`, the
+//! hub's `tokenSecret` and `caSecret`, an upstream's `caSecret`): fetched from its namespace by name, one `get` each (the agent may read
 //! only these, see the operator's per-namespace Role), and stored in the
 //! state directory, readable by the agent alone. The rendered config names
 //! the stored files, so a restart without the API server still serves TLS
 //! and checks tokens (edge autonomy), and a rotated Secret reaches the
-//! service through the files, which it reads again when they change.
+//! service through the files, which it reads again when they change (the
+//! hub's token at each connect).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use edgewire_api::crd::{EdgeService, TLS_CERT_KEY, TLS_PRIVATE_KEY};
+use edgewire_api::crd::EdgeService;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
@@ -26,16 +27,7 @@ pub fn file(state_dir: &Path, namespace: &str, name: &str, key: &str) -> PathBuf
 
 /// The (Secret, key) pairs an EdgeService's agents need.
 pub fn wanted(es: &EdgeService) -> Vec<(String, String)> {
-    let mut wanted = Vec::new();
-    if let Some(tls) = &es.spec.tls {
-        for key in [TLS_CERT_KEY, TLS_PRIVATE_KEY] {
-            wanted.push((tls.secret_name.clone(), key.to_string()));
-        }
-    }
-    if let Some(key) = es.spec.auth.as_ref().and_then(|a| a.key_secret.as_ref()) {
-        wanted.push((key.name.clone(), key.key.clone()));
-    }
-    wanted
+    es.spec.stored_secret_keys()
 }
 
 /// Fetches what the EdgeServices in `placed` name and stores each key whose
@@ -134,9 +126,9 @@ mod tests {
     }
 
     #[test]
-    fn wants_the_tls_pair_and_the_auth_key() {
+    fn wants_the_tls_pair_the_auth_key_the_hubs_and_the_upstreams() {
         let es: EdgeService = serde_yaml_ng::from_str(
-            "apiVersion: edgewire.dev/v1alpha1\nkind: EdgeService\nmetadata: {name: web, namespace: edge}\nspec:\n  port: 8443\n  tls: {secretName: web-tls}\n  auth: {algorithm: HS256, keySecret: {name: jwt, key: hs256}}\n",
+            "apiVersion: edgewire.dev/v1alpha1\nkind: EdgeService\nmetadata: {name: web, namespace: edge}\nspec:\n  port: 8443\n  tls: {secretName: web-tls}\n  auth: {algorithm: HS256, keySecret: {name: jwt, key: hs256}}\n  hub: {url: 'wss://hub/relay', tokenSecret: {name: hub, key: token}, caSecret: {name: hub, key: ca.crt}}\n  channels: [{name: t, uplink: true}]\n  handlers: [{name: u, kind: upstream, upstream: {url: 'https://cloud/u', caSecret: {name: cloud-ca, key: ca.crt}}}]\n",
         )
         .unwrap();
         let pair = |s: &str, k: &str| (s.to_string(), k.to_string());
@@ -145,7 +137,10 @@ mod tests {
             [
                 pair("web-tls", "tls.crt"),
                 pair("web-tls", "tls.key"),
-                pair("jwt", "hs256")
+                pair("jwt", "hs256"),
+                pair("hub", "token"),
+                pair("hub", "ca.crt"),
+                pair("cloud-ca", "ca.crt"),
             ]
         );
     }

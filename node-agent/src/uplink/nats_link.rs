@@ -37,6 +37,45 @@ pub struct NatsLink {
     ready: bool,
 }
 
+/// Whether rustls failed somewhere in `err`'s chain of causes.
+fn is_tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(cause) = next {
+        let io_inner = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if cause.is::<rustls::Error>() || io_inner.is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
+}
+
+/// Signs in with the credentials in `path`, read anew at each connect (a
+/// rotated seed is used from the next one): a `.creds` file (the user's JWT
+/// and seed) or an NKEY seed alone.
+async fn with_credentials(
+    options: async_nats::ConnectOptions,
+    path: &str,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    let failed = |why: String| ConnectError::Credentials {
+        path: path.to_string(),
+        why,
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if text.contains("BEGIN NATS USER JWT") {
+        options
+            .credentials(&text)
+            .map_err(|e| failed(e.to_string()))
+    } else {
+        Ok(options.nkey(text.trim().to_string()))
+    }
+}
+
 /// Connects, makes the stream when missing, and starts a consumer per
 /// downlink channel.
 pub async fn connect(
@@ -50,6 +89,13 @@ pub async fn connect(
     if let Some(token) = super::transport::read_token(spec).await? {
         options = options.token(token);
     }
+    if let Some(path) = &spec.credentials_file {
+        options = with_credentials(options, path).await?;
+    }
+    if let Some(ca) = &spec.ca_file {
+        // Only this CA is trusted, and the server must speak TLS.
+        options = options.add_root_certificates(ca.into()).require_tls(true);
+    }
     let url = spec.url.clone();
     let client = match tokio::time::timeout(TIMEOUT, options.connect(url.as_str())).await {
         Ok(Ok(client)) => client,
@@ -60,6 +106,9 @@ pub async fn connect(
                     ConnectError::Unauthorized(err.to_string())
                 }
                 Kind::Tls => ConnectError::Tls(err.to_string()),
+                // A certificate the CA does not vouch for comes as an I/O
+                // error carrying rustls' own.
+                _ if is_tls_failure(&err) => ConnectError::Tls(err.to_string()),
                 _ => ConnectError::Unreachable(err.to_string()),
             });
         }

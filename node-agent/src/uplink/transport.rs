@@ -35,6 +35,8 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot use the NATS credentials file {path}: {why}")]
+    Credentials { path: String, why: String },
     #[error("hub URL {0:?} is not usable: {1}")]
     Url(String, String),
     #[error("hub unreachable: {0}")]
@@ -61,7 +63,9 @@ impl ConnectError {
 
     pub fn reason(&self) -> &'static str {
         match self {
-            ConnectError::Token { .. } | ConnectError::Url(..) => "credential",
+            ConnectError::Token { .. }
+            | ConnectError::Credentials { .. }
+            | ConnectError::Url(..) => "credential",
             ConnectError::Unreachable(_) => "unreachable",
             ConnectError::Tls(_) => "tls",
             ConnectError::Unauthorized(_) => "unauthorized",

@@ -3,6 +3,7 @@
 //! WebSocket.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod prometheus;
 pub mod tls;
 

@@ -16,6 +16,8 @@ mod forward;
 mod outcome;
 mod retry;
 
+use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,7 @@ use hyper::{Method, Uri};
 use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
+use crate::reloading::Reloading;
 use breaker::{Admission, Breaker};
 pub use client::Answer;
 use client::HttpClient;
@@ -37,8 +40,11 @@ pub struct UpstreamHandler {
     name: String,
     service: Arc<str>,
     spec: UpstreamSpec,
-    /// The client, or why the handler cannot forward (an unusable CA file).
-    client: Result<HttpClient, String>,
+    /// The client, or why the handler cannot forward (an unusable CA file),
+    /// built again when the CA file changes (a rotated Secret, or one that
+    /// arrived after the handler started); a change that does not build
+    /// keeps what was there.
+    client: Reloading<Result<HttpClient, String>>,
     slots: Semaphore,
     breaker: Mutex<Breaker>,
     /// The service checks client tokens: they are not passed upstream.
@@ -75,6 +81,8 @@ impl UpstreamHandler {
         if let Err(err) = &client {
             tracing::warn!(service, handler = %spec.name, %err, "upstream handler unusable; it answers 503");
         }
+        let ca_files = upstream.ca_file.iter().map(PathBuf::from).collect();
+        let Ok(client) = Reloading::load(ca_files, || Ok::<_, Infallible>(client));
         metrics.init_upstream(
             service,
             &spec.name,
@@ -181,7 +189,8 @@ impl UpstreamHandler {
         outgoing: Outgoing,
         deadline: Instant,
     ) -> (Result<Answer, UpstreamError>, Duration) {
-        let client = match &self.client {
+        let current = self.client.current(|| client::build(&self.spec).map(Ok));
+        let client = match current.as_ref() {
             Ok(client) => client,
             Err(err) => return (Err(UpstreamError::Unavailable(err.clone())), Duration::ZERO),
         };
