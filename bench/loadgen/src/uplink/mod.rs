@@ -322,20 +322,27 @@ impl RunShared {
 }
 
 /// Waits until `expected` messages arrived or nothing new came for
-/// [`QUIET`]; `true` when all arrived.
+/// [`QUIET`] since the wait began or the latest arrival (after an outage
+/// the latest arrival may be a minute old); `true` when all arrived.
 async fn wait_delivered(observed: &Mutex<Observed>, expected: u64, deadline: Instant) -> bool {
+    let began = Instant::now();
     loop {
         {
             let seen = observed.lock().unwrap_or_else(|e| e.into_inner());
             if seen.tally.unique >= expected {
                 return true;
             }
-            if seen.last_arrival.elapsed() >= QUIET || Instant::now() >= deadline {
+            if quiet_since(began, seen.last_arrival) >= QUIET || Instant::now() >= deadline {
                 return false;
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// How long nothing has arrived, counting from `began` at the earliest.
+fn quiet_since(began: Instant, last_arrival: Instant) -> Duration {
+    began.max(last_arrival).elapsed()
 }
 
 /// The p-th fraction of a sorted list.
@@ -522,6 +529,14 @@ pub async fn uplink(run: UplinkRun) -> anyhow::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quiet_spell_counts_from_the_wait_at_the_earliest() {
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        assert!(quiet_since(Instant::now(), long_ago) < Duration::from_secs(1));
+        let began = Instant::now() - Duration::from_secs(30);
+        assert!(quiet_since(began, long_ago) >= Duration::from_secs(30));
+    }
 
     #[test]
     fn the_steady_rate_leaves_out_the_ramp_and_the_tail() {
