@@ -347,6 +347,19 @@ def main():
         "subscriber at the hub, all in one `edgewire-loadgen uplink` process (one clock for send and",
         f"arrival); {SIZE}-byte payloads. Each phase starts on fresh servers with empty state.",
         "",
+        "- edgewire: the hub an agent with channel `up`; each edge an agent whose `up` is an `uplink` channel "
+        "to it (`hub.url: ws://...`, queue bound 256 MiB). Publishers are relay clients of the edges, one publish "
+        "per frame without an `id` (no reply); the subscriber a relay client of the hub in batch mode. On disk: "
+        "each message written to the edge's queue log (one `write`) before the next is read, `fdatasync` every "
+        "200 ms; the hub appends each delivered (node, sequence) to its table.",
+        "- NATS: the hub a nats-server with JetStream (domain `hub`) and a leafnode listener; each edge a "
+        "nats-server with JetStream (domain `edge<i>`) and a leafnode remote to the hub. Each leaf's stream `UP` "
+        "(file storage) stores its publisher's subject `up.<i>`; the hub's stream `UP` (file storage) sources "
+        "every leaf's stream through `$JS.edge<i>.API`, as NATS's \"JetStream on Leaf Nodes\" guide aggregates "
+        "leaf streams. Publishers are async-nats clients of the leaves (plain publishes); the subscriber reads the "
+        "hub's stream with an ordered push consumer. On disk: the file store's writes, flushed within milliseconds, "
+        "its own background sync (nats-server 2.9 has no setting for it).",
+        "",
         "| phase | how |",
         "| --- | --- |",
         f"| throughput | each publisher sends {THROUGHPUT_MESSAGES:,} messages as fast as its edge takes them; "
