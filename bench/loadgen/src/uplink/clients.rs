@@ -6,16 +6,15 @@
 //! sources every leaf's stream across its JetStream domain (`edge<i>`), and
 //! the subscriber reads the hub's stream with an ordered push consumer.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
 use clap::ValueEnum;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::dial::{Dial, Dialect, Ws, next_deliveries, publish_frame, subscribe};
+use crate::dial::{Dial, Dialect, Ws, loopback_server, next_deliveries, publish_frame, subscribe};
 
 /// The edgewire channel and the NATS stream the messages go up on.
 pub const CHANNEL: &str = "up";
@@ -27,20 +26,8 @@ pub enum System {
     Nats,
 }
 
-/// `ip:port` of a `nats://` URL, refusing anything that is not loopback.
-fn nats_server(url: &str) -> anyhow::Result<SocketAddr> {
-    let authority = url.strip_prefix("nats://").context("only nats:// URLs")?;
-    let addr: SocketAddr = authority
-        .parse()
-        .with_context(|| format!("{authority} is not ip:port"))?;
-    if !addr.ip().is_loopback() {
-        bail!("benchmarks only talk to loopback; {addr} is not");
-    }
-    Ok(addr)
-}
-
 async fn nats_connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    nats_server(url)?;
+    loopback_server(url, "nats://")?;
     async_nats::ConnectOptions::new()
         // The load generator decides when to reconnect (after the hub's
         // return), so the client's own backoff adds nothing to the figures.
@@ -231,17 +218,5 @@ impl Subscription {
                 }])
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_loopback_nats_servers() {
-        assert!(nats_server("nats://127.0.0.20:4222").is_ok());
-        assert!(nats_server("nats://10.0.0.1:4222").is_err());
-        assert!(nats_server("tls://127.0.0.1:4222").is_err());
     }
 }

@@ -169,7 +169,10 @@ mod tests {
             ),
             (4, 1, 1, 2)
         );
-        assert_eq!(tally.missing(&[4, 101], 10), [(0, 3), (1, 0)]);
-        assert_eq!(tally.missing(&[4, 101], 1), [(0, 3)]);
+        // Publisher 0 sent 0..=3 (3 never came), publisher 1 sent 0..=100
+        // (only 100 came).
+        assert_eq!(tally.missing(&[4, 101], 3), [(0, 3), (1, 0), (1, 1)]);
+        assert_eq!(tally.missing(&[4, 101], 1000).len(), 101);
+        assert_eq!(tally.missing(&[3, 101], 1000).last(), Some(&(1, 99)));
     }
 }
