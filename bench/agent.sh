@@ -12,14 +12,7 @@ source "$root/bench/common.sh"
 
 release_build edgewire-agent edgewire-loadgen
 
-stage "nats-server"
-if ! command -v nats-server >/dev/null 2>&1; then
-  sudo=""
-  [[ $(id -u) -eq 0 ]] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nats-server >/dev/null
-fi
-nats-server --version
+nats_server
 
 stage "node ws peer"
 (cd bench/peers/node-ws && npm install --no-audit --no-fund --silent)

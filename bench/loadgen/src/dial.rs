@@ -46,7 +46,15 @@ pub struct Dial {
 
 /// `ip:port` of a `ws://` URL, refusing anything that is not loopback.
 pub fn server_of(url: &str) -> anyhow::Result<SocketAddr> {
-    let rest = url.strip_prefix("ws://").context("only ws:// URLs")?;
+    loopback_server(url, "ws://")
+}
+
+/// `ip:port` of a URL of the scheme `prefix` (e.g. `nats://`), refusing
+/// anything that is not loopback.
+pub fn loopback_server(url: &str, prefix: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url
+        .strip_prefix(prefix)
+        .with_context(|| format!("only {prefix} URLs"))?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let addr: SocketAddr = authority
         .parse()
@@ -252,5 +260,7 @@ mod tests {
         assert!(server_of("ws://[::1]:80/").is_ok());
         assert!(server_of("ws://10.0.0.1:80/").is_err());
         assert!(server_of("wss://127.0.0.1:80/").is_err());
+        assert!(loopback_server("nats://127.0.0.20:4222", "nats://").is_ok());
+        assert!(loopback_server("nats://10.0.0.1:4222", "nats://").is_err());
     }
 }

@@ -1,12 +1,14 @@
 //! `edgewire-loadgen`: drives WebSocket and HTTP servers and prints one JSON
 //! line of figures. It speaks edgewire's relay protocol, plain text echo and
-//! NATS over WebSocket, and HTTP/1.1 GETs, so that edgewire and its peers
+//! NATS over WebSocket, NATS itself (uplink through leaf nodes), and
+//! HTTP/1.1 GETs, so that edgewire and its peers
 //! are measured with the same client. It is a bench tool, not a test: every run is bounded in count and
 //! in time, and it only talks to loopback addresses.
 
 mod dial;
 mod http;
 mod mesh;
+mod uplink;
 mod workload;
 
 use std::time::Duration;
@@ -113,6 +115,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         rate: u64,
     },
+    /// Edge nodes publishing up to a hub (edgewire edge agents and their
+    /// hub, or NATS leaf servers and their hub): throughput, latency, and
+    /// the drain after an outage the driver makes (see `uplink/driver.rs`).
+    Uplink(uplink::UplinkRun),
 }
 
 impl Cmd {
@@ -124,6 +130,7 @@ impl Cmd {
             | Cmd::Idle { dial, .. }
             | Cmd::Mesh { dial, .. } => dial,
             Cmd::Http { timeout, .. } => return Duration::from_secs(*timeout),
+            Cmd::Uplink(run) => return Duration::from_secs(run.timeout),
         };
         Duration::from_secs(dial.timeout)
     }
@@ -187,6 +194,7 @@ impl Cmd {
                 };
                 mesh::mesh(dial, run).await
             }
+            Cmd::Uplink(run) => uplink::uplink(run).await,
         }
     }
 }
