@@ -230,6 +230,11 @@ impl Agent {
         let mut trackers = {
             let mut state = self.state.lock().await;
             state.shutting_down = true;
+            // Before any service sees the cancellation (see
+            // `ServiceRuntime::close_forwarding`).
+            for service in state.running.values() {
+                service.runtime.close_forwarding().await;
+            }
             self.root.cancel();
             if let Some(mesh) = &self.mesh {
                 mesh.shutdown();

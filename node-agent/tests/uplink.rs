@@ -589,6 +589,103 @@ async fn downlink_reaches_every_edge_once_and_nothing_loops() {
     );
 }
 
+/// A hub stopped (SIGTERM) while two edges stream to it: what it
+/// acknowledged reaches its subscriber before it closes, and what it did not
+/// is sent again to the hub that comes back, so the subscriber, before and
+/// after, gets every message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_hub_delivers_everything_it_acknowledged() {
+    const N: u64 = 20_000;
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/relay");
+    let hub_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut hub = spawn_hub(root.path(), port, "");
+    hub.wait_ready().await;
+    let mut subscriber = connect(hub_addr, "/relay").await;
+    subscribe(&mut subscriber, "telemetry").await;
+    let edges: Vec<Edge> = (0..2)
+        .map(|i| Edge::spawn(&format!("edge-{i}"), root.path(), &url, 64 << 20))
+        .collect();
+    for edge in &edges {
+        edge.give_token(&edge_token(SECRET));
+        edge.agent.wait_ready().await;
+    }
+    let mut publishers = Vec::new();
+    for edge in &edges {
+        let mut ws = edge.relay().await;
+        let node = edge.node.clone();
+        publishers.push(tokio::spawn(async move {
+            publish_all(
+                &mut ws,
+                "telemetry",
+                0..N,
+                |k| json!({"edge": node, "n": k}),
+            )
+            .await;
+        }));
+    }
+    // Well under way: stop the hub, and read what it sends until it closes.
+    let mut got = drain_messages(&mut subscriber, (N / 2) as usize, DRAIN, Duration::ZERO).await;
+    hub.signal("TERM");
+    loop {
+        match tokio::time::timeout(WAIT, subscriber.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["type"] == "message" {
+                    got.push((
+                        value["channel"].as_str().unwrap_or_default().to_string(),
+                        value["data"].clone(),
+                        value["origin"]["node"].as_str().map(String::from),
+                    ));
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    assert!(hub.wait_exit(WAIT).is_some(), "the hub did not stop");
+    let before = got.len();
+    // A hub delivers to the subscribers present: hold the edges until the
+    // new one's subscriber is in place.
+    for edge in &edges {
+        edge.agent.signal("STOP");
+    }
+    let hub = spawn_hub(root.path(), port, "");
+    hub.wait_ready().await;
+    let mut subscriber = connect(hub_addr, "/relay").await;
+    subscribe(&mut subscriber, "telemetry").await;
+    for edge in &edges {
+        edge.agent.signal("CONT");
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let deadline = Instant::now() + DRAIN;
+    while got.len() < 2 * N as usize && Instant::now() < deadline {
+        got.extend(drain_messages(&mut subscriber, 1, WAIT, Duration::ZERO).await);
+    }
+    // Anything more now would be a duplicate.
+    got.extend(drain_messages(&mut subscriber, 0, WAIT, Duration::from_secs(2)).await);
+    eprintln!(
+        "{before} messages before the hub stopped, {} after",
+        got.len() - before
+    );
+    let got = by_edge(&got);
+    let want: Vec<u64> = (0..N).collect();
+    for edge in &edges {
+        let seen = got.get(&edge.node).cloned().unwrap_or_default();
+        let distinct: std::collections::BTreeSet<u64> = seen.iter().copied().collect();
+        let missing = want.iter().filter(|k| !distinct.contains(k)).count();
+        assert_eq!(
+            missing, 0,
+            "{}: {missing} messages never arrived",
+            edge.node
+        );
+        assert!(seen == want, "{}: each once, in publish order", edge.node);
+    }
+}
+
 /// A client of the hub that may publish, but whose token does not name
 /// edge-0 among its `origins`, cannot forward as edge-0: were it let
 /// through, its made-up sequence number would make the hub drop every

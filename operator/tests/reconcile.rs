@@ -96,6 +96,30 @@ async fn wait_event(env: &Env, es: &str, reason: &str) -> (String, String, Strin
     }
 }
 
+/// Waits until EdgeNode `node`'s condition `type_` has `reason`.
+async fn wait_edge_node_reason(env: &Env, node: &str, type_: &str, reason: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let path = format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].reason}}");
+    loop {
+        let out = env
+            .plane
+            .kubectl()
+            .unwrap()
+            .args(["get", "edgenode", node, "-o", &path])
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == reason {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "EdgeNode {node}: {type_} reason {got:?}, wanted {reason}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn ready(es: &EdgeService) -> bool {
     condition(es, "Ready") == Some(("True", "AllNodesReady"))
 }
@@ -243,30 +267,7 @@ async fn scale_down_relabel_and_stale_heartbeat() {
     let event = wait_event(&env, "feed", "NodeStale").await;
     assert_eq!(event.0, "Warning");
     // The EdgeNode says so too (written by the operator's EdgeNode controller).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let edge_ready = env
-            .plane
-            .kubectl()
-            .unwrap()
-            .args([
-                "get",
-                "edgenode",
-                &nodes[1],
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
-            ])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&edge_ready.stdout) == "HeartbeatStale" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "EdgeNode never marked stale"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_edge_node_reason(&env, &nodes[1], "Ready", "HeartbeatStale").await;
 
     // Back: ready again, back in the endpoints.
     beats.set(&nodes[1], true);
@@ -281,30 +282,7 @@ async fn scale_down_relabel_and_stale_heartbeat() {
         .delete(&nodes[0], &DeleteParams::default())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let degraded = env
-            .plane
-            .kubectl()
-            .unwrap()
-            .args([
-                "get",
-                "edgenode",
-                &nodes[0],
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Degraded\")].reason}",
-            ])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&degraded.stdout) == "NodeNotFound" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "EdgeNode of a deleted Node never marked NodeNotFound"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_edge_node_reason(&env, &nodes[0], "Degraded", "NodeNotFound").await;
     env.cleanup_nodes(&nodes).await;
 }
 

@@ -91,6 +91,10 @@ pub struct ServiceRuntime {
     next_id: AtomicU64,
     stop: CancellationToken,
     stop_reason: OnceLock<(CloseCode, &'static str)>,
+    /// As a hub: whether publishes forwarded by edges (with an `origin`)
+    /// are still taken. Each is delivered and acknowledged under a read
+    /// guard; stopping takes the write side first (`close_forwarding`).
+    forwarding: tokio::sync::RwLock<bool>,
     tracker: TaskTracker,
 }
 
@@ -131,12 +135,22 @@ impl ServiceRuntime {
             next_id: AtomicU64::new(1),
             stop,
             stop_reason: OnceLock::new(),
+            forwarding: tokio::sync::RwLock::new(true),
             tracker: TaskTracker::new(),
         }
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Takes no more publishes forwarded by edges, once those being
+    /// delivered are queued to their subscribers. Called before the service
+    /// stops: its subscribers then write out what they were given before
+    /// they close, and an edge gets no acknowledgement for anything later,
+    /// so it sends that again to the next hub rather than lose it.
+    pub async fn close_forwarding(&self) {
+        *self.forwarding.write().await = false;
     }
 
     /// Cancelled when the service stops.
@@ -324,6 +338,7 @@ impl RunningService {
     /// Stops accepting (the port is free when this returns) and tells every
     /// connection to close with `code`. Returns a handle to wait for the drain.
     pub async fn stop(self, code: CloseCode, reason: &'static str) -> TaskTracker {
+        self.runtime.close_forwarding().await;
         let _ = self.runtime.stop_reason.set((code, reason));
         self.runtime.stop.cancel();
         if let Err(err) = self.accept_loop.await {

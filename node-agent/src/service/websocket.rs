@@ -38,6 +38,9 @@ const MAX_BATCH: usize = 64;
 /// `Session::read_run`): bounded, so deliveries, pings and shutdown still
 /// get their turn under a flood.
 const READ_RUN: usize = 64;
+/// How long a stopping service's sessions may take to write out what is
+/// already queued for their clients.
+const FLUSH_ON_STOP: Duration = Duration::from_secs(2);
 /// The longest close reason RFC 6455 allows (125 bytes of payload less the code).
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -77,6 +80,8 @@ struct Session {
     /// Mesh links the last publish left over their pacing threshold: the
     /// client is not read again until they drain.
     backlog: Backlog,
+    /// Writing out the queue as the service stops (`flush_on_stop`).
+    flushing: bool,
 }
 
 pub async fn run(
@@ -96,6 +101,7 @@ pub async fn run(
         subscriptions: BTreeSet::new(),
         queue: None,
         backlog: Backlog::default(),
+        flushing: false,
     };
     let end = session.serve(&mut sink, &mut stream).await;
     for channel in runtime.hub.remove_connection(&session.subscriptions, id) {
@@ -155,6 +161,7 @@ impl Session {
             };
             tokio::select! {
                 _ = runtime.stop.cancelled() => {
+                    self.flush_on_stop(sink).await;
                     let (code, reason) = runtime.stop_reason();
                     return End::close(code, reason);
                 }
@@ -257,6 +264,7 @@ impl Session {
             tokio::select! {
                 () = &mut drained => return Ok(()),
                 _ = runtime.stop.cancelled() => {
+                    self.flush_on_stop(sink).await;
                     let (code, reason) = runtime.stop_reason();
                     return Err(End::close(code, reason));
                 }
@@ -300,6 +308,14 @@ impl Session {
     {
         let runtime = Arc::clone(&self.runtime);
         let idle = Duration::from_secs(runtime.config.limits.idle_timeout_seconds.into());
+        if self.flushing {
+            // Stopping: the last writes have their own short bound.
+            return match tokio::time::timeout(FLUSH_ON_STOP.min(idle), write).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::PeerGone),
+                Err(_) => Err(End::Stuck),
+            };
+        }
         let evictions = self.queue.as_mut().map(|(_, _, evict)| evict);
         tokio::select! {
             written = tokio::time::timeout(idle, write) => match written {
@@ -444,6 +460,10 @@ impl Session {
         &mut self,
         request: ClientMessage,
     ) -> Result<Option<ServerMessage>, WireError> {
+        let runtime = Arc::clone(&self.runtime);
+        // Held until the publish is delivered and answered: see
+        // `ServiceRuntime::close_forwarding`.
+        let mut _forwarding = None;
         // The token's grants are checked before any code runs: a call or a
         // processed publish the client may not make never reaches a handler.
         match &request {
@@ -470,6 +490,12 @@ impl Session {
                         Action::Forward,
                         &origin.node,
                     )?;
+                    let open = runtime.forwarding.read().await;
+                    if !*open {
+                        // Stopping: unanswered, the edge sends it again.
+                        return Ok(None);
+                    }
+                    _forwarding = Some(open);
                 }
                 // A message an edge forwards again (its acknowledgement was
                 // lost) is acknowledged, and not delivered a second time.
@@ -624,6 +650,22 @@ impl Session {
     /// Whether this client asked for batch mode.
     fn batch(&self) -> bool {
         matches!(self.mode, Mode::Relay { batch: true })
+    }
+
+    /// The service is stopping: writes what is already queued for this
+    /// client (within `FLUSH_ON_STOP`), so a message acknowledged to its
+    /// publisher before the stop (an edge's above all, which is not sent
+    /// again) still reaches it.
+    async fn flush_on_stop(&mut self, sink: &mut Sink) {
+        self.flushing = true;
+        let until = Instant::now() + FLUSH_ON_STOP;
+        while Instant::now() < until
+            && let Some(first) = self.next_queued()
+        {
+            if self.write_deliveries(sink, first).await.is_err() {
+                return;
+            }
+        }
     }
 
     fn next_queued(&mut self) -> Option<Delivery> {
