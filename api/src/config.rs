@@ -603,11 +603,15 @@ impl ServiceConfig {
         }
     }
 
-    /// The hub's and upstreams' Secret references are an EdgeService's: an
-    /// agent config names files (in a cluster the agent has replaced each
-    /// Secret with the file it stored it in before the config gets here).
+    /// The token key's, hub's and upstreams' Secret references are an
+    /// EdgeService's: an agent config names files (in a cluster the agent
+    /// has replaced each Secret with the file it stored it in before the
+    /// config gets here).
     fn refuse_secret_refs_into(&self, at: &str, errors: &mut Vec<FieldError>) {
         let why = "names a Secret, which only an EdgeService can; an agent config names a file";
+        if self.auth.as_ref().is_some_and(|a| a.key_secret.is_some()) {
+            errors.push(FieldError::new(format!("{at}.auth.keySecret"), why));
+        }
         if let Some(hub) = &self.hub {
             for (field, secret) in [
                 ("tokenSecret", &hub.token_secret),

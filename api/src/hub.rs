@@ -376,6 +376,7 @@ services:
     port: 0
     channels: [{name: t, uplink: true}]
     hub: {url: "nats://h:4222", credentialsSecret: {name: hub, key: creds}, caSecret: {name: hub, key: ca}}
+    auth: {algorithm: HS256, keySecret: {name: jwt, key: secret}}
     handlers:
       - {name: u, kind: upstream, upstream: {url: "https://c/u", caSecret: {name: c, key: ca}}}
 "#,
@@ -383,6 +384,7 @@ services:
         .unwrap_err()
         .to_string();
         for field in [
+            "services[0].auth.keySecret",
             "services[0].hub.credentialsSecret",
             "services[0].hub.caSecret",
             "services[0].handlers[0].upstream.caSecret",
