@@ -613,11 +613,7 @@ impl ServiceConfig {
             errors.push(FieldError::new(format!("{at}.auth.keySecret"), why));
         }
         if let Some(hub) = &self.hub {
-            for (field, secret) in [
-                ("tokenSecret", &hub.token_secret),
-                ("caSecret", &hub.ca_secret),
-                ("credentialsSecret", &hub.credentials_secret),
-            ] {
+            for (field, secret) in hub.secret_refs() {
                 if secret.is_some() {
                     errors.push(FieldError::new(format!("{at}.hub.{field}"), why));
                 }
@@ -683,6 +679,14 @@ impl ServiceConfig {
 
     pub fn has_channel(&self, name: &str) -> bool {
         self.channels.iter().any(|c| c.name == name)
+    }
+
+    /// The wasm handler that processes what is published on `channel`.
+    pub fn processor(&self, channel: &str) -> Option<&str> {
+        self.channels
+            .iter()
+            .find(|c| c.name == channel)
+            .and_then(|c| c.processor.as_deref())
     }
 }
 

@@ -147,20 +147,19 @@ impl EdgeServiceSpec {
             }
         }
         let auth_key = self.auth.as_ref().and_then(|a| a.key_secret.as_ref());
-        let hub = self.hub.as_ref();
-        let hub_keys = hub.and_then(|h| h.token_secret.as_ref()).into_iter();
-        let hub_ca = hub.and_then(|h| h.ca_secret.as_ref()).into_iter();
-        let hub_credentials = hub.and_then(|h| h.credentials_secret.as_ref()).into_iter();
+        let hub = self
+            .hub
+            .iter()
+            .flat_map(|h| h.secret_refs())
+            .map(|(_, s)| s);
         let upstream_cas = self
             .handlers
             .iter()
-            .filter_map(|h| h.upstream.as_ref()?.ca_secret.as_ref());
-        for secret in auth_key
-            .into_iter()
-            .chain(hub_keys)
-            .chain(hub_ca)
-            .chain(hub_credentials)
+            .map(|h| h.upstream.as_ref().and_then(|u| u.ca_secret.as_ref()));
+        for secret in std::iter::once(auth_key)
+            .chain(hub)
             .chain(upstream_cas)
+            .flatten()
         {
             keys.push((secret.name.clone(), secret.key.clone()));
         }

@@ -123,6 +123,16 @@ impl HubSpec {
         self.url.starts_with("wss://")
     }
 
+    /// The Secrets this hub names, by field: `tokenSecret`, `caSecret`,
+    /// `credentialsSecret`.
+    pub fn secret_refs(&self) -> [(&'static str, Option<&SecretKeyRef>); 3] {
+        [
+            ("tokenSecret", self.token_secret.as_ref()),
+            ("caSecret", self.ca_secret.as_ref()),
+            ("credentialsSecret", self.credentials_secret.as_ref()),
+        ]
+    }
+
     /// Whether a CA may be named: a `wss://` hub, or a NATS hub (which then
     /// must serve TLS).
     pub fn takes_ca(&self) -> bool {

@@ -149,12 +149,6 @@ impl MeshRefusal {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    In,
-    Out,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryPath {
     Local,
     Mesh,
@@ -485,14 +479,6 @@ impl Metrics {
         self.connections_total
             .with_label_values(&[service, outcome.as_str()])
             .inc();
-    }
-
-    pub fn message(&self, service: &str, direction: Direction) {
-        let label = match direction {
-            Direction::In => "in",
-            Direction::Out => "out",
-        };
-        self.messages.with_label_values(&[service, label]).inc();
     }
 
     pub fn dropped(&self, service: &str, reason: DropReason) {

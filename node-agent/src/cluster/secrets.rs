@@ -1,11 +1,12 @@
 //! Secrets an EdgeService names (`tls.secretName`, `auth.keySecret`, the
-//! hub's `tokenSecret` and `caSecret`, an upstream's `caSecret`): fetched from its namespace by name, one `get` each (the agent may read
-//! only these, see the operator's per-namespace Role), and stored in the
-//! state directory, readable by the agent alone. The rendered config names
-//! the stored files, so a restart without the API server still serves TLS
-//! and checks tokens (edge autonomy), and a rotated Secret reaches the
-//! service through the files, which it reads again when they change (the
-//! hub's token at each connect).
+//! hub's `tokenSecret`, `caSecret` and `credentialsSecret`, an upstream's
+//! `caSecret`): fetched from its namespace by name, one `get` each (the
+//! agent may read only these, see the operator's per-namespace Role), and
+//! stored in the state directory, readable by the agent alone. The rendered
+//! config names the stored files, so a restart without the API server still
+//! serves TLS and checks tokens (edge autonomy), and a rotated Secret
+//! reaches the service through the files, which it reads again when they
+//! change (the hub's token at each connect).
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -59,13 +59,7 @@ pub async fn prepare(runtime: &ServiceRuntime, request: ClientMessage) -> Prepar
             data,
             origin,
         } => {
-            let processor = runtime
-                .config
-                .channels
-                .iter()
-                .find(|c| c.name == channel)
-                .and_then(|c| c.processor.as_deref());
-            let Some((wasm, spec)) = processor.and_then(|name| {
+            let Some((wasm, spec)) = runtime.config.processor(&channel).and_then(|name| {
                 Some((runtime.handlers.wasm(name)?, runtime.config.handler(name)?))
             }) else {
                 return Prepared::Request(ClientMessage::Publish {

@@ -23,7 +23,7 @@ use super::{ConnectionSlot, ServiceRuntime, gate};
 use crate::auth::{Access, Action};
 use crate::handlers;
 use crate::mesh::Backlog;
-use crate::metrics::{DeliveryPath, Direction, DropReason};
+use crate::metrics::{DeliveryPath, DropReason};
 use crate::relay::{ConnId, Delivery, Subscriber};
 
 type Ws = WebSocketStream<ClientSocket>;
@@ -308,22 +308,26 @@ impl Session {
     {
         let runtime = Arc::clone(&self.runtime);
         let idle = Duration::from_secs(runtime.config.limits.idle_timeout_seconds.into());
-        if self.flushing {
-            // Stopping: the last writes have their own short bound.
-            return match tokio::time::timeout(FLUSH_ON_STOP.min(idle), write).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::PeerGone),
-                Err(_) => Err(End::Stuck),
-            };
-        }
-        let evictions = self.queue.as_mut().map(|(_, _, evict)| evict);
+        // Stopping (`flush_on_stop`), the last writes have their own short
+        // bound, and neither the stop nor an eviction cuts them short.
+        let flushing = self.flushing;
+        let bound = if flushing {
+            FLUSH_ON_STOP.min(idle)
+        } else {
+            idle
+        };
+        let evictions = if flushing {
+            None
+        } else {
+            self.queue.as_mut().map(|(_, _, evict)| evict)
+        };
         tokio::select! {
-            written = tokio::time::timeout(idle, write) => match written {
+            written = tokio::time::timeout(bound, write) => match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(End::PeerGone),
                 Err(_) => Err(End::Stuck),
             },
-            _ = runtime.stop.cancelled() => {
+            _ = runtime.stop.cancelled(), if !flushing => {
                 let (code, reason) = runtime.stop_reason();
                 Err(End::close(code, reason))
             }
@@ -338,9 +342,7 @@ impl Session {
             Utf8Bytes::from(text)
         };
         self.guarded(sink.send(Message::Text(frame))).await?;
-        self.runtime
-            .metrics
-            .message(self.runtime.name(), Direction::Out);
+        self.runtime.counters.messages_out.inc();
         Ok(())
     }
 
@@ -384,12 +386,8 @@ impl Session {
     /// full request).
     fn publishes_as_is(&self, channel: &str) -> bool {
         let config = &self.runtime.config;
-        let processed = config
-            .channels
-            .iter()
-            .any(|c| c.name == channel && c.processor.is_some());
         let uplinked = self.runtime.uplink.is_some() && config.is_uplink(channel);
-        !processed && !uplinked
+        config.processor(channel).is_none() && !uplinked
     }
 
     /// A plain publish (see `publish`): the same checks and deliveries as
