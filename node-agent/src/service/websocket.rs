@@ -299,9 +299,10 @@ impl Session {
         end
     }
 
-    /// Runs one write, giving up when the service stops, when the session is
-    /// evicted as a slow consumer, or when the client takes no bytes for the
-    /// idle timeout: a blocked socket must never wedge the session.
+    /// Runs one write, giving up when the session is evicted as a slow
+    /// consumer or when the client takes no bytes for the idle timeout: a
+    /// blocked socket must never wedge the session. When the service stops
+    /// meanwhile, the write gets `FLUSH_ON_STOP` more to finish.
     async fn guarded<F>(&mut self, write: F) -> Result<(), End>
     where
         F: std::future::Future<Output = Result<(), WsError>>,
@@ -321,15 +322,19 @@ impl Session {
         } else {
             self.queue.as_mut().map(|(_, _, evict)| evict)
         };
+        let write = tokio::time::timeout(bound, write);
+        tokio::pin!(write);
         tokio::select! {
-            written = tokio::time::timeout(bound, write) => match written {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::PeerGone),
-                Err(_) => Err(End::Stuck),
-            },
+            written = &mut write => write_outcome(written),
             _ = runtime.stop.cancelled(), if !flushing => {
-                let (code, reason) = runtime.stop_reason();
-                Err(End::close(code, reason))
+                // A write under way is finished (within `FLUSH_ON_STOP`):
+                // the frames it carries have left the queue, and the session
+                // then writes out the rest before it closes.
+                self.flushing = true;
+                match tokio::time::timeout(FLUSH_ON_STOP, &mut write).await {
+                    Ok(written) => write_outcome(written),
+                    Err(_) => Err(End::Stuck),
+                }
             }
             Some(()) = recv_or_pending(evictions) => Err(slow_consumer()),
         }
@@ -730,6 +735,17 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+/// A bounded write's outcome as the session sees it.
+fn write_outcome(
+    written: Result<Result<(), WsError>, tokio::time::error::Elapsed>,
+) -> Result<(), End> {
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::PeerGone),
+        Err(_) => Err(End::Stuck),
     }
 }
 
