@@ -6,34 +6,17 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService};
-use edgewire_testenv::{ControlPlane, NodeSpec, Options};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use edgewire_testenv::{ControlPlane, NodeSpec};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
+use support::cluster::*;
+use support::prometheus::Killed;
 use support::*;
 
 const SECRET: &str = "a mesh secret of enough length";
-
-fn crds() -> Vec<CustomResourceDefinition> {
-    edgewire_testenv::read_crds(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds"
-    )))
-    .expect("the committed CRDs")
-}
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Node {
     name: String,
@@ -56,28 +39,18 @@ impl World {
     fn agent(&self, i: usize) -> AgentProcess {
         let node = &self.nodes[i];
         let mesh = format!("{}:{}", node.ip, self.mesh_port);
-        let label = format!("edgewire.dev/test={}", self.namespace);
-        AgentProcess::spawn_with_env(
-            &node.ip,
-            None,
+        spawn_cluster_agent(
+            &self.plane.kubeconfig,
+            &self.namespace,
+            &node.name,
+            (&node.ip, &node.ip),
+            node.state.path(),
             &[
-                "--cluster",
-                "--node-name",
-                &node.name,
-                "--advertise-address",
-                &node.ip,
                 "--mesh-address",
                 &mesh,
                 "--mesh-secret-file",
                 self.secret.path().to_str().unwrap(),
-                "--state-dir",
-                node.state.path().to_str().unwrap(),
-                "--heartbeat-interval",
-                "1",
-                "--edge-node-label",
-                &label,
             ],
-            &[("KUBECONFIG", self.plane.kubeconfig.to_str().unwrap())],
         )
     }
 
@@ -87,29 +60,18 @@ impl World {
             .unwrap()
     }
 
-    fn operator(&self) -> Operator {
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(workspace_binary("edgewire-operator"))
-            .args(["run", "--metrics-address", &metrics])
-            .args([
-                "--lease-namespace",
-                &self.namespace,
-                "--watch-namespace",
-                &self.namespace,
-            ])
-            .args([
-                "--node-selector",
-                &format!("edgewire.dev/test={}", self.namespace),
-            ])
-            .args(["--heartbeat-timeout", "4"])
-            .args(["--log-level", "edgewire_operator=debug,info"])
-            .env("KUBECONFIG", &self.plane.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.operator_log()).expect("operator log"))
-            .spawn()
-            .expect("start the operator");
-        Operator(child)
+    fn operator(&self) -> Killed {
+        spawn_operator(
+            &self.plane.kubeconfig,
+            &self.namespace,
+            &self.operator_log(),
+            &[
+                "--heartbeat-timeout",
+                "4",
+                "--log-level",
+                "edgewire_operator=debug,info",
+            ],
+        )
     }
 
     fn operator_log(&self) -> std::path::PathBuf {
@@ -218,21 +180,9 @@ async fn echo_works(addr: std::net::SocketAddr, text: &str) {
 
 #[tokio::test]
 async fn agents_follow_placement_mesh_and_survive_the_api_going_away() {
-    let plane = ControlPlane::start(Options {
-        kwok: true,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let client = plane.client().await.unwrap();
-    edgewire_testenv::install_crds(&client, &crds())
-        .await
-        .unwrap();
     // The control plane is this test's own, so a fixed namespace will do.
     let namespace = "cluster".to_string();
-    edgewire_testenv::create_namespace(&client, &namespace)
-        .await
-        .unwrap();
+    let (plane, client) = start_plane(&[&namespace]).await;
     let mut secret = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut secret, SECRET.as_bytes()).unwrap();
 
@@ -439,28 +389,8 @@ async fn in_endpoint_slice(client: &kube::Client, namespace: &str, address: &str
 /// loopback; the test only reads the slice for that address.
 #[tokio::test]
 async fn a_terminating_agent_leaves_the_endpoints_before_its_port_closes() {
-    let plane = ControlPlane::start(Options {
-        kwok: true,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let client = plane.client().await.unwrap();
-    edgewire_testenv::install_crds(&client, &crds())
-        .await
-        .unwrap();
     let namespace = "leaving".to_string();
-    let ns = k8s_openapi::api::core::v1::Namespace {
-        metadata: kube::api::ObjectMeta {
-            name: Some(namespace.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::all(client.clone())
-        .create(&Default::default(), &ns)
-        .await
-        .unwrap();
+    let (plane, client) = start_plane(&[&namespace]).await;
     let (listen, advertise) = ("127.0.0.40", "192.0.2.40");
     edgewire_testenv::add_nodes(
         &client,
@@ -482,24 +412,13 @@ async fn a_terminating_agent_leaves_the_endpoints_before_its_port_closes() {
     };
     let _operator = world.operator();
     let state = tempfile::tempdir().unwrap();
-    let label = format!("edgewire.dev/test={namespace}");
-    let mut agent = AgentProcess::spawn_with_env(
-        listen,
-        None,
-        &[
-            "--cluster",
-            "--node-name",
-            "edge-leaving",
-            "--advertise-address",
-            advertise,
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--edge-node-label",
-            &label,
-        ],
-        &[("KUBECONFIG", world.plane.kubeconfig.to_str().unwrap())],
+    let mut agent = spawn_cluster_agent(
+        &world.plane.kubeconfig,
+        &namespace,
+        "edge-leaving",
+        (listen, advertise),
+        state.path(),
+        &[],
     );
     let es_yaml = format!(
         "apiVersion: edgewire.dev/v1alpha1\nkind: EdgeService\nmetadata: {{name: chat, namespace: {namespace}}}\nspec:\n  nodeSelector: {{edgewire.dev/edge: \"true\"}}\n  port: {}\n  handlers: [{{name: echo, kind: echo, path: /}}]\n",

@@ -17,18 +17,16 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewire_api::crd::EdgeService;
-use edgewire_testenv::{ControlPlane, NodeSpec, Options};
+use edgewire_testenv::NodeSpec;
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::prometheus::Killed;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -147,22 +145,7 @@ async fn messages(ws: &mut Client) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_and_an_upstream_ca_come_from_the_secrets_an_edge_service_names() {
-    let plane = ControlPlane::start(Options {
-        kwok: true,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let client = plane.client().await.unwrap();
-    let crds =
-        edgewire_testenv::read_crds(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds")))
-            .unwrap();
-    edgewire_testenv::install_crds(&client, &crds)
-        .await
-        .unwrap();
-    edgewire_testenv::create_namespace(&client, NAMESPACE)
-        .await
-        .unwrap();
+    let (plane, client) = start_plane(&[NAMESPACE]).await;
     edgewire_testenv::add_nodes(
         &client,
         &[NodeSpec::new("edge-h")
@@ -187,45 +170,22 @@ async fn a_hub_and_an_upstream_ca_come_from_the_secrets_an_edge_service_names() 
     )
     .await;
 
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _operator = Killed(
-        Command::new(workspace_binary("edgewire-operator"))
-            .args(["run", "--metrics-address", &metrics])
-            .args([
-                "--lease-namespace",
-                NAMESPACE,
-                "--watch-namespace",
-                NAMESPACE,
-            ])
-            .args(["--node-selector", &format!("edgewire.dev/test={NAMESPACE}")])
-            .args(["--heartbeat-timeout", "10", "--status-interval", "2"])
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("operator.log")).unwrap())
-            .spawn()
-            .expect("start the operator"),
+    let _operator = spawn_operator(
+        &plane.kubeconfig,
+        NAMESPACE,
+        &dir.path().join("operator.log"),
+        &["--heartbeat-timeout", "10", "--status-interval", "2"],
     );
     let operator_log =
         || std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
     let state = tempfile::tempdir().unwrap();
-    let edge = AgentProcess::spawn_with_env(
-        EDGE_IP,
-        None,
-        &[
-            "--cluster",
-            "--node-name",
-            "edge-h",
-            "--advertise-address",
-            EDGE_IP,
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--edge-node-label",
-            &format!("edgewire.dev/test={NAMESPACE}"),
-        ],
-        &[("KUBECONFIG", plane.kubeconfig.to_str().unwrap())],
+    let edge = spawn_cluster_agent(
+        &plane.kubeconfig,
+        NAMESPACE,
+        "edge-h",
+        (EDGE_IP, EDGE_IP),
+        state.path(),
+        &[],
     );
 
     let port = free_port();

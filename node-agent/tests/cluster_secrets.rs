@@ -16,12 +16,10 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewire_api::crd::EdgeService;
-use edgewire_testenv::{ControlPlane, NodeSpec, Options};
+use edgewire_testenv::{ControlPlane, NodeSpec};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -31,7 +29,6 @@ use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::json;
 use support::cluster::*;
-use support::prometheus::Killed;
 use support::*;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -127,24 +124,7 @@ async fn get_code(client: &kube::Client, namespace: &str, name: &str) -> String 
 
 #[tokio::test]
 async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
-    let plane = ControlPlane::start(Options {
-        kwok: true,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let client = plane.client().await.unwrap();
-    let crds =
-        edgewire_testenv::read_crds(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds")))
-            .unwrap();
-    edgewire_testenv::install_crds(&client, &crds)
-        .await
-        .unwrap();
-    for namespace in [NAMESPACE, OTHER_NAMESPACE] {
-        edgewire_testenv::create_namespace(&client, namespace)
-            .await
-            .unwrap();
-    }
+    let (plane, client) = start_plane(&[NAMESPACE, OTHER_NAMESPACE]).await;
     let ip = "127.0.0.74";
     edgewire_testenv::add_nodes(
         &client,
@@ -190,50 +170,32 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     .await;
 
     let logs = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _operator = Killed(
-        Command::new(workspace_binary("edgewire-operator"))
-            .args(["run", "--metrics-address", &metrics])
-            .args([
-                "--lease-namespace",
-                NAMESPACE,
-                "--watch-namespace",
-                NAMESPACE,
-            ])
-            .args(["--node-selector", &format!("edgewire.dev/test={NAMESPACE}")])
-            .args(["--heartbeat-timeout", "10", "--status-interval", "2"])
-            .args(["--log-level", "edgewire_operator=debug,info"])
-            .args([
-                "--agent-service-account",
-                &format!("{NAMESPACE}/{AGENT_ACCOUNT}"),
-            ])
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("operator.log")).unwrap())
-            .spawn()
-            .expect("start the operator"),
+    let account = format!("{NAMESPACE}/{AGENT_ACCOUNT}");
+    let _operator = spawn_operator(
+        &plane.kubeconfig,
+        NAMESPACE,
+        &logs.path().join("operator.log"),
+        &[
+            "--heartbeat-timeout",
+            "10",
+            "--status-interval",
+            "2",
+            "--log-level",
+            "edgewire_operator=debug,info",
+            "--agent-service-account",
+            &account,
+        ],
     );
     let operator_log =
         || std::fs::read_to_string(logs.path().join("operator.log")).unwrap_or_default();
     let state = tempfile::tempdir().unwrap();
-    let agent = AgentProcess::spawn_with_env(
-        ip,
-        None,
-        &[
-            "--cluster",
-            "--node-name",
-            "edge-s",
-            "--advertise-address",
-            ip,
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--edge-node-label",
-            &format!("edgewire.dev/test={NAMESPACE}"),
-        ],
-        &[("KUBECONFIG", plane.kubeconfig.to_str().unwrap())],
+    let agent = spawn_cluster_agent(
+        &plane.kubeconfig,
+        NAMESPACE,
+        "edge-s",
+        (ip, ip),
+        state.path(),
+        &[],
     );
 
     let (port, broken_port) = (free_port(), free_port());

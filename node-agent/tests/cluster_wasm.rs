@@ -7,29 +7,17 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService};
-use edgewire_testenv::{ControlPlane, NodeSpec, Options};
+use edgewire_testenv::NodeSpec;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
-use serde_json::{Value, json};
+use serde_json::json;
+use support::cluster::*;
 use support::*;
-
-/// Control plane, operator and agent on a loaded machine; compiling modules.
-const SLOW_WAIT: Duration = Duration::from_secs(120);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn module(name: &str) -> Vec<u8> {
     std::fs::read(wasm_components().join(format!("{name}.wasm"))).expect("the built component")
@@ -47,55 +35,13 @@ async fn put_config_map(api: &Api<ConfigMap>, add: Vec<u8>, other: Vec<u8>) {
         ])),
         ..ConfigMap::default()
     };
-    api.patch(
-        "modules",
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&map),
-    )
-    .await
-    .expect("apply the ConfigMap");
-}
-
-fn degraded(es: &EdgeService) -> (String, String, String) {
-    es.status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == "Degraded")
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-        .unwrap_or_default()
-}
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    match http_get(addr, path).await {
-        Ok((status, body)) => (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        ),
-        Err(err) => (0, Value::String(err.to_string())),
-    }
+    apply(api, "modules", &map).await;
 }
 
 #[tokio::test]
 async fn a_module_from_a_config_map_is_served_and_its_errors_reported() {
-    let plane = ControlPlane::start(Options {
-        kwok: true,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let client = plane.client().await.unwrap();
-    let crds = edgewire_testenv::read_crds(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds"
-    )))
-    .unwrap();
-    edgewire_testenv::install_crds(&client, &crds)
-        .await
-        .unwrap();
     let namespace = "wasm";
-    edgewire_testenv::create_namespace(&client, namespace)
-        .await
-        .unwrap();
+    let (plane, client) = start_plane(&[namespace]).await;
     let ip = "127.0.0.61";
     edgewire_testenv::add_nodes(
         &client,
@@ -110,43 +56,20 @@ async fn a_module_from_a_config_map_is_served_and_its_errors_reported() {
     put_config_map(&maps, module("add"), module("missing-export")).await;
 
     let logs = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _operator = Killed(
-        Command::new(workspace_binary("edgewire-operator"))
-            .args(["run", "--metrics-address", &metrics])
-            .args([
-                "--lease-namespace",
-                namespace,
-                "--watch-namespace",
-                namespace,
-            ])
-            .args(["--node-selector", &format!("edgewire.dev/test={namespace}")])
-            .args(["--heartbeat-timeout", "10"])
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("operator.log")).unwrap())
-            .spawn()
-            .expect("start the operator"),
+    let _operator = spawn_operator(
+        &plane.kubeconfig,
+        namespace,
+        &logs.path().join("operator.log"),
+        &["--heartbeat-timeout", "10"],
     );
     let state = tempfile::tempdir().unwrap();
-    let agent = AgentProcess::spawn_with_env(
-        ip,
-        None,
-        &[
-            "--cluster",
-            "--node-name",
-            "edge-w",
-            "--advertise-address",
-            ip,
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--edge-node-label",
-            &format!("edgewire.dev/test={namespace}"),
-        ],
-        &[("KUBECONFIG", plane.kubeconfig.to_str().unwrap())],
+    let agent = spawn_cluster_agent(
+        &plane.kubeconfig,
+        namespace,
+        "edge-w",
+        (ip, ip),
+        state.path(),
+        &[],
     );
 
     let port = free_port();
@@ -179,7 +102,7 @@ spec:
     // Served from the ConfigMap; the other handler answers 503.
     let deadline = Instant::now() + SLOW_WAIT;
     loop {
-        if get(addr, "/add?a=1&b=2").await == (200, json!({"result": 3})) {
+        if http_get_json(addr, "/add?a=1&b=2").await == (200, json!({"result": 3})) {
             break;
         }
         assert!(
@@ -189,7 +112,7 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (status, body) = get(addr, "/other").await;
+    let (status, body) = http_get_json(addr, "/other").await;
     assert_eq!(status, 503, "{body}");
 
     // The EdgeService says why, the EdgeNode names it, an Event tells it.
@@ -247,7 +170,7 @@ spec:
     put_config_map(&maps, module("add"), module("add")).await;
     let deadline = Instant::now() + SLOW_WAIT;
     loop {
-        let served = get(addr, "/other?a=2&b=5").await == (200, json!({"result": 7}));
+        let served = http_get_json(addr, "/other?a=2&b=5").await == (200, json!({"result": 7}));
         let es = services.get("compute").await.unwrap();
         // (Loopback node addresses keep it Degraded for InvalidAddress.)
         if served && !degraded(&es).1.starts_with("Module") {

@@ -10,41 +10,18 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService};
+use edgewire_testenv::NodeSpec;
 use edgewire_testenv::registry::{Credentials, Registry};
-use edgewire_testenv::{ControlPlane, NodeSpec, Options};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
-use serde_json::{Value, json};
+use serde_json::json;
+use support::cluster::*;
 use support::*;
-
-/// Control plane, operator and agent on a loaded machine; pulling and
-/// compiling modules.
-const SLOW_WAIT: Duration = Duration::from_secs(120);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    match http_get(addr, path).await {
-        Ok((status, body)) => (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        ),
-        Err(err) => (0, Value::String(err.to_string())),
-    }
-}
 
 fn condition(es: &EdgeService, type_: &str) -> (String, String) {
     es.status
@@ -78,49 +55,20 @@ async fn node_digest(client: &kube::Client, node: &str) -> Option<String> {
 }
 
 fn spawn_agent(ip: &str, state: &std::path::Path, kubeconfig: &std::path::Path) -> AgentProcess {
-    AgentProcess::spawn_with_env(
-        ip,
-        None,
-        &[
-            "--cluster",
-            "--node-name",
-            "edge-oci",
-            "--advertise-address",
-            ip,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--heartbeat-interval",
-            "1",
-            "--image-recheck-interval",
-            "1",
-            "--edge-node-label",
-            "edgewire.dev/test=wasm-oci",
-        ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    spawn_cluster_agent(
+        kubeconfig,
+        "wasm-oci",
+        "edge-oci",
+        (ip, ip),
+        state,
+        &["--image-recheck-interval", "1"],
     )
 }
 
 #[tokio::test]
 async fn an_image_module_is_served_reported_rolled_out_and_kept_offline() {
     let namespace = "wasm-oci";
-    let mut plane = ControlPlane::start(Options {
-        kwok: true,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    let client = plane.client().await.unwrap();
-    let crds = edgewire_testenv::read_crds(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds"
-    )))
-    .unwrap();
-    edgewire_testenv::install_crds(&client, &crds)
-        .await
-        .unwrap();
-    edgewire_testenv::create_namespace(&client, namespace)
-        .await
-        .unwrap();
+    let (mut plane, client) = start_plane(&[namespace]).await;
     let ip = "127.0.0.71";
     edgewire_testenv::add_nodes(
         &client,
@@ -166,24 +114,11 @@ async fn an_image_module_is_served_reported_rolled_out_and_kept_offline() {
         .expect("apply the pull Secret");
 
     let logs = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _operator = Killed(
-        Command::new(workspace_binary("edgewire-operator"))
-            .args(["run", "--metrics-address", &metrics])
-            .args([
-                "--lease-namespace",
-                namespace,
-                "--watch-namespace",
-                namespace,
-            ])
-            .args(["--node-selector", &format!("edgewire.dev/test={namespace}")])
-            .args(["--heartbeat-timeout", "10"])
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("operator.log")).unwrap())
-            .spawn()
-            .expect("start the operator"),
+    let _operator = spawn_operator(
+        &plane.kubeconfig,
+        namespace,
+        &logs.path().join("operator.log"),
+        &["--heartbeat-timeout", "10"],
     );
     let operator_log =
         || std::fs::read_to_string(logs.path().join("operator.log")).unwrap_or_default();
@@ -222,7 +157,7 @@ spec:
     // the EdgeNode and summed up in the EdgeService.
     let deadline = Instant::now() + SLOW_WAIT;
     loop {
-        let served = get(addr, "/add?a=1&b=2").await == (200, json!({"result": 3}));
+        let served = http_get_json(addr, "/add?a=1&b=2").await == (200, json!({"result": 3}));
         let es = services.get("compute").await.unwrap();
         let ready = condition(&es, "Ready").0 == "True";
         let reported = node_digest(&client, "edge-oci").await.as_deref() == Some(first.as_str());
@@ -270,7 +205,7 @@ spec:
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_ne!(
-        get(addr, "/add?a=1&b=2").await,
+        http_get_json(addr, "/add?a=1&b=2").await,
         (200, json!({"result": 3})),
         "still the old module"
     );
@@ -295,7 +230,7 @@ spec:
     let events: Api<Event> = Api::namespaced(client.clone(), namespace);
     let deadline = Instant::now() + SLOW_WAIT;
     loop {
-        let served = get(addr, "/add?a=1&b=2").await == (200, json!({"result": 3}));
+        let served = http_get_json(addr, "/add?a=1&b=2").await == (200, json!({"result": 3}));
         let es = services.get("compute").await.unwrap();
         let refused = condition(&es, "Degraded") == ("True".into(), "ModuleDigestMismatch".into());
         let reported = node_digest(&client, "edge-oci").await.as_deref() == Some(first.as_str());
@@ -326,7 +261,7 @@ spec:
     plane.stop_component("kube-apiserver").unwrap();
     let again = spawn_agent(ip, state.path(), &plane.kubeconfig);
     let deadline = Instant::now() + SLOW_WAIT;
-    while get(addr, "/add?a=1&b=2").await != (200, json!({"result": 3})) {
+    while http_get_json(addr, "/add?a=1&b=2").await != (200, json!({"result": 3})) {
         assert!(
             Instant::now() < deadline,
             "the restarted agent does not serve the stored module; its log:\n{}",

@@ -1,18 +1,118 @@
-//! For the tests on the real control plane: objects written by server-side
-//! apply, Secrets, the EdgeService's Degraded condition, and bounded waits
-//! sized for a control plane, an operator and agents on a loaded machine.
+//! For the tests on the real control plane: the plane with the CRDs, the
+//! operator and cluster-mode agents scoped to one test's namespace, objects
+//! written by server-side apply, Secrets, the EdgeService's Degraded
+//! condition, and bounded waits sized for a control plane, an operator and
+//! agents on a loaded machine.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::EdgeService;
+use edgewire_testenv::{ControlPlane, Options};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+
+use super::prometheus::Killed;
+use super::{AgentProcess, free_port, workspace_binary};
 
 /// The longest wait for the cluster to act: a Secret change waits for the
 /// agents' periodic fetch (15 s) on top of the operator's and agents' work.
 pub const SLOW_WAIT: Duration = Duration::from_secs(120);
+
+/// The CRDs as committed in `crds/`.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    edgewire_testenv::read_crds(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds")))
+        .expect("the committed CRDs")
+}
+
+/// A control plane of the test's own, with kwok for its fake Nodes, the
+/// CRDs installed and `namespaces` created.
+pub async fn start_plane(namespaces: &[&str]) -> (ControlPlane, kube::Client) {
+    let plane = ControlPlane::start(Options {
+        kwok: true,
+        ..Options::default()
+    })
+    .await
+    .expect("start the control plane");
+    let client = plane.client().await.expect("a client of the control plane");
+    edgewire_testenv::install_crds(&client, &crds())
+        .await
+        .expect("install the CRDs");
+    for namespace in namespaces {
+        edgewire_testenv::create_namespace(&client, namespace)
+            .await
+            .expect("create the namespace");
+    }
+    (plane, client)
+}
+
+/// The label a test puts on its Nodes: its operator and agents select by it.
+pub fn test_label(namespace: &str) -> String {
+    format!("edgewire.dev/test={namespace}")
+}
+
+/// The operator of one test: its lease and EdgeServices in `namespace`, the
+/// Nodes labelled with `test_label(namespace)`, `flags` added; its log in
+/// `log`. Killed when dropped.
+pub fn spawn_operator(kubeconfig: &Path, namespace: &str, log: &Path, flags: &[&str]) -> Killed {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(workspace_binary("edgewire-operator"))
+        .args(["run", "--metrics-address", &metrics])
+        .args([
+            "--lease-namespace",
+            namespace,
+            "--watch-namespace",
+            namespace,
+        ])
+        .args(["--node-selector", &test_label(namespace)])
+        .args(flags)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("the operator's log file"))
+        .spawn()
+        .expect("start the operator");
+    Killed(child)
+}
+
+/// An agent in cluster mode for Node `node` of the test of `namespace`:
+/// listening on `listen`, advertising `advertise`, heartbeating every
+/// second, its state in `state`, `flags` added.
+pub fn spawn_cluster_agent(
+    kubeconfig: &Path,
+    namespace: &str,
+    node: &str,
+    (listen, advertise): (&str, &str),
+    state: &Path,
+    flags: &[&str],
+) -> AgentProcess {
+    let label = test_label(namespace);
+    let state = state.to_str().expect("a UTF-8 state directory");
+    let mut args = vec![
+        "--cluster",
+        "--node-name",
+        node,
+        "--advertise-address",
+        advertise,
+        "--state-dir",
+        state,
+        "--heartbeat-interval",
+        "1",
+        "--edge-node-label",
+        &label,
+    ];
+    args.extend_from_slice(flags);
+    AgentProcess::spawn_with_env(
+        listen,
+        None,
+        &args,
+        &[("KUBECONFIG", kubeconfig.to_str().expect("a UTF-8 path"))],
+    )
+}
 
 /// Server-side applies `object` as field manager `test`, taking over fields.
 pub async fn apply<K>(api: &Api<K>, name: &str, object: &K)

@@ -244,6 +244,18 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `http_get` with the body read as JSON: a body that is not JSON as a
+/// string, a request that failed as status 0 and its error.
+pub async fn http_get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
+    match http_get(addr, path).await {
+        Ok((status, body)) => (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ),
+        Err(err) => (0, Value::String(err.to_string())),
+    }
+}
+
 /// A plain HTTP/1.1 GET; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await??;
