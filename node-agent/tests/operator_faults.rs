@@ -6,15 +6,16 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService};
-use edgewire_testenv::{ControlPlane, NodeSpec, Options};
+use edgewire_testenv::{ControlPlane, NodeSpec};
 use futures_util::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
+use support::cluster::*;
+use support::prometheus::Killed;
 use support::*;
 
 /// The operator's heartbeat timeout in these tests.
@@ -26,37 +27,21 @@ const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 /// advertises the node's address, 192.0.2.x (a documentation range, never
 /// contacted): EndpointSlices refuse loopback addresses.
 struct Fleet {
+    /// First, so it is stopped before the control plane.
+    operator: Option<Killed>,
     plane: ControlPlane,
     client: kube::Client,
     namespace: String,
     port: u16,
     /// Name, listen address, advertised address, state directory.
     nodes: Vec<(String, String, String, tempfile::TempDir)>,
-    operator: Option<Child>,
     logs: tempfile::TempDir,
 }
 
 impl Fleet {
     async fn start(ips: &[&str]) -> Fleet {
-        let plane = ControlPlane::start(Options {
-            kwok: true,
-            ..Options::default()
-        })
-        .await
-        .expect("control plane");
-        let client = plane.client().await.expect("client");
-        let crds = edgewire_testenv::read_crds(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../crds"
-        )))
-        .expect("the committed CRDs");
-        edgewire_testenv::install_crds(&client, &crds)
-            .await
-            .expect("install CRDs");
         let namespace = "faults".to_string();
-        edgewire_testenv::create_namespace(&client, &namespace)
-            .await
-            .expect("namespace");
+        let (plane, client) = start_plane(&[&namespace]).await;
         let mut nodes = Vec::new();
         let mut specs = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
@@ -93,25 +78,18 @@ impl Fleet {
     }
 
     fn start_operator(&mut self) {
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(self.operator_log()).expect("operator log");
-        let child = Command::new(workspace_binary("edgewire-operator"))
-            .args(["run", "--metrics-address", &metrics])
-            .args(["--lease-namespace", &self.namespace])
-            .args(["--watch-namespace", &self.namespace])
-            .args([
-                "--node-selector",
-                &format!("edgewire.dev/test={}", self.namespace),
-            ])
-            .args(["--heartbeat-timeout", &TIMEOUT.as_secs().to_string()])
-            .args(["--log-level", "edgewire_operator=debug,info"])
-            .env("KUBECONFIG", &self.plane.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start the operator");
-        self.operator = Some(child);
+        let timeout = TIMEOUT.as_secs().to_string();
+        self.operator = Some(spawn_operator(
+            &self.plane.kubeconfig,
+            &self.namespace,
+            &self.operator_log(),
+            &[
+                "--heartbeat-timeout",
+                &timeout,
+                "--log-level",
+                "edgewire_operator=debug,info",
+            ],
+        ));
     }
 
     fn operator_log(&self) -> std::path::PathBuf {
@@ -126,26 +104,15 @@ impl Fleet {
     /// clock shift).
     fn agent(&self, i: usize, env: &[(&str, String)]) -> AgentProcess {
         let (name, ip, advertised, state) = &self.nodes[i];
-        let label = format!("edgewire.dev/test={}", self.namespace);
-        let mut vars = vec![("KUBECONFIG", self.plane.kubeconfig.to_str().expect("path"))];
-        vars.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
-        AgentProcess::spawn_with_env(
-            ip,
-            None,
-            &[
-                "--cluster",
-                "--node-name",
-                name,
-                "--advertise-address",
-                advertised,
-                "--state-dir",
-                state.path().to_str().expect("path"),
-                "--heartbeat-interval",
-                "1",
-                "--edge-node-label",
-                &label,
-            ],
-            &vars,
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        spawn_cluster_agent_with_env(
+            &self.plane.kubeconfig,
+            &self.namespace,
+            name,
+            (ip, advertised),
+            state.path(),
+            &[],
+            &env,
         )
     }
 
@@ -237,15 +204,6 @@ impl Fleet {
                 self.operator_output()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.operator.take() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }

@@ -86,9 +86,23 @@ pub fn spawn_cluster_agent(
     kubeconfig: &Path,
     namespace: &str,
     node: &str,
+    addresses: (&str, &str),
+    state: &Path,
+    flags: &[&str],
+) -> AgentProcess {
+    spawn_cluster_agent_with_env(kubeconfig, namespace, node, addresses, state, flags, &[])
+}
+
+/// `spawn_cluster_agent` with `env` added to the agent's environment (a
+/// shifted clock, say).
+pub fn spawn_cluster_agent_with_env(
+    kubeconfig: &Path,
+    namespace: &str,
+    node: &str,
     (listen, advertise): (&str, &str),
     state: &Path,
     flags: &[&str],
+    env: &[(&str, &str)],
 ) -> AgentProcess {
     let label = test_label(namespace);
     let state = state.to_str().expect("a UTF-8 state directory");
@@ -106,12 +120,9 @@ pub fn spawn_cluster_agent(
         &label,
     ];
     args.extend_from_slice(flags);
-    AgentProcess::spawn_with_env(
-        listen,
-        None,
-        &args,
-        &[("KUBECONFIG", kubeconfig.to_str().expect("a UTF-8 path"))],
-    )
+    let mut vars = vec![("KUBECONFIG", kubeconfig.to_str().expect("a UTF-8 path"))];
+    vars.extend_from_slice(env);
+    AgentProcess::spawn_with_env(listen, None, &args, &vars)
 }
 
 /// Server-side applies `object` as field manager `test`, taking over fields.
