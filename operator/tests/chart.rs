@@ -315,6 +315,11 @@ fn monitoring_objects_when_enabled() {
     ]);
     let pm = find(&objects, "PodMonitor", "ew-agent").expect("PodMonitor");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "admin");
+    assert_eq!(
+        pm["spec"]["selector"]["matchExpressions"][0],
+        serde_json::json!({"key": "app.kubernetes.io/component", "operator": "In", "values": ["agent", "hub"]}),
+        "the hub's pods are scraped too"
+    );
     let sm = find(&objects, "ServiceMonitor", "ew-operator").expect("ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     let rule = find(&objects, "PrometheusRule", "ew-alerts").expect("PrometheusRule");
@@ -390,6 +395,7 @@ fn bad_values_are_refused_by_the_schema() {
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.leaseDuration=6", "renewDeadline < leaseDuration"),
         ("hub.enabled=true", "keySecret"),
+        ("hub.persistence.size=lots", "size"),
     ] {
         let out = helm()
             .args(["template", "ew", chart().to_str().unwrap(), "--set", set])
@@ -475,6 +481,15 @@ fn an_optional_hub_is_an_agent_deployment_with_a_service_and_its_config() {
     assert_eq!(volume("key")["secret"]["secretName"], "hub-jwt");
     assert_eq!(volume("key")["secret"]["items"][0]["key"], "hs256");
     assert_eq!(volume("config")["configMap"]["name"], "ew-hub");
+    assert!(
+        volume("state")["emptyDir"].is_object(),
+        "the table in an emptyDir by default"
+    );
+    assert!(
+        !kinds(&objects).contains(&"PersistentVolumeClaim".to_string()),
+        "no claim unless asked for"
+    );
+    assert_eq!(pod["spec"]["securityContext"]["fsGroup"], 65532);
 
     let svc = find(&objects, "Service", "ew-hub").expect("the hub's Service");
     assert_eq!(svc["spec"]["type"], "LoadBalancer");
@@ -487,6 +502,76 @@ fn an_optional_hub_is_an_agent_deployment_with_a_service_and_its_config() {
     assert_eq!(
         container["ports"][0],
         serde_json::json!({"name": "relay", "containerPort": 9000})
+    );
+}
+
+#[test]
+fn the_hubs_table_of_delivered_sequences_can_live_on_a_claim() {
+    let hub = [
+        "hub.enabled=true",
+        "hub.auth.keySecret.name=hub-jwt",
+        "hub.auth.keySecret.key=hs256",
+        "hub.persistence.enabled=true",
+    ];
+    let state_volume = |objects: &[Value]| {
+        let deployment = find(objects, "Deployment", "ew-hub").expect("the hub's Deployment");
+        let spec = &deployment["spec"]["template"]["spec"];
+        let volume = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "state")
+            .expect("the state volume")
+            .clone();
+        let mounted = spec["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "state")
+            .and_then(|m| m["mountPath"].as_str())
+            .map(str::to_string);
+        let state_dir = args(&spec["containers"][0])
+            .iter()
+            .find_map(|a| a.strip_prefix("--state-dir=").map(str::to_string));
+        assert_eq!(mounted, state_dir, "the state directory is the volume");
+        volume
+    };
+
+    let objects = render(
+        &[
+            &hub[..],
+            &[
+                "hub.persistence.storageClassName=fast",
+                "hub.persistence.size=5Gi",
+            ],
+        ]
+        .concat(),
+    );
+    let claim = find(&objects, "PersistentVolumeClaim", "ew-hub-state").expect("the chart's claim");
+    assert_eq!(
+        claim["spec"]["accessModes"],
+        serde_json::json!(["ReadWriteOnce"])
+    );
+    assert_eq!(claim["spec"]["storageClassName"], "fast");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "5Gi");
+    assert_eq!(
+        state_volume(&objects)["persistentVolumeClaim"]["claimName"],
+        "ew-hub-state"
+    );
+    let deployment = find(&objects, "Deployment", "ew-hub").unwrap();
+    assert_eq!(
+        deployment["spec"]["strategy"]["type"], "Recreate",
+        "never two pods wanting the claim"
+    );
+
+    let objects = render(&[&hub[..], &["hub.persistence.existingClaim=hub-table"]].concat());
+    assert!(
+        !kinds(&objects).contains(&"PersistentVolumeClaim".to_string()),
+        "an existing claim is used, not made"
+    );
+    assert_eq!(
+        state_volume(&objects)["persistentVolumeClaim"]["claimName"],
+        "hub-table"
     );
 }
 
