@@ -46,6 +46,14 @@ pub struct Change {
 /// A subscriber that has written nothing for this long paces no mesh link.
 pub const SUBSCRIBER_STALL: Duration = Duration::from_millis(500);
 
+/// The most a subscriber holds queued (bytes, each delivery's entry overhead
+/// included) before a mesh link delivering to it waits. Far below a send
+/// queue's default budget: under a burst from a peer, what waits here waits
+/// in front of every later message, so a publish's delay is this over the
+/// subscriber's drain rate, and a small queue (a few hundred small messages)
+/// still keeps the writer busy while the link is read on.
+pub const MESH_PACE_BYTES: usize = 32 * 1024;
+
 /// A subscriber's handle: its queue, and a way to tell it to go.
 #[derive(Clone, Debug)]
 pub struct Subscriber {
@@ -81,15 +89,21 @@ impl Subscriber {
         )
     }
 
-    /// More than half of its queue (in messages or bytes) is taken.
+    /// More than half of its queue (in messages or bytes) is taken, or
+    /// more than [`MESH_PACE_BYTES`].
     pub fn behind(&self) -> bool {
-        self.budget.used() * 2 > self.budget.limit()
+        let used = self.budget.used();
+        used * 2 > self.budget.limit()
+            || used > MESH_PACE_BYTES
             || self.queue.capacity() * 2 < self.queue.max_capacity()
     }
 
-    /// At most a quarter of its queue is taken: whoever waited may go on.
+    /// At most a quarter of its queue is taken, and at most half of
+    /// [`MESH_PACE_BYTES`]: whoever waited may go on.
     pub fn caught_up(&self) -> bool {
-        self.budget.used() * 4 <= self.budget.limit()
+        let used = self.budget.used();
+        used * 4 <= self.budget.limit()
+            && used * 2 <= MESH_PACE_BYTES
             && self.queue.capacity() * 4 >= self.queue.max_capacity() * 3
     }
 
