@@ -156,13 +156,9 @@ impl RelayMessage<'_> {
         }
     }
 
-    /// The payload of a delivery; `None` for a reply; an error for an error.
+    /// The payload of a delivery, owned; see [`RelayMessage::payload_ref`].
     fn payload(self, frame: &str) -> anyhow::Result<Option<String>> {
-        match self.kind.as_ref() {
-            "message" => Ok(Some(self.data.unwrap_or_default().into_owned())),
-            "error" => bail!("the relay answered an error: {frame}"),
-            _ => Ok(None),
-        }
+        Ok(self.payload_ref(frame)?.map(str::to_owned))
     }
 }
 
