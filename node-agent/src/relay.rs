@@ -5,7 +5,8 @@
 //! before the publisher's next message is read, and each queue is FIFO. A full
 //! queue never blocks the publisher: the service's slow-consumer policy decides.
 //! Only a mesh link delivering here waits, and only for a subscriber that is
-//! more than half full and still draining ([`Subscriber::room`]).
+//! behind (more than half full, or over [`MESH_PACE_BYTES`]) and still
+//! draining ([`Subscriber::room`]).
 //! Queues are bounded in messages and in bytes (`budget`); a frame is encoded
 //! once and every queue holds a reference to the same bytes.
 
@@ -46,6 +47,14 @@ pub struct Change {
 /// A subscriber that has written nothing for this long paces no mesh link.
 pub const SUBSCRIBER_STALL: Duration = Duration::from_millis(500);
 
+/// The most a subscriber holds queued (bytes, each delivery's entry overhead
+/// included) before a mesh link delivering to it waits. Far below a send
+/// queue's default budget: under a burst from a peer, what waits here waits
+/// in front of every later message, so a publish's delay is this over the
+/// subscriber's drain rate, and a small queue (a few hundred small messages)
+/// still keeps the writer busy while the link is read on.
+pub const MESH_PACE_BYTES: usize = 32 * 1024;
+
 /// A subscriber's handle: its queue, and a way to tell it to go.
 #[derive(Clone, Debug)]
 pub struct Subscriber {
@@ -81,15 +90,21 @@ impl Subscriber {
         )
     }
 
-    /// More than half of its queue (in messages or bytes) is taken.
+    /// More than half of its queue (in messages or bytes) is taken, or
+    /// more than [`MESH_PACE_BYTES`].
     pub fn behind(&self) -> bool {
-        self.budget.used() * 2 > self.budget.limit()
+        let used = self.budget.used();
+        used * 2 > self.budget.limit()
+            || used > MESH_PACE_BYTES
             || self.queue.capacity() * 2 < self.queue.max_capacity()
     }
 
-    /// At most a quarter of its queue is taken: whoever waited may go on.
+    /// At most a quarter of its queue is taken, and at most half of
+    /// [`MESH_PACE_BYTES`]: whoever waited may go on.
     pub fn caught_up(&self) -> bool {
-        self.budget.used() * 4 <= self.budget.limit()
+        let used = self.budget.used();
+        used * 4 <= self.budget.limit()
+            && used * 2 <= MESH_PACE_BYTES
             && self.queue.capacity() * 4 >= self.queue.max_capacity() * 3
     }
 
@@ -113,7 +128,7 @@ pub struct FanOut {
     pub over_budget: usize,
     /// Subscribers told to disconnect under [`SlowConsumerPolicy::Disconnect`].
     pub evicted: usize,
-    /// For a publish from the mesh: subscribers it left more than half full.
+    /// For a publish from the mesh: subscribers it left behind.
     pub behind: Vec<Subscriber>,
 }
 
@@ -183,8 +198,8 @@ impl Hub {
 
     /// Queues `frame` for every subscriber of `channel`, each delivery
     /// charged to the subscriber's budget and to `global`. For a publish
-    /// from the mesh, the report names the subscribers left more than half
-    /// full (the link waits for them).
+    /// from the mesh, the report names the subscribers it left behind (the
+    /// link waits for them).
     pub fn publish(
         &self,
         channel: &str,
@@ -441,6 +456,39 @@ mod tests {
             .expect("released once caught up")
             .unwrap();
         assert_eq!(pace, Pace::Room);
+    }
+
+    #[test]
+    fn a_large_queue_holds_back_the_mesh_at_a_fixed_size_not_at_half() {
+        // The default send queue: 4,096 messages, 8 MiB.
+        let hub = Hub::new();
+        let (sub, mut rx, _) = subscriber_with(4096, 8 << 20);
+        hub.subscribe("c", 1, sub.clone());
+        let frame = Utf8Bytes::from("x".repeat(100));
+        let entry = frame.len() + crate::budget::ENTRY_OVERHEAD;
+        let mut queued = 0;
+        while hub
+            .publish(
+                "c",
+                &frame,
+                Instant::now(),
+                DeliveryPath::Mesh,
+                SlowConsumerPolicy::Drop,
+                &global(),
+            )
+            .behind
+            .is_empty()
+        {
+            queued += 1;
+            assert!(queued < 2048, "behind long before half of the queue");
+        }
+        assert_eq!(queued + 1, MESH_PACE_BYTES / entry + 1);
+        // Caught up only once down to half of the threshold.
+        while sub.budget.used() * 2 > MESH_PACE_BYTES {
+            assert!(!sub.caught_up());
+            drop(rx.try_recv().unwrap());
+        }
+        assert!(sub.caught_up());
     }
 
     #[test]

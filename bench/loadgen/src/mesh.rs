@@ -11,7 +11,7 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::dial::{Dial, next_deliveries, publish_frame, subscribe};
+use crate::dial::{Dial, each_delivery, publish_frame, subscribe};
 use crate::workload::histogram;
 
 const CHANNEL: &str = "mesh";
@@ -62,18 +62,13 @@ pub async fn mesh(dial: Dial, run: MeshRun) -> anyhow::Result<Value> {
                 while next < messages {
                     // A lost message must not hang the run: after a quiet
                     // spell the subscriber reports what it saw.
-                    let Ok(batch) =
-                        tokio::time::timeout(QUIET, next_deliveries(&mut ws, dialect)).await
-                    else {
-                        break;
-                    };
-                    for p in batch? {
-                        let Some((seq, sent)) = parse(&p) else {
+                    let read = each_delivery(&mut ws, dialect, |p| {
+                        let Some((seq, sent)) = parse(p) else {
                             if !warm {
                                 warm = true;
                                 warmed.fetch_add(1, Ordering::Relaxed);
                             }
-                            continue;
+                            return;
                         };
                         let now = base.elapsed().as_micros() as u64;
                         seen.latencies.push(now.saturating_sub(sent));
@@ -81,7 +76,11 @@ pub async fn mesh(dial: Dial, run: MeshRun) -> anyhow::Result<Value> {
                             seen.duplicates_or_reordered += 1;
                         }
                         next = seq + 1;
-                    }
+                    });
+                    let Ok(read) = tokio::time::timeout(QUIET, read).await else {
+                        break;
+                    };
+                    read?;
                 }
                 anyhow::Ok(seen)
             }));

@@ -602,7 +602,7 @@ impl Mesh {
 
     /// Delivers a publish from peer `from` to the local subscribers, if
     /// the service is placed on both nodes; returns the subscribers it left
-    /// more than half full, for the link to wait on.
+    /// behind (see `relay`), for the link to wait on.
     fn on_publish(&self, from: &str, into: &mut Delivering, publish: Publish) -> Vec<Subscriber> {
         if into.service != publish.service {
             let placement = self.placement(from, &publish.service);

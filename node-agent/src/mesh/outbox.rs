@@ -68,7 +68,7 @@ impl InterestWork {
 
 /// The most a link holds queued before it paces its publishers. Small, so a
 /// message waits behind at most a few milliseconds of link throughput.
-pub const PACE_BYTES: usize = 128 * 1024;
+pub const PACE_BYTES: usize = 16 * 1024;
 /// A link over its pacing threshold that writes nothing for this long is
 /// stuck and paces no one until it writes again.
 pub const STALL: Duration = Duration::from_secs(2);
@@ -331,7 +331,7 @@ mod tests {
     fn the_pacing_threshold_fits_inside_the_link_budget() {
         let global = Budget::new(1 << 30);
         assert_eq!(Outbox::new(64 << 20, &global).pace_bytes, PACE_BYTES);
-        assert_eq!(Outbox::new(100_000, &global).pace_bytes, 50_000);
+        assert_eq!(Outbox::new(20_000, &global).pace_bytes, 10_000);
     }
 
     #[tokio::test]

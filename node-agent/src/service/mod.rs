@@ -160,7 +160,7 @@ impl ServiceRuntime {
 
     /// Queues a relay frame for this agent's subscribers of `channel`,
     /// counting what the slow-consumer policy dropped. For a publish from
-    /// the mesh, returns the subscribers it left more than half full: the
+    /// the mesh, returns the subscribers it left behind: the
     /// link waits for them (`Subscriber::room`) before it reads on. A local
     /// publisher never waits for a subscriber.
     pub fn deliver(
