@@ -3,13 +3,15 @@
 //! body cap and the wall-clock deadline. What went wrong is sorted into the
 //! few outcomes a client is told (and the metrics count).
 
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::HeaderMap;
-use tokio_util::task::AbortOnDropHandle;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -173,10 +175,12 @@ pub async fn run(
         .new_response_outparam(tx)
         .map_err(internal)?;
     let pre = loaded.pre.clone();
-    // The guest keeps running after it hands over the response head (it
-    // writes the body then), so it runs as its own task beside the reader.
-    // Dropping the handle (at the deadline) stops it at its next yield.
-    let mut guest = AbortOnDropHandle::new(tokio::spawn(async move {
+    // The guest goes on running after it hands over the response head (it
+    // writes the body then), so it is polled beside the reader of its
+    // response, in this task: no task of its own to spawn, and no wake-up
+    // of another worker for each part it hands over. Leaving this function
+    // (at the deadline) drops it, which stops it at its next yield.
+    let guest = async move {
         let result = async {
             let proxy = pre.instantiate_async(&mut store).await?;
             proxy
@@ -186,34 +190,39 @@ pub async fn run(
         }
         .await;
         (result, store.data().memory.hit)
-    }));
+    };
+    let mut guest = pin!(guest);
+    let mut ended = None;
 
     let max_response = budget.max_response_bytes;
     let max_memory = budget.max_memory_bytes;
     let timeout = budget.timeout;
-    let within = async move {
-        let finished =
-            |joined: Result<(wasmtime::Result<()>, bool), tokio::task::JoinError>| match joined {
-                Ok((Ok(()), _)) => None,
-                Ok((Err(err), memory_hit)) => Some(classify(err, memory_hit, max_memory, timeout)),
-                Err(err) => Some(CallError::Trap(err.to_string())),
-            };
-        match rx.await {
+    let within = async {
+        let finished = |(result, memory_hit): (wasmtime::Result<()>, bool)| match result {
+            Ok(()) => None,
+            Err(err) => Some(classify(err, memory_hit, max_memory, timeout)),
+        };
+        match beside(guest.as_mut(), &mut ended, rx).await {
             Ok(Ok(response)) => {
                 let (parts, body) = response.into_parts();
                 let body = body.map_err(|code| format!("the body failed: {code:?}"));
-                let collected = Limited::new(body, max_response).collect().await;
+                let collected = beside(
+                    guest.as_mut(),
+                    &mut ended,
+                    Limited::new(body, max_response).collect(),
+                )
+                .await;
                 let body = match collected {
                     Ok(body) => body.to_bytes(),
                     Err(err) if err.is::<LengthLimitError>() => {
                         return Err(CallError::ResponseTooLarge(max_response));
                     }
                     Err(err) => {
-                        return Err(finished((&mut guest).await)
+                        return Err(finished(to_end(guest.as_mut(), &mut ended).await)
                             .unwrap_or_else(|| CallError::NoResponse(err.to_string())));
                     }
                 };
-                if let Some(err) = finished((&mut guest).await) {
+                if let Some(err) = finished(to_end(guest.as_mut(), &mut ended).await) {
                     return Err(err);
                 }
                 Ok(Answer {
@@ -225,14 +234,43 @@ pub async fn run(
             Ok(Err(code)) => Err(CallError::NoResponse(format!(
                 "the component answered with error {code:?}"
             ))),
-            Err(_) => Err(finished((&mut guest).await).unwrap_or_else(|| {
-                CallError::NoResponse("the component returned without a response".into())
-            })),
+            Err(_) => Err(
+                finished(to_end(guest.as_mut(), &mut ended).await).unwrap_or_else(|| {
+                    CallError::NoResponse("the component returned without a response".into())
+                }),
+            ),
         }
     };
     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), within).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout(budget.timeout)),
+    }
+}
+
+/// Runs `work` to its end while also polling `guest`, until the guest ends
+/// (its output is then kept in `ended`, and it is not polled again).
+async fn beside<G: Future, W: Future>(
+    mut guest: Pin<&mut G>,
+    ended: &mut Option<G::Output>,
+    work: W,
+) -> W::Output {
+    let mut work = pin!(work);
+    poll_fn(|cx| {
+        if ended.is_none()
+            && let Poll::Ready(output) = guest.as_mut().poll(cx)
+        {
+            *ended = Some(output);
+        }
+        work.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// The guest's output, running it to its end if it has not ended yet.
+async fn to_end<G: Future>(guest: Pin<&mut G>, ended: &mut Option<G::Output>) -> G::Output {
+    match ended.take() {
+        Some(output) => output,
+        None => guest.await,
     }
 }
 

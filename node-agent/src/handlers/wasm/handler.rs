@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use edgewire_api::{HandlerSpec, ModuleSource};
 use http_body_util::Full;
+use prometheus::Histogram;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,9 @@ pub struct WasmHandler {
     instances: Semaphore,
     outbound: Outbound,
     metrics: Metrics,
+    /// This handler's series of `edgewire_handler_duration_seconds`, looked
+    /// up once rather than by its labels on every call.
+    duration: Histogram,
     module: RwLock<Result<Arc<Loaded>, ModuleError>>,
     /// A newer module that was refused (a digest other than the pinned
     /// one) while the loaded one goes on serving.
@@ -73,6 +77,9 @@ impl WasmHandler {
     ) -> Arc<WasmHandler> {
         let limits = spec.wasm_limits();
         let service: Arc<str> = Arc::from(service);
+        let duration = metrics
+            .handler_duration
+            .with_label_values(&[&*service, &spec.name]);
         let handler = Arc::new(WasmHandler {
             name: spec.name.clone(),
             service: Arc::clone(&service),
@@ -91,6 +98,7 @@ impl WasmHandler {
                 metrics: metrics.clone(),
             },
             metrics: metrics.clone(),
+            duration,
             module: RwLock::new(Err(ModuleError::Unavailable("not loaded yet".into()))),
             refused: RwLock::new(None),
         });
@@ -352,10 +360,7 @@ impl WasmHandler {
     pub async fn call(&self, request: hyper::Request<Full<Bytes>>) -> Result<Answer, CallError> {
         let started = Instant::now();
         let result = self.call_uncounted(request).await;
-        self.metrics
-            .handler_duration
-            .with_label_values(&[&*self.service, &self.name])
-            .observe(started.elapsed().as_secs_f64());
+        self.duration.observe(started.elapsed().as_secs_f64());
         if let Err(err) = &result {
             self.metrics
                 .handler_error(&self.service, &self.name, err.reason());
