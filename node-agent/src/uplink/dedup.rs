@@ -15,11 +15,15 @@ use std::sync::Mutex;
 const COMPACT_FACTOR: usize = 8;
 const COMPACT_MIN: usize = 4096;
 
-type Key = (String, String);
+/// The highest sequence delivered, by origin node and then channel: looked
+/// up by `&str` without building a key per message.
+type Table = HashMap<String, HashMap<String, u64>>;
 
 #[derive(Default)]
 struct Inner {
-    highest: HashMap<Key, u64>,
+    highest: Table,
+    /// Entries in `highest`.
+    entries: usize,
     log: Option<File>,
     /// The log was opened (or found unwritable): services that are never a
     /// hub write nothing.
@@ -47,8 +51,7 @@ impl Dedup {
                 if let Ok((node, channel, seq)) =
                     serde_json::from_str::<(String, String, u64)>(line)
                 {
-                    let entry = inner.highest.entry((node, channel)).or_default();
-                    *entry = (*entry).max(seq);
+                    inner.record(node, channel, seq);
                 }
             }
         }
@@ -66,19 +69,24 @@ impl Dedup {
     /// delivered); a new one is recorded before this returns.
     pub fn accept(&self, node: &str, channel: &str, seq: u64) -> bool {
         let mut inner = self.lock();
-        let key = (node.to_string(), channel.to_string());
-        if inner.highest.get(&key).is_some_and(|&high| seq <= high) {
+        let high = inner.highest.get(node).and_then(|c| c.get(channel));
+        if high.is_some_and(|&high| seq <= high) {
             return false;
         }
-        let line = serde_json::json!([node, channel, seq]).to_string() + "\n";
-        inner.highest.insert(key, seq);
+        match inner.highest.get_mut(node).and_then(|c| c.get_mut(channel)) {
+            Some(high) => *high = seq,
+            None => inner.record(node.to_string(), channel.to_string(), seq),
+        }
         if !inner.tried {
             inner.tried = true;
             // Rewritten compact, with this entry, and opened for appends.
             self.compact(&mut inner);
             return true;
         }
-        let written = inner.log.as_mut().map(|log| log.write_all(line.as_bytes()));
+        let written = inner
+            .log
+            .as_mut()
+            .map(|log| log.write_all(line(node, channel, seq).as_bytes()));
         match written {
             Some(Ok(())) => inner.lines += 1,
             Some(Err(err)) if !inner.warned => {
@@ -87,7 +95,7 @@ impl Dedup {
             }
             _ => {}
         }
-        if inner.lines > (inner.highest.len() * COMPACT_FACTOR).max(COMPACT_MIN) {
+        if inner.lines > (inner.entries * COMPACT_FACTOR).max(COMPACT_MIN) {
             self.compact(&mut inner);
         }
         true
@@ -98,9 +106,10 @@ impl Dedup {
         let Some(path) = &self.path else { return };
         let tmp = path.with_extension("tmp");
         let mut text = String::new();
-        for ((node, channel), seq) in &inner.highest {
-            text.push_str(&serde_json::json!([node, channel, seq]).to_string());
-            text.push('\n');
+        for (node, channels) in &inner.highest {
+            for (channel, &seq) in channels {
+                text.push_str(&line(node, channel, seq));
+            }
         }
         let written = path
             .parent()
@@ -111,7 +120,7 @@ impl Dedup {
         match written {
             Ok(file) => {
                 inner.log = Some(file);
-                inner.lines = inner.highest.len();
+                inner.lines = inner.entries;
             }
             Err(err) => {
                 inner.log = None;
@@ -119,6 +128,25 @@ impl Dedup {
             }
         }
     }
+}
+
+impl Inner {
+    /// Sets an entry, counting a new one.
+    fn record(&mut self, node: String, channel: String, seq: u64) {
+        let channels = self.highest.entry(node).or_default();
+        match channels.get_mut(&channel) {
+            Some(high) => *high = (*high).max(seq),
+            None => {
+                channels.insert(channel, seq);
+                self.entries += 1;
+            }
+        }
+    }
+}
+
+/// One line of the log: `["node","channel",seq]`.
+fn line(node: &str, channel: &str, seq: u64) -> String {
+    serde_json::to_string(&(node, channel, seq)).unwrap_or_default() + "\n"
 }
 
 #[cfg(test)]

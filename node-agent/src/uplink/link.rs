@@ -6,14 +6,17 @@
 //!
 //! Batches: a batch of at most `batch::MAX_MESSAGES` messages or
 //! `batch::MAX_BYTES` bytes is written and flushed at once when nothing is
-//! in flight, else as soon as an acknowledgement makes room: the time bound
-//! is one round trip to the hub.
+//! in flight, else as soon as acknowledgements make room for
+//! [`MIN_REFILL`] messages: the time bound is one round trip to the hub.
+//! The acknowledgements that arrived together are taken together, so the
+//! queue is settled once per burst of them, not once per message.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use edgewire_api::wire::ServerMessage;
+use futures_util::FutureExt;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +30,13 @@ use crate::service::{BATCH_MAX_BYTES, BATCH_MAX_MESSAGES, ServiceRuntime};
 
 /// Publishes sent and not yet acknowledged, at most.
 pub const MAX_IN_FLIGHT: u64 = 2048;
+/// With messages in flight, the link sends again once the window has room
+/// for this many: a batch of one message per acknowledgement would cost a
+/// write (and the hub a read) per message.
+pub const MIN_REFILL: u64 = 64;
+/// Events taken without waiting once one has come (all that are already
+/// read, up to this many).
+const EVENT_RUN: usize = MAX_IN_FLIGHT as usize;
 /// The link checks on the hub this often.
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// A session that lasted this long starts the backoff afresh.
@@ -96,6 +106,7 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
                     uplink: &uplink,
                     sent_through: None,
                     in_flight: 0,
+                    acked: None,
                     warned: false,
                 };
                 let end = match link {
@@ -170,6 +181,9 @@ struct Session<'a> {
     /// The newest sequence sent on this connection.
     sent_through: Option<u64>,
     in_flight: u64,
+    /// The newest sequence acknowledged and not yet removed from the queue
+    /// (see `settle`).
+    acked: Option<u64>,
     warned: bool,
 }
 
@@ -183,7 +197,7 @@ impl Session<'_> {
             if let Err(end) = self.send_queued(link).await {
                 return end;
             }
-            let room = self.in_flight < MAX_IN_FLIGHT;
+            let room = self.has_room();
             let mut check = false;
             tokio::select! {
                 _ = stop.cancelled() => {
@@ -192,10 +206,13 @@ impl Session<'_> {
                 }
                 () = uplink.wake.notified(), if room => {}
                 _ = ping.tick() => check = true,
-                event = link.next() => match event {
-                    Ok(event) => self.on_event(event),
-                    Err(end) => return end,
-                },
+                event = link.next() => {
+                    let end = self.take_events(link, event);
+                    self.settle();
+                    if let Err(end) = end {
+                        return end;
+                    }
+                }
             }
             if check && let Err(end) = link.keepalive().await {
                 return end;
@@ -203,9 +220,43 @@ impl Session<'_> {
         }
     }
 
+    /// Whether the window has room for a batch now: any room when nothing
+    /// is in flight, else at least [`MIN_REFILL`].
+    fn has_room(&self) -> bool {
+        self.in_flight == 0 || MAX_IN_FLIGHT.saturating_sub(self.in_flight) >= MIN_REFILL
+    }
+
+    /// Acts on `first` and on the events already there behind it (up to
+    /// [`EVENT_RUN`]); the queue is settled by the caller.
+    fn take_events<L: HubLink>(
+        &mut self,
+        link: &mut L,
+        first: Result<Event, String>,
+    ) -> Result<(), String> {
+        self.on_event(first?);
+        for _ in 1..EVENT_RUN {
+            // `next` is cancel-safe: a poll that finds nothing loses nothing.
+            match link.next().now_or_never() {
+                Some(event) => self.on_event(event?),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what the hub acknowledged from the queue.
+    fn settle(&mut self) {
+        let Some(seq) = self.acked.take() else {
+            return;
+        };
+        let delivered = self.uplink.queue.remove_through(seq);
+        self.uplink.gauges.delivered.inc_by(delivered);
+        self.uplink.refresh_gauges();
+    }
+
     /// Sends what the window allows, in batches.
     async fn send_queued<L: HubLink>(&mut self, link: &mut L) -> Result<(), String> {
-        while self.in_flight < MAX_IN_FLIGHT {
+        while self.has_room() {
             let room = (MAX_IN_FLIGHT - self.in_flight) as usize;
             let batch = self.uplink.queue.after(
                 self.sent_through,
@@ -250,26 +301,20 @@ impl Session<'_> {
     }
 
     fn on_event(&mut self, event: Event) {
-        let service = self.uplink.service.as_str();
-        let metrics = &self.uplink.metrics;
+        let uplink: &Arc<Uplink> = self.uplink;
+        let service = uplink.service.as_str();
+        let metrics = &uplink.metrics;
         match event {
             Event::Acked(seq) => {
                 self.in_flight = self.in_flight.saturating_sub(1);
-                let delivered = self.uplink.queue.remove_through(seq);
-                metrics
-                    .delivered
-                    .with_label_values(&[service])
-                    .inc_by(delivered);
-                self.uplink.refresh_gauges();
+                self.acked = self.acked.max(Some(seq));
             }
             Event::Rejected { seq, why } => {
+                self.settle();
                 self.in_flight = self.in_flight.saturating_sub(1);
-                let delivered = self.uplink.queue.remove_through(seq.saturating_sub(1));
-                metrics
-                    .delivered
-                    .with_label_values(&[service])
-                    .inc_by(delivered);
-                let rejected = self.uplink.queue.remove_through(seq);
+                let delivered = uplink.queue.remove_through(seq.saturating_sub(1));
+                uplink.gauges.delivered.inc_by(delivered);
+                let rejected = uplink.queue.remove_through(seq);
                 metrics.drop_n(service, "rejected", rejected);
                 if !self.warned {
                     self.warned = true;

@@ -1,6 +1,8 @@
 //! The uplink's metrics: the queue, what left it and why, and the link.
 
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Why a queued message left without reaching the hub; the `reason` label
 /// of `edgewire_uplink_dropped_total`.
@@ -19,6 +21,16 @@ pub struct UplinkMetrics {
     pub connect_failures: IntCounterVec,
     pub downlink: IntCounterVec,
     pub duplicates: IntCounterVec,
+}
+
+/// One service's series that change with every message, looked up once:
+/// a lookup by label hashes the labels and takes the vector's lock.
+#[derive(Clone)]
+pub struct ServiceSeries {
+    pub queue_bytes: IntGauge,
+    pub queue_messages: IntGauge,
+    pub oldest_seconds: Gauge,
+    pub delivered: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -107,6 +119,17 @@ impl UplinkMetrics {
             self.connect_failures.with_label_values(&[service, reason]);
         }
         self.set_state(service, "connecting");
+    }
+
+    /// `service`'s per-message series.
+    pub fn series(&self, service: &str) -> ServiceSeries {
+        let labels = [service];
+        ServiceSeries {
+            queue_bytes: self.queue_bytes.with_label_values(&labels),
+            queue_messages: self.queue_messages.with_label_values(&labels),
+            oldest_seconds: self.oldest_seconds.with_label_values(&labels),
+            delivered: self.delivered.with_label_values(&labels),
+        }
     }
 
     pub fn set_state(&self, service: &str, state: &str) {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use edgewire_api::{HubSpec, ServiceConfig};
 use tokio::sync::Notify;
 
-use self::metrics::UplinkMetrics;
+use self::metrics::{ServiceSeries, UplinkMetrics};
 use self::queue::{Bounds, Queue, QueueError};
 
 /// How often the queue is synced to disk, expired, and its gauges set.
@@ -83,6 +83,8 @@ pub struct Uplink {
     pub spec: HubSpec,
     pub queue: Arc<Queue>,
     pub metrics: UplinkMetrics,
+    /// This service's series of `metrics` that change per message.
+    pub gauges: ServiceSeries,
     /// Told when a message was queued, so the link sends it.
     wake: Notify,
     last_store_log: Mutex<Option<Instant>>,
@@ -122,6 +124,7 @@ impl Uplink {
             spec,
             queue,
             metrics: metrics.clone(),
+            gauges: metrics.series(&config.name),
             wake: Notify::new(),
             last_store_log: Mutex::new(None),
         });
@@ -172,18 +175,8 @@ impl Uplink {
     /// Sets the queue gauges from the queue.
     pub fn refresh_gauges(&self) {
         let stats = self.queue.stats(queue::now_ms());
-        let service = [self.service.as_str()];
-        self.metrics
-            .queue_messages
-            .with_label_values(&service)
-            .set(stats.messages as i64);
-        self.metrics
-            .queue_bytes
-            .with_label_values(&service)
-            .set(stats.bytes as i64);
-        self.metrics
-            .oldest_seconds
-            .with_label_values(&service)
-            .set(stats.oldest_seconds);
+        self.gauges.queue_messages.set(stats.messages as i64);
+        self.gauges.queue_bytes.set(stats.bytes as i64);
+        self.gauges.oldest_seconds.set(stats.oldest_seconds);
     }
 }

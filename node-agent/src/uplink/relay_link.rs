@@ -9,7 +9,7 @@ use edgewire_api::wire::{Origin, RequestId, ServerMessage};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::hub_link::{Event, HubLink};
 use super::record::Record;
@@ -70,25 +70,11 @@ impl RelayLink {
     }
 
     async fn write(&mut self, message: Message) -> Result<(), String> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.sink.feed(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(format!("write to the hub failed: {err}")),
-            Err(_) => Err(format!(
-                "the hub took no bytes for {}s",
-                WRITE_TIMEOUT.as_secs()
-            )),
-        }
+        within_deadline(self.sink.feed(message)).await
     }
 
     async fn flush(&mut self) -> Result<(), String> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.sink.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(format!("write to the hub failed: {err}")),
-            Err(_) => Err(format!(
-                "the hub took no bytes for {}s",
-                WRITE_TIMEOUT.as_secs()
-            )),
-        }
+        within_deadline(self.sink.flush()).await
     }
 
     /// The events in a frame: one relay message, or a batch of them.
@@ -173,11 +159,16 @@ impl HubLink for RelayLink {
     }
 
     async fn send(&mut self, batch: &[Record]) -> Result<(), String> {
-        for record in batch {
-            let text = publish_text(&self.node, record);
-            self.write(Message::text(text)).await?;
-        }
-        self.flush().await
+        // One deadline for the whole batch: a timer per message would cost
+        // more than writing it.
+        let (sink, node) = (&mut self.sink, self.node.as_str());
+        within_deadline(async move {
+            for record in batch {
+                sink.feed(Message::text(publish_text(node, record))).await?;
+            }
+            sink.flush().await
+        })
+        .await
     }
 
     async fn next(&mut self) -> Result<Event, String> {
@@ -215,6 +206,20 @@ impl HubLink for RelayLink {
 
     async fn close(&mut self) {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.sink.send(Message::Close(None))).await;
+    }
+}
+
+/// Runs a write to the hub within [`WRITE_TIMEOUT`].
+async fn within_deadline(
+    write: impl Future<Output = Result<(), tungstenite::Error>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("write to the hub failed: {err}")),
+        Err(_) => Err(format!(
+            "the hub took no bytes for {}s",
+            WRITE_TIMEOUT.as_secs()
+        )),
     }
 }
 
