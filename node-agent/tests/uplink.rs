@@ -241,15 +241,20 @@ async fn drain_messages(
                 other => panic!("subscriber lost: {other:?}"),
             }
         };
-        let value: Value = serde_json::from_str(&text).unwrap();
-        if value["type"] == "message" {
-            got.push((
-                value["channel"].as_str().unwrap_or_default().to_string(),
-                value["data"].clone(),
-                value["origin"]["node"].as_str().map(String::from),
-            ));
-        }
+        got.extend(delivery(&text));
     }
+}
+
+/// A relay frame as (channel, data, origin node) when it is a `message`.
+fn delivery(text: &str) -> Option<(String, Value, Option<String>)> {
+    let value: Value = serde_json::from_str(text).unwrap();
+    (value["type"] == "message").then(|| {
+        (
+            value["channel"].as_str().unwrap_or_default().to_string(),
+            value["data"].clone(),
+            value["origin"]["node"].as_str().map(String::from),
+        )
+    })
 }
 
 /// The `n` of each edge's messages in the order the hub's subscriber got them.
@@ -630,16 +635,7 @@ async fn a_stopping_hub_delivers_everything_it_acknowledged() {
     hub.signal("TERM");
     loop {
         match tokio::time::timeout(WAIT, subscriber.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => {
-                let value: Value = serde_json::from_str(&text).unwrap();
-                if value["type"] == "message" {
-                    got.push((
-                        value["channel"].as_str().unwrap_or_default().to_string(),
-                        value["data"].clone(),
-                        value["origin"]["node"].as_str().map(String::from),
-                    ));
-                }
-            }
+            Ok(Some(Ok(Message::Text(text)))) => got.extend(delivery(&text)),
             Ok(Some(Ok(_))) => {}
             _ => break,
         }
