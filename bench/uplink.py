@@ -15,7 +15,9 @@ leaf nodes, measured in the same run with the same client process
 Phases, each on freshly started servers with empty state: throughput at
 saturation, publish-to-hub latency at a fixed rate, and an outage (the hub
 stopped while the edges go on publishing, then started again) with the drain
-that follows. Prints tables with the ratios edgewire/NATS and, on a full run,
+that follows; three rounds of each (one in quick mode), the systems taking
+turns, each figure the median of its rounds. Prints tables with the ratios
+edgewire/NATS and, on a full run,
 writes them to bench/results/uplink.md. All traffic stays on loopback; every
 wait is bounded; everything started is stopped and removed. Figures only:
 nothing here passes or fails on a time."""
@@ -26,6 +28,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +50,9 @@ LATENCY_SECONDS = 5 if QUICK else 20
 OUTAGE_RATE = 1000  # messages/s per edge
 OUTAGE_BEFORE = 2 if QUICK else 5
 OUTAGE_SECONDS = 10 if QUICK else 60
+# Each figure is the median of its rounds: one round's tail latency moves
+# with whatever else the machine did in those seconds.
+ROUNDS = 1 if QUICK else 3
 # The edges' queue bound: above anything a run stores, so nothing is dropped
 # for room (the default is 64 MiB; NATS streams have no bound by default).
 EDGE_QUEUE_BYTES = 256 * 1024 * 1024
@@ -88,8 +94,7 @@ class Deployment:
     again on the same state."""
 
     def __init__(self, tmp, name):
-        self.tmp = tmp / name
-        self.tmp.mkdir()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
         self.hub = None
         self.edges = []
         self.logs = []
@@ -230,8 +235,11 @@ def run_phase(deployment, phase, extra):
     return result
 
 
-def measure(make):
-    results = {}
+def measure(tmp, port):
+    """Every phase, ROUNDS times, the two systems taking turns within each
+    round (so a slow minute on the machine falls on both); for each system,
+    phase -> the list of its rounds' figures."""
+    results = {"edgewire": {}, "nats": {}}
     phases = [
         ("throughput", ["--messages", str(THROUGHPUT_MESSAGES)]),
         ("latency", ["--rate", str(LATENCY_RATE), "--seconds", str(LATENCY_SECONDS)]),
@@ -239,14 +247,17 @@ def measure(make):
                     "--outage-seconds", str(OUTAGE_SECONDS)]),
     ]
     for phase, extra in phases:
-        deployment = make()
-        with deployment:
-            r = run_phase(deployment, phase, extra)
-            if "error" in r:
-                print(deployment.tail(), flush=True)
-        shutil.rmtree(deployment.tmp, ignore_errors=True)
-        results[phase] = r
-        print(f"  {phase}: {r}", flush=True)
+        for round_ in range(ROUNDS):
+            for make in (Edgewire, Nats):
+                deployment = make(tmp, port)
+                print(f"== {deployment.name} {phase} (round {round_ + 1}/{ROUNDS})", flush=True)
+                with deployment:
+                    r = run_phase(deployment, phase, extra)
+                    if "error" in r:
+                        print(deployment.tail(), flush=True)
+                shutil.rmtree(deployment.tmp, ignore_errors=True)
+                results[deployment.name].setdefault(phase, []).append(r)
+                print(f"  {phase}: {r}", flush=True)
     return results
 
 
@@ -277,11 +288,29 @@ def ratio(a, b, lower_is_better, goal):
     return f"{r:.2f}", verdict
 
 
-def counts(r):
-    if not isinstance(r, dict) or "published" not in r:
-        return get(r, "error") or "n/a"
-    return (f"{r['delivered']:,}/{r['published']:,} delivered, {r['lost']:,} lost, "
-            f"{r['duplicates']:,} duplicated, {r['reordered']:,} reordered")
+def figure(rounds_by_phase, pick):
+    """The median over the rounds of what `pick` reads from one round's
+    {phase: figures}; None when no round has it."""
+    values = []
+    for i in range(ROUNDS):
+        one = {phase: rounds[i] for phase, rounds in rounds_by_phase.items() if i < len(rounds)}
+        v = pick(one)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            values.append(v)
+    return statistics.median(values) if values else None
+
+
+def counts(rounds):
+    """Every round's messages, summed; or the rounds' errors."""
+    rounds = rounds or []
+    errors = [get(r, "error") for r in rounds if not isinstance(r, dict) or "published" not in r]
+    good = [r for r in rounds if isinstance(r, dict) and "published" in r]
+    if not good:
+        return "; ".join(str(e) for e in errors) or "n/a"
+    total = {k: sum(r[k] for r in good) for k in ("delivered", "published", "lost", "duplicates", "reordered")}
+    text = (f"{total['delivered']:,}/{total['published']:,} delivered, {total['lost']:,} lost, "
+            f"{total['duplicates']:,} duplicated, {total['reordered']:,} reordered")
+    return text + (f"; {len(errors)} round(s) failed: {'; '.join(str(e) for e in errors)}" if errors else "")
 
 
 def version_of(*cmd):
@@ -295,11 +324,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="edgewire-bench-uplink-", dir=os.environ.get("EDGEWIRE_BENCH_TMP")))
     load_before = os.getloadavg()
     try:
-        port = free_port()
-        print("== edgewire", flush=True)
-        ours = measure(lambda: Edgewire(tmp, port))
-        print("== nats", flush=True)
-        peer = measure(lambda: Nats(tmp, port))
+        runs = measure(tmp, free_port())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
@@ -321,7 +346,7 @@ def main():
     ]
     table = ["| figure | edgewire | NATS leaf nodes | edgewire/NATS | goal |", "| --- | --- | --- | --- | --- |"]
     for label, pick, lower, goal in rows:
-        a, b = pick(ours), pick(peer)
+        a, b = figure(runs["edgewire"], pick), figure(runs["nats"], pick)
         if lower is None:
             r, verdict = "", ""
         else:
@@ -330,7 +355,7 @@ def main():
         table.append(f"| {label} | {fmt(a)} | {fmt(b)} | {r} | {goal_text} |")
     count_rows = ["| phase | edgewire | NATS leaf nodes |", "| --- | --- | --- |"]
     for phase in ("throughput", "latency", "outage"):
-        count_rows.append(f"| {phase} | {counts(ours.get(phase))} | {counts(peer.get(phase))} |")
+        count_rows.append(f"| {phase} | {counts(runs['edgewire'].get(phase))} | {counts(runs['nats'].get(phase))} |")
 
     machine = (
         f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
@@ -345,7 +370,8 @@ def main():
         "",
         f"A hub on {HUB} and {edges} edge nodes on {', '.join(EDGES)}, one publisher per edge and one",
         "subscriber at the hub, all in one `edgewire-loadgen uplink` process (one clock for send and",
-        f"arrival); {SIZE}-byte payloads. Each phase starts on fresh servers with empty state.",
+        f"arrival); {SIZE}-byte payloads. Each phase starts on fresh servers with empty state; each figure is "
+        f"the median of {ROUNDS} round(s), the two systems taking turns within a round.",
         "",
         "- edgewire: the hub an agent with channel `up`; each edge an agent whose `up` is an `uplink` channel "
         "to it (`hub.url: ws://...`, queue bound 256 MiB). Publishers are relay clients of the edges, one publish "
@@ -372,14 +398,14 @@ def main():
         "",
         *table,
         "",
-        "Every message counted (per publisher and sequence):",
+        f"Every message counted (per publisher and sequence; the {ROUNDS} round(s) summed):",
         "",
         *count_rows,
         "",
         "Raw figures (JSON):",
         "",
         "```json",
-        json.dumps({"edgewire": ours, "nats": peer}, indent=1),
+        json.dumps(runs, indent=1),
         "```",
     ])
     print("\n" + report)

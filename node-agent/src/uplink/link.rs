@@ -42,10 +42,14 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 /// A session that lasted this long starts the backoff afresh.
 const STABLE: Duration = Duration::from_secs(10);
 
+/// Waits between attempts: 100 ms doubling to 1 s, each plus up to as much
+/// again in jitter. An edge tries again within 2 s of its hub's return (a
+/// NATS leaf node redials every second), so a backlog starts draining at
+/// once; refused dials to a hub that is down cost the hub nothing.
 fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
         .with_jitter()
         .without_max_times()
         .build()
@@ -138,7 +142,7 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
                 );
             }
         }
-        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        let delay = delays.next().unwrap_or(Duration::from_secs(1));
         tokio::select! {
             _ = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
