@@ -54,9 +54,11 @@ echo "binaries in $bin_dir"
 
 stage "cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --all --check --manifest-path examples/wasm/Cargo.toml
 
 stage "cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked --release --target wasm32-wasip2 --manifest-path examples/wasm/Cargo.toml -- -D warnings
 
 stage "cargo build (every binary, for the tests that start them)"
 cargo build --locked --workspace --bins

@@ -443,6 +443,18 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// The counter of body bytes to (`sent`) or from (`received`) an
+    /// upstream, for a body that counts as it streams.
+    pub fn upstream_bytes_counter(
+        &self,
+        service: &str,
+        upstream: &str,
+        direction: &str,
+    ) -> prometheus::IntCounter {
+        self.upstream_bytes
+            .with_label_values(&[service, upstream, direction])
+    }
+
     /// Body bytes to (`sent`) or from (`received`) an upstream.
     pub fn upstream_bytes(&self, service: &str, upstream: &str, direction: &str, bytes: usize) {
         self.upstream_bytes

@@ -4,20 +4,25 @@
 //! `call` and as a channel processor; hostile components that must fail
 //! alone; a broken module replaced by a good one without a restart; every
 //! call finding the module's memory as loaded, whatever the calls before it
-//! wrote.
+//! wrote; outbound HTTP to listed hosts only, measured.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use support::*;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::AbortOnDropHandle;
 
 /// Loading (compiling) a few components in a debug agent on two busy cores.
 const LOAD_WAIT: Duration = Duration::from_secs(120);
@@ -423,6 +428,130 @@ services:
             r#"edgewire_handler_duration_seconds_count{handler="filter",service="sensors"}"#
         ),
         4.0
+    );
+}
+
+/// A "cloud" for outbound calls: `POST /sum` with `{"a":..,"b":..}`
+/// answers `{"sum":..}`; it counts what it was asked. Stops on drop.
+struct Cloud {
+    addr: SocketAddr,
+    asked: Arc<AtomicU32>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl Cloud {
+    async fn start() -> Cloud {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&asked);
+        let task = tokio::spawn(async move {
+            // Bounded by the test's life: aborted on drop.
+            while let Ok((tcp, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<Incoming>| {
+                        let counter = Arc::clone(&counter);
+                        async move {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let args: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            let sum =
+                                args["a"].as_i64().unwrap_or(0) + args["b"].as_i64().unwrap_or(0);
+                            Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(
+                                json!({ "sum": sum }).to_string(),
+                            ))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Cloud {
+            addr,
+            asked,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+}
+
+/// Outbound HTTP from a component reaches only the hosts its handler's
+/// `allowedOutboundHosts` lists (none by default): a refused request fails
+/// inside the component, which answers for itself, and never reaches the
+/// upstream. What goes out is measured like an `upstream` handler's
+/// attempts: each request timed in T_cloud, its body bytes both ways in
+/// C_data.
+#[tokio::test]
+async fn outbound_http_reaches_only_allowed_hosts_and_is_measured() {
+    let cloud = Cloud::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: ask, kind: wasm, path: /ask, module: {{file: "{module}"}}, allowedOutboundHosts: ["{cloud}"]}}
+      - {{name: closed, kind: wasm, path: /closed, module: {{file: "{module}"}}}}
+"#,
+        module = component("ask_cloud"),
+        cloud = cloud.addr
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+    let args = r#"{"a": 40, "b": 2}"#;
+
+    let (status, _, body) =
+        http(addr, "POST", &format!("/ask?upstream={}", cloud.addr), args).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"sum":42}"#));
+
+    // Denied: the same host from a handler without the list, and another
+    // port of the listed host.
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        &format!("/closed?upstream={}", cloud.addr),
+        args,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    let elsewhere = format!("127.0.0.1:{}", free_port());
+    let (status, _, body) = http(addr, "POST", &format!("/ask?upstream={elsewhere}"), args).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    assert_eq!(
+        cloud.asked.load(Ordering::SeqCst),
+        1,
+        "only the allowed call went out"
+    );
+
+    let metrics = agent.metrics().await;
+    let value = |series: &str| metric_value(&metrics, series);
+    assert_eq!(
+        value(
+            r#"edgewire_upstream_duration_seconds_count{outcome="ok",service="edge",upstream="ask"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"edgewire_upstream_bytes_total{direction="sent",service="edge",upstream="ask"}"#),
+        args.len() as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(
+            r#"edgewire_upstream_bytes_total{direction="received",service="edge",upstream="ask"}"#
+        ),
+        r#"{"sum":42}"#.len() as f64,
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"upstream="closed""#),
+        "a handler that may not call out has no upstream series: {metrics}"
     );
 }
 

@@ -27,10 +27,10 @@ pub fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 /// The whole request body; the host caps its size.
 pub fn body(request: IncomingRequest) -> Vec<u8> {
     let mut bytes = Vec::new();
-    if let Ok(body) = request.consume() {
-        if let Ok(mut stream) = body.stream() {
-            let _ = stream.read_to_end(&mut bytes);
-        }
+    if let Ok(body) = request.consume()
+        && let Ok(mut stream) = body.stream()
+    {
+        let _ = stream.read_to_end(&mut bytes);
     }
     bytes
 }

@@ -107,6 +107,9 @@ impl WasmHandler {
             for outcome in crate::handlers::upstream::Outcome::LABELS {
                 metrics.upstream_attempt_init(&handler.service, &handler.name, outcome);
             }
+            for direction in ["sent", "received"] {
+                metrics.upstream_bytes_counter(&handler.service, &handler.name, direction);
+            }
         }
         let host = match runtime.host() {
             Ok(host) => host,

@@ -2,7 +2,9 @@
 //! handler's `allowedOutboundHosts`; allowed requests are timed in
 //! `edgewire_upstream_duration_seconds`, with the handler's name as the
 //! `upstream` label and the outcome as an `upstream` handler's attempts
-//! name it.
+//! name it, and their body bytes both ways counted in
+//! `edgewire_upstream_bytes_total` (the seed's C_data, as for an `upstream`
+//! handler).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +64,27 @@ pub fn allowed(list: &[String], host: &str, port: Option<u16>) -> bool {
     })
 }
 
+/// `body`, its data bytes counted in `direction` as they pass.
+fn counted<B>(
+    body: B,
+    metrics: &Metrics,
+    service: &str,
+    handler: &str,
+    direction: &'static str,
+) -> WasiBody
+where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = Error> + Send + 'static,
+{
+    let bytes = metrics.upstream_bytes_counter(service, handler, direction);
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            bytes.inc_by(data.len() as u64);
+        }
+        frame
+    })
+    .boxed_unsync()
+}
+
 type Sent = Box<
     dyn Future<
             Output = Result<
@@ -97,6 +120,7 @@ impl WasiHttpHooks for Outbound {
         let service = Arc::clone(&self.service);
         let handler = Arc::clone(&self.handler);
         let metrics = self.metrics.clone();
+        let request = request.map(|body| counted(body, &metrics, &service, &handler, "sent"));
         Box::new(async move {
             let started = Instant::now();
             let sent = wasmtime_wasi_http::default_send_request(request, options).await;
@@ -109,7 +133,7 @@ impl WasiHttpHooks for Outbound {
             );
             let (response, io) = sent?;
             Ok((
-                response.map(BodyExt::boxed_unsync),
+                response.map(|body| counted(body, &metrics, &service, &handler, "received")),
                 Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
             ))
         })
