@@ -59,6 +59,16 @@ async fn http(
     path: &str,
     body: &str,
 ) -> (u16, hyper::HeaderMap, String) {
+    http_with_headers(addr, method, path, &[], body).await
+}
+
+async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
     let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
         .await
         .expect("connect in time")
@@ -67,11 +77,15 @@ async fn http(
         .await
         .expect("HTTP handshake");
     let driver = tokio::spawn(conn);
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, addr.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("request");
     let response = tokio::time::timeout(WAIT, sender.send_request(request))
@@ -428,6 +442,190 @@ services:
             r#"edgewire_handler_duration_seconds_count{handler="filter",service="sensors"}"#
         ),
         4.0
+    );
+}
+
+/// What a component is given: its request (method, path and query, headers,
+/// body), and nothing of the host: no file, no directory, no socket, no
+/// environment.
+#[tokio::test]
+async fn a_component_sees_its_request_and_nothing_of_the_host() {
+    // A listener the component is asked to connect to: nothing may arrive.
+    let bait = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: probe, kind: wasm, path: /probe, module: {{file: "{probe}"}}}}
+"#,
+        probe = component("probe")
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+
+    let path = format!("/probe?tcp={}&x=1", bait.local_addr().unwrap());
+    let (status, _, body) =
+        http_with_headers(addr, "POST", &path, &[("x-probe", "hello")], "12345").await;
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["method"], "POST", "{report}");
+    assert_eq!(report["path"], path.as_str(), "{report}");
+    assert_eq!(report["header"], "hello", "{report}");
+    assert_eq!(report["bodyBytes"], 5, "{report}");
+    assert_eq!(report["env"], 0, "{report}");
+    for reach in ["file", "dir", "tcp"] {
+        let text = report[reach].as_str().unwrap_or_default();
+        assert!(text.starts_with("error"), "{reach} reached: {report}");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(300), bait.accept()).await;
+    assert!(accepted.is_err(), "the component connected out");
+}
+
+/// Each limit answers for itself, is counted by its reason, and leaves the
+/// next call served: a trap (500), a request body over `maxRequestBytes`
+/// (413), a response over `maxResponseBytes` (502), and a call that waits
+/// for one of `maxInstances` within its deadline, not beside it (504 at
+/// its own deadline).
+#[tokio::test]
+async fn traps_body_caps_and_waiting_for_an_instance_answer_for_themselves() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: probe, kind: wasm, path: /probe, module: {{file: "{probe}"}}}}
+      - {{name: small-in, kind: wasm, path: /small-in, module: {{file: "{add}"}}, limits: {{maxRequestBytes: 64}}}}
+      - {{name: small-out, kind: wasm, path: /small-out, module: {{file: "{add}"}}, limits: {{maxResponseBytes: 8}}}}
+      - {{name: one, kind: wasm, path: /one, module: {{file: "{spin}"}}, limits: {{maxInstances: 1, timeoutMs: 3000}}}}
+"#,
+        probe = component("probe"),
+        add = component("add"),
+        spin = component("infinite_loop"),
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+
+    let (status, body) = get_json(addr, "/probe?do=trap").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(get_json(addr, "/probe").await.0, 200, "after the trap");
+
+    let big = format!(r#"{{"a": 1, "b": 2, "pad": "{}"}}"#, "x".repeat(64));
+    let (status, _, body) = http(addr, "POST", "/small-in", &big).await;
+    assert_eq!(status, 413, "{body}");
+    let (status, _, body) = http(addr, "POST", "/small-in", r#"{"a": 1, "b": 2}"#).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"result":3}"#));
+
+    // `{"result":3}` is 12 bytes.
+    let (status, body) = get_json(addr, "/small-out?a=1&b=2").await;
+    assert_eq!(status, 502, "{body}");
+
+    // The second call waits for the only instance; the wait counts against
+    // its deadline, so it ends at its own deadline (3 s after it was sent),
+    // not one deadline after the first call's (5.7 s).
+    let (first, (second, waited)) = tokio::join!(get_json(addr, "/one"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        (get_json(addr, "/one").await, sent.elapsed())
+    });
+    assert_eq!((first.0, second.0), (504, 504), "{first:?} {second:?}");
+    assert!(
+        waited < Duration::from_millis(4500),
+        "the wait for an instance was not counted against the deadline: {waited:?}"
+    );
+
+    let metrics = agent.metrics().await;
+    let errors = |handler: &str, reason: &str| {
+        metric_value(
+            &metrics,
+            &format!(
+                r#"edgewire_handler_errors_total{{handler="{handler}",reason="{reason}",service="edge"}}"#
+            ),
+        )
+    };
+    assert_eq!(errors("probe", "trap"), 1.0, "{metrics}");
+    assert_eq!(errors("small-in", "request_too_large"), 1.0, "{metrics}");
+    assert_eq!(errors("small-out", "response_too_large"), 1.0, "{metrics}");
+    assert_eq!(errors("one", "timeout"), 2.0, "{metrics}");
+    let (ready, _) = agent.readyz().await;
+    assert_eq!(ready, 200, "the agent stayed ready throughout");
+}
+
+/// A processor that answers several messages fans each out in order; one
+/// that fails delivers nothing of that publish, whose publisher is told, and
+/// the next publish is processed as before.
+#[tokio::test]
+async fn a_processor_fans_out_and_a_failing_one_delivers_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: probe, kind: wasm, module: {{file: "{probe}"}}}}
+    channels:
+      - {{name: fan, processor: probe}}
+"#,
+        probe = component("probe")
+    );
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+    let mut subscriber = connect(addr, "/relay").await;
+    let ack = request(
+        &mut subscriber,
+        json!({"type": "subscribe", "id": 1, "channel": "fan"}),
+    )
+    .await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    let mut publisher = connect(addr, "/relay").await;
+
+    let ack = request(
+        &mut publisher,
+        json!({"type": "publish", "id": 1, "channel": "fan", "data": {"copies": 3}}),
+    )
+    .await;
+    assert_eq!(ack["type"], "published", "{ack}");
+    let failed = request(
+        &mut publisher,
+        json!({"type": "publish", "id": 2, "channel": "fan", "data": {"trap": true}}),
+    )
+    .await;
+    assert_eq!(failed["type"], "error", "{failed}");
+    assert_eq!(failed["code"], "handler_failed", "{failed}");
+    assert_eq!(failed["id"], 2, "{failed}");
+    let ack = request(
+        &mut publisher,
+        json!({"type": "publish", "id": 3, "channel": "fan", "data": {"copies": 1}}),
+    )
+    .await;
+    assert_eq!(ack["type"], "published", "{ack}");
+
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next_json(&mut subscriber).await["data"].clone());
+    }
+    assert_eq!(
+        got,
+        [
+            json!({"copy": 0}),
+            json!({"copy": 1}),
+            json!({"copy": 2}),
+            json!({"copy": 0})
+        ]
+    );
+    let metrics = agent.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"edgewire_messages_dropped_total{reason="handler_failed",service="edge"}"#
+        ),
+        1.0,
+        "{metrics}"
     );
 }
 

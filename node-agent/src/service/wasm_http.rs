@@ -20,11 +20,14 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
     // it slowly cannot hold an instance slot or this task for longer.
     let body = match body::read_within(body, handler.max_request_bytes, handler.timeout()).await {
         Ok(body) => body,
-        Err(Unread::TooLarge) => {
-            return failure(&CallError::RequestTooLarge(handler.max_request_bytes));
-        }
         Err(Unread::Failed(err)) => return answer(body::unreadable(&err)),
-        Err(Unread::Timeout) => return failure(&CallError::Timeout(handler.timeout())),
+        Err(Unread::TooLarge) => {
+            return refused(
+                handler,
+                CallError::RequestTooLarge(handler.max_request_bytes),
+            );
+        }
+        Err(Unread::Timeout) => return refused(handler, CallError::Timeout(handler.timeout())),
     };
     // HTTP/1.0 clients may send no Host; the component's request needs an
     // authority.
@@ -56,6 +59,13 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
         }
         Err(err) => failure(&err),
     }
+}
+
+/// A request refused before it reached the component: answered and
+/// counted as a failed call.
+fn refused(handler: &WasmHandler, err: CallError) -> Response<Full<Bytes>> {
+    handler.count_failure(&err);
+    failure(&err)
 }
 
 fn failure(err: &CallError) -> Response<Full<Bytes>> {

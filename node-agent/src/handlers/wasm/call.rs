@@ -125,15 +125,16 @@ impl CallError {
     }
 }
 
-/// Runs `request` through a fresh instance of `loaded`.
+/// Runs `request` through a fresh instance of `loaded`, stopped at
+/// `deadline` (the call's, from its arrival: `budget.timeout` is what the
+/// caller is told it was).
 pub async fn run(
     loaded: &Arc<Loaded>,
     budget: &Budget,
+    deadline: Instant,
     hooks: Outbound,
     request: hyper::Request<Full<Bytes>>,
 ) -> Result<Answer, CallError> {
-    let started = Instant::now();
-    let deadline = started + budget.timeout;
     // Nothing of the host: no preopened directory (so no filesystem), no
     // environment or arguments, stdio to nowhere, sockets and name lookups
     // refused. Outbound HTTP goes through `hooks` alone.

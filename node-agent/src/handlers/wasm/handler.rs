@@ -365,24 +365,39 @@ impl WasmHandler {
         let result = self.call_uncounted(request).await;
         self.duration.observe(started.elapsed().as_secs_f64());
         if let Err(err) = &result {
-            self.metrics
-                .handler_error(&self.service, &self.name, err.reason());
-            tracing::debug!(service = %self.service, handler = %self.name, %err, "wasm call failed");
+            self.count_failure(err);
         }
         result
+    }
+
+    /// Counts a failed call by its reason, also one refused before it
+    /// reached the handler (its request body too large or too slow).
+    pub fn count_failure(&self, err: &CallError) {
+        self.metrics
+            .handler_error(&self.service, &self.name, err.reason());
+        tracing::debug!(service = %self.service, handler = %self.name, %err, "wasm call failed");
     }
 
     async fn call_uncounted(
         &self,
         request: hyper::Request<Full<Bytes>>,
     ) -> Result<Answer, CallError> {
+        let deadline = Instant::now() + self.budget.timeout;
         let loaded = self.loaded()?;
-        // Waiting for a free instance counts against the call's deadline.
-        let permit = tokio::time::timeout(self.budget.timeout, self.instances.acquire())
+        // Waiting for a free instance counts against the call's deadline:
+        // what is left of it is all the instance gets.
+        let permit = tokio::time::timeout_at(deadline.into(), self.instances.acquire())
             .await
             .map_err(|_| CallError::Busy(self.max_instances))?
             .map_err(|_| CallError::Busy(self.max_instances))?;
-        let answer = call::run(&loaded, &self.budget, self.outbound.clone(), request).await;
+        let answer = call::run(
+            &loaded,
+            &self.budget,
+            deadline,
+            self.outbound.clone(),
+            request,
+        )
+        .await;
         drop(permit);
         answer
     }
