@@ -990,13 +990,67 @@ async fn a_wss_hub_is_reached_with_the_ca_from_ca_file() {
     edge.agent
         .wait_metric(r#"edgewire_uplink_delivered_total{service="edge"}"#, 3.0)
         .await;
+    let metrics = edge.agent.metrics().await;
     assert_eq!(
         metric_value(
-            &edge.agent.metrics().await,
+            &metrics,
             r#"edgewire_uplink_connect_failures_total{reason="tls",service="edge"}"#
         ),
         0.0
     );
+    // C_data of the uplink: the payloads sent up, each once here.
+    let payloads: usize = (0..3)
+        .map(|k| json!({"edge": "edge-0", "n": k}).to_string().len())
+        .sum();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"edgewire_uplink_sent_bytes_total{service="edge"}"#
+        ),
+        payloads as f64,
+        "{metrics}"
+    );
+
+    // The dashboard's "bytes sent up per node" panel, its own query, answered
+    // by a real Prometheus scraping the edge while it sends more.
+    let config = format!(
+        "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: edgewire-agents\n    static_configs: [{{targets: ['{}']}}]\n",
+        edge.agent.admin
+    );
+    let prom =
+        support::prometheus::Prometheus::start(&config, &root.path().join("prometheus")).await;
+    prom.wait_value(r#"up{job="edgewire-agents"}"#, |v| v == 1.0)
+        .await;
+    let query = dashboard_query("edgewire_uplink_sent_bytes_total");
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        publish_all(
+            &mut publisher,
+            "telemetry",
+            3 + round..4 + round,
+            |k| json!({"edge": "edge-0", "n": k}),
+        )
+        .await;
+    }
+    let rate = prom.wait_value(&query, |v| v > 0.0).await;
+    assert!(rate > 0.0, "{query} = {rate}");
+}
+
+/// The expression of the chart dashboard's panel target that reads `metric`.
+fn dashboard_query(metric: &str) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/edgewire/dashboards/edgewire.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .find(|expr| expr.contains(metric))
+        .unwrap_or_else(|| panic!("no panel reads {metric} in {path}"))
 }
 
 /// The expression of alert `name` in the chart's PrometheusRule.

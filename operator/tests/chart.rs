@@ -349,6 +349,7 @@ fn monitoring_objects_when_enabled() {
         "edgewire_handler_duration_seconds_sum",
         "edgewire_upstream_duration_seconds_bucket",
         "edgewire_upstream_bytes_total",
+        "edgewire_uplink_sent_bytes_total",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(metric)),

@@ -285,6 +285,8 @@ impl Session<'_> {
                 return Ok(());
             };
             link.send(batch).await?;
+            let bytes: usize = batch.iter().map(|r| r.data.len()).sum();
+            self.uplink.gauges.sent_bytes.inc_by(bytes as u64);
             self.in_flight += batch.len() as u64;
             self.sent_through = Some(last);
         }

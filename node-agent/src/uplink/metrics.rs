@@ -16,6 +16,7 @@ pub struct UplinkMetrics {
     pub queue_messages: IntGaugeVec,
     pub oldest_seconds: GaugeVec,
     pub delivered: IntCounterVec,
+    pub sent_bytes: IntCounterVec,
     pub dropped: IntCounterVec,
     pub link: IntGaugeVec,
     pub connect_failures: IntCounterVec,
@@ -31,6 +32,7 @@ pub struct ServiceSeries {
     pub queue_messages: IntGauge,
     pub oldest_seconds: Gauge,
     pub delivered: IntCounter,
+    pub sent_bytes: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -69,6 +71,11 @@ impl UplinkMetrics {
                 "Uplink messages the hub acknowledged.",
                 service,
             ),
+            sent_bytes: counter(
+                "edgewire_uplink_sent_bytes_total",
+                "Payload bytes of uplink messages sent to the hub, resends included.",
+                service,
+            ),
             dropped: counter(
                 "edgewire_uplink_dropped_total",
                 "Uplink messages lost before the hub had them, by reason.",
@@ -98,6 +105,7 @@ impl UplinkMetrics {
         registry.register(Box::new(self.queue_messages.clone()))?;
         registry.register(Box::new(self.oldest_seconds.clone()))?;
         registry.register(Box::new(self.delivered.clone()))?;
+        registry.register(Box::new(self.sent_bytes.clone()))?;
         registry.register(Box::new(self.dropped.clone()))?;
         registry.register(Box::new(self.link.clone()))?;
         registry.register(Box::new(self.connect_failures.clone()))?;
@@ -111,6 +119,7 @@ impl UplinkMetrics {
         self.queue_messages.with_label_values(&[service]);
         self.oldest_seconds.with_label_values(&[service]);
         self.delivered.with_label_values(&[service]);
+        self.sent_bytes.with_label_values(&[service]);
         self.downlink.with_label_values(&[service]);
         for reason in DROP_REASONS {
             self.dropped.with_label_values(&[service, reason]);
@@ -129,6 +138,7 @@ impl UplinkMetrics {
             queue_messages: self.queue_messages.with_label_values(&labels),
             oldest_seconds: self.oldest_seconds.with_label_values(&labels),
             delivered: self.delivered.with_label_values(&labels),
+            sent_bytes: self.sent_bytes.with_label_values(&labels),
         }
     }
 
