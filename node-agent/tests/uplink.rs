@@ -513,6 +513,70 @@ async fn a_byte_bound_drops_the_oldest_and_counts_them_exactly() {
     );
 }
 
+/// Messages that wait longer than `ttlSeconds` for the hub are dropped and
+/// counted as `ttl`, and never sent once it is back; what is published
+/// after goes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_the_ttl_are_dropped_counted_and_never_sent() {
+    let n = 5u64;
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/relay");
+    let config =
+        edge_config(&url, &root.path().join("edge-0.token"), 1 << 20) + "      ttlSeconds: 1\n";
+    let edge = Edge::spawn_with("edge-0", root.path(), config);
+    edge.agent.wait_ready().await;
+    let mut ws = edge.relay().await;
+    publish_all(
+        &mut ws,
+        "telemetry",
+        0..n,
+        |k| json!({"edge": "edge-0", "n": k}),
+    )
+    .await;
+    edge.agent
+        .wait_metric(
+            r#"edgewire_uplink_dropped_total{reason="ttl",service="edge"}"#,
+            n as f64,
+        )
+        .await;
+    assert_eq!(
+        edge.metric(r#"edgewire_uplink_queue_messages{service="edge"}"#)
+            .await,
+        0.0
+    );
+
+    let hub = spawn_hub(root.path(), port, "");
+    hub.wait_ready().await;
+    let mut subscriber = connect(SocketAddr::from(([127, 0, 0, 1], port)), "/relay").await;
+    subscribe(&mut subscriber, "telemetry").await;
+    edge.give_token(&edge_token(SECRET));
+    edge.agent
+        .wait_metric(
+            r#"edgewire_uplink_link{service="edge",state="connected"}"#,
+            1.0,
+        )
+        .await;
+    publish_all(
+        &mut ws,
+        "telemetry",
+        n..n + 1,
+        |k| json!({"edge": "edge-0", "n": k}),
+    )
+    .await;
+    let got = drain_messages(&mut subscriber, 1, DRAIN, Duration::from_secs(2)).await;
+    assert_eq!(
+        by_edge(&got).get("edge-0"),
+        Some(&vec![n]),
+        "only the message published after the hub's return"
+    );
+    assert_eq!(
+        edge.metric(r#"edgewire_uplink_dropped_total{reason="ttl",service="edge"}"#)
+            .await,
+        n as f64
+    );
+}
+
 /// A command published at the hub reaches the subscribers of every linked
 /// edge once; a message an edge sends up reaches the hub and the other edge
 /// once, and does not come back to the edge it came from.

@@ -207,6 +207,7 @@ async fn a_nats_outage_loses_and_duplicates_nothing_across_edge_restarts() {
         .unwrap();
     let mut messages = consumer.messages().await.unwrap();
     let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    let mut ids = std::collections::HashSet::new();
     let mut total = 0;
     loop {
         let wait = if total < 3 * n {
@@ -219,7 +220,18 @@ async fn a_nats_outage_loses_and_duplicates_nothing_across_edge_restarts() {
         };
         let message = message.unwrap();
         let data: Value = serde_json::from_slice(&message.payload).unwrap();
-        seen.entry(data["edge"].as_str().unwrap().to_string())
+        let edge = data["edge"].as_str().unwrap().to_string();
+        // Stored with the id JetStream deduplicates by: the origin node and
+        // its sequence, one id per message.
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        assert!(id.starts_with(&format!("{edge}:")), "message id {id:?}");
+        assert!(ids.insert(id.clone()), "message id {id:?} stored twice");
+        seen.entry(edge)
             .or_default()
             .push(data["n"].as_u64().unwrap());
         total += 1;
