@@ -2,7 +2,9 @@
 //! plane with the operator and an agent in cluster mode: the module is
 //! served; a module without the HTTP export makes the EdgeService
 //! `Degraded` with `ModuleMissingExport`, the EdgeNode names it, an Event
-//! says it; a good module put in the ConfigMap rolls out on its own.
+//! says it; bytes that are not a component are `ModuleInvalid`, reported
+//! alike; a good module put in the ConfigMap rolls out on its own; an image
+//! no registry serves is `ModulePullFailed`.
 
 mod support;
 
@@ -116,22 +118,8 @@ spec:
     assert_eq!(status, 503, "{body}");
 
     // The EdgeService says why, the EdgeNode names it, an Event tells it.
-    let deadline = Instant::now() + SLOW_WAIT;
-    loop {
-        let es = services.get("compute").await.unwrap();
-        let (status, reason, message) = degraded(&es);
-        if status == "True" && reason == "ModuleMissingExport" {
-            assert!(message.contains("other"), "{message}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not Degraded/ModuleMissingExport: {:?}\noperator log:\n{}",
-            es.status,
-            operator_log()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    reported(&services, &events, "ModuleMissingExport", &operator_log).await;
     let node = Api::<EdgeNode>::all(client.clone())
         .get("edge-w")
         .await
@@ -146,24 +134,14 @@ spec:
             .is_some_and(|d| d.starts_with("sha256:")),
         "{add:?}"
     );
-    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
-    let deadline = Instant::now() + SLOW_WAIT;
-    loop {
-        let listed = events.list(&ListParams::default()).await.unwrap();
-        if listed
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("ModuleMissingExport"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no ModuleMissingExport Event; operator log:\n{}",
-            operator_log()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    // Bytes that are not a component: ModuleInvalid, reported the same way.
+    put_config_map(&maps, module("add"), b"\0asm not a component".to_vec()).await;
+    reported(&services, &events, "ModuleInvalid", &operator_log).await;
+    assert_eq!(
+        http_get_json(addr, "/add?a=1&b=2").await.0,
+        200,
+        "add unharmed"
+    );
 
     // A good module in the ConfigMap: rolled out without touching the
     // EdgeService, and the module condition clears.
@@ -184,4 +162,58 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // An image no registry answers for: ModulePullFailed, the rest served.
+    let unreachable = format!("127.0.0.1:{}/edgewire/none:v1", free_port());
+    let es: EdgeService = serde_yaml_ng::from_str(&format!(
+        r#"
+apiVersion: edgewire.dev/v1alpha1
+kind: EdgeService
+metadata: {{name: compute, namespace: {namespace}}}
+spec:
+  port: {port}
+  handlers:
+    - {{name: add, kind: wasm, path: /add, module: {{configMap: {{name: modules, key: add.wasm}}}}}}
+    - {{name: other, kind: wasm, path: /other, module: {{image: "{unreachable}", plainHttp: true}}}}
+"#
+    ))
+    .unwrap();
+    services
+        .patch(
+            "compute",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&es),
+        )
+        .await
+        .unwrap();
+    reported(&services, &events, "ModulePullFailed", &operator_log).await;
+    assert_eq!(
+        http_get_json(addr, "/add?a=1&b=2").await.0,
+        200,
+        "add unharmed"
+    );
+}
+
+/// Waits until the EdgeService is `Degraded` for `reason` (naming the
+/// handler `other`) and an Event with that reason was recorded.
+async fn reported(
+    services: &Api<EdgeService>,
+    events: &Api<Event>,
+    reason: &str,
+    log: &impl Fn() -> String,
+) {
+    eventually(&format!("not Degraded/{reason}"), log, || async {
+        let es = services.get("compute").await.unwrap();
+        let (status, why, message) = degraded(&es);
+        status == "True" && why == reason && message.contains("other")
+    })
+    .await;
+    eventually(&format!("no {reason} Event"), log, || async {
+        let listed = events.list(&ListParams::default()).await.unwrap();
+        listed
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some(reason))
+    })
+    .await;
 }

@@ -198,6 +198,74 @@ services:
     );
 }
 
+/// Compiled code is kept by digest: a restart loads it rather than
+/// compiling again (the file is not rewritten), and a damaged copy is
+/// compiled again, with a warning, instead of failing the handler.
+#[tokio::test]
+async fn compiled_code_is_reused_after_a_restart_and_a_damaged_copy_is_replaced() {
+    use std::os::unix::fs::MetadataExt;
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
+"#,
+        add = component("add")
+    );
+    let cached = || -> PathBuf {
+        let files: Vec<_> = walk(&state.path().join("wasm-cache"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files[0].clone()
+    };
+    let stamp = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.ino(), meta.mtime_nsec(), meta.len())
+    };
+
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+    assert_eq!(get_json(addr, "/add?a=1&b=2").await.0, 200);
+    drop(agent);
+    let file = cached();
+    let first = stamp(&file);
+
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+    assert_eq!(
+        get_json(addr, "/add?a=2&b=2").await,
+        (200, json!({"result": 4}))
+    );
+    assert_eq!(
+        stamp(&cached()),
+        first,
+        "the stored code was loaded, not rewritten"
+    );
+    drop(agent);
+
+    std::fs::write(&file, b"not machine code").unwrap();
+    let agent = start_agent(&config, state.path()).await;
+    let addr = agent.service_addr("edge").await;
+    assert_eq!(
+        get_json(addr, "/add?a=3&b=2").await,
+        (200, json!({"result": 5}))
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("cached Wasm code unusable; compiling again"),
+        "{log}"
+    );
+    assert!(
+        std::fs::metadata(cached()).unwrap().len() > 1024,
+        "the damaged copy was replaced"
+    );
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
