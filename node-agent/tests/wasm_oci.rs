@@ -120,6 +120,31 @@ async fn the_add_component_is_pulled_by_tag_and_answers() {
     );
 }
 
+/// The whole CNCF Wasm OCI artifact layout (a config of type
+/// `application/vnd.wasm.config.v0+json` beside the `application/wasm`
+/// layer, as `wkg oci push` writes it) is pulled and served like the plain
+/// one.
+#[tokio::test]
+async fn a_cncf_wasm_artifact_is_pulled_and_answers() {
+    let registry = Registry::start(None).await.expect("registry");
+    let digest = registry
+        .push_wasm_artifact("edge/add:artifact", &component("add"))
+        .expect("push add as an artifact");
+    let state = tempfile::tempdir().unwrap();
+    let reference = format!("{}/edge/add:artifact", registry.address());
+    let agent = start_agent(
+        &add_config(&reference, ""),
+        &["--state-dir", state_arg(state.path())],
+    )
+    .await;
+    wait_module(&agent, "add", (Some(&digest), None), &registry).await;
+    let addr = agent.service_addr("edge").await;
+    assert_eq!(
+        get_json(addr, "/add?a=20&b=22").await,
+        (200, json!({"result": 42}))
+    );
+}
+
 #[tokio::test]
 async fn a_pinned_digest_must_be_the_one_the_tag_resolves_to() {
     let registry = Registry::start(None).await.expect("registry");

@@ -17,6 +17,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const PORT_ATTEMPTS: u32 = 5;
 /// The media type `oras push` gives a Wasm module's layer.
 pub const WASM_MEDIA_TYPE: &str = "application/wasm";
+/// The config media type of the CNCF Wasm OCI artifact layout.
+pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
 
 /// A user the registry requires, and their password.
 #[derive(Clone, Debug)]
@@ -106,6 +108,34 @@ impl Registry {
     /// Pushes `module` as `repository:tag` the way a user does (`oras push
     /// REF module.wasm:application/wasm`) and returns the manifest digest.
     pub fn push_wasm(&self, repository_tag: &str, module: &Path) -> Result<String, Error> {
+        self.push(repository_tag, module, None)
+    }
+
+    /// Pushes `module` in the whole CNCF Wasm OCI artifact layout (what
+    /// `wkg oci push` writes): its `application/wasm` layer beside a config
+    /// of type `application/vnd.wasm.config.v0+json`; the manifest digest.
+    pub fn push_wasm_artifact(&self, repository_tag: &str, module: &Path) -> Result<String, Error> {
+        let bytes = std::fs::read(module).map_err(|e| Error::io("reading the module", e))?;
+        let layer = crate::realnode::images::sha256(&bytes);
+        let config = serde_json::json!({
+            "created": "2026-01-01T00:00:00Z",
+            "architecture": "wasm",
+            "os": "wasip2",
+            "layerDigests": [layer],
+            "component": {"target": "wasi:http/proxy@0.2.0"},
+        });
+        let path = self.dir.path().join("wasm-config.json");
+        std::fs::write(&path, config.to_string())
+            .map_err(|e| Error::io("writing the artifact's config", e))?;
+        self.push(repository_tag, module, Some(&path))
+    }
+
+    fn push(
+        &self,
+        repository_tag: &str,
+        module: &Path,
+        config: Option<&Path>,
+    ) -> Result<String, Error> {
         let (dir, file) = match (module.parent(), module.file_name()) {
             (Some(dir), Some(file)) => (dir, file.to_string_lossy().into_owned()),
             _ => return Err(Error::Setup(format!("{} is not a file", module.display()))),
@@ -119,6 +149,10 @@ impl Registry {
             // oras keeps nothing of its own outside this registry's directory.
             .env("HOME", self.dir.path())
             .env("DOCKER_CONFIG", self.dir.path().join("oras-client"));
+        if let Some(config) = config {
+            oras.arg("--config")
+                .arg(format!("{}:{WASM_CONFIG_MEDIA_TYPE}", config.display()));
+        }
         if let Some(c) = &self.credentials {
             oras.args(["--username", &c.username, "--password", &c.password]);
         }

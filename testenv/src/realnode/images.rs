@@ -250,7 +250,7 @@ pub fn single_binary(binary: &Path, path: &str, reference: &str) -> ImageSpec {
     }
 }
 
-fn sha256(data: &[u8]) -> String {
+pub(crate) fn sha256(data: &[u8]) -> String {
     let digest = Sha256::digest(data);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
