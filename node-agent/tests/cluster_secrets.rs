@@ -19,14 +19,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgewire_api::crd::EdgeService;
-use edgewire_testenv::{ControlPlane, NodeSpec};
+use edgewire_testenv::NodeSpec;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::Role;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta};
 use serde_json::json;
 use support::cluster::*;
 use support::*;
@@ -96,32 +95,6 @@ fn tls_secret(cert: &str, key: &str) -> Secret {
     }
 }
 
-/// A client that authenticates with `token` only.
-async fn client_with_token(plane: &ControlPlane, token: &str) -> kube::Client {
-    let raw = kube::config::Kubeconfig::read_from(&plane.kubeconfig).unwrap();
-    let mut config =
-        kube::Config::from_custom_kubeconfig(raw, &kube::config::KubeConfigOptions::default())
-            .await
-            .unwrap();
-    config.auth_info = kube::config::AuthInfo {
-        token: Some(token.to_string().into()),
-        ..Default::default()
-    };
-    kube::Client::try_from(config).unwrap()
-}
-
-/// What a `get` of a Secret answers: "ok", or the API's status code.
-async fn get_code(client: &kube::Client, namespace: &str, name: &str) -> String {
-    match Api::<Secret>::namespaced(client.clone(), namespace)
-        .get(name)
-        .await
-    {
-        Ok(_) => "ok".into(),
-        Err(kube::Error::Api(e)) => e.code.to_string(),
-        Err(e) => format!("error: {e}"),
-    }
-}
-
 #[tokio::test]
 async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     let (plane, client) = start_plane(&[NAMESPACE, OTHER_NAMESPACE]).await;
@@ -134,13 +107,7 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     )
     .await
     .unwrap();
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
-    let mut account = ServiceAccount::default();
-    account.metadata.name = Some(AGENT_ACCOUNT.into());
-    accounts
-        .create(&PostParams::default(), &account)
-        .await
-        .unwrap();
+    create_service_account(&client, NAMESPACE, AGENT_ACCOUNT).await;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     apply(
@@ -303,26 +270,11 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     );
 
     // The agents' own token may get the named Secrets and nothing else.
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: Vec::new(),
-            expiration_seconds: Some(600),
-            bound_object_ref: None,
-        },
-        ..TokenRequest::default()
-    };
-    let agent_token = accounts
-        .create_token_request(AGENT_ACCOUNT, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .expect("a token")
-        .token;
-    let agent_client = client_with_token(&plane, &agent_token).await;
+    let agent_client = service_account_client(&plane, NAMESPACE, AGENT_ACCOUNT).await;
     let roles: Api<Role> = Api::namespaced(client.clone(), NAMESPACE);
     let deadline = Instant::now() + SLOW_WAIT;
     loop {
-        let code = get_code(&agent_client, NAMESPACE, "web-tls").await;
+        let code = get_secret_code(&agent_client, NAMESPACE, "web-tls").await;
         if code == "ok" {
             break;
         }
@@ -343,7 +295,7 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
         (NAMESPACE, "unnamed", "403"),
         (OTHER_NAMESPACE, "web-tls", "403"),
     ] {
-        let got = get_code(&agent_client, namespace, name).await;
+        let got = get_secret_code(&agent_client, namespace, name).await;
         eprintln!("agent token, get Secret {namespace}/{name}: {got}");
         if got != want {
             holes.push(format!("get {namespace}/{name}: {got}, want {want}"));
@@ -393,7 +345,7 @@ async fn tls_and_tokens_come_from_the_secrets_an_edge_service_names() {
     eventually(
         "the agents' token still reads a Secret no EdgeService names",
         operator_log,
-        || async { get_code(&agent_client, NAMESPACE, "web-tls").await == "403" },
+        || async { get_secret_code(&agent_client, NAMESPACE, "web-tls").await == "403" },
     )
     .await;
 }

@@ -1,7 +1,8 @@
 //! A `wasm` handler whose module is an OCI image, on the real control plane
 //! with the operator and an agent in cluster mode, pulling from a real
 //! registry that requires credentials (given as the EdgeService's
-//! `imagePullSecret`): the service becomes Ready, the EdgeNode and the
+//! `imagePullSecret`, which the agents' identity may read and no other
+//! Secret beside it): the service becomes Ready, the EdgeNode and the
 //! EdgeService report the digest, a tag pushed anew rolls out, a pin to
 //! another digest is refused (Degraded, an Event) while the pinned module
 //! serves, and an agent restarted with neither the registry nor the API
@@ -113,12 +114,31 @@ async fn an_image_module_is_served_reported_rolled_out_and_kept_offline() {
         .await
         .expect("apply the pull Secret");
 
+    // Another Secret in the namespace, which no EdgeService names.
+    let mut unnamed = secret.clone();
+    unnamed.metadata.name = Some("unnamed".into());
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .patch(
+            "unnamed",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&unnamed),
+        )
+        .await
+        .expect("apply another Secret");
+    create_service_account(&client, namespace, "agent").await;
+
     let logs = tempfile::tempdir().unwrap();
+    let account = format!("{namespace}/agent");
     let _operator = spawn_operator(
         &plane.kubeconfig,
         namespace,
         &logs.path().join("operator.log"),
-        &["--heartbeat-timeout", "10"],
+        &[
+            "--heartbeat-timeout",
+            "10",
+            "--agent-service-account",
+            &account,
+        ],
     );
     let operator_log =
         || std::fs::read_to_string(logs.path().join("operator.log")).unwrap_or_default();
@@ -179,6 +199,17 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+
+    // The agents' own identity may read the pull Secret the EdgeService
+    // names, and not another Secret beside it.
+    let agents = service_account_client(&plane, namespace, "agent").await;
+    eventually(
+        "the agents' token cannot get the pull Secret",
+        &operator_log,
+        || async { get_secret_code(&agents, namespace, "registry-creds").await == "ok" },
+    )
+    .await;
+    assert_eq!(get_secret_code(&agents, namespace, "unnamed").await, "403");
 
     // The same tag pushed anew rolls out without touching the EdgeService.
     let second = registry

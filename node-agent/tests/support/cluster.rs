@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use edgewire_api::crd::EdgeService;
 use edgewire_testenv::{ControlPlane, Options};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 
 use super::prometheus::Killed;
 use super::{AgentProcess, free_port, workspace_binary};
@@ -175,5 +176,63 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "{what}\n{}", log());
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Makes the ServiceAccount `namespace/name` (the agents' identity the
+/// operator grants Secrets to, with `--agent-service-account`).
+pub async fn create_service_account(client: &kube::Client, namespace: &str, name: &str) {
+    let mut account = ServiceAccount::default();
+    account.metadata.name = Some(name.into());
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("create the ServiceAccount");
+}
+
+/// A client of `plane` that authenticates as the ServiceAccount
+/// `namespace/name` only (a token requested for it, valid 10 minutes).
+pub async fn service_account_client(
+    plane: &ControlPlane,
+    namespace: &str,
+    name: &str,
+) -> kube::Client {
+    let admin = plane.client().await.expect("an admin client");
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin, namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .expect("a token request")
+        .status
+        .expect("a token")
+        .token;
+    let raw = kube::config::Kubeconfig::read_from(&plane.kubeconfig).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(raw, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    kube::Client::try_from(config).unwrap()
+}
+
+/// What a `get` of a Secret answers: "ok", or the API's status code.
+pub async fn get_secret_code(client: &kube::Client, namespace: &str, name: &str) -> String {
+    match Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+    {
+        Ok(_) => "ok".into(),
+        Err(kube::Error::Api(e)) => e.code.to_string(),
+        Err(e) => format!("error: {e}"),
     }
 }
