@@ -75,28 +75,9 @@ async fn a_module_from_a_config_map_is_served_and_its_errors_reported() {
     );
 
     let port = free_port();
-    let es: EdgeService = serde_yaml_ng::from_str(&format!(
-        r#"
-apiVersion: edgewire.dev/v1alpha1
-kind: EdgeService
-metadata: {{name: compute, namespace: {namespace}}}
-spec:
-  port: {port}
-  handlers:
-    - {{name: add, kind: wasm, path: /add, module: {{configMap: {{name: modules, key: add.wasm}}}}}}
-    - {{name: other, kind: wasm, path: /other, module: {{configMap: {{name: modules, key: other.wasm}}}}}}
-"#
-    ))
-    .unwrap();
     let services: Api<EdgeService> = Api::namespaced(client.clone(), namespace);
-    services
-        .patch(
-            "compute",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&es),
-        )
-        .await
-        .unwrap();
+    let other = "{configMap: {name: modules, key: other.wasm}}";
+    apply_compute(&services, port, other).await;
     let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
     let operator_log =
         || std::fs::read_to_string(logs.path().join("operator.log")).unwrap_or_default();
@@ -165,16 +146,29 @@ spec:
 
     // An image no registry answers for: ModulePullFailed, the rest served.
     let unreachable = format!("127.0.0.1:{}/edgewire/none:v1", free_port());
+    let other = format!(r#"{{image: "{unreachable}", plainHttp: true}}"#);
+    apply_compute(&services, port, &other).await;
+    reported(&services, &events, "ModulePullFailed", &operator_log).await;
+    assert_eq!(
+        http_get_json(addr, "/add?a=1&b=2").await.0,
+        200,
+        "add unharmed"
+    );
+}
+
+/// Applies the EdgeService `compute` on `port`: `add` from the ConfigMap,
+/// `other` from the `module` given (YAML flow).
+async fn apply_compute(services: &Api<EdgeService>, port: u16, other: &str) {
     let es: EdgeService = serde_yaml_ng::from_str(&format!(
         r#"
 apiVersion: edgewire.dev/v1alpha1
 kind: EdgeService
-metadata: {{name: compute, namespace: {namespace}}}
+metadata: {{name: compute}}
 spec:
   port: {port}
   handlers:
     - {{name: add, kind: wasm, path: /add, module: {{configMap: {{name: modules, key: add.wasm}}}}}}
-    - {{name: other, kind: wasm, path: /other, module: {{image: "{unreachable}", plainHttp: true}}}}
+    - {{name: other, kind: wasm, path: /other, module: {other}}}
 "#
     ))
     .unwrap();
@@ -186,12 +180,6 @@ spec:
         )
         .await
         .unwrap();
-    reported(&services, &events, "ModulePullFailed", &operator_log).await;
-    assert_eq!(
-        http_get_json(addr, "/add?a=1&b=2").await.0,
-        200,
-        "add unharmed"
-    );
 }
 
 /// Waits until the EdgeService is `Degraded` for `reason` (naming the

@@ -101,23 +101,7 @@ async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn the_add_component_is_pulled_by_tag_and_answers() {
-    let registry = Registry::start(None).await.expect("registry");
-    let digest = registry
-        .push_wasm("edge/add:v1", &component("add"))
-        .expect("push add");
-    let state = tempfile::tempdir().unwrap();
-    let reference = format!("{}/edge/add:v1", registry.address());
-    let agent = start_agent(
-        &add_config(&reference, ""),
-        &["--state-dir", state_arg(state.path())],
-    )
-    .await;
-    wait_module(&agent, "add", (Some(&digest), None), &registry).await;
-    let addr = agent.service_addr("edge").await;
-    assert_eq!(
-        get_json(addr, "/add?a=1&b=2").await,
-        (200, json!({"result": 3}))
-    );
+    pulled_and_served(|registry, tag| registry.push_wasm(tag, &component("add"))).await;
 }
 
 /// The whole CNCF Wasm OCI artifact layout (a config of type
@@ -126,12 +110,18 @@ async fn the_add_component_is_pulled_by_tag_and_answers() {
 /// one.
 #[tokio::test]
 async fn a_cncf_wasm_artifact_is_pulled_and_answers() {
+    pulled_and_served(|registry, tag| registry.push_wasm_artifact(tag, &component("add"))).await;
+}
+
+/// Pushes `add` with `push`, names it by tag, and checks the agent reports
+/// the pushed digest and serves it.
+async fn pulled_and_served(
+    push: impl Fn(&Registry, &str) -> Result<String, edgewire_testenv::Error>,
+) {
     let registry = Registry::start(None).await.expect("registry");
-    let digest = registry
-        .push_wasm_artifact("edge/add:artifact", &component("add"))
-        .expect("push add as an artifact");
+    let digest = push(&registry, "edge/add:v1").expect("push add");
     let state = tempfile::tempdir().unwrap();
-    let reference = format!("{}/edge/add:artifact", registry.address());
+    let reference = format!("{}/edge/add:v1", registry.address());
     let agent = start_agent(
         &add_config(&reference, ""),
         &["--state-dir", state_arg(state.path())],
