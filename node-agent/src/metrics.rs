@@ -417,16 +417,21 @@ impl Metrics {
             self.upstream_duration
                 .with_label_values(&[service, upstream, outcome]);
         }
-        for direction in ["sent", "received"] {
-            self.upstream_bytes
-                .with_label_values(&[service, upstream, direction]);
-        }
+        self.init_upstream_bytes(service, upstream);
         self.upstream_breaker
             .with_label_values(&[service, upstream])
             .set(0);
         for reason in reasons {
             self.upstream_errors
                 .with_label_values(&[service, upstream, reason]);
+        }
+    }
+
+    /// Shows an upstream's body bytes, both ways, at zero.
+    pub fn init_upstream_bytes(&self, service: &str, upstream: &str) {
+        for direction in ["sent", "received"] {
+            self.upstream_bytes
+                .with_label_values(&[service, upstream, direction]);
         }
     }
 

@@ -1075,7 +1075,7 @@ async fn a_wss_hub_is_reached_with_the_ca_from_ca_file() {
         "{metrics}"
     );
 
-    // The dashboard's "bytes sent up per node" panel, its own query, answered
+    // The dashboard's C_data panel, its uplink query, answered
     // by a real Prometheus scraping the edge while it sends more.
     let config = format!(
         "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: edgewire-agents\n    static_configs: [{{targets: ['{}']}}]\n",
@@ -1096,8 +1096,7 @@ async fn a_wss_hub_is_reached_with_the_ca_from_ca_file() {
         )
         .await;
     }
-    let rate = prom.wait_value(&query, |v| v > 0.0).await;
-    assert!(rate > 0.0, "{query} = {rate}");
+    prom.wait_value(&query, |v| v > 0.0).await;
 }
 
 /// The expression of the chart dashboard's panel target that reads `metric`.

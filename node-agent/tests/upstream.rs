@@ -497,6 +497,13 @@ async fn http_passes_method_headers_query_and_body_through_within_the_caps() {
         r#"direction="sent","#,
     );
     assert_eq!(metric_value(&metrics, &sent), "hello upstream".len() as f64);
+    // Refused before a forward, and counted all the same.
+    let refused = series(
+        "edgewire_upstream_errors_total",
+        "fwd",
+        r#"reason="request_too_large","#,
+    );
+    assert_eq!(metric_value(&metrics, &refused), 1.0, "{metrics}");
 }
 
 #[tokio::test]

@@ -23,9 +23,12 @@ pub async fn serve(handler: &UpstreamHandler, req: Request<Incoming>) -> Respons
     let body = match body::read_within(body, handler.max_request_bytes(), handler.timeout()).await {
         Ok(body) => body,
         Err(Unread::TooLarge) => {
-            return failure(&UpstreamError::RequestTooLarge(handler.max_request_bytes()));
+            let err = UpstreamError::RequestTooLarge(handler.max_request_bytes());
+            return failure(&handler.refused(started, err));
         }
-        Err(Unread::Timeout) => return failure(&UpstreamError::Timeout(handler.timeout())),
+        Err(Unread::Timeout) => {
+            return failure(&handler.refused(started, UpstreamError::Timeout(handler.timeout())));
+        }
         Err(Unread::Failed(err)) => return answer(body::unreadable(&err)),
     };
     match handler

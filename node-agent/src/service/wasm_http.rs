@@ -3,6 +3,8 @@
 //! its response passed back; a failure answered with its status and a JSON
 //! error.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -15,19 +17,22 @@ use crate::handlers::HttpAnswer;
 use crate::handlers::wasm::{CallError, WasmHandler};
 
 pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    // The body is read within the call's deadline: a client that sends it
+    // slowly leaves the component less time, and cannot hold an instance
+    // slot or this task for longer.
+    let deadline = started + handler.timeout();
     let (mut parts, body) = req.into_parts();
-    // The body is read within the call's deadline too: a client that sends
-    // it slowly cannot hold an instance slot or this task for longer.
     let body = match body::read_within(body, handler.max_request_bytes, handler.timeout()).await {
         Ok(body) => body,
         Err(Unread::Failed(err)) => return answer(body::unreadable(&err)),
         Err(Unread::TooLarge) => {
-            return refused(
-                handler,
-                CallError::RequestTooLarge(handler.max_request_bytes),
-            );
+            let err = CallError::RequestTooLarge(handler.max_request_bytes);
+            return failure(&handler.refused(started, err));
         }
-        Err(Unread::Timeout) => return refused(handler, CallError::Timeout(handler.timeout())),
+        Err(Unread::Timeout) => {
+            return failure(&handler.refused(started, CallError::Timeout(handler.timeout())));
+        }
     };
     // HTTP/1.0 clients may send no Host; the component's request needs an
     // authority.
@@ -37,7 +42,11 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
     match handler
-        .call(Request::from_parts(parts, Full::new(body)))
+        .call_until(
+            Request::from_parts(parts, Full::new(body)),
+            started,
+            deadline,
+        )
         .await
     {
         Ok(answer) => {
@@ -59,13 +68,6 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
         }
         Err(err) => failure(&err),
     }
-}
-
-/// A request refused before it reached the component: answered and
-/// counted as a failed call.
-fn refused(handler: &WasmHandler, err: CallError) -> Response<Full<Bytes>> {
-    handler.count_failure(&err);
-    failure(&err)
 }
 
 fn failure(err: &CallError) -> Response<Full<Bytes>> {

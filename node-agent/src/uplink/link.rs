@@ -42,14 +42,27 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 /// A session that lasted this long starts the backoff afresh.
 const STABLE: Duration = Duration::from_secs(10);
 
-/// Waits between attempts: 100 ms doubling to 1 s, each plus up to as much
-/// again in jitter. An edge tries again within 2 s of its hub's return (a
-/// NATS leaf node redials every second), so a backlog starts draining at
-/// once; refused dials to a hub that is down cost the hub nothing.
+/// Waits between attempts while the hub cannot be reached: 100 ms doubling
+/// to 1 s, each plus up to as much again in jitter. An edge tries again
+/// within 2 s of its hub's return (a NATS leaf node redials every second),
+/// so a backlog starts draining at once; a refused dial costs a hub that is
+/// down nothing.
 fn backoff() -> impl Iterator<Item = Duration> {
+    exponential(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// Waits between attempts that reached the hub and were turned away (a
+/// wrong token, a failed TLS or WebSocket handshake): 1 s doubling to 10 s,
+/// plus jitter. Each such attempt costs the hub a handshake, and a fleet
+/// with a stale credential must not keep it busy.
+fn refused_backoff() -> impl Iterator<Item = Duration> {
+    exponential(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+fn exponential(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
@@ -88,9 +101,11 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
     let stop = runtime.stop_token();
     tokio::spawn(maintain(Arc::clone(&uplink), stop.clone()));
     let mut delays = backoff();
+    let mut refusals = refused_backoff();
     let mut failing_since: Option<Instant> = None;
     loop {
         uplink.metrics.set_state(&uplink.service, "connecting");
+        let mut turned_away = false;
         let attempt = tokio::select! {
             _ = stop.cancelled() => return,
             attempt = connect(&runtime, &uplink) => attempt,
@@ -124,9 +139,14 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
                 failing_since = Some(Instant::now());
                 if started.elapsed() >= STABLE {
                     delays = backoff();
+                    refusals = refused_backoff();
                 }
             }
             Err(err) => {
+                turned_away = matches!(
+                    err.reason(),
+                    "tls" | "unauthorized" | "refused" | "handshake"
+                );
                 uplink
                     .metrics
                     .connect_failures
@@ -142,7 +162,11 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
                 );
             }
         }
-        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+        let delay = if turned_away {
+            refusals.next().unwrap_or(Duration::from_secs(10))
+        } else {
+            delays.next().unwrap_or(Duration::from_secs(1))
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -163,6 +187,9 @@ async fn maintain(uplink: Arc<Uplink>, stop: CancellationToken) {
         };
         let expired = uplink.queue.expire(queue::now_ms());
         uplink.metrics.drop_n(&uplink.service, "ttl", expired);
+        // Before the sync, which may take long: the gauges agree with the
+        // drop counter as soon as it moves.
+        uplink.refresh_gauges();
         let queue = Arc::clone(&uplink.queue);
         match tokio::task::spawn_blocking(move || queue.sync()).await {
             Ok(Ok(())) => warned = false,
@@ -172,7 +199,6 @@ async fn maintain(uplink: Arc<Uplink>, stop: CancellationToken) {
             }
             _ => {}
         }
-        uplink.refresh_gauges();
         if last {
             return;
         }

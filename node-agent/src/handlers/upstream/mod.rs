@@ -170,16 +170,27 @@ impl UpstreamHandler {
         started: Instant,
         (result, cloud): (Result<Answer, UpstreamError>, Duration),
     ) -> Result<Answer, UpstreamError> {
+        self.count(started, cloud, result.as_ref().err());
+        result
+    }
+
+    /// A request refused before a forward (its body too large or too
+    /// slow), counted as a failed forward.
+    pub fn refused(&self, started: Instant, err: UpstreamError) -> UpstreamError {
+        self.count(started, Duration::ZERO, Some(&err));
+        err
+    }
+
+    fn count(&self, started: Instant, cloud: Duration, failed: Option<&UpstreamError>) {
         self.metrics
             .handler_duration
             .with_label_values(&[&*self.service, &self.name])
             .observe(started.elapsed().saturating_sub(cloud).as_secs_f64());
-        if let Err(err) = &result {
+        if let Some(err) = failed {
             self.metrics
                 .upstream_error(&self.service, &self.name, err.reason());
             tracing::debug!(service = %self.service, handler = %self.name, %err, "upstream forward failed");
         }
-        result
     }
 
     /// Attempts until an answer, a failure not worth repeating, or the

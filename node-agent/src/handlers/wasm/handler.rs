@@ -107,9 +107,7 @@ impl WasmHandler {
             for outcome in crate::handlers::upstream::Outcome::LABELS {
                 metrics.upstream_attempt_init(&handler.service, &handler.name, outcome);
             }
-            for direction in ["sent", "received"] {
-                metrics.upstream_bytes_counter(&handler.service, &handler.name, direction);
-            }
+            metrics.init_upstream_bytes(&handler.service, &handler.name);
         }
         let host = match runtime.host() {
             Ok(host) => host,
@@ -362,27 +360,45 @@ impl WasmHandler {
     /// and counts it: its duration, and its failure by reason.
     pub async fn call(&self, request: hyper::Request<Full<Bytes>>) -> Result<Answer, CallError> {
         let started = Instant::now();
-        let result = self.call_uncounted(request).await;
-        self.duration.observe(started.elapsed().as_secs_f64());
-        if let Err(err) = &result {
-            self.count_failure(err);
-        }
+        self.call_until(request, started, started + self.budget.timeout)
+            .await
+    }
+
+    /// As [`call`](Self::call), for a request that arrived at `started`
+    /// (its body read since) and must be answered by `deadline`.
+    pub async fn call_until(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Answer, CallError> {
+        let result = self.call_uncounted(request, deadline).await;
+        self.count(started, result.as_ref().err());
         result
     }
 
-    /// Counts a failed call by its reason, also one refused before it
-    /// reached the handler (its request body too large or too slow).
-    pub fn count_failure(&self, err: &CallError) {
-        self.metrics
-            .handler_error(&self.service, &self.name, err.reason());
-        tracing::debug!(service = %self.service, handler = %self.name, %err, "wasm call failed");
+    /// A request refused before it reached the component (its body too
+    /// large or too slow), counted as a failed call.
+    pub fn refused(&self, started: Instant, err: CallError) -> CallError {
+        self.count(started, Some(&err));
+        err
+    }
+
+    /// Counts a call: its duration, and its failure by reason.
+    fn count(&self, started: Instant, failed: Option<&CallError>) {
+        self.duration.observe(started.elapsed().as_secs_f64());
+        if let Some(err) = failed {
+            self.metrics
+                .handler_error(&self.service, &self.name, err.reason());
+            tracing::debug!(service = %self.service, handler = %self.name, %err, "wasm call failed");
+        }
     }
 
     async fn call_uncounted(
         &self,
         request: hyper::Request<Full<Bytes>>,
+        deadline: Instant,
     ) -> Result<Answer, CallError> {
-        let deadline = Instant::now() + self.budget.timeout;
         let loaded = self.loaded()?;
         // Waiting for a free instance counts against the call's deadline:
         // what is left of it is all the instance gets.
@@ -390,6 +406,10 @@ impl WasmHandler {
             .await
             .map_err(|_| CallError::Busy(self.max_instances))?
             .map_err(|_| CallError::Busy(self.max_instances))?;
+        // A slot that freed just as the deadline passed: nothing to run.
+        if Instant::now() >= deadline {
+            return Err(CallError::Timeout(self.budget.timeout));
+        }
         let answer = call::run(
             &loaded,
             &self.budget,
