@@ -430,8 +430,7 @@ impl Metrics {
     /// Shows an upstream's body bytes, both ways, at zero.
     pub fn init_upstream_bytes(&self, service: &str, upstream: &str) {
         for direction in ["sent", "received"] {
-            self.upstream_bytes
-                .with_label_values(&[service, upstream, direction]);
+            self.upstream_bytes_counter(service, upstream, direction);
         }
     }
 
@@ -462,8 +461,7 @@ impl Metrics {
 
     /// Body bytes to (`sent`) or from (`received`) an upstream.
     pub fn upstream_bytes(&self, service: &str, upstream: &str, direction: &str, bytes: usize) {
-        self.upstream_bytes
-            .with_label_values(&[service, upstream, direction])
+        self.upstream_bytes_counter(service, upstream, direction)
             .inc_by(bytes as u64);
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService};
 use edgewire_testenv::{ControlPlane, NodeSpec};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use serde_json::json;
 use support::cluster::*;
 use support::prometheus::Killed;
@@ -220,14 +220,12 @@ async fn agents_follow_placement_mesh_and_survive_the_api_going_away() {
         world.service_port
     );
     let es: EdgeService = serde_yaml_ng::from_str(&es_yaml).unwrap();
-    Api::<EdgeService>::namespaced(client.clone(), &namespace)
-        .patch(
-            "chat",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&es),
-        )
-        .await
-        .unwrap();
+    apply(
+        &Api::<EdgeService>::namespaced(client.clone(), &namespace),
+        "chat",
+        &es,
+    )
+    .await;
 
     // Placement reaches the agents; their EdgeNodes report it; status is 3/3.
     world.wait_ready("first placement").await;
@@ -425,14 +423,12 @@ async fn a_terminating_agent_leaves_the_endpoints_before_its_port_closes() {
         world.service_port
     );
     let es: EdgeService = serde_yaml_ng::from_str(&es_yaml).unwrap();
-    Api::<EdgeService>::namespaced(client.clone(), &namespace)
-        .patch(
-            "chat",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&es),
-        )
-        .await
-        .unwrap();
+    apply(
+        &Api::<EdgeService>::namespaced(client.clone(), &namespace),
+        "chat",
+        &es,
+    )
+    .await;
     let addr: std::net::SocketAddr = format!("{listen}:{}", world.service_port).parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     while !in_endpoint_slice(&client, &namespace, advertise).await {

@@ -16,7 +16,7 @@ use edgewire_testenv::NodeSpec;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ListParams, ObjectMeta};
 use serde_json::json;
 use support::cluster::*;
 use support::*;
@@ -172,14 +172,7 @@ spec:
 "#
     ))
     .unwrap();
-    services
-        .patch(
-            "compute",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&es),
-        )
-        .await
-        .unwrap();
+    apply(services, "compute", &es).await;
 }
 
 /// Waits until the EdgeService is `Degraded` for `reason` (naming the

@@ -19,7 +19,7 @@ use edgewire_testenv::registry::{Credentials, Registry};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ListParams, ObjectMeta};
 use serde_json::json;
 use support::cluster::*;
 use support::*;
@@ -105,26 +105,13 @@ async fn an_image_module_is_served_reported_rolled_out_and_kept_offline() {
         ),
         ..Secret::default()
     };
-    Api::<Secret>::namespaced(client.clone(), namespace)
-        .patch(
-            "registry-creds",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .expect("apply the pull Secret");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    apply(&secrets, "registry-creds", &secret).await;
 
     // Another Secret in the namespace, which no EdgeService names.
     let mut unnamed = secret.clone();
     unnamed.metadata.name = Some("unnamed".into());
-    Api::<Secret>::namespaced(client.clone(), namespace)
-        .patch(
-            "unnamed",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&unnamed),
-        )
-        .await
-        .expect("apply another Secret");
+    apply(&secrets, "unnamed", &unnamed).await;
     create_service_account(&client, namespace, "agent").await;
 
     let logs = tempfile::tempdir().unwrap();
@@ -163,14 +150,7 @@ spec:
     ))
     .unwrap();
     let services: Api<EdgeService> = Api::namespaced(client.clone(), namespace);
-    services
-        .patch(
-            "compute",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&es),
-        )
-        .await
-        .unwrap();
+    apply(&services, "compute", &es).await;
     let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
 
     // Pulled with the Secret's credentials and served; Ready; the digest in
@@ -250,14 +230,7 @@ spec:
         .as_mut()
         .expect("the module")
         .digest = Some(first.clone());
-    services
-        .patch(
-            "compute",
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&pinned),
-        )
-        .await
-        .unwrap();
+    apply(&services, "compute", &pinned).await;
     let events: Api<Event> = Api::namespaced(client.clone(), namespace);
     let deadline = Instant::now() + SLOW_WAIT;
     loop {

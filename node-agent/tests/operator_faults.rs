@@ -12,7 +12,7 @@ use edgewire_api::crd::{EdgeNode, EdgeService};
 use edgewire_testenv::{ControlPlane, NodeSpec};
 use futures_util::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use support::cluster::*;
 use support::prometheus::Killed;
@@ -122,14 +122,12 @@ impl Fleet {
             self.namespace, self.port
         );
         let es: EdgeService = serde_yaml_ng::from_str(&yaml).expect("EdgeService YAML");
-        Api::<EdgeService>::namespaced(self.client.clone(), &self.namespace)
-            .patch(
-                "chat",
-                &PatchParams::apply("test").force(),
-                &Patch::Apply(&es),
-            )
-            .await
-            .expect("apply chat");
+        apply(
+            &Api::<EdgeService>::namespaced(self.client.clone(), &self.namespace),
+            "chat",
+            &es,
+        )
+        .await;
     }
 
     async fn es(&self) -> Option<EdgeService> {

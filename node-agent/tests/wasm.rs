@@ -52,6 +52,13 @@ async fn start_agent(config: &str, state: &Path) -> AgentProcess {
     agent
 }
 
+/// [`start_agent`], and the address of its service `edge`.
+async fn start_edge(config: &str, state: &Path) -> (AgentProcess, SocketAddr) {
+    let agent = start_agent(config, state).await;
+    let addr = agent.service_addr("edge").await;
+    (agent, addr)
+}
+
 /// One HTTP/1.1 request with hyper's client; status, headers and body.
 async fn http(
     addr: SocketAddr,
@@ -135,18 +142,8 @@ async fn module_reasons(agent: &AgentProcess, service: &str) -> Vec<(String, Str
 #[tokio::test]
 async fn the_add_component_answers_http_and_relay_calls() {
     let state = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-services:
-  - name: edge
-    port: 0
-    handlers:
-      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
-"#,
-        add = component("add")
-    );
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let config = add_service();
+    let (agent, addr) = start_edge(&config, state.path()).await;
 
     assert_eq!(
         get_json(addr, "/add?a=1&b=2").await,
@@ -183,10 +180,7 @@ services:
     assert_eq!(refused["id"], 8, "{refused}");
 
     // Compiled once, kept by digest for the next start.
-    let cached: Vec<_> = walk(&state.path().join("wasm-cache"))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
-        .collect();
+    let cached = cached_code(state.path());
     assert_eq!(cached.len(), 1, "{cached:?}");
     let metrics = agent.metrics().await;
     assert!(
@@ -205,21 +199,9 @@ services:
 async fn compiled_code_is_reused_after_a_restart_and_a_damaged_copy_is_replaced() {
     use std::os::unix::fs::MetadataExt;
     let state = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-services:
-  - name: edge
-    port: 0
-    handlers:
-      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
-"#,
-        add = component("add")
-    );
+    let config = add_service();
     let cached = || -> PathBuf {
-        let files: Vec<_> = walk(&state.path().join("wasm-cache"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
-            .collect();
+        let files = cached_code(state.path());
         assert_eq!(files.len(), 1, "{files:?}");
         files[0].clone()
     };
@@ -228,15 +210,13 @@ services:
         (meta.ino(), meta.mtime_nsec(), meta.len())
     };
 
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (agent, addr) = start_edge(&config, state.path()).await;
     assert_eq!(get_json(addr, "/add?a=1&b=2").await.0, 200);
     drop(agent);
     let file = cached();
     let first = stamp(&file);
 
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (agent, addr) = start_edge(&config, state.path()).await;
     assert_eq!(
         get_json(addr, "/add?a=2&b=2").await,
         (200, json!({"result": 4}))
@@ -249,8 +229,7 @@ services:
     drop(agent);
 
     std::fs::write(&file, b"not machine code").unwrap();
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (agent, addr) = start_edge(&config, state.path()).await;
     assert_eq!(
         get_json(addr, "/add?a=3&b=2").await,
         (200, json!({"result": 5}))
@@ -264,6 +243,28 @@ services:
         std::fs::metadata(cached()).unwrap().len() > 1024,
         "the damaged copy was replaced"
     );
+}
+
+/// The service `edge` with the `add` component at `/add`.
+fn add_service() -> String {
+    format!(
+        r#"
+services:
+  - name: edge
+    port: 0
+    handlers:
+      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
+"#,
+        add = component("add")
+    )
+}
+
+/// The compiled code kept in the state directory `state`.
+fn cached_code(state: &Path) -> Vec<PathBuf> {
+    walk(&state.join("wasm-cache"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect()
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -531,8 +532,7 @@ services:
 "#,
         probe = component("probe")
     );
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (_agent, addr) = start_edge(&config, state.path()).await;
 
     let path = format!("/probe?tcp={}&x=1", bait.local_addr().unwrap());
     let (status, _, body) =
@@ -575,8 +575,7 @@ services:
         add = component("add"),
         spin = component("infinite_loop"),
     );
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (agent, addr) = start_edge(&config, state.path()).await;
 
     let (status, body) = get_json(addr, "/probe?do=trap").await;
     assert_eq!(status, 500, "{body}");
@@ -642,8 +641,7 @@ services:
 "#,
         probe = component("probe")
     );
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (agent, addr) = start_edge(&config, state.path()).await;
     let mut subscriber = connect(addr, "/relay").await;
     let ack = request(
         &mut subscriber,
@@ -766,8 +764,7 @@ services:
         module = component("ask_cloud"),
         cloud = cloud.addr
     );
-    let agent = start_agent(&config, state.path()).await;
-    let addr = agent.service_addr("edge").await;
+    let (agent, addr) = start_edge(&config, state.path()).await;
     let args = r#"{"a": 40, "b": 2}"#;
 
     let (status, _, body) =

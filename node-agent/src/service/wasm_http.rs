@@ -17,11 +17,10 @@ use crate::handlers::HttpAnswer;
 use crate::handlers::wasm::{CallError, WasmHandler};
 
 pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let started = Instant::now();
     // The body is read within the call's deadline: a client that sends it
     // slowly leaves the component less time, and cannot hold an instance
     // slot or this task for longer.
-    let deadline = started + handler.timeout();
+    let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let body = match body::read_within(body, handler.max_request_bytes, handler.timeout()).await {
         Ok(body) => body,
@@ -42,11 +41,7 @@ pub async fn serve(handler: &WasmHandler, req: Request<Incoming>) -> Response<Fu
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
     match handler
-        .call_until(
-            Request::from_parts(parts, Full::new(body)),
-            started,
-            deadline,
-        )
+        .call_since(Request::from_parts(parts, Full::new(body)), started)
         .await
     {
         Ok(answer) => {

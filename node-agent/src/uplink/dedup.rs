@@ -69,11 +69,8 @@ impl Dedup {
     /// delivered); a new one is recorded before this returns.
     pub fn accept(&self, node: &str, channel: &str, seq: u64) -> bool {
         let mut inner = self.lock();
-        let high = inner.highest.get(node).and_then(|c| c.get(channel));
-        if high.is_some_and(|&high| seq <= high) {
-            return false;
-        }
         match inner.highest.get_mut(node).and_then(|c| c.get_mut(channel)) {
+            Some(high) if seq <= *high => return false,
             Some(high) => *high = seq,
             None => inner.record(node.to_string(), channel.to_string(), seq),
         }

@@ -280,7 +280,7 @@ impl Session<'_> {
             return;
         };
         let delivered = self.uplink.queue.remove_through(seq);
-        self.uplink.gauges.delivered.inc_by(delivered);
+        self.uplink.series.delivered.inc_by(delivered);
         self.uplink.refresh_gauges();
     }
 
@@ -312,7 +312,7 @@ impl Session<'_> {
             };
             link.send(batch).await?;
             let bytes: usize = batch.iter().map(|r| r.data.len()).sum();
-            self.uplink.gauges.sent_bytes.inc_by(bytes as u64);
+            self.uplink.series.sent_bytes.inc_by(bytes as u64);
             self.in_flight += batch.len() as u64;
             self.sent_through = Some(last);
         }
@@ -345,7 +345,7 @@ impl Session<'_> {
                 self.settle();
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let delivered = uplink.queue.remove_through(seq.saturating_sub(1));
-                uplink.gauges.delivered.inc_by(delivered);
+                uplink.series.delivered.inc_by(delivered);
                 let rejected = uplink.queue.remove_through(seq);
                 metrics.drop_n(service, "rejected", rejected);
                 if !self.warned {

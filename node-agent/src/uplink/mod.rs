@@ -84,7 +84,7 @@ pub struct Uplink {
     pub queue: Arc<Queue>,
     pub metrics: UplinkMetrics,
     /// This service's series of `metrics` that change per message.
-    pub gauges: ServiceSeries,
+    pub series: ServiceSeries,
     /// Told when a message was queued, so the link sends it.
     wake: Notify,
     last_store_log: Mutex<Option<Instant>>,
@@ -124,7 +124,7 @@ impl Uplink {
             spec,
             queue,
             metrics: metrics.clone(),
-            gauges: metrics.series(&config.name),
+            series: metrics.series(&config.name),
             wake: Notify::new(),
             last_store_log: Mutex::new(None),
         });
@@ -175,8 +175,8 @@ impl Uplink {
     /// Sets the queue gauges from the queue.
     pub fn refresh_gauges(&self) {
         let stats = self.queue.stats(queue::now_ms());
-        self.gauges.queue_messages.set(stats.messages as i64);
-        self.gauges.queue_bytes.set(stats.bytes as i64);
-        self.gauges.oldest_seconds.set(stats.oldest_seconds);
+        self.series.queue_messages.set(stats.messages as i64);
+        self.series.queue_bytes.set(stats.bytes as i64);
+        self.series.oldest_seconds.set(stats.oldest_seconds);
     }
 }

@@ -359,19 +359,17 @@ impl WasmHandler {
     /// Runs one request in a fresh instance, within the handler's limits,
     /// and counts it: its duration, and its failure by reason.
     pub async fn call(&self, request: hyper::Request<Full<Bytes>>) -> Result<Answer, CallError> {
-        let started = Instant::now();
-        self.call_until(request, started, started + self.budget.timeout)
-            .await
+        self.call_since(request, Instant::now()).await
     }
 
     /// As [`call`](Self::call), for a request that arrived at `started`
-    /// (its body read since) and must be answered by `deadline`.
-    pub async fn call_until(
+    /// (its body read since): its deadline runs from then.
+    pub async fn call_since(
         &self,
         request: hyper::Request<Full<Bytes>>,
         started: Instant,
-        deadline: Instant,
     ) -> Result<Answer, CallError> {
+        let deadline = started + self.budget.timeout;
         let result = self.call_uncounted(request, deadline).await;
         self.count(started, result.as_ref().err());
         result
