@@ -6,9 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgewire_api::crd::{
-    EdgeNode, EdgeService, EdgeServiceStatus, NodePlacement, PlacementSlice, PlacementState,
-};
+use edgewire_api::crd::{EdgeNode, EdgeService, NodePlacement, PlacementSlice};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -16,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{self as kube_controller, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -32,6 +30,7 @@ use crate::placement::{self, Candidate, Decision, Freshness, PortClaim};
 use crate::placement_book::{self, PlacementBook};
 use crate::placement_slices;
 use crate::queue::CoalescingQueue;
+use crate::service_events::{self, ServiceEvent};
 use crate::status::{self, NodeReport};
 use crate::triggers::{self, Changes};
 use crate::watch::WatchBackoff;
@@ -344,15 +343,14 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(es_ref, Instant::now());
-        publish_events(
-            es,
+        let events = service_events::service_events(
+            es.spec.port,
             (es.status.as_ref(), &placed_before),
             (&new_status, &placed_now),
             &decision,
             foreign.as_deref(),
-            ctx,
-        )
-        .await;
+        );
+        publish_events(es, events, ctx).await;
     }
     // Come back when a placed node's heartbeat turns stale or its staleness
     // turns into eviction, so endpoints follow within the stated time; and
@@ -636,126 +634,15 @@ async fn prune_slices(es: &EdgeService, keep: &[&str], ctx: &Context) -> Result<
     Ok(())
 }
 
-/// Events for what a user should see in `kubectl describe es`.
-async fn publish_events(
-    es: &EdgeService,
-    (old, placed_before): (Option<&EdgeServiceStatus>, &[NodePlacement]),
-    (new, placed_now): (&EdgeServiceStatus, &[NodePlacement]),
-    decision: &Decision,
-    foreign: Option<&str>,
-    ctx: &Context,
-) {
-    let state_of = |placement: &[NodePlacement]| -> BTreeMap<String, PlacementState> {
-        placement
-            .iter()
-            .map(|p| (p.node.clone(), p.state))
-            .collect()
-    };
-    let before = state_of(placed_before);
-    let after = state_of(placed_now);
-    let mut events = Vec::new();
-    let added: Vec<&str> = after
-        .keys()
-        .filter(|n| !before.contains_key(*n))
-        .map(String::as_str)
-        .collect();
-    let removed: Vec<&str> = before
-        .keys()
-        .filter(|n| !after.contains_key(*n))
-        .map(String::as_str)
-        .collect();
-    if !added.is_empty() {
-        events.push((
-            EventType::Normal,
-            "Placed",
-            format!("placed on {}", added.join(", ")),
-        ));
-    }
-    if !removed.is_empty() {
-        events.push((
-            EventType::Normal,
-            "Unplaced",
-            format!("removed from {}", removed.join(", ")),
-        ));
-    }
-    for (node, state) in &after {
-        let was = before.get(node);
-        if was == Some(state) {
-            continue;
-        }
-        match state {
-            PlacementState::Stale => events.push((
-                EventType::Warning,
-                "NodeStale",
-                format!("{node}: agent heartbeat is stale; removed from the endpoints"),
-            )),
-            PlacementState::Failed => events.push((
-                EventType::Warning,
-                "ListenFailed",
-                format!("{node}: the agent could not start the service"),
-            )),
-            PlacementState::Ready if was.is_some() => events.push((
-                EventType::Normal,
-                "NodeReady",
-                format!("{node}: serving again"),
-            )),
-            _ => {}
-        }
-    }
-    let old_conflict = old.is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Degraded" && c.reason == "PortConflict")
-    });
-    if !decision.conflicts.is_empty() && !old_conflict {
-        let list: Vec<String> = decision
-            .conflicts
-            .iter()
-            .map(|(n, o)| format!("{n} (held by {o})"))
-            .collect();
-        events.push((
-            EventType::Warning,
-            "PortConflict",
-            format!("port {} is taken on {}", es.spec.port, list.join(", ")),
-        ));
-    }
-    let old_foreign = old.is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Degraded" && c.reason == status::SERVICE_CONFLICT)
-    });
-    if let Some(message) = foreign
-        && !old_foreign
-    {
-        events.push((
-            EventType::Warning,
-            status::SERVICE_CONFLICT,
-            message.to_string(),
-        ));
-    }
-    let degraded_reason = |s: Option<&EdgeServiceStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
-            .map(|c| (c.reason.clone(), c.message.clone()))
-    };
-    if let Some((reason, message)) = degraded_reason(Some(new))
-        && reason.starts_with("Module")
-        && degraded_reason(old).map(|(r, _)| r) != Some(reason.clone())
-    {
-        events.push((EventType::Warning, module_reason(&reason), message));
-    }
-    // A Secret problem is told again when it changes (another Secret, or
-    // missing turned invalid).
-    if let Some((reason, message)) = degraded_reason(Some(new))
-        && let Some(reason) = secret_reason(&reason)
-        && degraded_reason(old) != Some((reason.to_string(), message.clone()))
-    {
-        events.push((EventType::Warning, reason, message));
-    }
-    if let Some(note) = crate::ports::newly_refused(old, new) {
-        events.push((EventType::Warning, crate::ports::PORT_NOT_ALLOWED, note));
-    }
+/// Publishes the Events `service_events` decides on.
+async fn publish_events(es: &EdgeService, events: Vec<ServiceEvent>, ctx: &Context) {
     let reference = es.object_ref(&());
-    for (type_, reason, note) in events {
+    for ServiceEvent {
+        type_,
+        reason,
+        note,
+    } in events
+    {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -767,26 +654,6 @@ async fn publish_events(
             tracing::warn!(%err, reason, "could not publish an event");
         }
     }
-}
-
-/// The Event reasons for unusable Wasm modules (Event reasons are static).
-fn module_reason(reason: &str) -> &'static str {
-    match reason {
-        "ModulePullFailed" => "ModulePullFailed",
-        "ModuleInvalid" => "ModuleInvalid",
-        "ModuleMissingExport" => "ModuleMissingExport",
-        "ModuleUnsupportedImport" => "ModuleUnsupportedImport",
-        "ModuleDigestMismatch" => "ModuleDigestMismatch",
-        _ => "ModuleUnusable",
-    }
-}
-
-/// The Event reasons for unusable Secrets (Event reasons are static).
-fn secret_reason(reason: &str) -> Option<&'static str> {
-    use crate::secret_check::{SECRET_INVALID, SECRET_MISSING};
-    [SECRET_MISSING, SECRET_INVALID]
-        .into_iter()
-        .find(|r| *r == reason)
 }
 
 fn error_policy(es: Arc<EdgeService>, err: &Error, ctx: Arc<Context>) -> Action {

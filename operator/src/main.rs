@@ -29,6 +29,7 @@ mod ports;
 mod queue;
 mod secret_access;
 mod secret_check;
+mod service_events;
 mod status;
 mod triggers;
 mod watch;

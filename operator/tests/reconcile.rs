@@ -239,6 +239,16 @@ async fn scale_down_relabel_and_stale_heartbeat() {
     assert_eq!(placed(&es), vec![nodes[1].clone(), nodes[2].clone()]);
     wait_endpoints(&env, "feed", &["192.0.2.2", "192.0.2.3"]).await;
 
+    // Nodes serving for the first time are told by `Placed`, not as back.
+    assert!(
+        !events_for(&env, "feed")
+            .await
+            .iter()
+            .any(|e| e.1 == "NodeReady"),
+        "NodeReady before any node was stale: {:?}",
+        events_for(&env, "feed").await
+    );
+
     // A silent agent: out of the endpoints within the heartbeat timeout,
     // marked stale, Degraded, with an Event; but still placed (stable).
     beats.set(&nodes[1], false);
@@ -273,6 +283,8 @@ async fn scale_down_relabel_and_stale_heartbeat() {
     beats.set(&nodes[1], true);
     env.wait_es("feed", "b ready again", ready).await;
     wait_endpoints(&env, "feed", &["192.0.2.2", "192.0.2.3"]).await;
+    let event = wait_event(&env, "feed", "NodeReady").await;
+    assert!(event.2.starts_with(&nodes[1]), "{event:?}");
 
     // A Node deleted under a silent agent: its EdgeNode changes no more, so
     // only the Node's deletion can tell the EdgeNode controller.

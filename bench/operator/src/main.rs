@@ -252,6 +252,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         started,
         format!("operator leading; RSS {} MiB", operator.rss_kib() / 1024),
     );
+    let edgenodes_ready = bench.wait_edgenodes_ready(shape.nodes).await?;
+    progress(started, format!("EdgeNodes Ready: {edgenodes_ready:?}"));
 
     let mut report = Report::new(shape, version);
     report.heartbeat_interval = cli.heartbeat_interval;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use edgewire_api::crd::EdgeService;
+use edgewire_api::crd::{EdgeNode, EdgeService};
 use edgewire_testenv::{ControlPlane, NodeSpec};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -163,6 +163,29 @@ impl Bench {
                 .state()
                 .iter()
                 .filter(|n| edgewire_testenv::nodes::is_ready(n))
+                .count();
+            async move { Ok((ready >= count, format!("{ready}/{count} Ready"))) }
+        })
+        .await
+    }
+
+    /// Every EdgeNode `Ready=True`: the operator has judged each agent's
+    /// heartbeat once. A rollout is measured on a fleet the operator already
+    /// knows, not beside its first pass over every node.
+    pub async fn wait_edgenodes_ready(&self, count: usize) -> anyhow::Result<Waited> {
+        let nodes = Watched::<EdgeNode>::start(Api::all(self.client.clone())).await?;
+        self.wait_for("EdgeNodes Ready", Instant::now(), || {
+            let ready = nodes
+                .store
+                .state()
+                .iter()
+                .filter(|n| {
+                    n.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                })
                 .count();
             async move { Ok((ready >= count, format!("{ready}/{count} Ready"))) }
         })
