@@ -345,6 +345,42 @@ async fn a_killed_agent_does_not_stop_the_others_and_relinks() {
     expect_sequence(&mut at_c, "y", 30).await;
 }
 
+/// A restarted agent hears its peers' subscribers as soon as it is back:
+/// a peer redials it once it links to that peer, not after a backoff that
+/// grew while it was away. (Its interest travels on its own link, so until
+/// then the restarted agent's publishes reached none of its subscribers,
+/// and nothing counted them.)
+#[tokio::test]
+async fn a_restarted_agent_is_redialled_at_once() {
+    let cluster = Cluster::new();
+    let pair = [0, 1];
+    let a = cluster.start(0, &pair, "good");
+    let b = cluster.start(1, &pair, "good");
+    for agent in [&a, &b] {
+        agent.wait_ready().await;
+        wait_peers(agent, 1.0).await;
+    }
+    let mut at_b = subscriber(cluster.addr(1), "news").await;
+
+    // Away long enough for B's backoff to grow: doubling from 0.2 s, its
+    // attempts are 13 to 38 s apart after 40 s.
+    drop(a);
+    wait_peers(&b, 0.0).await;
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let a = cluster.start(0, &pair, "good");
+    a.wait_ready().await;
+    wait_peers(&a, 1.0).await;
+    let back = Instant::now();
+    wait_peers(&b, 1.0).await;
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "B relinked to the restarted A only after {took:?}"
+    );
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
+    settle(&mut publisher, &mut [&mut at_b]).await;
+}
+
 #[tokio::test]
 async fn a_wrong_mesh_secret_is_refused() {
     let cluster = Cluster::new();

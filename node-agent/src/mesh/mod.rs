@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use edgewire_api::PeerSpec;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
@@ -108,6 +109,9 @@ struct Link {
     key: [u8; KEY_LEN],
     outbox: Arc<Outbox>,
     stop: CancellationToken,
+    /// Cuts the redial backoff short: the peer just linked to us, so it is
+    /// up again.
+    redial: Arc<Notify>,
 }
 
 /// Why a link ended, for the log.
@@ -265,12 +269,13 @@ impl Mesh {
             }
             let outbox = Arc::new(Outbox::new(self.link_queue_bytes, &self.queue_budget));
             let stop = self.stop.child_token();
+            let redial = Arc::new(Notify::new());
             tokio::spawn(Arc::clone(self).dial_loop(
                 node.clone(),
                 address.clone(),
                 key,
                 Arc::clone(&outbox),
-                stop.clone(),
+                (stop.clone(), Arc::clone(&redial)),
             ));
             inner.links.insert(
                 node,
@@ -279,6 +284,7 @@ impl Mesh {
                     key,
                     outbox,
                     stop,
+                    redial,
                 },
             );
         }
@@ -478,6 +484,11 @@ impl Mesh {
                 .insert(node.clone(), (generation, superseded.clone()))
             {
                 older.cancel();
+            }
+            if let Some(link) = inner.links.get(&node)
+                && !link.outbox.is_up()
+            {
+                link.redial.notify_one();
             }
         }
         tracing::info!(peer = %node, "mesh link from peer up");
@@ -683,7 +694,7 @@ impl Mesh {
         address: String,
         key: [u8; KEY_LEN],
         outbox: Arc<Outbox>,
-        stop: CancellationToken,
+        (stop, redial): (CancellationToken, Arc<Notify>),
     ) {
         let mut attempt = 0u32;
         loop {
@@ -719,6 +730,11 @@ impl Mesh {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
+                // The peer linked to us: dial now rather than after a
+                // backoff that grew while it was away. Until this link is up
+                // the peer knows nothing of our subscribers (our interest
+                // travels on it), and our publishes cannot reach its.
+                _ = redial.notified() => attempt = 0,
             }
         }
         outbox.close();
