@@ -142,7 +142,7 @@ async fn module_reasons(agent: &AgentProcess, service: &str) -> Vec<(String, Str
 #[tokio::test]
 async fn the_add_component_answers_http_and_relay_calls() {
     let state = tempfile::tempdir().unwrap();
-    let config = add_service();
+    let config = add_service("edge", 0);
     let (agent, addr) = start_edge(&config, state.path()).await;
 
     assert_eq!(
@@ -199,7 +199,7 @@ async fn the_add_component_answers_http_and_relay_calls() {
 async fn compiled_code_is_reused_after_a_restart_and_a_damaged_copy_is_replaced() {
     use std::os::unix::fs::MetadataExt;
     let state = tempfile::tempdir().unwrap();
-    let config = add_service();
+    let config = add_service("edge", 0);
     let cached = || -> PathBuf {
         let files = cached_code(state.path());
         assert_eq!(files.len(), 1, "{files:?}");
@@ -245,13 +245,13 @@ async fn compiled_code_is_reused_after_a_restart_and_a_damaged_copy_is_replaced(
     );
 }
 
-/// The service `edge` with the `add` component at `/add`.
-fn add_service() -> String {
+/// The service `name` on `port` with the `add` component at `/add`.
+fn add_service(name: &str, port: u16) -> String {
     format!(
         r#"
 services:
-  - name: edge
-    port: 0
+  - name: {name}
+    port: {port}
     handlers:
       - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
 "#,
@@ -285,16 +285,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn the_seed_http_client_works_against_the_add_component() {
     let state = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-services:
-  - name: compute
-    port: 5000
-    handlers:
-      - {{name: add, kind: wasm, path: /add, module: {{file: "{add}"}}}}
-"#,
-        add = component("add")
-    );
+    let config = add_service("compute", 5000);
     let agent = start_agent(&config, state.path()).await;
     let out = tokio::task::spawn_blocking(|| run_seed_client("http_client.py"))
         .await

@@ -241,11 +241,8 @@ mod tests {
 
     fn placed(node: &str, address: &str, state: PlacementState) -> NodePlacement {
         NodePlacement {
-            node: node.into(),
             address: Some(address.into()),
-            state,
-            message: None,
-            mesh_public_key: None,
+            ..crate::fixtures::placed(node, state)
         }
     }
 

@@ -18,6 +18,8 @@ mod controller;
 mod crdgen;
 mod desired;
 mod edgenode;
+#[cfg(test)]
+mod fixtures;
 mod freshness;
 mod index;
 mod leader;

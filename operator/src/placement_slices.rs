@@ -140,6 +140,7 @@ pub fn status_summary(placement: &[NodePlacement], limit: usize) -> Vec<NodePlac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::placed;
 
     fn set(nodes: &[&str]) -> BTreeSet<String> {
         nodes.iter().map(|n| n.to_string()).collect()
@@ -218,16 +219,6 @@ mod tests {
     fn no_placement_means_no_slices() {
         let existing = BTreeMap::from([("web-0".to_string(), set(&["a"]))]);
         assert!(fill("web", &existing, &BTreeSet::new(), 500).is_empty());
-    }
-
-    fn placed(node: &str, state: PlacementState) -> NodePlacement {
-        NodePlacement {
-            node: node.into(),
-            address: None,
-            state,
-            message: None,
-            mesh_public_key: None,
-        }
     }
 
     #[test]

@@ -174,16 +174,7 @@ fn secret_reason(reason: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn on(node: &str, state: PlacementState) -> NodePlacement {
-        NodePlacement {
-            node: node.into(),
-            address: None,
-            state,
-            message: None,
-            mesh_public_key: None,
-        }
-    }
+    use crate::fixtures::placed;
 
     fn reasons(before: &[NodePlacement], after: &[NodePlacement]) -> Vec<&'static str> {
         let status = EdgeServiceStatus::default();
@@ -202,27 +193,36 @@ mod tests {
     #[test]
     fn a_node_serving_for_the_first_time_is_no_news() {
         use PlacementState::{Pending, Ready};
-        assert_eq!(reasons(&[], &[on("a", Pending)]), ["Placed"]);
-        assert!(reasons(&[on("a", Pending)], &[on("a", Ready)]).is_empty());
+        assert_eq!(reasons(&[], &[placed("a", Pending)]), ["Placed"]);
+        assert!(reasons(&[placed("a", Pending)], &[placed("a", Ready)]).is_empty());
         // Placed and listening before the first status was written.
-        assert_eq!(reasons(&[], &[on("a", Ready)]), ["Placed"]);
+        assert_eq!(reasons(&[], &[placed("a", Ready)]), ["Placed"]);
     }
 
     #[test]
     fn a_node_back_from_stale_or_failed_serves_again() {
         use PlacementState::{Failed, Ready, Stale};
-        assert_eq!(reasons(&[on("a", Ready)], &[on("a", Stale)]), ["NodeStale"]);
-        assert_eq!(reasons(&[on("a", Stale)], &[on("a", Ready)]), ["NodeReady"]);
         assert_eq!(
-            reasons(&[on("a", Ready)], &[on("a", Failed)]),
-            ["ListenFailed"]
+            reasons(&[placed("a", Ready)], &[placed("a", Stale)]),
+            ["NodeStale"]
         );
         assert_eq!(
-            reasons(&[on("a", Failed)], &[on("a", Ready)]),
+            reasons(&[placed("a", Stale)], &[placed("a", Ready)]),
             ["NodeReady"]
         );
         assert_eq!(
-            reasons(&[on("a", Ready), on("b", Ready)], &[on("b", Ready)]),
+            reasons(&[placed("a", Ready)], &[placed("a", Failed)]),
+            ["ListenFailed"]
+        );
+        assert_eq!(
+            reasons(&[placed("a", Failed)], &[placed("a", Ready)]),
+            ["NodeReady"]
+        );
+        assert_eq!(
+            reasons(
+                &[placed("a", Ready), placed("b", Ready)],
+                &[placed("b", Ready)]
+            ),
             ["Unplaced"]
         );
     }

@@ -156,38 +156,46 @@ impl Bench {
     }
 
     pub async fn wait_nodes_ready(&self, count: usize) -> anyhow::Result<Waited> {
-        let nodes = Watched::<Node>::start(Api::all(self.client.clone())).await?;
-        self.wait_for("nodes Ready", Instant::now(), || {
-            let ready = nodes
-                .store
-                .state()
-                .iter()
-                .filter(|n| edgewire_testenv::nodes::is_ready(n))
-                .count();
-            async move { Ok((ready >= count, format!("{ready}/{count} Ready"))) }
-        })
-        .await
+        self.wait_all_ready("nodes Ready", count, edgewire_testenv::nodes::is_ready)
+            .await
     }
 
     /// Every EdgeNode `Ready=True`: the operator has judged each agent's
     /// heartbeat once. A rollout is measured on a fleet the operator already
     /// knows, not beside its first pass over every node.
     pub async fn wait_edgenodes_ready(&self, count: usize) -> anyhow::Result<Waited> {
-        let nodes = Watched::<EdgeNode>::start(Api::all(self.client.clone())).await?;
-        self.wait_for("EdgeNodes Ready", Instant::now(), || {
-            let ready = nodes
-                .store
-                .state()
-                .iter()
-                .filter(|n| {
-                    n.status.as_ref().is_some_and(|s| {
-                        s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                    })
-                })
-                .count();
-            async move { Ok((ready >= count, format!("{ready}/{count} Ready"))) }
+        self.wait_all_ready("EdgeNodes Ready", count, |n: &EdgeNode| {
+            n.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .await
+    }
+
+    /// Until `count` objects of the cluster-wide kind `K` are `ready`, read
+    /// from a watch.
+    async fn wait_all_ready<K>(
+        &self,
+        what: &str,
+        count: usize,
+        ready: impl Fn(&K) -> bool,
+    ) -> anyhow::Result<Waited>
+    where
+        K: kube::Resource<Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let watched = Watched::<K>::start(Api::all(self.client.clone())).await?;
+        self.wait_for(what, Instant::now(), || {
+            let n = watched.store.state().iter().filter(|o| ready(o)).count();
+            async move { Ok((n >= count, format!("{n}/{count} Ready"))) }
         })
         .await
     }

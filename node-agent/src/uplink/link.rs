@@ -143,10 +143,7 @@ pub async fn run(runtime: Arc<ServiceRuntime>, uplink: Arc<Uplink>) {
                 }
             }
             Err(err) => {
-                turned_away = matches!(
-                    err.reason(),
-                    "tls" | "unauthorized" | "refused" | "handshake"
-                );
+                turned_away = err.turned_away();
                 uplink
                     .metrics
                     .connect_failures

@@ -73,6 +73,20 @@ impl ConnectError {
             ConnectError::Handshake(_) => "handshake",
         }
     }
+
+    /// Whether the attempt reached the hub and was turned away (TLS, the
+    /// credential, the upgrade or the handshake failed there): each such
+    /// attempt costs the hub a handshake, so it is retried more slowly than
+    /// one that never reached it.
+    pub fn turned_away(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Tls(_)
+                | ConnectError::Unauthorized(_)
+                | ConnectError::Refused(_)
+                | ConnectError::Handshake(_)
+        )
+    }
 }
 
 /// Opens a relay connection to the hub; with the largest message the hub
