@@ -10,11 +10,11 @@
 //! Queues are bounded in messages and in bytes (`budget`); a frame is encoded
 //! once and every queue holds a reference to the same bytes.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use edgewire_api::SlowConsumerPolicy;
+use foldhash::HashMap;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 

@@ -47,8 +47,10 @@ impl LinkFrame {
 /// end of the frame (whose length the WebSocket framing gives).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Publish {
-    pub service: String,
-    pub channel: String,
+    /// Both names share the frame's bytes, as the message does: a publish
+    /// read from a link allocates nothing of its own.
+    pub service: Utf8Bytes,
+    pub channel: Utf8Bytes,
     pub sent_us: u64,
     pub message: Utf8Bytes,
 }
@@ -155,7 +157,7 @@ impl Publish {
 
     /// Decodes a binary frame; the message shares the frame's bytes.
     pub fn decode(mut frame: Bytes) -> Result<Publish, FrameError> {
-        fn name(frame: &mut Bytes) -> Result<String, FrameError> {
+        fn name(frame: &mut Bytes) -> Result<Utf8Bytes, FrameError> {
             if frame.remaining() < 2 {
                 return Err(FrameError::Truncated);
             }
@@ -163,7 +165,7 @@ impl Publish {
             if frame.remaining() < len {
                 return Err(FrameError::Truncated);
             }
-            String::from_utf8(frame.split_to(len).to_vec()).map_err(|_| FrameError::InvalidUtf8)
+            Utf8Bytes::try_from(frame.split_to(len)).map_err(|_| FrameError::InvalidUtf8)
         }
         if !frame.has_remaining() {
             return Err(FrameError::Truncated);

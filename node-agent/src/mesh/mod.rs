@@ -26,7 +26,7 @@ pub mod noise;
 pub mod outbox;
 pub mod routing;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -89,16 +89,17 @@ pub struct Mesh {
 #[derive(Default)]
 struct Inner {
     services: HashMap<String, Weak<ServiceRuntime>>,
-    peers_by_service: HashMap<String, Vec<PeerSpec>>,
+    // The maps a publish looks up hash with foldhash (see Cargo.toml).
+    peers_by_service: foldhash::HashMap<String, Vec<PeerSpec>>,
     /// Each service's name as its queued publishes share it (one
     /// allocation per service, not per publish).
-    service_names: HashMap<String, Arc<str>>,
-    links: HashMap<String, Link>,
+    service_names: foldhash::HashMap<String, Arc<str>>,
+    links: foldhash::HashMap<String, Link>,
     /// What each peer has subscribers for. Kept when the peer's link to us
     /// drops (the peer still has them, and our link to it may be healthy);
     /// replaced by its snapshot when it links again; removed when it is no
     /// longer a peer.
-    remote_interest: HashMap<String, BTreeSet<(String, String)>>,
+    remote_interest: foldhash::HashMap<String, routing::PeerInterest>,
     /// The current inbound connection of each peer: only it may change the
     /// peer's interest, and a newer one stops an older one.
     inbound: HashMap<String, (u64, CancellationToken)>,
@@ -342,7 +343,6 @@ impl Mesh {
             };
             let nodes = peers.iter().map(|p| p.node.as_str());
             let outboxes = routing::targets(true, service, channel, nodes, &inner.remote_interest)
-                .into_iter()
                 .map(|node| inner.links.get(node).map(|l| Arc::clone(&l.outbox)))
                 .collect();
             (Arc::clone(name), outboxes)
@@ -358,10 +358,14 @@ impl Mesh {
                 return backlog;
             }
         };
-        for outbox in outboxes {
+        // The last link takes the frame itself (`repeat_n` moves it there):
+        // the first clone of fresh bytes allocates their shared header, so
+        // the usual single link allocates none.
+        let frames = std::iter::repeat_n(frame, outboxes.len());
+        for (outbox, frame) in outboxes.into_iter().zip(frames) {
             let pushed = outbox
                 .as_ref()
-                .map_or(Err(Refused::Down), |o| o.push(&service_name, &frame));
+                .map_or(Err(Refused::Down), |o| o.push(&service_name, frame));
             match pushed {
                 Ok(()) => {}
                 Err(Refused::OverBudget) => self.metrics.dropped(service, DropReason::MemoryBudget),
@@ -573,9 +577,11 @@ impl Mesh {
                 if !current(&inner) {
                     return;
                 }
-                let set = inner.remote_interest.entry(node.to_string()).or_default();
-                set.retain(|(s, _)| *s != service);
-                set.extend(channels.into_iter().map(|c| (service.clone(), c)));
+                inner
+                    .remote_interest
+                    .entry(node.to_string())
+                    .or_default()
+                    .replace(service, channels);
             }
             LinkFrame::Subscribe { service, channel } => {
                 let mut inner = self.lock();
@@ -584,7 +590,7 @@ impl Mesh {
                         .remote_interest
                         .entry(node.to_string())
                         .or_default()
-                        .insert((service, channel));
+                        .insert(service, channel);
                 }
             }
             LinkFrame::Unsubscribe { service, channel } => {
@@ -592,7 +598,7 @@ impl Mesh {
                 if current(&inner)
                     && let Some(set) = inner.remote_interest.get_mut(node)
                 {
-                    set.remove(&(service, channel));
+                    set.remove(&service, &channel);
                 }
             }
             // Said by an accepting side; this side sends no publishes.
@@ -615,12 +621,12 @@ impl Mesh {
     /// the service is placed on both nodes; returns the subscribers it left
     /// behind (see `relay`), for the link to wait on.
     fn on_publish(&self, from: &str, into: &mut Delivering, publish: Publish) -> Vec<Subscriber> {
-        if into.service != publish.service {
+        if into.service != publish.service.as_str() {
             let placement = self.placement(from, &publish.service);
             self.count_received(std::mem::replace(
                 into,
                 Delivering {
-                    service: publish.service.clone(),
+                    service: publish.service.to_string(),
                     placement,
                     received: 0,
                     clock: into.clock,

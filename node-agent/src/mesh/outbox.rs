@@ -134,7 +134,7 @@ impl Outbox {
 
     /// Queues a publish of `service`, unless the link is down or a budget
     /// is spent.
-    pub fn push(&self, service: &Arc<str>, frame: &Bytes) -> Result<(), Refused> {
+    pub fn push(&self, service: &Arc<str>, frame: Bytes) -> Result<(), Refused> {
         let mut state = self.lock();
         if !state.up {
             return Err(Refused::Down);
@@ -151,7 +151,7 @@ impl Outbox {
         }
         state.frames.push_back(Queued {
             service: Arc::clone(service),
-            frame: frame.clone(),
+            frame,
             _charge: charge,
         });
         drop(state);
@@ -243,17 +243,17 @@ mod tests {
     fn publishes_wait_only_while_the_link_is_up_and_are_handed_back_on_close() {
         let global = Budget::new(1 << 20);
         let outbox = Outbox::new(2 * (100 + ENTRY_OVERHEAD), &global);
-        assert_eq!(outbox.push(&svc(), &frame(100)).unwrap_err(), Refused::Down);
+        assert_eq!(outbox.push(&svc(), frame(100)).unwrap_err(), Refused::Down);
         outbox.open();
-        outbox.push(&svc(), &frame(100)).unwrap();
-        outbox.push(&svc(), &frame(100)).unwrap();
-        assert_eq!(outbox.push(&svc(), &frame(1)).unwrap_err(), Refused::Full);
+        outbox.push(&svc(), frame(100)).unwrap();
+        outbox.push(&svc(), frame(100)).unwrap();
+        assert_eq!(outbox.push(&svc(), frame(1)).unwrap_err(), Refused::Full);
         assert_eq!(global.used(), 2 * (100 + ENTRY_OVERHEAD));
         let left = outbox.close();
         assert_eq!(left.len(), 2);
         drop(left);
         assert_eq!(global.used(), 0, "bytes come back with the frames");
-        assert_eq!(outbox.push(&svc(), &frame(1)).unwrap_err(), Refused::Down);
+        assert_eq!(outbox.push(&svc(), frame(1)).unwrap_err(), Refused::Down);
         outbox.open();
         assert!(outbox.take_batch(10, 1 << 20).is_empty(), "nothing stale");
     }
@@ -266,20 +266,23 @@ mod tests {
         a.open();
         b.open();
         let shared = frame(100);
-        a.push(&svc(), &shared).unwrap();
-        b.push(&svc(), &shared).unwrap();
-        a.push(&svc(), &shared).unwrap();
-        assert_eq!(b.push(&svc(), &shared).unwrap_err(), Refused::OverBudget);
+        a.push(&svc(), shared.clone()).unwrap();
+        b.push(&svc(), shared.clone()).unwrap();
+        a.push(&svc(), shared.clone()).unwrap();
+        assert_eq!(
+            b.push(&svc(), shared.clone()).unwrap_err(),
+            Refused::OverBudget
+        );
         drop(a.take_batch(1, 1 << 20));
-        b.push(&svc(), &shared).unwrap();
+        b.push(&svc(), shared.clone()).unwrap();
     }
 
     #[test]
     fn a_full_data_queue_never_holds_back_interest() {
         let outbox = Outbox::new(100 + ENTRY_OVERHEAD, &Budget::new(1 << 20));
         outbox.open();
-        outbox.push(&svc(), &frame(100)).unwrap();
-        assert!(outbox.push(&svc(), &frame(100)).is_err());
+        outbox.push(&svc(), frame(100)).unwrap();
+        assert!(outbox.push(&svc(), frame(100)).is_err());
         outbox.interest_changed("svc", "news");
         outbox.interest_changed("svc", "news");
         outbox.interest_changed("svc", "other");
@@ -309,7 +312,7 @@ mod tests {
 
     fn over_pace(outbox: &Outbox) {
         while !outbox.over_pace() {
-            outbox.push(&svc(), &frame(1000)).unwrap();
+            outbox.push(&svc(), frame(1000)).unwrap();
         }
     }
 
@@ -382,7 +385,7 @@ mod tests {
         let outbox = Outbox::new(1 << 20, &Budget::new(1 << 20));
         outbox.open();
         for _ in 0..10 {
-            outbox.push(&svc(), &frame(100)).unwrap();
+            outbox.push(&svc(), frame(100)).unwrap();
         }
         assert_eq!(outbox.take_batch(3, 1 << 20).len(), 3);
         assert_eq!(outbox.take_batch(100, 250).len(), 3, "stops once over");

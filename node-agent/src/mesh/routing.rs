@@ -6,29 +6,63 @@
 //! per (sender, receiver) keeps each publisher's order. This is how NATS
 //! routes between the servers of a cluster.
 
-use std::collections::{BTreeSet, HashMap};
+use foldhash::{HashMap, HashSet};
+
+/// The channels one peer has subscribers for, by service. Looked up by
+/// borrowed names on every publish, so the lookup allocates nothing.
+#[derive(Debug, Default)]
+pub struct PeerInterest(HashMap<String, HashSet<String>>);
+
+impl PeerInterest {
+    pub fn contains(&self, service: &str, channel: &str) -> bool {
+        self.0.get(service).is_some_and(|c| c.contains(channel))
+    }
+
+    pub fn insert(&mut self, service: String, channel: String) {
+        self.0.entry(service).or_default().insert(channel);
+    }
+
+    pub fn remove(&mut self, service: &str, channel: &str) {
+        if let Some(channels) = self.0.get_mut(service) {
+            channels.remove(channel);
+            if channels.is_empty() {
+                self.0.remove(service);
+            }
+        }
+    }
+
+    /// The peer's whole interest in `service`, as its snapshot says.
+    pub fn replace(&mut self, service: String, channels: impl IntoIterator<Item = String>) {
+        let channels: HashSet<String> = channels.into_iter().collect();
+        if channels.is_empty() {
+            self.0.remove(&service);
+        } else {
+            self.0.insert(service, channels);
+        }
+    }
+}
 
 /// Where a publish goes, besides the local subscribers.
 pub fn targets<'a>(
     origin_is_local: bool,
-    service: &str,
-    channel: &str,
-    peers: impl IntoIterator<Item = &'a str>,
-    remote_interest: &HashMap<String, BTreeSet<(String, String)>>,
-) -> Vec<&'a str> {
-    if !origin_is_local {
-        return Vec::new();
-    }
-    let key = (service.to_string(), channel.to_string());
-    peers
-        .into_iter()
-        .filter(|peer| remote_interest.get(*peer).is_some_and(|i| i.contains(&key)))
-        .collect()
+    service: &'a str,
+    channel: &'a str,
+    peers: impl IntoIterator<Item = &'a str> + 'a,
+    remote_interest: &'a HashMap<String, PeerInterest>,
+) -> impl Iterator<Item = &'a str> + 'a {
+    peers.into_iter().filter(move |peer| {
+        origin_is_local
+            && remote_interest
+                .get(*peer)
+                .is_some_and(|i| i.contains(service, channel))
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
+    use std::collections::{BTreeSet, VecDeque};
+
+    use foldhash::HashMapExt;
 
     use super::*;
 
@@ -71,16 +105,13 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let interest: HashMap<String, BTreeSet<(String, String)>> = nodes
+            let interest: HashMap<String, PeerInterest> = nodes
                 .iter()
                 .zip(&subs)
                 .map(|(n, s)| {
-                    (
-                        n.clone(),
-                        s.iter()
-                            .map(|c| ("svc".to_string(), c.to_string()))
-                            .collect(),
-                    )
+                    let mut interest = PeerInterest::default();
+                    interest.replace("svc".to_string(), s.iter().map(|c| c.to_string()));
+                    (n.clone(), interest)
                 })
                 .collect();
 
@@ -143,7 +174,8 @@ mod tests {
                             peers.iter().map(String::as_str),
                             &interest
                         )
-                        .is_empty()
+                        .next()
+                        .is_none()
                     );
                 }
             }
@@ -195,5 +227,25 @@ mod tests {
                 "seed {seed}: interest routing sends only where subscribers are"
             );
         }
+    }
+
+    #[test]
+    fn peer_interest_follows_subscribes_unsubscribes_and_snapshots() {
+        let mut interest = PeerInterest::default();
+        interest.insert("svc".into(), "a".into());
+        interest.insert("svc".into(), "b".into());
+        interest.insert("other".into(), "a".into());
+        assert!(interest.contains("svc", "a") && interest.contains("other", "a"));
+        interest.remove("svc", "a");
+        assert!(!interest.contains("svc", "a") && interest.contains("svc", "b"));
+        interest.replace("svc".into(), ["c".to_string()]);
+        assert!(!interest.contains("svc", "b") && interest.contains("svc", "c"));
+        assert!(
+            interest.contains("other", "a"),
+            "a snapshot replaces one service only"
+        );
+        interest.replace("svc".into(), []);
+        assert!(!interest.contains("svc", "c"));
+        interest.remove("nothing", "here");
     }
 }
