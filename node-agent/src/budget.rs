@@ -23,6 +23,29 @@ pub const ENTRY_OVERHEAD: usize = 64;
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
+    /// A queue bounded in messages too counts them here (beside its bytes,
+    /// so one charge touches one allocation).
+    messages: Option<Counter>,
+}
+
+#[derive(Debug)]
+struct Counter {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Counter {
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 impl Budget {
@@ -30,6 +53,19 @@ impl Budget {
         Arc::new(Budget {
             limit,
             used: AtomicUsize::new(0),
+            messages: None,
+        })
+    }
+
+    /// A queue's budget of `limit` bytes and at most `messages` messages.
+    pub fn with_messages(limit: usize, messages: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+            messages: Some(Counter {
+                limit: messages,
+                used: AtomicUsize::new(0),
+            }),
         })
     }
 
@@ -39,6 +75,14 @@ impl Budget {
 
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Messages held, and the most it may hold; `(0, usize::MAX)` for a
+    /// budget of bytes alone.
+    pub fn messages(&self) -> (usize, usize) {
+        self.messages.as_ref().map_or((0, usize::MAX), |m| {
+            (m.used.load(Ordering::Acquire), m.limit)
+        })
     }
 
     fn try_take(&self, bytes: usize) -> bool {
@@ -52,6 +96,16 @@ impl Budget {
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
     }
+
+    fn try_take_messages(&self, n: usize) -> bool {
+        self.messages.as_ref().is_none_or(|m| m.try_take(n))
+    }
+
+    fn give_back_messages(&self, n: usize) {
+        if let Some(m) = &self.messages {
+            m.give_back(n);
+        }
+    }
 }
 
 /// Which budget refused a charge.
@@ -63,31 +117,51 @@ pub enum Exceeded {
     Global,
 }
 
-/// Bytes held against a queue's budget and the global one, given back on drop.
+/// Bytes (and messages) held against a queue's budget and the global one,
+/// given back on drop.
 #[derive(Debug)]
 pub struct Charge {
     bytes: usize,
+    messages: usize,
     queue: Arc<Budget>,
     global: Arc<Budget>,
 }
 
 impl Charge {
-    /// Charges `bytes` (plus [`ENTRY_OVERHEAD`]) to both budgets, or to neither.
+    /// Charges one message of `bytes` (plus [`ENTRY_OVERHEAD`]) to both
+    /// budgets, or to neither.
     pub fn take(
         bytes: usize,
         queue: &Arc<Budget>,
         global: &Arc<Budget>,
     ) -> Result<Charge, Exceeded> {
-        let bytes = bytes + ENTRY_OVERHEAD;
+        Charge::take_run(bytes, 1, queue, global)
+    }
+
+    /// Charges `messages` messages of `bytes` together (plus
+    /// [`ENTRY_OVERHEAD`] each) to both budgets, or nothing.
+    pub fn take_run(
+        bytes: usize,
+        messages: usize,
+        queue: &Arc<Budget>,
+        global: &Arc<Budget>,
+    ) -> Result<Charge, Exceeded> {
+        let bytes = bytes + messages * ENTRY_OVERHEAD;
         if !queue.try_take(bytes) {
+            return Err(Exceeded::Queue);
+        }
+        if !queue.try_take_messages(messages) {
+            queue.give_back(bytes);
             return Err(Exceeded::Queue);
         }
         if !global.try_take(bytes) {
             queue.give_back(bytes);
+            queue.give_back_messages(messages);
             return Err(Exceeded::Global);
         }
         Ok(Charge {
             bytes,
+            messages,
             queue: Arc::clone(queue),
             global: Arc::clone(global),
         })
@@ -97,6 +171,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.queue.give_back(self.bytes);
+        self.queue.give_back_messages(self.messages);
         self.global.give_back(self.bytes);
     }
 }

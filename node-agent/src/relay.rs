@@ -1,8 +1,9 @@
 //! The relay's channel hub: who subscribes to which channel on this agent, and
 //! fan-out of a publish to each subscriber's bounded send queue.
 //!
-//! Order per publisher holds because a publish is pushed into every queue
-//! before the publisher's next message is read, and each queue is FIFO. A full
+//! Order per publisher holds because a publish (or a run of publishes read
+//! together, see [`Hub::publish_run`]) is pushed into every queue before the
+//! publisher's next message is read, and each queue is FIFO. A full
 //! queue never blocks the publisher: the service's slow-consumer policy decides.
 //! Only a mesh link delivering here waits, and only for a subscriber that is
 //! behind (more than half full, or over [`MESH_PACE_BYTES`]) and still
@@ -23,15 +24,40 @@ use crate::metrics::DeliveryPath;
 
 pub type ConnId = u64;
 
-/// One delivery waiting in a connection's send queue.
+/// One delivery waiting in a connection's send queue: one message, or a
+/// run of messages that one publisher sent on one channel back to back.
 #[derive(Debug)]
 pub struct Delivery {
-    pub frame: Utf8Bytes,
+    pub frames: Frames,
+    /// When the (first) message was published.
     pub published_at: Instant,
     /// Published here, or at a peer agent and carried over the mesh.
     pub path: DeliveryPath,
-    /// The bytes this delivery holds of its queue's and the agent's budgets.
+    /// The bytes and messages this delivery holds of its queue's budget,
+    /// and its bytes of the agent's.
     pub charge: Charge,
+}
+
+/// The messages of a delivery, in publish order. A run is shared by every
+/// subscriber it is queued for.
+#[derive(Clone, Debug)]
+pub enum Frames {
+    One(Utf8Bytes),
+    Run(Arc<[Utf8Bytes]>),
+}
+
+impl Frames {
+    pub fn as_slice(&self) -> &[Utf8Bytes] {
+        match self {
+            Frames::One(frame) => std::slice::from_ref(frame),
+            Frames::Run(frames) => frames,
+        }
+    }
+
+    /// The messages' bytes together.
+    fn bytes(&self) -> usize {
+        self.as_slice().iter().map(|frame| frame.len()).sum()
+    }
 }
 
 /// What a subscribe or unsubscribe changed.
@@ -59,7 +85,8 @@ pub const MESH_PACE_BYTES: usize = 32 * 1024;
 #[derive(Clone, Debug)]
 pub struct Subscriber {
     pub queue: mpsc::Sender<Delivery>,
-    /// The bytes its queue may hold.
+    /// The bytes and the messages its queue may hold (a run of messages
+    /// takes one slot of `queue`, so `queue` alone does not count them).
     pub budget: Arc<Budget>,
     /// Signalled (once) when the subscriber must be disconnected as a slow consumer.
     pub evict: mpsc::Sender<()>,
@@ -77,7 +104,7 @@ impl Subscriber {
     ) -> (Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>) {
         let (queue, rx) = mpsc::channel(capacity);
         let (evict, evict_rx) = mpsc::channel(1);
-        let budget = Budget::new(bytes);
+        let budget = Budget::with_messages(bytes, capacity);
         (
             Subscriber {
                 queue,
@@ -96,7 +123,7 @@ impl Subscriber {
         let used = self.budget.used();
         used * 2 > self.budget.limit()
             || used > MESH_PACE_BYTES
-            || self.queue.capacity() * 2 < self.queue.max_capacity()
+            || self.messages_used() * 2 > self.messages_limit()
     }
 
     /// At most a quarter of its queue is taken, and at most half of
@@ -105,7 +132,15 @@ impl Subscriber {
         let used = self.budget.used();
         used * 4 <= self.budget.limit()
             && used * 2 <= MESH_PACE_BYTES
-            && self.queue.capacity() * 4 >= self.queue.max_capacity() * 3
+            && self.messages_used() * 4 <= self.messages_limit()
+    }
+
+    fn messages_used(&self) -> usize {
+        self.budget.messages().0
+    }
+
+    fn messages_limit(&self) -> usize {
+        self.budget.messages().1
     }
 
     /// Waits until the subscriber has caught up, has gone, or has written
@@ -209,51 +244,140 @@ impl Hub {
         policy: SlowConsumerPolicy,
         global: &Arc<Budget>,
     ) -> FanOut {
-        let pace = path == DeliveryPath::Mesh;
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         let mut report = FanOut::default();
         let Some(subscribers) = channels.get(channel) else {
             return report;
         };
         for subscriber in subscribers.values() {
-            if subscriber.queue.capacity() == subscriber.queue.max_capacity() {
-                // Its writer had nothing to do until now: it is not stuck.
-                subscriber.pacer.progressed();
-            }
-            let full = match Charge::take(frame.len(), &subscriber.budget, global) {
-                Ok(charge) => {
-                    let delivery = Delivery {
-                        frame: frame.clone(),
-                        published_at,
-                        path,
-                        charge,
-                    };
-                    match subscriber.queue.try_send(delivery) {
-                        Ok(()) => false,
-                        Err(mpsc::error::TrySendError::Full(_)) => true,
-                        // The subscriber is between closing and unsubscribing.
-                        Err(mpsc::error::TrySendError::Closed(_)) => continue,
-                    }
+            let one = Frames::One(frame.clone());
+            report.offer(subscriber, one, published_at, path, policy, global);
+        }
+        report
+    }
+
+    /// Queues a run of messages published back to back on `channel` (in
+    /// order) for every subscriber: one queue entry, one wake of its writer
+    /// and one charge per subscriber for the whole run, where a message at
+    /// a time costs each of those per message. A subscriber that cannot
+    /// take the whole run gets what fits, message by message, as
+    /// [`Hub::publish`] would have given it.
+    pub fn publish_run(
+        &self,
+        channel: &str,
+        frames: &Arc<[Utf8Bytes]>,
+        published_at: Instant,
+        path: DeliveryPath,
+        policy: SlowConsumerPolicy,
+        global: &Arc<Budget>,
+    ) -> FanOut {
+        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
+        let mut report = FanOut::default();
+        let Some(subscribers) = channels.get(channel) else {
+            return report;
+        };
+        for subscriber in subscribers.values() {
+            let run = Frames::Run(Arc::clone(frames));
+            if !report.offer_whole(subscriber, run, published_at, path, global) {
+                for frame in frames.iter() {
+                    let one = Frames::One(frame.clone());
+                    report.offer(subscriber, one, published_at, path, policy, global);
                 }
-                Err(Exceeded::Queue) => true,
-                Err(Exceeded::Global) => {
-                    report.over_budget += 1;
-                    continue;
-                }
-            };
-            if !full {
-                report.queued += 1;
-                if pace && subscriber.behind() {
-                    report.behind.push(subscriber.clone());
-                }
-                continue;
-            }
-            report.dropped += 1;
-            if policy == SlowConsumerPolicy::Disconnect && subscriber.evict.try_send(()).is_ok() {
-                report.evicted += 1;
             }
         }
         report
+    }
+}
+
+impl FanOut {
+    /// Queues `frames` for `subscriber` if all of them fit; false (and
+    /// nothing queued or counted) if not.
+    fn offer_whole(
+        &mut self,
+        subscriber: &Subscriber,
+        frames: Frames,
+        published_at: Instant,
+        path: DeliveryPath,
+        global: &Arc<Budget>,
+    ) -> bool {
+        let count = frames.as_slice().len();
+        let bytes = frames.bytes();
+        let Ok(charge) = Charge::take_run(bytes, count, &subscriber.budget, global) else {
+            return false;
+        };
+        let delivery = Delivery {
+            frames,
+            published_at,
+            path,
+            charge,
+        };
+        // Its writer had nothing to do until now: it is not stuck.
+        let idle = subscriber.messages_used() == count;
+        match subscriber.queue.try_send(delivery) {
+            Ok(()) => {
+                if idle {
+                    subscriber.pacer.progressed();
+                }
+                self.queued += count;
+                if path == DeliveryPath::Mesh && subscriber.behind() {
+                    self.behind.push(subscriber.clone());
+                }
+                true
+            }
+            // The subscriber is between closing and unsubscribing: nothing
+            // to deliver to, nothing to drop.
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => false,
+        }
+    }
+
+    /// Queues one message for `subscriber`, or drops it under `policy`.
+    fn offer(
+        &mut self,
+        subscriber: &Subscriber,
+        frame: Frames,
+        published_at: Instant,
+        path: DeliveryPath,
+        policy: SlowConsumerPolicy,
+        global: &Arc<Budget>,
+    ) {
+        if subscriber.messages_used() == 0 {
+            // Its writer had nothing to do until now: it is not stuck.
+            subscriber.pacer.progressed();
+        }
+        let bytes = frame.bytes();
+        let full = match Charge::take(bytes, &subscriber.budget, global) {
+            Ok(charge) => {
+                let delivery = Delivery {
+                    frames: frame,
+                    published_at,
+                    path,
+                    charge,
+                };
+                match subscriber.queue.try_send(delivery) {
+                    Ok(()) => false,
+                    Err(mpsc::error::TrySendError::Full(_)) => true,
+                    // The subscriber is between closing and unsubscribing.
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            Err(Exceeded::Queue) => true,
+            Err(Exceeded::Global) => {
+                self.over_budget += 1;
+                return;
+            }
+        };
+        if !full {
+            self.queued += 1;
+            if path == DeliveryPath::Mesh && subscriber.behind() {
+                self.behind.push(subscriber.clone());
+            }
+            return;
+        }
+        self.dropped += 1;
+        if policy == SlowConsumerPolicy::Disconnect && subscriber.evict.try_send(()).is_ok() {
+            self.evicted += 1;
+        }
     }
 }
 
@@ -316,7 +440,7 @@ mod tests {
         }
         for rx in [&mut a_rx, &mut b_rx] {
             let got: Vec<String> = (0..5)
-                .map(|_| rx.try_recv().unwrap().frame.to_string())
+                .map(|_| rx.try_recv().unwrap().frames.as_slice()[0].to_string())
                 .collect();
             assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
             assert!(rx.try_recv().is_err(), "no duplicates");
@@ -532,5 +656,117 @@ mod tests {
             (r.queued, r.dropped, r.over_budget, r.evicted),
             (0, 0, 2, 0)
         );
+    }
+
+    fn run_of(n: usize, bytes: usize) -> Arc<[Utf8Bytes]> {
+        (0..n)
+            .map(|i| Utf8Bytes::from(format!("{i}{}", "x".repeat(bytes - 1))))
+            .collect()
+    }
+
+    fn texts(delivery: &Delivery) -> Vec<String> {
+        delivery
+            .frames
+            .as_slice()
+            .iter()
+            .map(|f| f[..1].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_run_is_one_delivery_per_subscriber_charged_per_message() {
+        let global = global();
+        let hub = Hub::new();
+        let (a, mut a_rx, _) = subscriber(8);
+        let (b, mut b_rx, _) = subscriber(8);
+        hub.subscribe("c", 1, a.clone());
+        hub.subscribe("c", 2, b);
+        let r = hub.publish_run(
+            "c",
+            &run_of(5, 10),
+            Instant::now(),
+            DeliveryPath::Local,
+            SlowConsumerPolicy::Drop,
+            &global,
+        );
+        assert_eq!((r.queued, r.dropped), (10, 0));
+        assert_eq!(a.budget.messages(), (5, 8), "counted in messages");
+        assert_eq!(a.budget.used(), 5 * (10 + crate::budget::ENTRY_OVERHEAD));
+        for rx in [&mut a_rx, &mut b_rx] {
+            let delivery = rx.try_recv().unwrap();
+            assert_eq!(texts(&delivery), ["0", "1", "2", "3", "4"]);
+            assert!(rx.try_recv().is_err(), "one delivery for the run");
+        }
+        assert_eq!(a.budget.messages(), (0, 8), "given back once taken");
+        assert_eq!(global.used(), 0);
+    }
+
+    #[test]
+    fn a_run_that_does_not_fit_whole_gets_what_fits_message_by_message() {
+        for (policy, evicted) in [
+            (SlowConsumerPolicy::Drop, 0),
+            (SlowConsumerPolicy::Disconnect, 1),
+        ] {
+            let hub = Hub::new();
+            // Room for 7 messages by count, and 4 more after a run of 3.
+            let (slow, mut slow_rx, mut evict_rx) = subscriber(7);
+            let (fast, mut fast_rx, _) = subscriber(64);
+            hub.subscribe("c", 1, slow);
+            hub.subscribe("c", 2, fast);
+            let mut total = FanOut::default();
+            for run in [run_of(3, 10), run_of(6, 10)] {
+                let r = hub.publish_run(
+                    "c",
+                    &run,
+                    Instant::now(),
+                    DeliveryPath::Local,
+                    policy,
+                    &global(),
+                );
+                total.queued += r.queued;
+                total.dropped += r.dropped;
+                total.evicted += r.evicted;
+            }
+            assert_eq!(total.queued, 3 + 4 + 9, "{policy:?}");
+            assert_eq!(
+                total.dropped, 2,
+                "{policy:?}: the last two of the second run"
+            );
+            assert_eq!(total.evicted, evicted, "{policy:?}");
+            assert_eq!(evict_rx.try_recv().is_ok(), evicted == 1);
+            let got: Vec<String> = std::iter::from_fn(|| slow_rx.try_recv().ok())
+                .flat_map(|d| texts(&d))
+                .collect();
+            assert_eq!(
+                got,
+                ["0", "1", "2", "0", "1", "2", "3"],
+                "in order, a prefix"
+            );
+            let got: Vec<String> = std::iter::from_fn(|| fast_rx.try_recv().ok())
+                .flat_map(|d| texts(&d))
+                .collect();
+            assert_eq!(got.len(), 9, "the fast subscriber is not held back");
+        }
+    }
+
+    #[test]
+    fn a_run_is_bounded_in_bytes_like_its_messages() {
+        let hub = Hub::new();
+        // Room for 3 messages of 1000 bytes (plus overhead) by bytes.
+        let (slow, mut slow_rx, _) = subscriber_with(100, 3 * 1100);
+        hub.subscribe("c", 1, slow);
+        let r = hub.publish_run(
+            "c",
+            &run_of(5, 1000),
+            Instant::now(),
+            DeliveryPath::Local,
+            SlowConsumerPolicy::Drop,
+            &global(),
+        );
+        assert_eq!((r.queued, r.dropped), (3, 2));
+        let got: Vec<String> = std::iter::from_fn(|| slow_rx.try_recv().ok())
+            .flat_map(|d| texts(&d))
+            .collect();
+        assert_eq!(got, ["0", "1", "2"]);
     }
 }

@@ -38,7 +38,7 @@ use crate::handlers::HandlerSet;
 use crate::handlers::wasm::WasmRuntime;
 use crate::mesh::Mesh;
 use crate::metrics::{DeliveryPath, DropReason, MessageCounters, Metrics};
-use crate::relay::{ConnId, Hub, Subscriber};
+use crate::relay::{ConnId, FanOut, Hub, Subscriber};
 use crate::uplink::Uplink;
 use crate::uplink::dedup::Dedup;
 
@@ -178,6 +178,29 @@ impl ServiceRuntime {
             self.config.limits.slow_consumer,
             &self.queue_budget,
         );
+        self.count_drops(report)
+    }
+
+    /// Queues a run of relay frames one local publisher sent back to back
+    /// on `channel` (see `Hub::publish_run`), counting what was dropped.
+    pub fn deliver_run(
+        &self,
+        channel: &str,
+        frames: &Arc<[Utf8Bytes]>,
+        published_at: std::time::Instant,
+    ) {
+        let report = self.hub.publish_run(
+            channel,
+            frames,
+            published_at,
+            DeliveryPath::Local,
+            self.config.limits.slow_consumer,
+            &self.queue_budget,
+        );
+        self.count_drops(report);
+    }
+
+    fn count_drops(&self, report: FanOut) -> Vec<Subscriber> {
         for _ in 0..report.dropped {
             self.metrics.dropped(self.name(), DropReason::SlowConsumer);
         }

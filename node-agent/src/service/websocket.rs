@@ -24,7 +24,7 @@ use crate::auth::{Access, Action};
 use crate::handlers;
 use crate::mesh::Backlog;
 use crate::metrics::{DeliveryPath, DropReason};
-use crate::relay::{ConnId, Delivery, Subscriber};
+use crate::relay::{ConnId, Delivery, Frames, Subscriber};
 
 type Ws = WebSocketStream<ClientSocket>;
 type Sink = SplitSink<Ws, Message>;
@@ -82,6 +82,20 @@ struct Session {
     backlog: Backlog,
     /// Writing out the queue as the service stops (`flush_on_stop`).
     flushing: bool,
+    /// Publishes read together and not yet queued for the local
+    /// subscribers; kept (emptied) once the client has published, so a
+    /// publisher allocates it once.
+    run: Option<Box<LocalRun>>,
+}
+
+/// Publishes one client sent back to back on one channel, read in one go:
+/// queued for the local subscribers together (`Hub::publish_run`), at the
+/// end of the run of frames or before anything else the client asked.
+struct LocalRun {
+    channel: String,
+    frames: Vec<Utf8Bytes>,
+    /// When the first of them was read.
+    published_at: Instant,
 }
 
 pub async fn run(
@@ -102,6 +116,7 @@ pub async fn run(
         queue: None,
         backlog: Backlog::default(),
         flushing: false,
+        run: None,
     };
     let end = session.serve(&mut sink, &mut stream).await;
     for channel in runtime.hub.remove_connection(&session.subscriptions, id) {
@@ -208,6 +223,19 @@ impl Session {
         stream: &mut SplitStream<Ws>,
         first: Message,
     ) -> Result<(), End> {
+        let read = self.read_frames(sink, stream, first).await;
+        // Whatever was published in the run reaches its subscribers, even
+        // if a later frame in it ends the session.
+        self.deliver_run();
+        read
+    }
+
+    async fn read_frames(
+        &mut self,
+        sink: &mut Sink,
+        stream: &mut SplitStream<Ws>,
+        first: Message,
+    ) -> Result<(), End> {
         let runtime = Arc::clone(&self.runtime);
         let mut frame = first;
         let mut taken = 0;
@@ -218,6 +246,9 @@ impl Session {
                     runtime.counters.messages_in.inc();
                     self.on_text(sink, text).await?;
                     if !self.backlog.is_empty() {
+                        // Local subscribers get the run before the client
+                        // waits for the mesh.
+                        self.deliver_run();
                         let backlog = std::mem::take(&mut self.backlog);
                         self.pace(sink, backlog).await?;
                     }
@@ -372,10 +403,15 @@ impl Session {
                     Some(plain) if self.publishes_as_is(&plain.channel) => {
                         self.on_plain_publish(plain)
                     }
-                    _ => match wire::parse_client_message(text.as_str()) {
-                        Ok(request) => self.on_relay_request(request).await,
-                        Err(err) => Err(err),
-                    },
+                    _ => {
+                        // Anything else the client asks comes after what it
+                        // published before.
+                        self.deliver_run();
+                        match wire::parse_client_message(text.as_str()) {
+                            Ok(request) => self.on_relay_request(request).await,
+                            Err(err) => Err(err),
+                        }
+                    }
                 };
                 match answer {
                     Ok(Some(reply)) => self.reply(sink, reply).await,
@@ -412,10 +448,14 @@ impl Session {
         )?;
         let published_at = Instant::now();
         let channel = plain.channel.clone().into_owned();
+        // A publish the client wants acknowledged is queued before the
+        // acknowledgement; any other may wait for the end of the run.
+        let defer = id.is_none();
         self.fan_out(
             &channel,
             Utf8Bytes::from(plain.message_frame()),
             published_at,
+            defer,
         );
         Ok(id.map(|id| ServerMessage::Published {
             id: Some(id),
@@ -423,15 +463,59 @@ impl Session {
         }))
     }
 
-    /// Delivers a publish's frame to the local subscribers and forwards it
-    /// to the mesh.
-    fn fan_out(&mut self, channel: &str, frame: Utf8Bytes, published_at: Instant) {
+    /// Forwards a publish's frame to the mesh and delivers it to the local
+    /// subscribers: at once, or with `defer` at the end of the run of
+    /// publishes it belongs to (see [`LocalRun`]).
+    fn fan_out(&mut self, channel: &str, frame: Utf8Bytes, published_at: Instant, defer: bool) {
         let runtime = Arc::clone(&self.runtime);
-        // Local subscribers never hold a publisher back (their
-        // slow-consumer policy applies), so nothing to wait for here.
-        let _ = runtime.deliver(channel, &frame, published_at, DeliveryPath::Local);
         if let Some(mesh) = &runtime.mesh {
             self.backlog = mesh.forward(runtime.name(), channel, &frame);
+        }
+        if self
+            .run
+            .as_ref()
+            .is_some_and(|run| !run.frames.is_empty() && run.channel != channel)
+        {
+            self.deliver_run();
+        }
+        if !defer && self.run.as_ref().is_none_or(|run| run.frames.is_empty()) {
+            // Local subscribers never hold a publisher back (their
+            // slow-consumer policy applies), so nothing to wait for here.
+            let _ = runtime.deliver(channel, &frame, published_at, DeliveryPath::Local);
+            return;
+        }
+        let run = self.run.get_or_insert_with(|| {
+            Box::new(LocalRun {
+                channel: String::new(),
+                frames: Vec::new(),
+                published_at,
+            })
+        });
+        if run.frames.is_empty() {
+            run.channel.clear();
+            run.channel.push_str(channel);
+            run.published_at = published_at;
+        }
+        run.frames.push(frame);
+        if !defer {
+            self.deliver_run();
+        }
+    }
+
+    /// Queues the publishes waiting in the run for the local subscribers.
+    fn deliver_run(&mut self) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let runtime = &self.runtime;
+        if run.frames.len() == 1 {
+            if let Some(frame) = run.frames.pop() {
+                let _ =
+                    runtime.deliver(&run.channel, &frame, run.published_at, DeliveryPath::Local);
+            }
+        } else if !run.frames.is_empty() {
+            let frames: Arc<[Utf8Bytes]> = run.frames.drain(..).collect();
+            runtime.deliver_run(&run.channel, &frames, run.published_at);
         }
     }
 
@@ -590,7 +674,7 @@ impl Session {
                     }
                     .to_json(),
                 );
-                self.fan_out(&channel, frame, published_at);
+                self.fan_out(&channel, frame, published_at, false);
                 Ok(id.map(|id| ServerMessage::Published {
                     id: Some(id),
                     channel,
@@ -678,40 +762,51 @@ impl Session {
     }
 
     /// Writes `first` and whatever else is already queued, then flushes once.
-    /// In batch mode the deliveries are packed into as few frames as
+    /// In batch mode the messages are packed into as few frames as
     /// `batch` allows; otherwise each is a frame of its own.
     async fn write_deliveries(&mut self, sink: &mut Sink, first: Delivery) -> Result<(), End> {
         let runtime = Arc::clone(&self.runtime);
-        let mut stamps = Vec::with_capacity(8);
-        let mut frames = Vec::with_capacity(8);
-        if self.batch() {
-            let mut next = Some(first);
-            while let Some(delivery) = next.take() {
-                let mut packer = Packer::default();
-                let mut carry = Some(delivery);
-                while let Some(delivery) = carry.take() {
-                    if !packer.fits(delivery.frame.len()) {
-                        next = Some(delivery);
-                        break;
-                    }
-                    packer.push(delivery.frame.as_str());
-                    stamps.push((delivery.published_at, delivery.path));
-                    if stamps.len() < batch::MAX_MESSAGES {
-                        carry = self.next_queued();
-                    }
-                }
-                frames.push(Message::Text(packer.finish()));
-            }
+        let batch = self.batch();
+        let limit = if batch {
+            batch::MAX_MESSAGES
         } else {
-            let mut next = Some(first);
-            while let Some(delivery) = next.take() {
-                stamps.push((delivery.published_at, delivery.path));
-                frames.push(Message::Text(delivery.frame));
-                if stamps.len() < MAX_BATCH {
-                    next = self.next_queued();
-                }
+            MAX_BATCH
+        };
+        let mut stamps = Vec::with_capacity(8);
+        let mut taken = Vec::with_capacity(8);
+        let mut count = 0;
+        let mut next = Some(first);
+        while let Some(delivery) = next.take() {
+            let messages = delivery.frames.as_slice().len();
+            stamps.push((delivery.published_at, delivery.path, messages));
+            count += messages;
+            taken.push(delivery.frames);
+            if count < limit {
+                next = self.next_queued();
             }
         }
+        // The deliveries' bytes are back in their budgets from here.
+        let frames = if batch {
+            let mut frames = Vec::with_capacity(1);
+            let mut packer = Packer::default();
+            for message in taken.iter().flat_map(Frames::as_slice) {
+                if !packer.fits(message.len()) {
+                    frames.push(Message::Text(std::mem::take(&mut packer).finish()));
+                }
+                packer.push(message.as_str());
+            }
+            frames.push(Message::Text(packer.finish()));
+            frames
+        } else {
+            let mut frames = Vec::with_capacity(count);
+            for delivery in taken {
+                match delivery {
+                    Frames::One(frame) => frames.push(Message::Text(frame)),
+                    Frames::Run(run) => frames.extend(run.iter().cloned().map(Message::Text)),
+                }
+            }
+            frames
+        };
         // One deadline for the run of frames and its flush, not a timer
         // per frame.
         self.guarded(async {
@@ -726,12 +821,14 @@ impl Session {
         }
         let now = Instant::now();
         let counters = &runtime.counters;
-        counters.messages_out.inc_by(stamps.len() as u64);
-        for (stamp, path) in stamps {
+        counters.messages_out.inc_by(count as u64);
+        for (stamp, path, messages) in stamps {
             let seconds = now.duration_since(stamp).as_secs_f64();
-            match counters.latency(path) {
-                Some(latency) => latency.observe(seconds),
-                None => runtime.metrics.latency(runtime.name(), path, seconds),
+            for _ in 0..messages {
+                match counters.latency(path) {
+                    Some(latency) => latency.observe(seconds),
+                    None => runtime.metrics.latency(runtime.name(), path, seconds),
+                }
             }
         }
         Ok(())
