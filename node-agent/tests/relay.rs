@@ -185,6 +185,71 @@ async fn publish_reaches_every_subscriber_once_in_order() {
     );
 }
 
+/// Publishes read together are queued together (one entry per subscriber
+/// for a run on one channel), and nothing changes for what a client sees:
+/// order across channels, and a request after publishes comes after them.
+#[tokio::test]
+async fn publishes_read_together_keep_their_order_across_channels_and_requests() {
+    let agent = AgentProcess::start(CONFIG).await;
+    let addr = agent.service_addr("edge").await;
+    let mut both = connect(addr, "/relay").await;
+    for channel in ["chat", "sensors"] {
+        request(
+            &mut both,
+            json!({"type": "subscribe", "channel": channel, "id": channel}),
+        )
+        .await;
+    }
+    // One write: the agent reads these frames in one go.
+    let mut publisher = connect(addr, "/relay").await;
+    request(
+        &mut publisher,
+        json!({"type": "subscribe", "channel": "chat", "id": 0}),
+    )
+    .await;
+    for n in 0..90 {
+        let channel = if (30..60).contains(&n) {
+            "sensors"
+        } else {
+            "chat"
+        };
+        let publish = json!({"type": "publish", "channel": channel, "data": n});
+        publisher
+            .feed(Message::text(publish.to_string()))
+            .await
+            .unwrap();
+    }
+    // The publisher's own unsubscribe comes after its publishes.
+    let unsubscribe = json!({"type": "unsubscribe", "channel": "chat", "id": 1});
+    publisher
+        .feed(Message::text(unsubscribe.to_string()))
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+
+    for n in 0..90 {
+        assert_eq!(next_json(&mut both).await["data"], n, "in publish order");
+    }
+    let mut own = Vec::new();
+    let mut replied = false;
+    while own.len() < 60 || !replied {
+        let message = next_json(&mut publisher).await;
+        match message["type"].as_str() {
+            Some("message") => own.push(message["data"].as_i64().unwrap()),
+            Some("unsubscribed") => replied = true,
+            _ => panic!("unexpected {message}"),
+        }
+    }
+    let sent: Vec<i64> = (0..30).chain(60..90).collect();
+    assert_eq!(own, sent, "its own chat messages, all of them, in order");
+    agent
+        .wait_metric(
+            r#"edgewire_message_latency_seconds_count{path="local",service="edge"}"#,
+            150.0,
+        )
+        .await;
+}
+
 #[tokio::test]
 async fn handlers_are_callable_over_the_relay() {
     let agent = AgentProcess::start(CONFIG).await;
