@@ -21,8 +21,7 @@ pub const ENTRY_OVERHEAD: usize = 64;
 
 #[derive(Debug)]
 pub struct Budget {
-    limit: usize,
-    used: AtomicUsize,
+    bytes: Counter,
     /// A queue bounded in messages too counts them here (beside its bytes,
     /// so one charge touches one allocation).
     messages: Option<Counter>,
@@ -35,6 +34,17 @@ struct Counter {
 }
 
 impl Counter {
+    fn new(limit: usize) -> Counter {
+        Counter {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
     fn try_take(&self, n: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -51,8 +61,7 @@ impl Counter {
 impl Budget {
     pub fn new(limit: usize) -> Arc<Budget> {
         Arc::new(Budget {
-            limit,
-            used: AtomicUsize::new(0),
+            bytes: Counter::new(limit),
             messages: None,
         })
     }
@@ -60,41 +69,33 @@ impl Budget {
     /// A queue's budget of `limit` bytes and at most `messages` messages.
     pub fn with_messages(limit: usize, messages: usize) -> Arc<Budget> {
         Arc::new(Budget {
-            limit,
-            used: AtomicUsize::new(0),
-            messages: Some(Counter {
-                limit: messages,
-                used: AtomicUsize::new(0),
-            }),
+            bytes: Counter::new(limit),
+            messages: Some(Counter::new(messages)),
         })
     }
 
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.bytes.used()
     }
 
     pub fn limit(&self) -> usize {
-        self.limit
+        self.bytes.limit
     }
 
     /// Messages held, and the most it may hold; `(0, usize::MAX)` for a
     /// budget of bytes alone.
     pub fn messages(&self) -> (usize, usize) {
-        self.messages.as_ref().map_or((0, usize::MAX), |m| {
-            (m.used.load(Ordering::Acquire), m.limit)
-        })
+        self.messages
+            .as_ref()
+            .map_or((0, usize::MAX), |m| (m.used(), m.limit))
     }
 
     fn try_take(&self, bytes: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|n| *n <= self.limit)
-            })
-            .is_ok()
+        self.bytes.try_take(bytes)
     }
 
     fn give_back(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.bytes.give_back(bytes);
     }
 
     fn try_take_messages(&self, n: usize) -> bool {

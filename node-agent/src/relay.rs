@@ -244,16 +244,10 @@ impl Hub {
         policy: SlowConsumerPolicy,
         global: &Arc<Budget>,
     ) -> FanOut {
-        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
-        let mut report = FanOut::default();
-        let Some(subscribers) = channels.get(channel) else {
-            return report;
-        };
-        for subscriber in subscribers.values() {
+        self.each_subscriber(channel, |report, subscriber| {
             let one = Frames::One(frame.clone());
             report.offer(subscriber, one, published_at, path, policy, global);
-        }
-        report
+        })
     }
 
     /// Queues a run of messages published back to back on `channel` (in
@@ -271,12 +265,7 @@ impl Hub {
         policy: SlowConsumerPolicy,
         global: &Arc<Budget>,
     ) -> FanOut {
-        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
-        let mut report = FanOut::default();
-        let Some(subscribers) = channels.get(channel) else {
-            return report;
-        };
-        for subscriber in subscribers.values() {
+        self.each_subscriber(channel, |report, subscriber| {
             let run = Frames::Run(Arc::clone(frames));
             if !report.offer_whole(subscriber, run, published_at, path, global) {
                 for frame in frames.iter() {
@@ -284,6 +273,20 @@ impl Hub {
                     report.offer(subscriber, one, published_at, path, policy, global);
                 }
             }
+        })
+    }
+
+    /// Runs `offer` for each subscriber of `channel` under the read lock,
+    /// collecting what they did.
+    fn each_subscriber(
+        &self,
+        channel: &str,
+        mut offer: impl FnMut(&mut FanOut, &Subscriber),
+    ) -> FanOut {
+        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
+        let mut report = FanOut::default();
+        for subscriber in channels.get(channel).into_iter().flat_map(HashMap::values) {
+            offer(&mut report, subscriber);
         }
         report
     }
@@ -394,6 +397,13 @@ mod tests {
         bytes: usize,
     ) -> (Subscriber, mpsc::Receiver<Delivery>, mpsc::Receiver<()>) {
         Subscriber::new(capacity, bytes)
+    }
+
+    /// Adds up what several publishes did.
+    fn add(total: &mut FanOut, r: FanOut) {
+        total.queued += r.queued;
+        total.dropped += r.dropped;
+        total.evicted += r.evicted;
     }
 
     fn global() -> Arc<Budget> {
@@ -509,9 +519,7 @@ mod tests {
                     policy,
                     &global(),
                 );
-                total.queued += r.queued;
-                total.dropped += r.dropped;
-                total.evicted += r.evicted;
+                add(&mut total, r);
             }
             assert_eq!(
                 total.queued, 4,
@@ -664,6 +672,17 @@ mod tests {
             .collect()
     }
 
+    /// A run published on channel `c` at this agent.
+    fn local_run(
+        hub: &Hub,
+        run: Arc<[Utf8Bytes]>,
+        policy: SlowConsumerPolicy,
+        global: &Arc<Budget>,
+    ) -> FanOut {
+        let now = Instant::now();
+        hub.publish_run("c", &run, now, DeliveryPath::Local, policy, global)
+    }
+
     fn texts(delivery: &Delivery) -> Vec<String> {
         delivery
             .frames
@@ -681,14 +700,7 @@ mod tests {
         let (b, mut b_rx, _) = subscriber(8);
         hub.subscribe("c", 1, a.clone());
         hub.subscribe("c", 2, b);
-        let r = hub.publish_run(
-            "c",
-            &run_of(5, 10),
-            Instant::now(),
-            DeliveryPath::Local,
-            SlowConsumerPolicy::Drop,
-            &global,
-        );
+        let r = local_run(&hub, run_of(5, 10), SlowConsumerPolicy::Drop, &global);
         assert_eq!((r.queued, r.dropped), (10, 0));
         assert_eq!(a.budget.messages(), (5, 8), "counted in messages");
         assert_eq!(a.budget.used(), 5 * (10 + crate::budget::ENTRY_OVERHEAD));
@@ -715,17 +727,8 @@ mod tests {
             hub.subscribe("c", 2, fast);
             let mut total = FanOut::default();
             for run in [run_of(3, 10), run_of(6, 10)] {
-                let r = hub.publish_run(
-                    "c",
-                    &run,
-                    Instant::now(),
-                    DeliveryPath::Local,
-                    policy,
-                    &global(),
-                );
-                total.queued += r.queued;
-                total.dropped += r.dropped;
-                total.evicted += r.evicted;
+                let r = local_run(&hub, run, policy, &global());
+                add(&mut total, r);
             }
             assert_eq!(total.queued, 3 + 4 + 9, "{policy:?}");
             assert_eq!(
@@ -755,14 +758,7 @@ mod tests {
         // Room for 3 messages of 1000 bytes (plus overhead) by bytes.
         let (slow, mut slow_rx, _) = subscriber_with(100, 3 * 1100);
         hub.subscribe("c", 1, slow);
-        let r = hub.publish_run(
-            "c",
-            &run_of(5, 1000),
-            Instant::now(),
-            DeliveryPath::Local,
-            SlowConsumerPolicy::Drop,
-            &global(),
-        );
+        let r = local_run(&hub, run_of(5, 1000), SlowConsumerPolicy::Drop, &global());
         assert_eq!((r.queued, r.dropped), (3, 2));
         let got: Vec<String> = std::iter::from_fn(|| slow_rx.try_recv().ok())
             .flat_map(|d| texts(&d))
