@@ -176,7 +176,9 @@ impl Session {
             };
             tokio::select! {
                 _ = runtime.stop.cancelled() => {
-                    self.flush_on_stop(sink).await;
+                    // Boxed: inline, every idle session would carry room
+                    // for writing out its queue (about 0.8 KB).
+                    Box::pin(self.flush_on_stop(sink)).await;
                     let (code, reason) = runtime.stop_reason();
                     return End::close(code, reason);
                 }
