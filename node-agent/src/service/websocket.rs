@@ -473,14 +473,12 @@ impl Session {
         if let Some(mesh) = &runtime.mesh {
             self.backlog = mesh.forward(runtime.name(), channel, &frame);
         }
-        if self
-            .run
-            .as_ref()
-            .is_some_and(|run| !run.frames.is_empty() && run.channel != channel)
-        {
+        // What waits goes first: a publish on another channel, or one that
+        // is not deferred, comes after it.
+        if !defer || self.run.as_ref().is_some_and(|run| run.channel != channel) {
             self.deliver_run();
         }
-        if !defer && self.run.as_ref().is_none_or(|run| run.frames.is_empty()) {
+        if !defer {
             // Local subscribers never hold a publisher back (their
             // slow-consumer policy applies), so nothing to wait for here.
             let _ = runtime.deliver(channel, &frame, published_at, DeliveryPath::Local);
@@ -499,9 +497,6 @@ impl Session {
             run.published_at = published_at;
         }
         run.frames.push(frame);
-        if !defer {
-            self.deliver_run();
-        }
     }
 
     /// Queues the publishes waiting in the run for the local subscribers.
@@ -510,14 +505,19 @@ impl Session {
             return;
         };
         let runtime = &self.runtime;
-        if run.frames.len() == 1 {
-            if let Some(frame) = run.frames.pop() {
-                let _ =
-                    runtime.deliver(&run.channel, &frame, run.published_at, DeliveryPath::Local);
+        match run.frames.len() {
+            0 => {}
+            // One alone needs no shared slice.
+            1 => {
+                if let Some(frame) = run.frames.pop() {
+                    let local = DeliveryPath::Local;
+                    let _ = runtime.deliver(&run.channel, &frame, run.published_at, local);
+                }
             }
-        } else if !run.frames.is_empty() {
-            let frames: Arc<[Utf8Bytes]> = run.frames.drain(..).collect();
-            runtime.deliver_run(&run.channel, &frames, run.published_at);
+            _ => {
+                let frames: Arc<[Utf8Bytes]> = run.frames.drain(..).collect();
+                runtime.deliver_run(&run.channel, &frames, run.published_at);
+            }
         }
     }
 
