@@ -2,13 +2,16 @@
 """Agent benchmarks: edgewire beside the seed's Python websockets server, a
 Node.js ws server and nats-server (WebSocket listener), measured in the same
 run with the same client (edgewire-loadgen); then the mesh, three edgewire
-agents beside a three-server NATS cluster. Prints tables with the ratio
+agents beside a three-server NATS cluster and beside three agents of the
+first round (the build the data path's goals are judged against), each in
+turn, over several rounds, reported as medians. Prints tables with the ratio
 edgewire/peer and writes them to bench/results/agent.md. All traffic stays
 on loopback; every run is bounded in count and time. Figures only: nothing
 here passes or fails on a time."""
 
 import json
 import os
+import statistics
 import platform
 import resource
 import shutil
@@ -25,6 +28,9 @@ LOADGEN = os.environ["EDGEWIRE_LOADGEN"]
 AGENT = os.environ["EDGEWIRE_AGENT"]
 SEED_PYTHON = os.environ["EDGEWIRE_SEED_PYTHON"]
 QUICK = os.environ.get("EDGEWIRE_BENCH_QUICK") == "1"
+# The first round's agent (bench/common.sh builds it), or "" to leave it out.
+FIRST_ROUND_AGENT = os.environ.get("EDGEWIRE_FIRST_ROUND_AGENT", "")
+FIRST_ROUND_COMMIT = os.environ.get("EDGEWIRE_FIRST_ROUND_COMMIT", "")[:7]
 # "mesh" runs the mesh workloads alone (edgewire's cluster beside NATS's) and
 # writes results/agent-mesh.md, leaving the full report as it was.
 ONLY = os.environ.get("EDGEWIRE_BENCH_ONLY", "")
@@ -42,6 +48,10 @@ MESH_LATENCY_MESSAGES = 1000 if QUICK else 5000
 MESH_RATE = 1000
 MESH_SUBSCRIBERS = 10
 MESH_THROUGHPUT_MESSAGES = 10_000 if QUICK else 100_000
+# A single mesh run swings by a factor of several on a shared 2-core
+# machine; the clusters take turns, round after round, and the report
+# gives each figure's median (and the one-link figures of every round).
+MESH_ROUNDS = 1 if QUICK else int(os.environ.get("EDGEWIRE_BENCH_MESH_ROUNDS", "5"))
 SOURCES = "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
 # The mesh's nodes, each on its own loopback address.
 MESH_NODES = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
@@ -80,7 +90,10 @@ def cpu_seconds(pid):
 def loadgen(*args):
     out = subprocess.run([LOADGEN, *args], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+        # anyhow's report, not the backtrace that may follow it.
+        lines = out.stderr.strip().splitlines()
+        reported = [line for line in lines if line.startswith("Error:")]
+        return {"error": (reported or lines or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -188,19 +201,18 @@ class Cluster:
                 p.kill()
 
 
-def edgewire_mesh(tmp):
+def agent_mesh(tmp, name, agent, peer_fields, node_args, batch_dialect=None):
+    """Three agents of `agent`, one per loopback address in MESH_NODES,
+    peered with each other: `peer_fields(j)` adds to node j's entry in the
+    others' peer lists, `node_args(i)` to node i's command line."""
     port, mesh_port = free_port(), free_port()
-    # Each node's mesh key, and its public half for the others' configs.
-    keys = [tmp / f"mesh-{i}.key" for i in range(len(MESH_NODES))]
-    public = [subprocess.run([AGENT, "--mesh-key-file", str(k), "--print-mesh-public-key"],
-                             check=True, capture_output=True, text=True).stdout.strip() for k in keys]
 
     def start():
         procs = []
         for i, ip in enumerate(MESH_NODES):
-            peers = "\n".join(f"      - {{node: n{j}, address: \"{other}:{mesh_port}\", publicKey: {public[j]}}}"
+            peers = "\n".join(f"      - {{node: n{j}, address: \"{other}:{mesh_port}\"{peer_fields(j)}}}"
                               for j, other in enumerate(MESH_NODES) if j != i)
-            config = tmp / f"mesh-{i}.yaml"
+            config = tmp / f"{name}-{i}.yaml"
             config.write_text(
                 f"services:\n  - name: bench\n    port: {port}\n"
                 "    channels: [{name: mesh}]\n"
@@ -208,16 +220,61 @@ def edgewire_mesh(tmp):
                 f"    peers:\n{peers}\n"
             )
             procs.append(subprocess.Popen(
-                [AGENT, "--config", str(config), "--listen-address", ip, "--admin-address", f"{ip}:{free_port()}",
-                 "--node-name", f"n{i}", "--mesh-address", f"{ip}:{mesh_port}", "--mesh-key-file", str(keys[i]),
-                 "--log-level", "warn"],
+                [agent, "--config", str(config), "--listen-address", ip, "--admin-address", f"{ip}:{free_port()}",
+                 "--node-name", f"n{i}", "--mesh-address", f"{ip}:{mesh_port}", *node_args(i), "--log-level", "warn"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for ip in MESH_NODES:
             wait_port(port, host=ip)
         return procs
 
-    return Cluster("edgewire", "relay", [f"ws://{ip}:{port}/relay" for ip in MESH_NODES], start,
-                   batch_dialect="relay-batch")
+    return Cluster(name, "relay", [f"ws://{ip}:{port}/relay" for ip in MESH_NODES], start, batch_dialect=batch_dialect)
+
+
+def edgewire_mesh(tmp):
+    # Each node's mesh key, and its public half for the others' configs.
+    keys = [tmp / f"mesh-{i}.key" for i in range(len(MESH_NODES))]
+    public = [subprocess.run([AGENT, "--mesh-key-file", str(k), "--print-mesh-public-key"],
+                             check=True, capture_output=True, text=True).stdout.strip() for k in keys]
+    return agent_mesh(tmp, "edgewire", AGENT, lambda j: f", publicKey: {public[j]}",
+                      lambda i: ["--mesh-key-file", str(keys[i])], batch_dialect="relay-batch")
+
+
+def first_round_mesh(tmp):
+    """Three agents of the first round, configured as that round's agent
+    was: a shared mesh secret, no per-node keys."""
+    secret = tmp / "first-round-mesh-secret"
+    secret.write_text("edgewire bench mesh secret")
+    return agent_mesh(tmp, f"edgewire-{FIRST_ROUND_COMMIT}", FIRST_ROUND_AGENT, lambda j: "",
+                      lambda i: ["--mesh-secret-file", str(secret)])
+
+
+def completed(result):
+    """Whether a workload's run went to its end: no error, and no
+    subscriber cut off by the server (a slow consumer)."""
+    return "error" not in result and not result.get("subscribers_cut")
+
+
+def median_run(runs):
+    """One run's shape from several: each workload's numeric figures as
+    their median over the runs that completed, delivered as the least; a
+    workload no run completed says why the first one did not."""
+    out = {}
+    for key in dict.fromkeys(k for r in runs for k in r):
+        tried = [r[key] for r in runs if key in r]
+        done = [d for d in tried if completed(d)]
+        if not done:
+            why = tried[0].get("error") or tried[0].get("cut_because")
+            out[key] = {"runs": 0, "failed_runs": len(tried), "why": why}
+            continue
+        figures = {}
+        for field in dict.fromkeys(f for d in done for f in d):
+            values = [d[field] for d in done if isinstance(d.get(field), (int, float))]
+            if values:
+                figures[field] = min(values) if field == "delivered" else statistics.median(values)
+        figures["runs"] = len(done)
+        figures["failed_runs"] = len(tried) - len(done)
+        out[key] = figures
+    return out
 
 
 def nats_cluster(tmp):
@@ -338,6 +395,12 @@ def idle_figure(r):
     return r if "skipped" in r else r.get("bytes_per_connection")
 
 
+def rounds_done(r):
+    if "runs" not in r:
+        return None
+    return f"{r['runs']} of {r['runs'] + r['failed_runs']}"
+
+
 def delivered(r):
     if "delivered" not in r:
         return None
@@ -354,10 +417,41 @@ def ratio(a, b, lower_is_better):
     return f"{r:.2f} ({verdict})"
 
 
+def short(peer):
+    """A peer's name in a ratio column: its first word."""
+    return peer.split()[0]
+
+
+def per_round(rounds, peers):
+    """The one-link figures of every round: edgewire's messages/s and p50,
+    and their ratios to each peer in the same round."""
+    link = lambda r: r.get("throughput_link", {})
+    lines = [
+        "| round | edgewire messages/s | " + "".join(f"edgewire/{short(p)} | " for p in peers)
+        + "edgewire p50 (µs) |" + "".join(f" edgewire/{short(p)} |" for p in peers),
+        "|" + " --- |" * (3 + 2 * len(peers)),
+    ]
+    def against(ours, theirs, field, lower):
+        # A peer's run that did not go to its end has no rate to compare.
+        if not completed(theirs):
+            if theirs.get("subscribers_cut"):
+                return f"its subscriber cut after {theirs.get('delivered')} of {theirs.get('expected')}"
+            return "failed"
+        return ratio(ours.get(field), theirs.get(field), lower)
+
+    for i, r in enumerate(rounds, 1):
+        ours = link(r["edgewire"])
+        tput = [against(ours, link(r[p]), "deliveries_per_second", False) for p in peers]
+        p50 = [against(ours, link(r[p]), "p50_us", True) for p in peers]
+        lines.append(f"| {i} | {fmt(ours.get('deliveries_per_second'))} | " + " | ".join(tput)
+                     + f" | {fmt(ours.get('p50_us'))} | " + " | ".join(p50) + " |")
+    return lines
+
+
 def table(rows, ours, peers, results):
     """A markdown table: a row per workload, edgewire then each peer with the
     ratio edgewire/peer."""
-    header = "| workload | edgewire | " + " | ".join(f"{p} | edgewire/{p.split()[0]}" for p in peers) + " |"
+    header = "| workload | edgewire | " + " | ".join(f"{p} | edgewire/{short(p)}" for p in peers) + " |"
     lines = [header, "|" + " --- |" * (2 + 2 * len(peers))]
     for label, get, lower in rows:
         cells = [label, fmt(get(ours))]
@@ -382,10 +476,15 @@ def main():
         print(f"== {server.name}", flush=True)
         single[server.name] = measure(server)
     clusters = [edgewire_mesh(tmp), nats_cluster(tmp)]
-    meshes = {}
-    for cluster in clusters:
-        print(f"== mesh: {cluster.name}", flush=True)
-        meshes[cluster.name] = measure_mesh(cluster)
+    if FIRST_ROUND_AGENT:
+        clusters.append(first_round_mesh(tmp))
+    rounds = []
+    for n in range(1, MESH_ROUNDS + 1):
+        rounds.append({})
+        for cluster in clusters:
+            print(f"== mesh, round {n} of {MESH_ROUNDS}: {cluster.name}", flush=True)
+            rounds[-1][cluster.name] = measure_mesh(cluster)
+    meshes = {c.name: median_run([r[c.name] for r in rounds]) for c in clusters}
     shutil.rmtree(tmp, ignore_errors=True)
 
     rows = [
@@ -416,6 +515,7 @@ def main():
         ("local: p99 (µs)", lambda r: r.get("latency_local", {}).get("p99_us"), True),
         ("one link: messages/s, publisher → 1 subscriber on another node", lambda r: r.get("throughput_link", {}).get("deliveries_per_second"), False),
         ("one link: delivered of expected", lambda r: delivered(r.get("throughput_link", {})), None),
+        ("one link: rounds run to the end (no error, no subscriber cut)", lambda r: rounds_done(r.get("throughput_link", {})), None),
         ("one link: p50 publish to delivery under that load (µs)", lambda r: r.get("throughput_link", {}).get("p50_us"), True),
         # nats-server packs the messages pending for a subscriber into one
         # frame by itself; its figures are its one run above.
@@ -442,15 +542,28 @@ def main():
         *table(rows, single["edgewire"], [s.name for s in servers[1:]], single),
         "",
     ]
+    peers = [c.name for c in clusters[1:]]
+    first_round = (
+        f"`{clusters[2].name}` is the first round's agent, built from that commit with today's toolchain and driven by "
+        "today's load generator: the build the data path's goals are judged against."
+        if FIRST_ROUND_AGENT else
+        "The first round's agent was left out (see the run's log: this checkout's history lacks its commit)."
+    )
     report = "\n".join(header + one_server + [
         f"### Mesh of three nodes ({', '.join(MESH_NODES)}), {MESH_RATE} messages/s for latency",
         "",
-        *table(mesh_rows, meshes["edgewire"], [c.name for c in clusters[1:]], meshes),
+        f"Medians of {MESH_ROUNDS} rounds; in each round every cluster ran every workload in turn. {first_round}",
         "",
-        "Raw figures (JSON):",
+        *table(mesh_rows, meshes["edgewire"], peers, meshes),
+        "",
+        "One link under an unpaced burst, round by round (ratios are edgewire/peer in the same round):",
+        "",
+        *per_round(rounds, peers),
+        "",
+        "Raw figures (JSON; `mesh` holds the medians, `mesh_rounds` every round):",
         "",
         "```json",
-        json.dumps({"single": single, "mesh": meshes}, indent=1),
+        json.dumps({"single": single, "mesh": meshes, "mesh_rounds": rounds}, indent=1),
         "```",
     ])
     out = BENCH / "results" / ("agent-mesh.md" if ONLY == "mesh" else "agent.md")

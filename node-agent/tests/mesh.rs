@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures_util::SinkExt;
 use serde_json::json;
 use support::*;
 
@@ -102,6 +103,21 @@ impl Cluster {
         )
     }
 
+    /// Agents `members`, all with the right secret, started and ready, each
+    /// linked to every other.
+    async fn linked(&self, members: &[usize]) -> Vec<AgentProcess> {
+        let agents: Vec<AgentProcess> = members
+            .iter()
+            .map(|i| self.start(*i, members, "good"))
+            .collect();
+        let peers = (members.len() - 1) as f64;
+        for agent in &agents {
+            agent.wait_ready().await;
+            wait_peers(agent, peers).await;
+        }
+        agents
+    }
+
     fn addr(&self, i: usize) -> std::net::SocketAddr {
         format!("{}:{}", Cluster::ip(i), self.service_port)
             .parse()
@@ -177,6 +193,25 @@ async fn settle(publisher: &mut Client, subs: &mut [&mut Client]) {
     panic!("the mesh never carried a probe to every subscriber");
 }
 
+/// Publishes probes on `channel` from `publisher` (up to 200, 50 ms apart)
+/// until one reaches `subscriber`; whether one did.
+async fn probe_reaches(publisher: &mut Client, channel: &str, subscriber: &mut Client) -> bool {
+    for round in 0..200 {
+        send_text(
+            publisher,
+            json!({"type": "publish", "channel": channel, "data": {"probe": round}}).to_string(),
+        )
+        .await;
+        if tokio::time::timeout(Duration::from_millis(50), next_json(subscriber))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+    }
+    false
+}
+
 async fn expect_sequence(sub: &mut Client, tag: &str, count: usize) {
     for n in 0..count {
         let msg = next_json(sub).await;
@@ -191,17 +226,7 @@ async fn expect_sequence(sub: &mut Client, tag: &str, count: usize) {
 #[tokio::test]
 async fn channels_span_the_mesh_once_in_order_following_interest() {
     let cluster = Cluster::new();
-    let all = [0, 1, 2];
-    let agents: Vec<AgentProcess> = all
-        .iter()
-        .map(|i| cluster.start(*i, &all, "good"))
-        .collect();
-    for agent in &agents {
-        agent.wait_ready().await;
-    }
-    for agent in &agents {
-        wait_peers(agent, 2.0).await;
-    }
+    let agents = cluster.linked(&[0, 1, 2]).await;
     let mut local = subscriber(cluster.addr(0), "news").await;
     let mut at_b = subscriber(cluster.addr(1), "news").await;
     let mut at_c = subscriber(cluster.addr(2), "news").await;
@@ -248,22 +273,10 @@ async fn channels_span_the_mesh_once_in_order_following_interest() {
     assert_eq!(reply["type"], "unsubscribed");
     // C's unsubscribe and C's later publishes share the C -> A link, in order:
     // once a publish on "quiet" from C reaches A, A has heard the unsubscribe.
-    let mut heard = false;
-    for _ in 0..200 {
-        send_text(
-            &mut at_c,
-            json!({"type": "publish", "channel": "quiet", "data": "marker"}).to_string(),
-        )
-        .await;
-        if tokio::time::timeout(Duration::from_millis(50), next_json(&mut marker_at_a))
-            .await
-            .is_ok()
-        {
-            heard = true;
-            break;
-        }
-    }
-    assert!(heard, "C's publishes never reached A");
+    assert!(
+        probe_reaches(&mut at_c, "quiet", &mut marker_at_a).await,
+        "C's publishes never reached A"
+    );
     let c_before = metric_value(
         &agents[2].metrics().await,
         r#"edgewire_mesh_messages_total{direction="received",service="chat"}"#,
@@ -445,15 +458,7 @@ fn mesh_sent(metrics: &str) -> f64 {
 #[tokio::test]
 async fn a_frozen_peer_is_noticed_counted_and_relinked() {
     let cluster = Cluster::new();
-    let all = [0, 1, 2];
-    let agents: Vec<AgentProcess> = all
-        .iter()
-        .map(|i| cluster.start(*i, &all, "good"))
-        .collect();
-    for agent in &agents {
-        agent.wait_ready().await;
-        wait_peers(agent, 2.0).await;
-    }
+    let agents = cluster.linked(&[0, 1, 2]).await;
     let mut at_b = subscriber(cluster.addr(1), "news").await;
     let mut at_c = subscriber(cluster.addr(2), "news").await;
     let mut publisher = connect(cluster.addr(0), "/relay").await;
@@ -632,15 +637,7 @@ async fn churn(addr: std::net::SocketAddr, mut present: Option<Client>) -> Clien
 #[tokio::test]
 async fn interest_changes_survive_full_link_queues() {
     let cluster = Cluster::new();
-    let all = [0, 1, 2];
-    let agents: Vec<AgentProcess> = all
-        .iter()
-        .map(|i| cluster.start(*i, &all, "good"))
-        .collect();
-    for agent in &agents {
-        agent.wait_ready().await;
-        wait_peers(agent, 2.0).await;
-    }
+    let agents = cluster.linked(&[0, 1, 2]).await;
     // A subscriber on "bulk" at A, so B and C forward their bursts to A.
     let _bulk_at_a = subscriber(cluster.addr(0), "bulk").await;
     let mut local = subscriber(cluster.addr(0), "news").await;
@@ -710,15 +707,7 @@ async fn interest_changes_survive_full_link_queues() {
 #[tokio::test]
 async fn a_quote_heavy_publish_crosses_the_mesh_whole() {
     let cluster = Cluster::new();
-    let members = [0, 1];
-    let agents: Vec<AgentProcess> = members
-        .iter()
-        .map(|i| cluster.start(*i, &members, "good"))
-        .collect();
-    for agent in &agents {
-        agent.wait_ready().await;
-        wait_peers(agent, 1.0).await;
-    }
+    let agents = cluster.linked(&[0, 1]).await;
     let mut at_b = subscriber(cluster.addr(1), "news").await;
     let mut publisher = connect(cluster.addr(0), "/relay").await;
     settle(&mut publisher, &mut [&mut at_b]).await;
@@ -744,6 +733,93 @@ async fn a_quote_heavy_publish_crosses_the_mesh_whole() {
         !agents[0].log().contains("mesh link to peer down"),
         "the link survived: {}",
         agents[0].log()
+    );
+}
+
+/// A burst written in one go, switching between two channels in runs of
+/// several lengths (one longer than a run's cap), crosses the link in
+/// batches; at the far node each subscriber gets its channels' messages,
+/// all of them, once, in publish order, and a subscriber of both channels
+/// gets the burst exactly as published.
+#[tokio::test]
+async fn a_burst_over_two_channels_reaches_far_subscribers_in_publish_order() {
+    let cluster = Cluster::new();
+    let agents = cluster.linked(&[0, 1]).await;
+    let mut both = subscriber(cluster.addr(1), "bulk").await;
+    let reply = request(
+        &mut both,
+        json!({"type": "subscribe", "channel": "news", "id": "news"}),
+    )
+    .await;
+    assert_eq!(reply["type"], "subscribed");
+    let mut news = subscriber(cluster.addr(1), "news").await;
+    let mut bulk = subscriber(cluster.addr(1), "bulk").await;
+    let mut publisher = connect(cluster.addr(0), "/relay").await;
+    settle(&mut publisher, &mut [&mut both, &mut news]).await;
+    // The bulk interest has reached A once a bulk probe comes through.
+    assert!(
+        probe_reaches(&mut publisher, "bulk", &mut bulk).await,
+        "bulk probes never reached B"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for sub in [&mut both, &mut news, &mut bulk] {
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(
+            Duration::from_millis(50),
+            futures_util::StreamExt::next(&mut *sub),
+        )
+        .await
+        {}
+    }
+
+    // Runs of 1, 2, 3, ... 12 messages, alternating channels, then 150 on
+    // one channel, then 30 alternating one by one.
+    let mut burst: Vec<&str> = Vec::new();
+    for len in 1..=12 {
+        let channel = if len % 2 == 0 { "bulk" } else { "news" };
+        burst.extend(std::iter::repeat_n(channel, len));
+    }
+    burst.extend(std::iter::repeat_n("news", 150));
+    burst.extend((0..30).map(|n| if n % 2 == 0 { "bulk" } else { "news" }));
+    for (n, channel) in burst.iter().enumerate() {
+        let publish = json!({"type": "publish", "channel": channel, "data": n});
+        publisher
+            .feed(tokio_tungstenite::tungstenite::Message::text(
+                publish.to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+
+    let numbers = |channel: &str| -> Vec<u64> {
+        (0..burst.len() as u64)
+            .filter(|n| burst[*n as usize] == channel)
+            .collect()
+    };
+    for (sub, want) in [
+        (&mut both, (0..burst.len() as u64).collect::<Vec<_>>()),
+        (&mut news, numbers("news")),
+        (&mut bulk, numbers("bulk")),
+    ] {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            got.push(next_json(sub).await["data"].as_u64().unwrap());
+        }
+        assert_eq!(got, want, "every message of its channels, in publish order");
+        let reply = request(
+            sub,
+            json!({"type": "unsubscribe", "channel": "quiet", "id": "end"}),
+        )
+        .await;
+        assert_eq!(reply["type"], "unsubscribed", "no duplicates: {reply}");
+    }
+    let received = metric_value(
+        &agents[1].metrics().await,
+        r#"edgewire_message_latency_seconds_count{path="mesh",service="chat"}"#,
+    );
+    assert!(
+        received >= (2 * burst.len()) as f64,
+        "one latency sample per message and subscriber: {received}"
     );
 }
 

@@ -32,6 +32,9 @@ pub struct MeshRun {
 struct Seen {
     latencies: Vec<u64>,
     duplicates_or_reordered: u64,
+    /// Why the server ended this subscriber's connection before the run's
+    /// last message (e.g. cut as a slow consumer), if it did.
+    cut: Option<String>,
 }
 
 fn payload(seq: u64, base: Instant) -> String {
@@ -80,7 +83,12 @@ pub async fn mesh(dial: Dial, run: MeshRun) -> anyhow::Result<Value> {
                     let Ok(read) = tokio::time::timeout(QUIET, read).await else {
                         break;
                     };
-                    read?;
+                    // A server that ends a subscriber mid-run is a result,
+                    // not a failure of the run: say what got through.
+                    if let Err(err) = read {
+                        seen.cut = Some(format!("{err:#}"));
+                        break;
+                    }
                 }
                 anyhow::Ok(seen)
             }));
@@ -124,10 +132,12 @@ pub async fn mesh(dial: Dial, run: MeshRun) -> anyhow::Result<Value> {
     let mut all = histogram();
     let mut delivered = 0u64;
     let mut disordered = 0u64;
+    let mut cut = Vec::new();
     for task in tasks {
         let seen = task.await??;
         delivered += seen.latencies.len() as u64;
         disordered += seen.duplicates_or_reordered;
+        cut.extend(seen.cut);
         for l in seen.latencies {
             all.record(l).ok();
         }
@@ -140,6 +150,8 @@ pub async fn mesh(dial: Dial, run: MeshRun) -> anyhow::Result<Value> {
         "delivered": delivered,
         "expected": run.messages * expected_subscribers,
         "duplicates_or_reordered": disordered,
+        "subscribers_cut": cut.len(),
+        "cut_because": cut.first(),
         "seconds": seconds,
         "deliveries_per_second": delivered as f64 / seconds,
         "p50_us": all.value_at_quantile(0.5),

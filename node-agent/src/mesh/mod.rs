@@ -22,6 +22,7 @@
 
 pub mod deadline;
 pub mod frame;
+mod inbound_run;
 pub mod noise;
 pub mod outbox;
 pub mod routing;
@@ -42,10 +43,11 @@ use tokio_util::sync::CancellationToken;
 
 use self::deadline::Deadline;
 use self::frame::{LinkFrame, Publish, now_us};
+use self::inbound_run::InboundRun;
 use self::noise::{HandshakeError, Identity, KEY_LEN, SecureSink, SecureStream};
 use self::outbox::{Outbox, Queued, Refused};
 use crate::budget::Budget;
-use crate::metrics::{DeliveryPath, DropReason, MeshRefusal, Metrics};
+use crate::metrics::{DropReason, MeshRefusal, Metrics};
 use crate::relay::Subscriber;
 use crate::service::ServiceRuntime;
 
@@ -519,14 +521,20 @@ impl Mesh {
                     Some(Ok(Message::Binary(frame))) => match frame::decode_publishes(frame) {
                         Ok(publishes) => {
                             let mut into = Delivering::now();
+                            let mut run = InboundRun::new();
                             for publish in publishes {
                                 // Backpressure across the mesh: this link is
                                 // read no faster than the subscribers it fills
                                 // drain, so the publisher at the peer is paced
                                 // in turn.
-                                for subscriber in self.on_publish(&node, &mut into, publish) {
+                                for subscriber in
+                                    self.on_publish(&node, &mut into, &mut run, publish)
+                                {
                                     subscriber.room().await;
                                 }
+                            }
+                            for subscriber in run.deliver() {
+                                subscriber.room().await;
                             }
                             self.count_received(into);
                         }
@@ -617,10 +625,17 @@ impl Mesh {
         placed.then(|| inner.services.get(service).and_then(Weak::upgrade))
     }
 
-    /// Delivers a publish from peer `from` to the local subscribers, if
-    /// the service is placed on both nodes; returns the subscribers it left
-    /// behind (see `relay`), for the link to wait on.
-    fn on_publish(&self, from: &str, into: &mut Delivering, publish: Publish) -> Vec<Subscriber> {
+    /// Admits a publish from peer `from` if the service is placed on both
+    /// nodes, and adds it to `run` for the local subscribers; returns the
+    /// subscribers that delivering what waited left behind (see `relay`),
+    /// for the link to wait on.
+    fn on_publish(
+        &self,
+        from: &str,
+        into: &mut Delivering,
+        run: &mut InboundRun,
+        publish: Publish,
+    ) -> Vec<Subscriber> {
         if into.service != publish.service.as_str() {
             let placement = self.placement(from, &publish.service);
             self.count_received(std::mem::replace(
@@ -645,12 +660,7 @@ impl Mesh {
         let (now, now_wall) = into.clock;
         let age = Duration::from_micros(now_wall.saturating_sub(publish.sent_us));
         let published_at = now.checked_sub(age).unwrap_or(now);
-        runtime.deliver(
-            &publish.channel,
-            &publish.message,
-            published_at,
-            DeliveryPath::Mesh,
-        )
+        run.push(runtime, &publish.channel, publish.message, published_at)
     }
 
     fn count_received(&self, into: Delivering) {

@@ -181,23 +181,38 @@ impl ServiceRuntime {
         self.count_drops(report)
     }
 
-    /// Queues a run of relay frames one local publisher sent back to back
-    /// on `channel` (see `Hub::publish_run`), counting what was dropped.
-    pub fn deliver_run(
+    /// Queues relay frames published back to back on `channel`, in order,
+    /// for the local subscribers, and leaves `frames` empty: one alone as a
+    /// single delivery, several as one run (see `Hub::publish_run`).
+    /// Counts what was dropped; returns the subscribers now over their
+    /// threshold.
+    pub fn deliver_all(
         &self,
         channel: &str,
-        frames: &Arc<[Utf8Bytes]>,
+        frames: &mut Vec<Utf8Bytes>,
         published_at: std::time::Instant,
-    ) {
-        let report = self.hub.publish_run(
-            channel,
-            frames,
-            published_at,
-            DeliveryPath::Local,
-            self.config.limits.slow_consumer,
-            &self.queue_budget,
-        );
-        self.count_drops(report);
+        path: DeliveryPath,
+    ) -> Vec<Subscriber> {
+        match frames.len() {
+            0 => Vec::new(),
+            // One alone needs no shared slice.
+            1 => match frames.pop() {
+                Some(frame) => self.deliver(channel, &frame, published_at, path),
+                None => Vec::new(),
+            },
+            _ => {
+                let run: Arc<[Utf8Bytes]> = frames.drain(..).collect();
+                let report = self.hub.publish_run(
+                    channel,
+                    &run,
+                    published_at,
+                    path,
+                    self.config.limits.slow_consumer,
+                    &self.queue_budget,
+                );
+                self.count_drops(report)
+            }
+        }
     }
 
     fn count_drops(&self, report: FanOut) -> Vec<Subscriber> {

@@ -504,21 +504,10 @@ impl Session {
         let Some(run) = self.run.as_mut() else {
             return;
         };
-        let runtime = &self.runtime;
-        match run.frames.len() {
-            0 => {}
-            // One alone needs no shared slice.
-            1 => {
-                if let Some(frame) = run.frames.pop() {
-                    let local = DeliveryPath::Local;
-                    let _ = runtime.deliver(&run.channel, &frame, run.published_at, local);
-                }
-            }
-            _ => {
-                let frames: Arc<[Utf8Bytes]> = run.frames.drain(..).collect();
-                runtime.deliver_run(&run.channel, &frames, run.published_at);
-            }
-        }
+        // Local subscribers never hold a publisher back (their slow-consumer
+        // policy applies), so nothing to wait for here.
+        let local = DeliveryPath::Local;
+        let _ = (self.runtime).deliver_all(&run.channel, &mut run.frames, run.published_at, local);
     }
 
     async fn refuse(&mut self, sink: &mut Sink, err: WireError) -> Result<(), End> {
