@@ -46,8 +46,8 @@ impl InboundRun {
 
     /// Adds a publish of `runtime`'s `channel`. What waited is delivered
     /// first when this one does not continue it (another service or
-    /// channel, or a run full in count or bytes); returns the subscribers that delivery left
-    /// over their threshold, for the link to wait on.
+    /// channel, or a run full in count or bytes); returns the subscribers
+    /// that delivery left over their threshold, for the link to wait on.
     pub fn push(
         &mut self,
         runtime: &Arc<ServiceRuntime>,
