@@ -177,20 +177,24 @@ async fn settle(publisher: &mut Client, subs: &mut [&mut Client]) {
             all &= seen;
         }
         if all {
-            // Let the last probes land, then drop them.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            for sub in subs.iter_mut() {
-                while let Ok(Some(Ok(_))) = tokio::time::timeout(
-                    Duration::from_millis(50),
-                    futures_util::StreamExt::next(&mut **sub),
-                )
-                .await
-                {}
-            }
+            drop_late_probes(subs).await;
             return;
         }
     }
     panic!("the mesh never carried a probe to every subscriber");
+}
+
+/// Lets the last probes land, then drops whatever `subs` have received.
+async fn drop_late_probes(subs: &mut [&mut Client]) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for sub in subs.iter_mut() {
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(
+            Duration::from_millis(50),
+            futures_util::StreamExt::next(&mut **sub),
+        )
+        .await
+        {}
+    }
 }
 
 /// Publishes probes on `channel` from `publisher` (up to 200, 50 ms apart)
@@ -761,15 +765,7 @@ async fn a_burst_over_two_channels_reaches_far_subscribers_in_publish_order() {
         probe_reaches(&mut publisher, "bulk", &mut bulk).await,
         "bulk probes never reached B"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for sub in [&mut both, &mut news, &mut bulk] {
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(
-            Duration::from_millis(50),
-            futures_util::StreamExt::next(&mut *sub),
-        )
-        .await
-        {}
-    }
+    drop_late_probes(&mut [&mut both, &mut news, &mut bulk]).await;
 
     // Runs of 1, 2, 3, ... 12 messages, alternating channels, then 150 on
     // one channel, then 30 alternating one by one.

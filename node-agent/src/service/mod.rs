@@ -193,26 +193,23 @@ impl ServiceRuntime {
         published_at: std::time::Instant,
         path: DeliveryPath,
     ) -> Vec<Subscriber> {
-        match frames.len() {
-            0 => Vec::new(),
+        if frames.len() < 2 {
             // One alone needs no shared slice.
-            1 => match frames.pop() {
+            return match frames.pop() {
                 Some(frame) => self.deliver(channel, &frame, published_at, path),
                 None => Vec::new(),
-            },
-            _ => {
-                let run: Arc<[Utf8Bytes]> = frames.drain(..).collect();
-                let report = self.hub.publish_run(
-                    channel,
-                    &run,
-                    published_at,
-                    path,
-                    self.config.limits.slow_consumer,
-                    &self.queue_budget,
-                );
-                self.count_drops(report)
-            }
+            };
         }
+        let run: Arc<[Utf8Bytes]> = frames.drain(..).collect();
+        let report = self.hub.publish_run(
+            channel,
+            &run,
+            published_at,
+            path,
+            self.config.limits.slow_consumer,
+            &self.queue_budget,
+        );
+        self.count_drops(report)
     }
 
     fn count_drops(&self, report: FanOut) -> Vec<Subscriber> {

@@ -507,7 +507,9 @@ impl Session {
         // Local subscribers never hold a publisher back (their slow-consumer
         // policy applies), so nothing to wait for here.
         let local = DeliveryPath::Local;
-        let _ = (self.runtime).deliver_all(&run.channel, &mut run.frames, run.published_at, local);
+        let _ = self
+            .runtime
+            .deliver_all(&run.channel, &mut run.frames, run.published_at, local);
     }
 
     async fn refuse(&mut self, sink: &mut Sink, err: WireError) -> Result<(), End> {
