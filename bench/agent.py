@@ -269,8 +269,15 @@ def median_run(runs):
         figures = {}
         for field in dict.fromkeys(f for d in done for f in d):
             values = [d[field] for d in done if isinstance(d.get(field), (int, float))]
-            if values:
-                figures[field] = min(values) if field == "delivered" else statistics.median(values)
+            if not values:
+                continue
+            if field == "delivered":
+                figures[field] = min(values)
+            elif all(isinstance(v, int) for v in values):
+                # A count stays a count: of two rounds, the lower one.
+                figures[field] = statistics.median_low(values)
+            else:
+                figures[field] = statistics.median(values)
         figures["runs"] = len(done)
         figures["failed_runs"] = len(tried) - len(done)
         out[key] = figures

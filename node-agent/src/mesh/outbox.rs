@@ -66,9 +66,13 @@ impl InterestWork {
     }
 }
 
-/// The most a link holds queued before it paces its publishers. Small, so a
-/// message waits behind at most a few milliseconds of link throughput.
-pub const PACE_BYTES: usize = 16 * 1024;
+/// The most a link holds queued before it paces its publishers: a few
+/// milliseconds of link throughput, so a message waits little behind it.
+/// One link under a burst, same hour: at 16 KiB 127k messages/s (0.72×
+/// nats-server's routes) with a p50 of 2.5 ms, at 64 KiB 175k (0.96×) with
+/// 2.8 ms. A smaller queue most likely leaves the writer idle while a paced
+/// publisher is woken and read again.
+pub const PACE_BYTES: usize = 64 * 1024;
 /// A link over its pacing threshold that writes nothing for this long is
 /// stuck and paces no one until it writes again.
 pub const STALL: Duration = Duration::from_secs(2);
