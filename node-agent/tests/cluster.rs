@@ -145,15 +145,7 @@ async fn carries(publisher: &mut Client, subs: &mut [&mut Client], tag: &str) {
         seen.iter().all(|s| *s),
         "{tag}: the mesh never reached every subscriber: {seen:?}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for sub in subs.iter_mut() {
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(
-            Duration::from_millis(50),
-            futures_util::StreamExt::next(&mut **sub),
-        )
-        .await
-        {}
-    }
+    drop_late_messages(subs, Duration::from_millis(300)).await;
     for n in 0..50 {
         send_text(
             publisher,

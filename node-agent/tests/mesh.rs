@@ -186,15 +186,7 @@ async fn settle(publisher: &mut Client, subs: &mut [&mut Client]) {
 
 /// Lets the last probes land, then drops whatever `subs` have received.
 async fn drop_late_probes(subs: &mut [&mut Client]) {
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for sub in subs.iter_mut() {
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(
-            Duration::from_millis(50),
-            futures_util::StreamExt::next(&mut **sub),
-        )
-        .await
-        {}
-    }
+    drop_late_messages(subs, Duration::from_millis(200)).await;
 }
 
 /// Publishes probes on `channel` from `publisher` (up to 200, 50 ms apart)

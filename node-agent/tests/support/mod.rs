@@ -328,6 +328,17 @@ pub async fn expect_close(ws: &mut Client) -> CloseFrame {
     }
 }
 
+/// Lets late messages land for `settle`, then drops whatever `subs` have
+/// received (each read bounded at 50 ms): what a probe loop leaves behind.
+pub async fn drop_late_messages(subs: &mut [&mut Client], settle: Duration) {
+    tokio::time::sleep(settle).await;
+    for sub in subs.iter_mut() {
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(Duration::from_millis(50), (**sub).next()).await
+        {}
+    }
+}
+
 /// Subscribes to `channel` at `to`, then publishes at `from` (up to 200
 /// rounds, 100 ms each) until the subscriber hears one. Returns the
 /// subscriber, the publisher and the first message that crossed the mesh.
