@@ -217,6 +217,10 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
             labels: node.labels().clone(),
             address: address.clone(),
             freshness: fresh,
+            load: ctx
+                .placements
+                .load(&name)
+                .saturating_sub(usize::from(placed)),
         });
         let service = edge_node.and_then(|e| e.status.as_ref()).and_then(|s| {
             s.services
@@ -252,7 +256,7 @@ async fn reconcile_inner(es: &EdgeService, ctx: &Context) -> Result<Action, Erro
         .err();
     let decision = match refused {
         Some(_) => Decision::default(),
-        None => placement::place(&es.spec, &candidates, &previous, &claims),
+        None => placement::place(&key(es), &es.spec, &candidates, &previous, &claims),
     };
     let mut new_status = status::compute(
         &decision,

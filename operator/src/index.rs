@@ -102,6 +102,11 @@ impl Index {
             .unwrap_or_default()
     }
 
+    /// How many objects are under `key`.
+    pub fn count(&self, key: &str) -> usize {
+        self.lock().by_key.get(key).map_or(0, |set| set.len())
+    }
+
     /// The objects under the rarest of `keys` (a superset of those under
     /// all of them, which is what a selector of several labels needs), or
     /// None when `keys` is empty.

@@ -11,7 +11,11 @@
 //!    until it has been silent for the eviction time, so a brief outage does
 //!    not move clients around.
 //! 4. `maxNodes` caps the count; new nodes fill the least-used spread domain
-//!    first; ties go by name, so the result is deterministic.
+//!    first and, within a domain, the node fewest other services run on;
+//!    ties go by a hash of the service and the node, so that services which
+//!    decide at the same moment (and see the same counts) still spread over
+//!    a domain's nodes instead of all taking its first by name. The result
+//!    is deterministic for its inputs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,6 +28,8 @@ pub struct Candidate {
     pub labels: BTreeMap<String, String>,
     pub address: Option<String>,
     pub freshness: Freshness,
+    /// How many other EdgeServices are placed on this node.
+    pub load: usize,
 }
 
 /// How recent the node's agent heartbeat is.
@@ -62,9 +68,11 @@ pub fn matches_selector(
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Decides where `spec` runs. `previous` is the current placement;
-/// `claims` are the ports that older EdgeServices hold on nodes.
+/// Decides where `spec` runs. `service` names it (`namespace/name`) for the
+/// tie-break between equally loaded nodes; `previous` is the current
+/// placement; `claims` are the ports that older EdgeServices hold on nodes.
 pub fn place(
+    service: &str,
     spec: &EdgeServiceSpec,
     candidates: &[Candidate],
     previous: &[String],
@@ -107,7 +115,7 @@ pub fn place(
         .filter(|c| !previous.contains(c.name.as_str()) && c.freshness == Freshness::Fresh)
         .collect();
     kept.sort_by(|a, b| a.name.cmp(&b.name));
-    fresh_new.sort_by(|a, b| a.name.cmp(&b.name));
+    fresh_new.sort_by_cached_key(|c| (c.load, tie_break(service, &c.name), c.name.clone()));
 
     let max = spec
         .placement
@@ -138,8 +146,9 @@ pub fn place(
         }
     }
 
-    // Fill up: each new node from the least used domain (ties: the domain,
-    // then the node, by name). A heap of domains keeps this O(n log d).
+    // Fill up: each new node from the least used domain (ties: the domain by
+    // name), and within it in the order above. A heap of domains keeps this
+    // O(n log d).
     let mut chosen = kept;
     let mut counts = domain_counts(&chosen, domain);
     let mut waiting: BTreeMap<String, std::collections::VecDeque<&Candidate>> = BTreeMap::new();
@@ -170,7 +179,7 @@ pub fn place(
     // would otherwise have used: with no claims at all, it would have had
     // more nodes.
     if !conflicts.is_empty() {
-        let unclaimed = place(spec, candidates, previous_list, &[]);
+        let unclaimed = place(service, spec, candidates, previous_list, &[]);
         if unclaimed.nodes.len() > nodes.len() {
             conflicts.retain(|node, _| unclaimed.nodes.contains(node) && !nodes.contains(node));
         } else {
@@ -178,6 +187,23 @@ pub fn place(
         }
     }
     Decision { nodes, conflicts }
+}
+
+/// FNV-1a of the service and the node, then MurmurHash3's finaliser (FNV
+/// alone orders names that differ in their last characters together): a
+/// fixed function, so the order it gives does not change with the
+/// toolchain.
+fn tie_break(service: &str, node: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in service.bytes().chain([0xff]).chain(node.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
 }
 
 fn domain_counts(
@@ -228,7 +254,18 @@ mod tests {
                 .collect(),
             address: Some(format!("10.0.0.{}", name.len())),
             freshness,
+            load: 0,
         }
+    }
+
+    /// One service's decisions; the tie-break is the only use of its name.
+    fn place(
+        spec: &EdgeServiceSpec,
+        candidates: &[Candidate],
+        previous: &[String],
+        claims: &[PortClaim],
+    ) -> Decision {
+        super::place("ns/svc", spec, candidates, previous, claims)
     }
 
     const EDGE: (&str, &str) = ("edge", "true");
@@ -288,10 +325,16 @@ mod tests {
             node("c1", &[EDGE, (z, "c")], Freshness::Fresh),
             node("nolabel", &[EDGE], Freshness::Fresh),
         ];
+        let zones = |d: &Decision| {
+            d.nodes
+                .iter()
+                .map(|n| n[..1].to_string())
+                .collect::<Vec<_>>()
+        };
         let d = place(&spec(&[EDGE], Some(3), Some(z)), &nodes, &[], &[]);
-        assert_eq!(d.nodes, ["a1", "b1", "c1"]);
+        assert_eq!(zones(&d), ["a", "b", "c"]);
         let d = place(&spec(&[EDGE], Some(4), Some(z)), &nodes, &[], &[]);
-        assert_eq!(d.nodes, ["a1", "a2", "b1", "c1"]);
+        assert_eq!(zones(&d), ["a", "a", "b", "c"]);
         // Scaling down from a crowded domain first.
         let d = place(
             &spec(&[EDGE], Some(3), Some(z)),
@@ -372,7 +415,7 @@ mod tests {
         };
         // One node wanted, two free: the claim on "a" costs nothing.
         let d = place(&spec(&[EDGE], Some(1), None), &nodes, &[], &[claim("a")]);
-        assert_eq!(d.nodes, ["b"]);
+        assert!(d.nodes == ["b"] || d.nodes == ["c"], "{:?}", d.nodes);
         assert!(d.conflicts.is_empty(), "{:?}", d.conflicts);
         // Three wanted: the claims on "a" and "b" each cost one.
         let d = place(
@@ -402,13 +445,63 @@ mod tests {
                 )
             })
             .collect();
-        let d = place(&spec(&[EDGE], Some(6), Some(z)), &nodes, &[], &[]);
-        // Round robin over the zones, the first names in each.
-        assert_eq!(
-            d.nodes,
-            ["n00000", "n00001", "n00002", "n00003", "n00004", "n00005"]
-        );
+        let six = spec(&[EDGE], Some(6), Some(z));
+        let d = place(&six, &nodes, &[], &[]);
+        // Round robin over the zones: two from two of them, one from the
+        // others; the same inputs, the same nodes; another service, others.
+        let mut per_zone: BTreeMap<usize, usize> = BTreeMap::new();
+        for n in &d.nodes {
+            let i: usize = n[1..].parse().expect("a node index");
+            *per_zone.entry(i % zones.len()).or_default() += 1;
+        }
+        assert_eq!(per_zone.values().copied().collect::<Vec<_>>(), [2, 2, 1, 1]);
+        assert_eq!(place(&six, &nodes, &[], &[]), d);
+        let other = super::place("ns/other", &six, &nodes, &[], &[]);
+        assert!(other.nodes.iter().all(|n| !d.nodes.contains(n)));
         let all = place(&spec(&[EDGE], None, Some(z)), &nodes, &[], &[]);
         assert_eq!(all.nodes.len(), 10_000);
+    }
+
+    #[test]
+    fn the_nodes_fewest_services_run_on_fill_first() {
+        let mut nodes: Vec<Candidate> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| node(n, &[EDGE], Freshness::Fresh))
+            .collect();
+        for (n, load) in nodes.iter_mut().zip([3, 0, 2, 1]) {
+            n.load = load;
+        }
+        let d = place(&spec(&[EDGE], Some(2), None), &nodes, &[], &[]);
+        assert_eq!(d.nodes, ["b", "d"]);
+        // A placed node stays, however loaded.
+        let d = place(&spec(&[EDGE], Some(2), None), &nodes, &["a".into()], &[]);
+        assert_eq!(d.nodes, ["a", "b"]);
+    }
+
+    #[test]
+    fn services_deciding_together_spread_over_a_sites_nodes() {
+        // Ten services of one site, each on three of its twenty nodes over
+        // five zones, all deciding before any sees another's placement.
+        let z = "zone";
+        let zones = ["a", "b", "c", "d", "e"];
+        let nodes: Vec<Candidate> = (0..20)
+            .map(|i| {
+                node(
+                    &format!("n{i:02}"),
+                    &[EDGE, (z, zones[i % zones.len()])],
+                    Freshness::Fresh,
+                )
+            })
+            .collect();
+        let s = spec(&[EDGE], Some(3), Some(z));
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for j in 0..10 {
+            for n in super::place(&format!("ns/svc-{j}"), &s, &nodes, &[], &[]).nodes {
+                *per_node.entry(n).or_default() += 1;
+            }
+        }
+        // By name alone all ten would share three nodes.
+        assert!(per_node.len() >= 12, "{per_node:?}");
+        assert!(per_node.values().all(|&n| n <= 4), "{per_node:?}");
     }
 }

@@ -106,6 +106,13 @@ impl PlacementBook {
             .collect()
     }
 
+    /// How many services are placed on `node`, by the count of slices that
+    /// name it (a service's slices never share a node), without reading
+    /// the slices: placement asks this of every candidate.
+    pub fn load(&self, node: &str) -> usize {
+        self.indexes.by_node.count(node)
+    }
+
     /// The services (`namespace`, `name`) placed on `node`.
     pub fn services_on(&self, node: &str) -> Vec<(String, String)> {
         let mut services: Vec<(String, String)> = self
