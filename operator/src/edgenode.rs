@@ -228,6 +228,7 @@ pub async fn run(
     metrics: Metrics,
     clock: Arc<HeartbeatClock>,
     selector: Option<String>,
+    concurrency: u16,
     stop: CancellationToken,
 ) {
     let mut wc = watcher::Config::default();
@@ -256,6 +257,10 @@ pub async fn run(
             Some(ObjectRef::<EdgeNode>::new(&node.name_any()))
         })
         .trigger_backoff(WatchBackoff::default())
+        // A new leader's first pass reconciles every EdgeNode at once;
+        // unbounded, a thousand writes in flight together are a memory peak
+        // the allocator keeps long after.
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})

@@ -121,7 +121,8 @@ struct RunArgs {
     /// connection count.
     #[arg(long, default_value_t = 30)]
     status_interval: u64,
-    /// EdgeServices reconciled at the same time, at most.
+    /// EdgeServices reconciled at the same time, at most (and, apart from
+    /// them, EdgeNodes).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
     /// Nodes per PlacementSlice at most (an EdgeService's placement is
@@ -359,6 +360,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             metrics.clone(),
             clock,
             args.node_selector.clone(),
+            args.reconcile_concurrency,
             controllers_stop.clone(),
         ));
         let ended = elector.hold(&fence, &stop).await;
