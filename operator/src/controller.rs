@@ -32,7 +32,7 @@ use crate::placement_slices;
 use crate::queue::CoalescingQueue;
 use crate::service_events::{self, ServiceEvent};
 use crate::status::{self, NodeReport};
-use crate::triggers::{self, Changes};
+use crate::triggers::{self, Changes, Concern, EdgeNodeChanges};
 use crate::watch::WatchBackoff;
 
 #[derive(Clone, Debug)]
@@ -47,6 +47,9 @@ pub struct Settings {
     pub status_interval: Duration,
     /// EdgeServices reconciled at the same time, at most.
     pub concurrency: u16,
+    /// How long a change waits for more before its EdgeService is
+    /// reconciled (kube-runtime's debounce).
+    pub batch_period: Duration,
     /// The host ports EdgeServices may use.
     pub ports: crate::ports::PortPolicy,
     /// The agents' ServiceAccount: in each namespace it may read the Secrets
@@ -123,6 +126,45 @@ mod tests {
             .map(|n| backoff(*n).as_secs())
             .collect();
         assert_eq!(delays, [1, 2, 4, 8, 256, 300, 300]);
+    }
+
+    #[test]
+    fn an_endpoint_slice_is_created_with_its_first_endpoint_and_emptied_when_it_exists() {
+        let es: EdgeService = serde_json::from_value(json!({
+            "apiVersion": "edgewire.dev/v1alpha1",
+            "kind": "EdgeService",
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u1"},
+            "spec": {"port": 8000},
+        }))
+        .expect("an EdgeService");
+        let placed = |state| NodePlacement {
+            node: "n1".into(),
+            address: Some("192.0.2.1".into()),
+            state,
+            message: None,
+            mesh_public_key: None,
+        };
+        let slice = |state| {
+            desired::endpoint_slices(&es, &[placed(state)])
+                .expect("slices")
+                .remove(0)
+        };
+        let (empty, ready) = (
+            slice(edgewire_api::crd::PlacementState::Pending),
+            slice(edgewire_api::crd::PlacementState::Ready),
+        );
+        assert!(empty.endpoints.is_empty());
+        assert!(
+            !slice_needs_write(None, &empty),
+            "no empty slice is created"
+        );
+        assert!(slice_needs_write(None, &ready));
+        assert!(
+            slice_needs_write(Some(&ready), &empty),
+            "an existing one is emptied"
+        );
+        assert!(!slice_needs_write(Some(&ready), &ready));
+        assert!(!slice_needs_write(Some(&empty), &empty));
     }
 }
 
@@ -518,6 +560,19 @@ fn service_matches(have: &Service, want: &Service) -> bool {
         && ports_match
 }
 
+/// Whether `want` must be written, `have` being the cached slice of its name.
+fn slice_needs_write(have: Option<&EndpointSlice>, want: &EndpointSlice) -> bool {
+    match have {
+        Some(have) => !slice_matches(have, want),
+        // No slice is created before it has an endpoint: a Service without
+        // slices has no endpoints, as with an empty one, and a new service
+        // is spared a write that its agents' first report would redo. (A
+        // slice written but not yet in the cache echoes back, and is then
+        // emptied if it must be.)
+        None => !want.endpoints.is_empty(),
+    }
+}
+
 fn slice_matches(have: &EndpointSlice, want: &EndpointSlice) -> bool {
     let endpoints = |s: &EndpointSlice| {
         s.endpoints
@@ -598,13 +653,9 @@ async fn apply_slices(
     for slice in &want {
         let name = slice.metadata.name.clone().unwrap_or_default();
         let current = ctx.owned_slices.get(&ObjectRef::new(&name).within(&ns));
-        if current
-            .as_deref()
-            .is_some_and(|have| slice_matches(have, slice))
-        {
-            continue;
+        if slice_needs_write(current.as_deref(), slice) {
+            apply_owned(&api, &name, slice, "endpointslice", ctx).await?;
         }
-        apply_owned(&api, &name, slice, "endpointslice", ctx).await?;
     }
     let wanted: Vec<&str> = want
         .iter()
@@ -654,8 +705,9 @@ async fn publish_events(es: &EdgeService, events: Vec<ServiceEvent>, ctx: &Conte
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(%err, reason, "could not publish an event");
+        match ctx.recorder.publish(&event, &reference).await {
+            Ok(()) => ctx.metrics.write("event"),
+            Err(err) => tracing::warn!(%err, reason, "could not publish an event"),
         }
     }
 }
@@ -870,7 +922,7 @@ pub async fn run(
         let (queue, services, nodes) = (Arc::clone(&queue), services.clone(), nodes.clone());
         let placements = placements.clone();
         let clock = Arc::clone(&clock);
-        let changes = Changes::default();
+        let changes = EdgeNodeChanges::default();
         caches::spawn(
             Api::<EdgeNode>::all(client.clone()),
             node_wc,
@@ -886,15 +938,20 @@ pub async fn run(
                         clock.forget(&name);
                         false
                     };
-                    if changes.changed(&name, triggers::edge_node_digest(&en, fresh), exists) {
-                        tracing::debug!(edgenode = %name, exists, fresh, "edgenode change");
-                        let node = nodes.get(&ObjectRef::new(&name));
-                        queue.extend(affected(
-                            &services,
-                            &placements,
-                            &name,
-                            node.as_deref().map(|n| n.labels()),
-                        ));
+                    match changes.changed(&en, fresh, exists) {
+                        Concern::All => {
+                            tracing::debug!(edgenode = %name, exists, fresh, "edgenode change");
+                            let node = nodes.get(&ObjectRef::new(&name));
+                            queue.extend(affected(
+                                &services,
+                                &placements,
+                                &name,
+                                node.as_deref().map(|n| n.labels()),
+                            ));
+                        }
+                        Concern::Services(keys) => {
+                            queue.extend(keys.iter().filter_map(|k| object_ref(k)));
+                        }
                     }
                 }
             },
@@ -949,7 +1006,11 @@ pub async fn run(
     // Every trigger arrives through the queue; the controller's own trigger
     // stream stays empty.
     Controller::for_stream(futures_util::stream::pending(), services)
-        .with_config(kube_controller::Config::default().concurrency(settings.concurrency))
+        .with_config(
+            kube_controller::Config::default()
+                .concurrency(settings.concurrency)
+                .debounce(settings.batch_period),
+        )
         .reconcile_on(Arc::clone(&queue).stream())
         .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(stop.cancelled_owned())

@@ -183,8 +183,9 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            if let Err(err) = ctx.recorder.publish(&event, &node.object_ref(&())).await {
-                tracing::warn!(%err, "could not publish an event");
+            match ctx.recorder.publish(&event, &node.object_ref(&())).await {
+                Ok(()) => ctx.metrics.write("event"),
+                Err(err) => tracing::warn!(%err, "could not publish an event"),
             }
         }
     }

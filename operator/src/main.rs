@@ -121,10 +121,23 @@ struct RunArgs {
     /// connection count.
     #[arg(long, default_value_t = 30)]
     status_interval: u64,
-    /// EdgeServices reconciled at the same time, at most (and, apart from
-    /// them, EdgeNodes).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    /// EdgeServices reconciled at the same time, at most. Most of a
+    /// reconcile is waiting on the API server's answers to its writes, so
+    /// more at once keep a busy API server fed.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     reconcile_concurrency: u16,
+    /// EdgeNodes reconciled at the same time, at most. A new leader's first
+    /// pass writes the conditions of every EdgeNode; the bound keeps what
+    /// that pass holds in memory small.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    edgenode_concurrency: u16,
+    /// Milliseconds an EdgeService waits after a change before it is
+    /// reconciled, each further change within it starting the wait again:
+    /// the writes of one reconcile, or agents reporting together, are then
+    /// decided on once (as the EndpointSlice controller's
+    /// `--endpoint-updates-batch-period` batches Pod changes). 0: at once.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    reconcile_batch_period_ms: u64,
     /// Nodes per PlacementSlice at most (an EdgeService's placement is
     /// written in slices of this many nodes).
     #[arg(long, default_value_t = placement_slices::DEFAULT_NODES_PER_SLICE as u64,
@@ -310,6 +323,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eviction_timeout: Duration::from_secs(args.eviction_timeout.max(args.heartbeat_timeout)),
         status_interval: Duration::from_secs(args.status_interval),
         concurrency: args.reconcile_concurrency,
+        batch_period: Duration::from_millis(args.reconcile_batch_period_ms),
         placement_slice_size: usize::try_from(args.placement_slice_size)
             .unwrap_or(placement_slices::DEFAULT_NODES_PER_SLICE),
         ports: ports::PortPolicy {
@@ -360,7 +374,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             metrics.clone(),
             clock,
             args.node_selector.clone(),
-            args.reconcile_concurrency,
+            args.edgenode_concurrency,
             controllers_stop.clone(),
         ));
         let ended = elector.hold(&fence, &stop).await;

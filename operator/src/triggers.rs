@@ -7,6 +7,7 @@
 //! labels, addresses, the services the agent reports, the node's Ready
 //! condition, or whether its heartbeat is fresh (so a stale node coming back
 //! is news at once). Freshness running out is the reconcile's own timer.
+//! What the agent reports on one service is news for that service alone.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -15,9 +16,11 @@ use std::sync::Mutex;
 use edgewire_api::crd::{EdgeNode, EdgeService};
 use k8s_openapi::api::core::v1::Node;
 
-/// What EdgeService status reads from an EdgeNode, as a hash; `fresh` is
-/// whether its heartbeat is fresh now. Connection counts are left out: they
-/// change all the time, and status takes them up on its own schedule.
+/// What every EdgeService that selects or runs on a node reads from its
+/// EdgeNode, as a hash; `fresh` is whether its heartbeat is fresh now. The
+/// agent's reports of single services are left out (see `service_reports`),
+/// and so are connection counts: they change all the time, and status takes
+/// them up on its own schedule.
 pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     let mut h = DefaultHasher::new();
     fresh.hash(&mut h);
@@ -26,17 +29,80 @@ pub fn edge_node_digest(en: &EdgeNode, fresh: bool) -> u64 {
     en.spec.mesh_port.hash(&mut h);
     en.spec.mesh_public_key.hash(&mut h);
     if let Some(status) = &en.status {
-        for s in &status.services {
-            (&s.namespace, &s.name, s.listening, &s.error).hash(&mut h);
-            for m in &s.modules {
-                (&m.handler, &m.digest, &m.reason).hash(&mut h);
-            }
-        }
         for c in status.conditions.iter().filter(|c| c.type_ == "Ready") {
             c.status.hash(&mut h);
         }
     }
     h.finish()
+}
+
+/// What one EdgeService's status reads of the agent's report on it, as a
+/// hash per service (`namespace/name`): only that service is concerned when
+/// it changes, not every service that selects the node.
+pub fn service_reports(en: &EdgeNode) -> HashMap<String, u64> {
+    let Some(status) = &en.status else {
+        return HashMap::new();
+    };
+    status
+        .services
+        .iter()
+        .map(|s| {
+            let mut h = DefaultHasher::new();
+            (s.listening, &s.error).hash(&mut h);
+            for m in &s.modules {
+                (&m.handler, &m.digest, &m.reason).hash(&mut h);
+            }
+            (format!("{}/{}", s.namespace, s.name), h.finish())
+        })
+        .collect()
+}
+
+/// Which EdgeServices an EdgeNode event concerns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Concern {
+    /// Every service that selects the node or runs on it.
+    All,
+    /// Only these (`namespace/name`): the agent's report on them changed.
+    Services(Vec<String>),
+}
+
+/// An EdgeNode's digest, and the digest of its report per service.
+type NodeDigests = (u64, HashMap<String, u64>);
+
+/// The last digests seen per EdgeNode.
+#[derive(Debug, Default)]
+pub struct EdgeNodeChanges {
+    seen: Mutex<HashMap<String, NodeDigests>>,
+}
+
+impl EdgeNodeChanges {
+    /// What this event is news for: everything when the node is new, gone
+    /// (`exists` false) or changed in what every service reads; else the
+    /// services whose report appeared, changed or went.
+    pub fn changed(&self, en: &EdgeNode, fresh: bool, exists: bool) -> Concern {
+        let name = en.metadata.name.clone().unwrap_or_default();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !exists {
+            seen.remove(&name);
+            return Concern::All;
+        }
+        let now = (edge_node_digest(en, fresh), service_reports(en));
+        let Some(before) = seen.insert(name, now.clone()) else {
+            return Concern::All;
+        };
+        if before.0 != now.0 {
+            return Concern::All;
+        }
+        let mut keys: Vec<String> = now
+            .1
+            .iter()
+            .filter(|(k, d)| before.1.get(*k) != Some(*d))
+            .map(|(k, _)| k.clone())
+            .chain(before.1.keys().filter(|k| !now.1.contains_key(*k)).cloned())
+            .collect();
+        keys.sort_unstable();
+        Concern::Services(keys)
+    }
 }
 
 /// What other EdgeServices' placement reads from an EdgeService object, as
@@ -125,24 +191,54 @@ mod tests {
         en
     }
 
+    fn services(concern: Concern) -> Vec<String> {
+        match concern {
+            Concern::Services(keys) => keys,
+            Concern::All => panic!("the whole node was news"),
+        }
+    }
+
     #[test]
     fn a_heartbeat_alone_is_not_news_but_what_status_reads_is() {
-        let base = edge_node_digest(&node(100, true, "True"), true);
-        assert_eq!(base, edge_node_digest(&node(110, true, "True"), true));
-        assert_ne!(base, edge_node_digest(&node(110, false, "True"), true));
-        assert_ne!(base, edge_node_digest(&node(110, true, "False"), true));
-        // A stale node heartbeating again.
-        assert_ne!(base, edge_node_digest(&node(110, true, "True"), false));
+        let changes = EdgeNodeChanges::default();
+        assert_eq!(
+            changes.changed(&node(100, true, "True"), true, true),
+            Concern::All
+        );
+        assert!(services(changes.changed(&node(110, true, "True"), true, true)).is_empty());
+        // The report on one service concerns that service alone.
+        assert_eq!(
+            services(changes.changed(&node(120, false, "True"), true, true)),
+            ["ns/svc"]
+        );
         // Connection counts alone are not news either.
-        let mut busier = node(110, true, "True");
+        let mut busier = node(130, false, "True");
         if let Some(status) = busier.status.as_mut() {
             status.services[0].connections = 500;
             status.connections = 500;
         }
-        assert_eq!(base, edge_node_digest(&busier, true));
-        let mut relabelled = node(100, true, "True");
+        assert!(services(changes.changed(&busier, true, true)).is_empty());
+        // A report gone concerns its service too.
+        let mut none = node(140, false, "True");
+        if let Some(status) = none.status.as_mut() {
+            status.services.clear();
+        }
+        assert_eq!(services(changes.changed(&none, true, true)), ["ns/svc"]);
+        // What every service reads: Ready, freshness (a stale node
+        // heartbeating again), labels; and the node going.
+        assert_eq!(
+            changes.changed(&node(150, false, "False"), true, true),
+            Concern::All
+        );
+        assert_eq!(
+            changes.changed(&node(160, false, "False"), false, true),
+            Concern::All
+        );
+        let mut relabelled = node(170, false, "False");
         relabelled.metadata.labels = Some([("zone".to_string(), "b".to_string())].into());
-        assert_ne!(base, edge_node_digest(&relabelled, true));
+        assert_eq!(changes.changed(&relabelled, false, true), Concern::All);
+        assert_eq!(changes.changed(&relabelled, false, false), Concern::All);
+        assert_eq!(changes.changed(&relabelled, false, true), Concern::All);
     }
 
     #[test]

@@ -89,7 +89,7 @@ struct Cli {
     #[arg(long)]
     no_peer: bool,
     /// One more argument for the operator, e.g.
-    /// `--operator-arg=--reconcile-concurrency=64`; repeat for several.
+    /// `--operator-arg=--reconcile-batch-period-ms=0`; repeat for several.
     #[arg(long = "operator-arg", allow_hyphen_values = true)]
     operator_args: Vec<String>,
     /// Where to write the report (markdown).

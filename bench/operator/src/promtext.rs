@@ -32,6 +32,22 @@ impl Scrape {
             .sum()
     }
 
+    /// Every value of `label` among `metric`'s series, with the sum of the
+    /// series carrying it.
+    pub fn by_label(&self, metric: &str, label: &str) -> BTreeMap<String, f64> {
+        let key = format!("{label}=\"");
+        let mut out = BTreeMap::new();
+        for (series, v) in &self.0 {
+            if series.split('{').next() != Some(metric) {
+                continue;
+            }
+            if let Some(value) = series.split(&key).nth(1).and_then(|r| r.split('"').next()) {
+                *out.entry(value.to_string()).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
     /// `(upper bound, cumulative count)` of a histogram's buckets.
     fn buckets(&self, histogram: &str, filter: &str) -> Vec<(f64, f64)> {
         let name = format!("{histogram}_bucket{{");

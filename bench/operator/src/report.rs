@@ -22,6 +22,8 @@ pub struct Figures {
     pub p99: Option<f64>,
     pub api_requests: f64,
     pub writes: f64,
+    /// Writes by object kind.
+    pub writes_by_kind: std::collections::BTreeMap<String, f64>,
 }
 
 impl Figures {
@@ -38,6 +40,19 @@ impl Figures {
             p99: quantile(before, after, duration, es, 0.99),
             api_requests: delta("edgewire_operator_api_requests_total", ""),
             writes: delta("edgewire_operator_writes_total", ""),
+            writes_by_kind: {
+                let (b, a) = (
+                    before.by_label("edgewire_operator_writes_total", "kind"),
+                    after.by_label("edgewire_operator_writes_total", "kind"),
+                );
+                a.into_iter()
+                    .map(|(k, v)| {
+                        let was = b.get(&k).copied().unwrap_or(0.0);
+                        (k, v - was)
+                    })
+                    .filter(|(_, v)| *v > 0.0)
+                    .collect()
+            },
         }
     }
 
@@ -127,6 +142,34 @@ pub struct Report {
 }
 
 impl Report {
+    /// One row per phase, one column per kind the operator wrote.
+    fn writes_by_kind(&self) -> String {
+        let phases = [
+            ("apply", &self.apply),
+            ("steady, counts changing", &self.steady_churn.figures),
+            ("steady, counts constant", &self.steady_still.figures),
+            ("relabels", &self.relabel),
+        ];
+        let mut kinds: Vec<&str> = phases
+            .iter()
+            .flat_map(|(_, f)| f.writes_by_kind.keys().map(String::as_str))
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let mut out = vec![
+            format!("| operator writes by kind | {} |", kinds.join(" | ")),
+            format!("| --- |{}", " --- |".repeat(kinds.len())),
+        ];
+        for (label, f) in phases {
+            let cells: Vec<String> = kinds
+                .iter()
+                .map(|k| format!("{:.0}", f.writes_by_kind.get(*k).copied().unwrap_or(0.0)))
+                .collect();
+            out.push(format!("| {label} | {} |", cells.join(" | ")));
+        }
+        out.join("\n")
+    }
+
     pub fn new(shape: Shape, version: String) -> Report {
         Report {
             shape,
@@ -333,6 +376,8 @@ impl Report {
             "| --- | --- | --- | --- | --- | --- |".into(),
             steady_row("connection counts changing at every heartbeat", &self.steady_churn),
             steady_row("connection counts constant", &self.steady_still),
+            String::new(),
+            self.writes_by_kind(),
             String::new(),
             format!(
                 "Operator memory (RSS): {} at start, {} with every service Ready, {} after the relabels, {} at peak. \
