@@ -14,13 +14,19 @@ const SECRET: &str = "correct horse battery staple";
 /// The service's limits unless a test says otherwise.
 const LIMITS: &str = "{maxMessageBytes: 16777216}";
 
-/// Agent `i` of the mesh on 127.0.0.(10+i); every agent uses the same ports
-/// on its own address, as agents on separate nodes would.
+/// Agent `i` of the mesh on 127.0.B.(10+i); every agent uses the same ports
+/// on its own address, as agents on separate nodes would. Each cluster has a
+/// block B of its own: the tests run at once, and two of them given the same
+/// free port would otherwise reach each other's agents.
 struct Cluster {
+    block: u8,
     service_port: u16,
     mesh_port: u16,
     secret_dir: tempfile::TempDir,
 }
+
+/// The next cluster's address block.
+static NEXT_BLOCK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
 
 impl Cluster {
     fn new() -> Cluster {
@@ -32,14 +38,15 @@ impl Cluster {
         )
         .unwrap();
         Cluster {
+            block: NEXT_BLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             service_port: free_port(),
             mesh_port: free_port(),
             secret_dir,
         }
     }
 
-    fn ip(i: usize) -> String {
-        format!("127.0.0.{}", 10 + i)
+    fn ip(&self, i: usize) -> String {
+        format!("127.0.{}.{}", self.block, 10 + i)
     }
 
     fn config_with(&self, me: usize, members: &[usize], limits: &str) -> String {
@@ -49,7 +56,7 @@ impl Cluster {
             .map(|p| {
                 format!(
                     "      - {{node: n{p}, address: \"{}:{}\", publicKey: {}}}",
-                    Cluster::ip(*p),
+                    self.ip(*p),
                     self.mesh_port,
                     mesh_public_key(&self.key_file(*p))
                 )
@@ -83,7 +90,7 @@ impl Cluster {
     ) -> AgentProcess {
         let secret = self.secret_dir.path().join(secret);
         let key = self.key_file(me);
-        let mesh = format!("{}:{}", Cluster::ip(me), self.mesh_port);
+        let mesh = format!("{}:{}", self.ip(me), self.mesh_port);
         let node = format!("n{me}");
         let mut args = vec![
             "--node-name",
@@ -97,7 +104,7 @@ impl Cluster {
         ];
         args.extend_from_slice(extra);
         AgentProcess::spawn_on(
-            &Cluster::ip(me),
+            &self.ip(me),
             Some(&self.config_with(me, members, limits)),
             &args,
         )
@@ -119,7 +126,7 @@ impl Cluster {
     }
 
     fn addr(&self, i: usize) -> std::net::SocketAddr {
-        format!("{}:{}", Cluster::ip(i), self.service_port)
+        format!("{}:{}", self.ip(i), self.service_port)
             .parse()
             .unwrap()
     }
