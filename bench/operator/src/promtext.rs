@@ -1,7 +1,7 @@
 //! Reading Prometheus text: counter sums and histogram quantiles over the
 //! difference of two scrapes, as `histogram_quantile` would compute them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// One scrape: every sample line, `series -> value`.
 #[derive(Clone, Debug, Default)]
@@ -32,20 +32,15 @@ impl Scrape {
             .sum()
     }
 
-    /// Every value of `label` among `metric`'s series, with the sum of the
-    /// series carrying it.
-    pub fn by_label(&self, metric: &str, label: &str) -> BTreeMap<String, f64> {
+    /// Every value of `label` among `metric`'s series.
+    pub fn label_values(&self, metric: &str, label: &str) -> BTreeSet<String> {
         let key = format!("{label}=\"");
-        let mut out = BTreeMap::new();
-        for (series, v) in &self.0 {
-            if series.split('{').next() != Some(metric) {
-                continue;
-            }
-            if let Some(value) = series.split(&key).nth(1).and_then(|r| r.split('"').next()) {
-                *out.entry(value.to_string()).or_insert(0.0) += v;
-            }
-        }
-        out
+        self.0
+            .keys()
+            .filter(|series| series.split('{').next() == Some(metric))
+            .filter_map(|series| series.split(&key).nth(1)?.split('"').next())
+            .map(str::to_string)
+            .collect()
     }
 
     /// `(upper bound, cumulative count)` of a histogram's buckets.

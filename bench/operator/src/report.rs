@@ -40,19 +40,15 @@ impl Figures {
             p99: quantile(before, after, duration, es, 0.99),
             api_requests: delta("edgewire_operator_api_requests_total", ""),
             writes: delta("edgewire_operator_writes_total", ""),
-            writes_by_kind: {
-                let (b, a) = (
-                    before.by_label("edgewire_operator_writes_total", "kind"),
-                    after.by_label("edgewire_operator_writes_total", "kind"),
-                );
-                a.into_iter()
-                    .map(|(k, v)| {
-                        let was = b.get(&k).copied().unwrap_or(0.0);
-                        (k, v - was)
-                    })
-                    .filter(|(_, v)| *v > 0.0)
-                    .collect()
-            },
+            writes_by_kind: after
+                .label_values("edgewire_operator_writes_total", "kind")
+                .into_iter()
+                .map(|k| {
+                    let n = delta("edgewire_operator_writes_total", &format!("kind=\"{k}\""));
+                    (k, n)
+                })
+                .filter(|(_, n)| *n > 0.0)
+                .collect(),
         }
     }
 
