@@ -48,7 +48,7 @@ pub struct Settings {
     /// EdgeServices reconciled at the same time, at most.
     pub concurrency: u16,
     /// How long a change waits for more before its EdgeService is
-    /// reconciled (kube-runtime's debounce).
+    /// reconciled, counted from the first change (see `queue`).
     pub batch_period: Duration,
     /// The host ports EdgeServices may use.
     pub ports: crate::ports::PortPolicy,
@@ -818,7 +818,7 @@ pub async fn run(
         node_wc = node_wc.labels(selector);
     }
     let owned_wc = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let queue = CoalescingQueue::<ObjectRef<EdgeService>>::new();
+    let queue = CoalescingQueue::<ObjectRef<EdgeService>>::new(settings.batch_period);
     let nodes_by_label = Arc::new(Index::default());
     let services_by_port = Arc::new(Index::default());
     let slices_by_owner = Arc::new(Index::default());
@@ -826,7 +826,7 @@ pub async fn run(
     let tasks_stop = stop.child_token();
 
     // The namespaces whose EdgeServices changed, for the agents' Secret access.
-    let secret_namespaces = CoalescingQueue::<String>::new();
+    let secret_namespaces = CoalescingQueue::<String>::new(Duration::ZERO);
     // EdgeServices: each change reconciles the service itself; a change of
     // its port or its decision also its neighbours on the same port.
     let claims = Changes::default();
@@ -1007,9 +1007,9 @@ pub async fn run(
     // stream stays empty.
     Controller::for_stream(futures_util::stream::pending(), services)
         .with_config(
-            kube_controller::Config::default()
-                .concurrency(settings.concurrency)
-                .debounce(settings.batch_period),
+            // No debounce here: the queue batches, and kube-runtime's
+            // debounce restarts with every change.
+            kube_controller::Config::default().concurrency(settings.concurrency),
         )
         .reconcile_on(Arc::clone(&queue).stream())
         .trigger_backoff(WatchBackoff::default())

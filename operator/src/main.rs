@@ -132,10 +132,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     edgenode_concurrency: u16,
     /// Milliseconds an EdgeService waits after a change before it is
-    /// reconciled, each further change within it starting the wait again:
-    /// the writes of one reconcile, or agents reporting together, are then
-    /// decided on once (as the EndpointSlice controller's
-    /// `--endpoint-updates-batch-period` batches Pod changes). 0: at once.
+    /// reconciled; changes that come meanwhile join the wait and never
+    /// lengthen it. The writes of one reconcile, or agents reporting
+    /// together, are then decided on once (as the EndpointSlice
+    /// controller's `--endpoint-updates-batch-period` batches Pod changes).
+    /// 0: at once.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     reconcile_batch_period_ms: u64,
     /// Nodes per PlacementSlice at most (an EdgeService's placement is

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use edgewire_api::crd::{EdgeService, PlacementSlice, PlacementState};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Service};
+use k8s_openapi::api::core::v1::{Event, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
 use support::*;
 
 fn es_yaml(name: &str, port: u16, max_nodes: Option<u32>) -> String {
@@ -526,6 +527,55 @@ async fn connection_counts_alone_do_not_rewrite_status_every_heartbeat() {
     // heartbeat timeout), not from the heartbeats.
     assert!(w1 - w0 <= 1.0, "{} status writes in 10 s", w1 - w0);
     assert!(r1 - r0 <= 8.0, "{} reconciles in 10 s", r1 - r0);
+    env.cleanup_nodes(&nodes).await;
+}
+
+/// Changes that keep coming for a service hold its reconcile back by at most
+/// the batch period, never for as long as they keep coming: a node it
+/// selects is relabelled every 150 ms (a label its selector does not read,
+/// as a fleet's labelling tools do) while its spec changes.
+#[tokio::test]
+async fn a_stream_of_changes_never_holds_a_reconcile_back() {
+    let env = Env::new("stream").await;
+    let nodes = env.nodes(&["a", "b"], &[(EDGE_LABEL, "true")]).await;
+    let _beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+    env.apply_es(&es_yaml("steady", 7600, Some(2))).await;
+    env.wait_es("steady", "2 ready", |es| ready(es) && placed(es).len() == 2)
+        .await;
+
+    // Bounded: 200 relabels, about 30 s, far longer than the wait below
+    // needs.
+    let relabels = {
+        let api: Api<Node> = Api::all(env.client.clone());
+        let node = nodes[0].clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let patch =
+                    json!({"metadata": {"labels": {"example.com/rack": (i % 2).to_string()}}});
+                api.patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let generation = env
+        .apply_es(&es_yaml("steady", 7600, Some(1)))
+        .await
+        .metadata
+        .generation;
+    env.wait_es("steady", "the new spec decided", |es| {
+        es.status.as_ref().and_then(|s| s.observed_generation) == generation
+            && placed(es).len() == 1
+    })
+    .await;
+    assert!(
+        !relabels.is_finished(),
+        "decided only once the relabelling stopped"
+    );
+    relabels.abort();
     env.cleanup_nodes(&nodes).await;
 }
 
