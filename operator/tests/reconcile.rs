@@ -553,9 +553,10 @@ async fn a_stream_of_changes_never_holds_a_reconcile_back() {
             for i in 0..200 {
                 let patch =
                     json!({"metadata": {"labels": {"example.com/rack": (i % 2).to_string()}}});
-                api.patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .unwrap();
+                // A failed relabel is one change fewer, not a reason to stop.
+                let _ = api
+                    .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         })
