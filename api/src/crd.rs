@@ -378,8 +378,10 @@ pub struct EdgeNodeSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeNodeStatus {
-    /// When the agent last reported; the operator treats the node as ready
-    /// while this is fresh.
+    /// When the agent last wrote this status, by its own clock. An agent
+    /// with a node Lease writes it when what it reports changes (and every
+    /// few minutes); its heartbeat is the Lease. The operator treats the
+    /// node as ready while it has seen either change recently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod crd;
 pub mod error;
 pub mod hub;
+pub mod node_lease;
 pub mod tls;
 pub mod upstream;
 pub mod wire;

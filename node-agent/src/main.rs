@@ -45,9 +45,20 @@ struct Cli {
     /// where a hub keeps what it has delivered (`uplink-dedup/`).
     #[arg(long, env = "EDGEWIRE_STATE_DIR", default_value = "/var/lib/edgewire")]
     state_dir: PathBuf,
-    /// In a cluster: seconds between EdgeNode heartbeats.
+    /// In a cluster: seconds between heartbeats (node Lease renewals, or
+    /// EdgeNode status reports without --lease-namespace).
     #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     heartbeat_interval: f64,
+    /// In a cluster: the namespace of this node's Lease (the operator's
+    /// --lease-namespace), renewed as the heartbeat; the EdgeNode status is
+    /// then written only when it changes. Without it, every heartbeat writes
+    /// the status.
+    #[arg(long, env = "EDGEWIRE_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// In a cluster with a node Lease: seconds between status reports whose
+    /// only change is a connection count, at least.
+    #[arg(long, default_value_t = 60.0, value_parser = seconds)]
+    connections_report_interval: f64,
     /// In a cluster: a KEY=VALUE label for this node's EdgeNode; repeatable.
     #[arg(long = "edge-node-label", value_parser = key_value)]
     edge_node_labels: Vec<(String, String)>,
@@ -286,6 +297,8 @@ async fn start_cluster(
         mesh_public_key,
         state_dir: cli.state_dir.clone(),
         heartbeat_interval: Duration::from_secs_f64(cli.heartbeat_interval),
+        lease_namespace: cli.lease_namespace.clone(),
+        connections_interval: Duration::from_secs_f64(cli.connections_report_interval),
         edge_node_labels: cli.edge_node_labels.iter().cloned().collect(),
         leave_timeout: Duration::from_secs_f64(cli.leave_timeout),
     };

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeService};
+use edgewire_api::node_lease;
 use edgewire_testenv::{ControlPlane, NodeSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use serde_json::json;
 use support::cluster::*;
@@ -232,6 +234,37 @@ async fn agents_follow_placement_mesh_and_survive_the_api_going_away() {
     for i in 0..3 {
         echo_works(world.addr(i), "placed").await;
     }
+
+    // The heartbeat is the node Lease: renewed every second, while the
+    // EdgeNode's status, with nothing new to report, is not written again,
+    // and the node stays Ready.
+    let edge_nodes: Api<EdgeNode> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let renewed = |lease: Lease| lease.spec.and_then(|s| s.renew_time).map(|t| t.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = edge_nodes.get("edge-0").await.unwrap();
+    let renewal = renewed(leases.get(&node_lease::name("edge-0")).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = edge_nodes.get("edge-0").await.unwrap();
+    assert_ne!(
+        renewed(leases.get(&node_lease::name("edge-0")).await.unwrap()),
+        renewal,
+        "the node Lease was not renewed in 4 s"
+    );
+    assert_eq!(
+        before.metadata.resource_version, after.metadata.resource_version,
+        "the EdgeNode was rewritten with nothing new to report: {:?} then {:?}",
+        before.status, after.status
+    );
+    assert!(
+        after
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "{:?}",
+        after.status
+    );
 
     // Publish at one node, receive at the others.
     let mut publisher = connect(world.addr(0), "/relay").await;

@@ -208,6 +208,8 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
                 state.to_str().unwrap(),
                 "--heartbeat-interval",
                 "1",
+                "--lease-namespace",
+                SYSTEM,
             ],
             &[("KUBECONFIG", agent_kc.to_str().unwrap())],
         ));
@@ -253,6 +255,33 @@ async fn helm_install_apply_serve_scrape_upgrade_uninstall() {
         3,
         "{edgenodes}"
     );
+    // Each agent heartbeats by its node Lease, under the chart's Role and
+    // admission policy, held by its own node.
+    let holders = kubectl(
+        &plane,
+        &[
+            "get",
+            "leases",
+            "-n",
+            SYSTEM,
+            "-l",
+            "edgewire.dev/node-lease",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.holderIdentity} {end}",
+        ],
+    );
+    assert_eq!(
+        holders.trim(),
+        "edgewire-node-edge-0=edge-0 edgewire-node-edge-1=edge-1 edgewire-node-edge-2=edge-2",
+        "node Leases"
+    );
+    for agent in &agents {
+        assert!(
+            !agent.log().contains("could not renew the node Lease"),
+            "{}",
+            agent.log()
+        );
+    }
 
     // The seed's clients, unchanged, through the placed node on localhost.
     assert_eq!(

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caches::{self, touched};
 use crate::desired::{self, MANAGED_BY_LABEL, MANAGER};
-use crate::freshness::{HeartbeatClock, Timeouts};
+use crate::freshness::{HeartbeatClock, Source, Timeouts};
 use crate::index::{self, Index};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, Decision, Freshness, PortClaim};
@@ -769,6 +769,8 @@ pub struct Scope {
     pub namespace: Option<String>,
     /// Only Nodes and EdgeNodes with these labels (a label selector).
     pub node_selector: Option<String>,
+    /// Where the agents' node Leases are.
+    pub lease_namespace: String,
 }
 
 impl Scope {
@@ -928,7 +930,7 @@ pub async fn run(
             node_wc,
             caches::trim_meta,
             move |_, event| {
-                clock.watch_event(event);
+                clock.watch_event(Source::Status, event);
                 for (en, exists) in touched(event) {
                     let name = en.name_any();
                     let fresh = if exists {

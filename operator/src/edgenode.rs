@@ -2,13 +2,17 @@
 //! heartbeat's freshness (as the shared `HeartbeatClock` judges it), only
 //! when it changes, and comes back when it will; and its `Degraded`
 //! condition when the agent claims an address its Node does not have (with
-//! a Warning Event: the claim is ignored).
+//! a Warning Event: the claim is ignored). It also watches the agents' node
+//! Leases, whose renewals are heartbeats: one that brings a node back is
+//! news for its EdgeNode, ordinary renewals are not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::EdgeNode;
+use edgewire_api::node_lease;
 use futures_util::{FutureExt, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -22,8 +26,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::caches::WatchEvent;
+use crate::controller::Scope;
 use crate::desired::MANAGER;
-use crate::freshness::HeartbeatClock;
+use crate::freshness::{HeartbeatClock, Source};
 use crate::metrics::Metrics;
 use crate::placement::Freshness;
 use crate::triggers::{Changes, node_digest};
@@ -218,6 +223,26 @@ fn address_news(
     }
 }
 
+/// A Lease renewal is news for its EdgeNode only when it brings the node
+/// back (or is its first sign of life): a stale node turns Ready again. Every
+/// renewal is recorded in the clock, and the watch's health too.
+fn renewal_news(
+    clock: &HeartbeatClock,
+    event: WatchEvent<Lease>,
+) -> Option<Result<Lease, watcher::Error>> {
+    clock.watch_event(Source::Lease, &event);
+    match event {
+        Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => {
+            let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0.to_string();
+            let revived = clock.observe_lease(node_lease::node(&lease.name_any())?, renewed);
+            revived.then_some(Ok(lease))
+        }
+        // A deleted Lease simply stops being renewed.
+        Ok(watcher::Event::Delete(_) | watcher::Event::Init | watcher::Event::InitDone) => None,
+        Err(err) => Some(Err(err)),
+    }
+}
+
 fn error_policy(_node: Arc<EdgeNode>, err: &kube::Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!(error = %err, "edgenode reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
@@ -228,12 +253,12 @@ pub async fn run(
     recorder: Recorder,
     metrics: Metrics,
     clock: Arc<HeartbeatClock>,
-    selector: Option<String>,
+    scope: Scope,
     concurrency: u16,
     stop: CancellationToken,
 ) {
     let mut wc = watcher::Config::default();
-    if let Some(selector) = &selector {
+    if let Some(selector) = &scope.node_selector {
         wc = wc.labels(selector);
     }
     // The Nodes, for their addresses: a change of those is its EdgeNode's.
@@ -246,6 +271,14 @@ pub async fn run(
         .modify(crate::caches::trim_node)
         .reflect(node_writer)
         .filter_map(move |event| std::future::ready(address_news(&node_changes, event)));
+    // The node Leases, for their renewals: no cache, only the clock.
+    let lease_clock = Arc::clone(&clock);
+    let lease_stream = watcher(
+        Api::<Lease>::namespaced(client.clone(), &scope.lease_namespace),
+        watcher::Config::default().labels(node_lease::LABEL),
+    )
+    .backoff(WatchBackoff::default())
+    .filter_map(move |event| std::future::ready(renewal_news(&lease_clock, event)));
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         metrics,
@@ -256,6 +289,9 @@ pub async fn run(
     Controller::new(Api::<EdgeNode>::all(client), wc)
         .watches_stream(node_stream, |node: Node| {
             Some(ObjectRef::<EdgeNode>::new(&node.name_any()))
+        })
+        .watches_stream(lease_stream, |lease: Lease| {
+            node_lease::node(&lease.name_any()).map(ObjectRef::<EdgeNode>::new)
         })
         .trigger_backoff(WatchBackoff::default())
         // A new leader's first pass reconciles every EdgeNode at once;

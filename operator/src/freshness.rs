@@ -7,13 +7,16 @@
 //! controller does with node Leases, the operator records *when it saw* each
 //! node's heartbeat value change, on its own monotonic clock, and judges
 //! the age from that. The agent's timestamp is only compared with its own
-//! previous value.
+//! previous value. A heartbeat is either a change of the EdgeNode's
+//! `lastHeartbeat` or a renewal of the node's Lease (`edgewire_api::
+//! node_lease`); the later sighting of the two counts.
 //!
 //! Two moments give every node a full timeout of grace, because before them
 //! the operator could not have seen a heartbeat: the start of observation (an
 //! operator that just became leader) and the moment its EdgeNode watch
-//! delivers again after failing (an API server outage). While the watch is
-//! failing and has delivered nothing since, no staleness is judged at all.
+//! delivers again after failing (an API server outage). While a heartbeat
+//! watch is failing and has delivered nothing since, no staleness is judged
+//! at all.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -59,12 +62,34 @@ struct Seen {
     at: Instant,
 }
 
+/// Where an agent's heartbeat is seen: its EdgeNode's `lastHeartbeat`
+/// (written with every status report) or its node Lease's `renewTime`
+/// (renewed every heartbeat interval). A node is fresh while either changed
+/// recently, so an agent that cannot write its Lease (an older agent, or
+/// one without the Role) is judged by its status alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Status = 0,
+    Lease = 1,
+}
+
 #[derive(Debug)]
 struct State {
-    seen: HashMap<String, Seen>,
+    seen: HashMap<String, [Option<Seen>; 2]>,
     epoch: Instant,
-    /// The last watch error with nothing delivered since, if any.
-    failing_since: Option<Instant>,
+    /// Per source, the last watch error with nothing delivered since.
+    failing_since: [Option<Instant>; 2],
+}
+
+impl State {
+    fn latest(&self, node: &str) -> Option<Instant> {
+        self.seen
+            .get(node)?
+            .iter()
+            .flatten()
+            .map(|seen| seen.at)
+            .max()
+    }
 }
 
 /// When this operator saw each node's heartbeat change.
@@ -86,7 +111,7 @@ impl HeartbeatClock {
             state: Mutex::new(State {
                 seen: HashMap::new(),
                 epoch: now,
-                failing_since: None,
+                failing_since: [None, None],
             }),
         }
     }
@@ -95,20 +120,36 @@ impl HeartbeatClock {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records `node` as seen now. Idempotent: the same heartbeat value seen
-    /// again (by a second watch, or in a relist) keeps its first sighting.
+    /// Records `node`'s status heartbeat as seen now. Idempotent: the same
+    /// heartbeat value seen again (by a second watch, or in a relist) keeps
+    /// its first sighting.
     pub fn observe(&self, node: &EdgeNode) {
         self.observe_at(node, Instant::now());
     }
 
     fn observe_at(&self, node: &EdgeNode, now: Instant) {
-        let Some(beat) = heartbeat(node) else { return };
+        if let Some(beat) = heartbeat(node) {
+            self.observe_beat(&node.name_any(), Source::Status, beat, now);
+        }
+    }
+
+    /// Records a renewal of `node`'s Lease as seen now. True when it brings
+    /// the node back: before it, the node was not fresh (or never seen).
+    pub fn observe_lease(&self, node: &str, renewed: String) -> bool {
+        self.observe_beat(node, Source::Lease, renewed, Instant::now())
+    }
+
+    fn observe_beat(&self, node: &str, source: Source, beat: String, now: Instant) -> bool {
         let mut state = self.lock();
-        match state.seen.get_mut(&node.name_any()) {
-            Some(seen) if seen.beat == beat => {}
-            Some(seen) => *seen = Seen { beat, at: now },
-            None => {
-                state.seen.insert(node.name_any(), Seen { beat, at: now });
+        let was_fresh = state
+            .latest(node)
+            .is_some_and(|at| judge(at, state.epoch, now, self.timeouts).0 == Freshness::Fresh);
+        let slot = &mut state.seen.entry(node.to_string()).or_default()[source as usize];
+        match slot {
+            Some(seen) if seen.beat == beat => false,
+            _ => {
+                *slot = Some(Seen { beat, at: now });
+                !was_fresh
             }
         }
     }
@@ -117,45 +158,65 @@ impl HeartbeatClock {
         self.lock().seen.remove(node);
     }
 
-    /// Feeds the health of the EdgeNode watch: an error starts an outage;
-    /// the first delivery after it ends the outage and starts a new epoch.
-    pub fn watch_event<K>(&self, event: &Result<watcher::Event<K>, watcher::Error>) {
-        self.watch_event_at(event, Instant::now());
+    /// Feeds the health of the watch that sees `source`: an error starts an
+    /// outage; the first delivery after it ends the outage and starts a new
+    /// epoch.
+    pub fn watch_event<K>(
+        &self,
+        source: Source,
+        event: &Result<watcher::Event<K>, watcher::Error>,
+    ) {
+        self.watch_event_at(source, event, Instant::now());
     }
 
-    fn watch_event_at<K>(&self, event: &Result<watcher::Event<K>, watcher::Error>, now: Instant) {
+    fn watch_event_at<K>(
+        &self,
+        source: Source,
+        event: &Result<watcher::Event<K>, watcher::Error>,
+        now: Instant,
+    ) {
         let mut state = self.lock();
+        let failing = &mut state.failing_since[source as usize];
         match event {
-            Err(_) => state.failing_since = Some(now),
+            Err(_) => *failing = Some(now),
             // A relist is complete only at InitDone.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(_) => {
-                if state.failing_since.take().is_some() {
+                if failing.take().is_some() {
                     state.epoch = now;
                 }
             }
         }
     }
 
-    /// Whether the view is known to be behind: the watch failed and has not
-    /// delivered since. A resumed watch with nothing to say looks the same
-    /// as a failing one, so after a heartbeat timeout of silence the view is
-    /// trusted again, from a new epoch.
+    /// Whether the view is known to be behind: a heartbeat watch failed and
+    /// has not delivered since. A resumed watch with nothing to say looks
+    /// the same as a failing one, so after a heartbeat timeout of silence
+    /// the view is trusted again, from a new epoch.
     pub fn behind(&self) -> bool {
         self.behind_at(Instant::now())
     }
 
     fn behind_at(&self, now: Instant) -> bool {
         let mut state = self.lock();
-        match state.failing_since {
-            None => false,
-            Some(since) if now.saturating_duration_since(since) < self.timeouts.heartbeat => true,
-            Some(_) => {
-                state.failing_since = None;
-                state.epoch = now;
-                false
+        let mut behind = false;
+        let mut resumed = false;
+        for failing in &mut state.failing_since {
+            match *failing {
+                None => {}
+                Some(since) if now.saturating_duration_since(since) < self.timeouts.heartbeat => {
+                    behind = true;
+                }
+                Some(_) => {
+                    *failing = None;
+                    resumed = true;
+                }
             }
         }
+        if resumed {
+            state.epoch = now;
+        }
+        behind
     }
 
     /// How fresh `node`'s agent is now, and how long until that changes.
@@ -167,8 +228,8 @@ impl HeartbeatClock {
         // A node reporting for the first time is news to the clock too.
         self.observe_at(node, now);
         let state = self.lock();
-        match state.seen.get(&node.name_any()) {
-            Some(seen) => judge(seen.at, state.epoch, now, self.timeouts),
+        match state.latest(&node.name_any()) {
+            Some(at) => judge(at, state.epoch, now, self.timeouts),
             None => (Freshness::Gone, None),
         }
     }
@@ -275,14 +336,22 @@ mod tests {
         let clock = HeartbeatClock::starting_at(T, t0);
         clock.observe_at(&node("a", Some(100)), t0);
         // The API server goes away at t0 + 5 s for a minute.
-        clock.watch_event_at::<()>(&Err(watcher::Error::NoResourceVersion), t0 + 5 * S);
+        clock.watch_event_at::<()>(
+            Source::Status,
+            &Err(watcher::Error::NoResourceVersion),
+            t0 + 5 * S,
+        );
         assert!(clock.behind_at(t0 + 20 * S));
-        clock.watch_event_at::<()>(&Err(watcher::Error::NoResourceVersion), t0 + 60 * S);
+        clock.watch_event_at::<()>(
+            Source::Status,
+            &Err(watcher::Error::NoResourceVersion),
+            t0 + 60 * S,
+        );
         assert!(clock.behind_at(t0 + 65 * S));
         // A relist is not a delivery until it is complete.
-        clock.watch_event_at::<()>(&Ok(watcher::Event::Init), t0 + 66 * S);
+        clock.watch_event_at::<()>(Source::Status, &Ok(watcher::Event::Init), t0 + 66 * S);
         assert!(clock.behind_at(t0 + 66 * S));
-        clock.watch_event_at::<()>(&Ok(watcher::Event::InitDone), t0 + 67 * S);
+        clock.watch_event_at::<()>(Source::Status, &Ok(watcher::Event::InitDone), t0 + 67 * S);
         assert!(!clock.behind_at(t0 + 67 * S));
         // Node a's heartbeat has not changed since t0, but it is judged from
         // t0 + 67 s, when the operator could see again.
@@ -301,7 +370,11 @@ mod tests {
         let t0 = Instant::now();
         let clock = HeartbeatClock::starting_at(T, t0);
         clock.observe_at(&node("a", Some(100)), t0);
-        clock.watch_event_at::<()>(&Err(watcher::Error::NoResourceVersion), t0 + S);
+        clock.watch_event_at::<()>(
+            Source::Status,
+            &Err(watcher::Error::NoResourceVersion),
+            t0 + S,
+        );
         assert!(clock.behind_at(t0 + 30 * S));
         assert!(!clock.behind_at(t0 + 32 * S));
         assert_eq!(
@@ -310,6 +383,64 @@ mod tests {
         );
         assert_eq!(
             clock.freshness_at(&node("a", Some(100)), t0 + 63 * S).0,
+            Freshness::Stale
+        );
+    }
+
+    #[test]
+    fn a_node_renewing_only_its_lease_stays_fresh_and_its_return_is_news() {
+        let t0 = Instant::now();
+        let clock = HeartbeatClock::starting_at(T, t0);
+        // One status report at t0, then Lease renewals every 10 s.
+        clock.observe_at(&node("a", Some(100)), t0);
+        for i in 1..10u32 {
+            let renewal = format!("renewal {i}");
+            let news = clock.observe_beat("a", Source::Lease, renewal, t0 + 10 * S * i);
+            assert!(!news, "an ordinary renewal of a fresh node is no news");
+        }
+        assert_eq!(
+            clock.freshness_at(&node("a", Some(100)), t0 + 100 * S).0,
+            Freshness::Fresh
+        );
+        // The renewals stop: stale a timeout after the last one.
+        assert_eq!(
+            clock.freshness_at(&node("a", Some(100)), t0 + 121 * S).0,
+            Freshness::Stale
+        );
+        // The same renewal seen again (a relist) changes nothing.
+        assert!(!clock.observe_beat("a", Source::Lease, "renewal 9".into(), t0 + 122 * S));
+        // A new one brings the node back, and says so.
+        assert!(clock.observe_beat("a", Source::Lease, "renewal 10".into(), t0 + 123 * S));
+        assert_eq!(
+            clock.freshness_at(&node("a", Some(100)), t0 + 124 * S).0,
+            Freshness::Fresh
+        );
+        // A node first seen by its Lease is news too.
+        assert!(clock.observe_beat("b", Source::Lease, "first".into(), t0 + 124 * S));
+    }
+
+    #[test]
+    fn a_failing_lease_watch_holds_judgement_like_a_failing_edgenode_watch() {
+        let t0 = Instant::now();
+        let clock = HeartbeatClock::starting_at(T, t0);
+        clock.observe_beat("a", Source::Lease, "r1".into(), t0);
+        clock.watch_event_at::<()>(
+            Source::Lease,
+            &Err(watcher::Error::NoResourceVersion),
+            t0 + S,
+        );
+        // The EdgeNode watch delivering does not end the Lease watch's outage.
+        clock.watch_event_at::<()>(Source::Status, &Ok(watcher::Event::InitDone), t0 + 2 * S);
+        assert!(clock.behind_at(t0 + 20 * S));
+        clock.watch_event_at::<()>(Source::Lease, &Ok(watcher::Event::InitDone), t0 + 40 * S);
+        assert!(!clock.behind_at(t0 + 40 * S));
+        // Not renewed since t0, but judged from when the watch came back.
+        assert_eq!(
+            clock.freshness_at(&node("a", None), t0 + 65 * S).0,
+            Freshness::Fresh
+        );
+        assert_eq!(
+            clock.freshness_at(&node("a", None), t0 + 71 * S).0,
             Freshness::Stale
         );
     }

@@ -84,7 +84,8 @@ struct RunArgs {
     /// Seconds a metrics client has to send a complete request head.
     #[arg(long, env = "EDGEWIRE_ADMIN_HEADER_TIMEOUT", default_value_t = admin::Limits::default().header_timeout.as_secs())]
     admin_header_timeout: u64,
-    /// Namespace of the leader-election Lease.
+    /// Namespace of the leader-election Lease, and of the agents' node
+    /// Leases (their heartbeats), watched here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "edgewire-system")]
     lease_namespace: String,
     #[arg(long, default_value = "edgewire-operator")]
@@ -339,6 +340,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let scope = controller::Scope {
         namespace: args.watch_namespace.clone(),
         node_selector: args.node_selector.clone(),
+        lease_namespace: args.lease_namespace.clone(),
     };
     tracing::info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "acquiring leadership");
     // Lead until stopped. Losing the lease (e.g. the API server was away for
@@ -374,7 +376,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             recorder,
             metrics.clone(),
             clock,
-            args.node_selector.clone(),
+            scope.clone(),
             args.edgenode_concurrency,
             controllers_stop.clone(),
         ));

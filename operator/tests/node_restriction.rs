@@ -9,13 +9,16 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use edgewire_api::crd::EdgeNode;
+use edgewire_api::node_lease;
 use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, SelfSubjectReview, TokenRequest, TokenRequestSpec,
 };
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::*;
@@ -36,6 +39,8 @@ fn chart_agent_confinement(env: &Env, release: &str) -> Vec<Value> {
                 kind,
                 "ClusterRole"
                     | "ClusterRoleBinding"
+                    | "Role"
+                    | "RoleBinding"
                     | "ValidatingAdmissionPolicy"
                     | "ValidatingAdmissionPolicyBinding"
             ) && name.starts_with(&format!("{release}-agent"))
@@ -98,7 +103,33 @@ async fn agent_apply(
     }
 }
 
-fn code(result: &Result<EdgeNode, kube::Error>) -> String {
+/// Creates, or renews when it exists, Lease `name` in `namespace` as the
+/// agent does its node Lease.
+async fn agent_lease(client: &Client, namespace: &str, name: &str) -> Result<Lease, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let mut lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some([(node_lease::LABEL.to_string(), "true".to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(name.to_string()),
+            renew_time: Some(now),
+            ..LeaseSpec::default()
+        }),
+    };
+    match api.create(&PostParams::default(), &lease).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            lease.metadata.resource_version = api.get(name).await?.metadata.resource_version;
+            api.replace(name, &PostParams::default(), &lease).await
+        }
+        other => other,
+    }
+}
+
+fn code<T>(result: &Result<T, kube::Error>) -> String {
     match result {
         Ok(_) => "accepted".into(),
         Err(kube::Error::Api(e)) => format!("{} ({})", e.code, e.message),
@@ -236,6 +267,41 @@ async fn a_pod_bound_agent_token_writes_only_its_own_nodes_edgenode() {
             "a token bound to no pod writing an EdgeNode: {}",
             code(&unbound_write)
         ));
+    }
+
+    // Node Leases, the heartbeats, in the release namespace: its own, twice
+    // (created, then renewed), and no other Lease there (the operator's
+    // leader Lease above all).
+    let ns = env.name();
+    for attempt in ["creating", "renewing"] {
+        let own_lease = agent_lease(&agent, ns, &node_lease::name(&node_a)).await;
+        assert!(
+            own_lease.is_ok(),
+            "the agent {attempt} its own node Lease: {}",
+            code(&own_lease)
+        );
+    }
+    for (what, client, name) in [
+        (
+            "agent on A renewing B's node Lease",
+            &agent,
+            node_lease::name(&node_b),
+        ),
+        (
+            "agent on A writing the operator's leader Lease",
+            &agent,
+            "edgewire-operator".to_string(),
+        ),
+        (
+            "a token bound to no pod writing A's node Lease",
+            &unbound,
+            node_lease::name(&node_a),
+        ),
+    ] {
+        let written = agent_lease(client, ns, &name).await;
+        if !matches!(&written, Err(kube::Error::Api(e)) if e.code == 403) {
+            holes.push(format!("{what}: {}", code(&written)));
+        }
     }
 
     // Its own EdgeNode the agent may write, but an address that is not its

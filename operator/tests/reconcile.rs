@@ -298,6 +298,67 @@ async fn scale_down_relabel_and_stale_heartbeat() {
     env.cleanup_nodes(&nodes).await;
 }
 
+/// Node `node`'s Ready reason, as the operator last wrote it.
+async fn edge_node_ready_reason(env: &Env, node: &str) -> Option<String> {
+    let api: Api<edgewire_api::crd::EdgeNode> = Api::all(env.client.clone());
+    let en = api.get(node).await.ok()?;
+    en.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason)
+}
+
+#[tokio::test]
+async fn a_node_renewing_only_its_lease_stays_ready_and_its_return_is_seen_at_once() {
+    let env = Env::new("lease").await;
+    let nodes = env.nodes(&["a", "b"], &[(EDGE_LABEL, "true")]).await;
+    let beats = Heartbeats::start(env.client.clone(), env.name(), &nodes);
+    let _op = Operator::start(&env, "op-1");
+    env.apply_es(&es_yaml("feed", 9010, None)).await;
+    env.wait_es("feed", "2 ready", |es| ready(es) && placed(es).len() == 2)
+        .await;
+
+    // From now on node a's agent renews its Lease and reports no status;
+    // node b's falls silent.
+    let leases = Heartbeats::leases(env.client.clone(), env.name(), &nodes[..1]);
+    beats.set(&nodes[0], false);
+    beats.set(&nodes[1], false);
+    wait_edge_node_reason(&env, &nodes[1], "Ready", "HeartbeatStale").await;
+    wait_endpoints(&env, "feed", &["192.0.2.1"]).await;
+    // Three heartbeat timeouts on, node a has never left Ready or the
+    // endpoints (sampled throughout, not only at the end).
+    let until = tokio::time::Instant::now() + Duration::from_secs(3 * HEARTBEAT_TIMEOUT_SECS);
+    while tokio::time::Instant::now() < until {
+        let reason = edge_node_ready_reason(&env, &nodes[0]).await;
+        assert_eq!(
+            reason.as_deref(),
+            Some("HeartbeatFresh"),
+            "node a renews its Lease"
+        );
+        assert_eq!(endpoint_addresses(&env, "feed").await, ["192.0.2.1"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The renewals stop: stale within the timeout, out of the endpoints.
+    leases.set(&nodes[0], false);
+    wait_edge_node_reason(&env, &nodes[0], "Ready", "HeartbeatStale").await;
+    wait_endpoints(&env, "feed", &[]).await;
+
+    // They resume: the renewal itself brings the node back, long before the
+    // operator would look again on its own (at the eviction timeout, 120 s).
+    leases.set(&nodes[0], true);
+    let resumed = tokio::time::Instant::now();
+    wait_edge_node_reason(&env, &nodes[0], "Ready", "HeartbeatFresh").await;
+    wait_endpoints(&env, "feed", &["192.0.2.1"]).await;
+    let took = resumed.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "back in the endpoints {took:?} after the renewals resumed"
+    );
+    env.cleanup_nodes(&nodes).await;
+}
+
 #[tokio::test]
 async fn port_conflicts_are_reported_not_placed() {
     let env = Env::new("conflict").await;

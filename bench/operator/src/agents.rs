@@ -1,8 +1,10 @@
-//! Simulated agents, one per node, writing what a real agent writes: its
-//! EdgeNode, a heartbeat every interval, and soon after its placement
-//! changes, the services placed on it reported as listening, each with a
-//! connection count. One watch of EdgeServices stands in for the agents'
-//! watches. They also keep, on the benchmark's clock, when each node's
+//! Simulated agents, one per node, writing what a real agent writes, when it
+//! writes it (`node-agent/src/cluster/report.rs`): its EdgeNode; its node
+//! Lease renewed every heartbeat interval; its status soon after its
+//! placement changes, the services placed on it reported as listening, each
+//! with a connection count, and again when only those counts changed at most
+//! every connections interval. One watch of EdgeServices stands in for the
+//! agents' watches. They also keep, on the benchmark's clock, when each node's
 //! latest heartbeat was written: the ground truth against which the
 //! operator's readiness judgements are checked.
 
@@ -12,9 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, NodeService, PlacementSlice};
+use edgewire_api::node_lease;
 use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -35,7 +40,7 @@ struct Placed {
     by_service: HashMap<ServiceKey, BTreeSet<String>>,
 }
 
-/// When each node's latest heartbeat write completed, on the benchmark's
+/// When each node's latest heartbeat (Lease renewal) completed, on the benchmark's
 /// clock. A node is live as long as that was less than the operator's
 /// heartbeat timeout ago.
 #[derive(Clone, Default)]
@@ -79,7 +84,10 @@ pub struct Agents {
     /// where they are (off).
     pub churn: Arc<AtomicBool>,
     pub heartbeats: Heartbeats,
+    /// Lease renewals and status writes.
     pub writes: Arc<AtomicU64>,
+    /// Status writes alone.
+    pub status_writes: Arc<AtomicU64>,
     pub failures: Arc<AtomicU64>,
     /// How late the latest heartbeat was written, at worst, in ms: if this
     /// nears the operator's heartbeat timeout, the harness (not the
@@ -88,13 +96,14 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Creates each node's EdgeNode with a first heartbeat, then keeps them
-    /// beating every `interval` until dropped.
+    /// Creates each node's EdgeNode with a first report, then keeps them
+    /// beating every `interval` (their Leases in `namespace`) until dropped.
     pub async fn start(
         client: Client,
         namespace: &str,
         nodes: Vec<(String, String)>,
         interval: Duration,
+        connections_interval: Duration,
     ) -> anyhow::Result<Agents> {
         let api: Api<EdgeNode> = Api::all(client.clone());
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -136,6 +145,7 @@ impl Agents {
                 .collect(),
         );
         let writes = Arc::new(AtomicU64::new(0));
+        let status_writes = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
         let latest_ms = Arc::new(AtomicU64::new(0));
         let churn = Arc::new(AtomicBool::new(true));
@@ -146,6 +156,7 @@ impl Agents {
         }
         let permits = Arc::new(Semaphore::new(CONCURRENT_WRITES));
 
+        let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
         tokio::spawn(follow_placement(
             Api::namespaced(client, namespace),
             Arc::clone(&placed),
@@ -156,16 +167,19 @@ impl Agents {
         for (i, (node, _)) in nodes.into_iter().enumerate() {
             let beat = Beat {
                 api: api.clone(),
+                leases: leases.clone(),
                 node: node.clone(),
                 placed: Arc::clone(&placed),
                 wake: Arc::clone(&notify[&node]),
                 permits: Arc::clone(&permits),
                 writes: Arc::clone(&writes),
+                status_writes: Arc::clone(&status_writes),
                 failures: Arc::clone(&failures),
                 latest_ms: Arc::clone(&latest_ms),
                 churn: Arc::clone(&churn),
                 heartbeats: heartbeats.clone(),
                 interval,
+                connections_interval,
                 // Spread the heartbeats evenly over the interval, as
                 // independently started agents would be.
                 offset: interval.mul_f64(f64::from(i as u32) / f64::from(count)),
@@ -177,6 +191,7 @@ impl Agents {
             churn,
             heartbeats,
             writes,
+            status_writes,
             failures,
             latest_ms,
         })
@@ -277,17 +292,46 @@ async fn follow_placement(
 
 struct Beat {
     api: Api<EdgeNode>,
+    leases: Api<Lease>,
     node: String,
     placed: Arc<Mutex<Placed>>,
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
     writes: Arc<AtomicU64>,
+    status_writes: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
     latest_ms: Arc<AtomicU64>,
     churn: Arc<AtomicBool>,
     heartbeats: Heartbeats,
     interval: Duration,
+    connections_interval: Duration,
     offset: Duration,
+}
+
+/// The status last written: what it said and when.
+struct Reported {
+    services: Vec<NodeService>,
+    at: Instant,
+}
+
+/// Whether `services` is to be reported at `now`, after `last`: as the
+/// agent decides with a working Lease (`node-agent/src/cluster/report.rs`).
+fn report_due(
+    last: Option<&Reported>,
+    services: &[NodeService],
+    connections_interval: Duration,
+    now: Instant,
+) -> bool {
+    let Some(last) = last else { return true };
+    let shape = |s: &[NodeService]| -> Vec<(String, String, bool)> {
+        s.iter()
+            .map(|s| (s.namespace.clone(), s.name.clone(), s.listening))
+            .collect()
+    };
+    let counts = |s: &[NodeService]| -> Vec<i64> { s.iter().map(|s| s.connections).collect() };
+    shape(&last.services) != shape(services)
+        || (counts(&last.services) != counts(services)
+            && now.saturating_duration_since(last.at) >= connections_interval)
 }
 
 impl Beat {
@@ -295,12 +339,14 @@ impl Beat {
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let mut next = tokio::time::Instant::now() + self.offset;
         let mut beat: u64 = 0;
+        let mut lease: Option<Lease> = None;
+        let mut reported: Option<Reported> = None;
         loop {
-            tokio::select! {
+            let renewal = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(next) => {}
-                _ = self.wake.notified() => {}
-            }
+                _ = tokio::time::sleep_until(next) => true,
+                _ = self.wake.notified() => false,
+            };
             if self.churn.load(Ordering::Relaxed) {
                 beat += 1;
             }
@@ -324,22 +370,81 @@ impl Beat {
             let Ok(_permit) = self.permits.acquire().await else {
                 return;
             };
-            match self
-                .api
-                .patch_status(&self.node, &params, &Patch::Apply(status(&services)))
-                .await
-            {
-                Ok(_) => {
-                    self.heartbeats.record(&self.node, Instant::now());
-                    self.writes.fetch_add(1, Ordering::Relaxed)
+            if renewal {
+                match self.renew(lease.take()).await {
+                    Ok(renewed) => {
+                        lease = Some(renewed);
+                        self.heartbeats.record(&self.node, Instant::now());
+                        self.writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
-            };
-            let now = tokio::time::Instant::now();
-            let late = now.saturating_duration_since(next).as_millis() as u64;
-            self.latest_ms.fetch_max(late, Ordering::Relaxed);
-            next = now + self.interval;
+            }
+            let now = Instant::now();
+            if report_due(reported.as_ref(), &services, self.connections_interval, now) {
+                match self
+                    .api
+                    .patch_status(&self.node, &params, &Patch::Apply(status(&services)))
+                    .await
+                {
+                    Ok(_) => {
+                        // A status report is a heartbeat to the operator too.
+                        self.heartbeats.record(&self.node, Instant::now());
+                        self.writes.fetch_add(1, Ordering::Relaxed);
+                        self.status_writes.fetch_add(1, Ordering::Relaxed);
+                        reported = Some(Reported { services, at: now });
+                    }
+                    Err(_) => {
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if renewal {
+                let now = tokio::time::Instant::now();
+                let late = now.saturating_duration_since(next).as_millis() as u64;
+                self.latest_ms.fetch_max(late, Ordering::Relaxed);
+                next = now + self.interval;
+            }
         }
+    }
+
+    /// Renews the node's Lease (`current`, as last written), creating it the
+    /// first time.
+    async fn renew(&self, current: Option<Lease>) -> kube::Result<Lease> {
+        let now = MicroTime(Timestamp::now());
+        let name = node_lease::name(&self.node);
+        let mut lease = match current {
+            Some(lease) => lease,
+            None => match self.leases.get_opt(&name).await? {
+                Some(lease) => lease,
+                None => {
+                    let fresh = Lease {
+                        metadata: ObjectMeta {
+                            name: Some(name),
+                            labels: Some(BTreeMap::from([(
+                                node_lease::LABEL.to_string(),
+                                "true".to_string(),
+                            )])),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(LeaseSpec {
+                            holder_identity: Some(self.node.clone()),
+                            renew_time: Some(now),
+                            ..LeaseSpec::default()
+                        }),
+                    };
+                    return self.leases.create(&PostParams::default(), &fresh).await;
+                }
+            },
+        };
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.renew_time = Some(now);
+        }
+        self.leases
+            .replace(&name, &PostParams::default(), &lease)
+            .await
     }
 }
 
@@ -367,5 +472,50 @@ mod tests {
         assert!(beats.on_time("a", t0 + Duration::from_secs(59), timeout));
         assert!(!beats.on_time("a", t0 + Duration::from_secs(60), timeout));
         assert!(!beats.on_time("unknown", t0, timeout));
+    }
+
+    #[test]
+    fn a_report_is_due_for_new_services_at_once_and_for_counts_alone_after_the_interval() {
+        let t0 = Instant::now();
+        let service = |listening, connections| NodeService {
+            namespace: "ns".into(),
+            name: "svc".into(),
+            listening,
+            error: None,
+            connections,
+            modules: Vec::new(),
+        };
+        let interval = Duration::from_secs(60);
+        assert!(report_due(None, &[], interval, t0));
+        let last = Reported {
+            services: vec![service(true, 3)],
+            at: t0,
+        };
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!report_due(
+            Some(&last),
+            &[service(true, 3)],
+            interval,
+            at(600)
+        ));
+        assert!(report_due(Some(&last), &[], interval, at(1)));
+        assert!(report_due(
+            Some(&last),
+            &[service(false, 3)],
+            interval,
+            at(1)
+        ));
+        assert!(!report_due(
+            Some(&last),
+            &[service(true, 4)],
+            interval,
+            at(59)
+        ));
+        assert!(report_due(
+            Some(&last),
+            &[service(true, 4)],
+            interval,
+            at(60)
+        ));
     }
 }

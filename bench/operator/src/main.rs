@@ -64,6 +64,11 @@ struct Cli {
     /// Seconds between a simulated agent's heartbeats.
     #[arg(long, default_value_t = 20)]
     heartbeat_interval: u64,
+    /// Seconds between a simulated agent's status reports whose only change
+    /// is a connection count, at least (the agent's
+    /// --connections-report-interval).
+    #[arg(long, default_value_t = 60)]
+    connections_report_interval: u64,
     /// The operator's --heartbeat-timeout, in seconds.
     #[arg(long, default_value_t = 60)]
     heartbeat_timeout: u64,
@@ -229,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map(|i| (fleet::node_name(i), fleet::node_address(i)))
             .collect(),
         Duration::from_secs(cli.heartbeat_interval),
+        Duration::from_secs(cli.connections_report_interval),
     )
     .await
     .context("creating the EdgeNodes")?;
@@ -257,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut report = Report::new(shape, version);
     report.heartbeat_interval = cli.heartbeat_interval;
+    report.connections_interval = cli.connections_report_interval;
     report.heartbeat_timeout = cli.heartbeat_timeout;
     report.status_interval = cli.status_interval;
     report.idle_rss_kib = operator.rss_kib();
@@ -361,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.false_examples = transitions.examples();
     drop(transitions);
     report.agent_writes = agents.writes.load(Ordering::Relaxed);
+    report.agent_status_writes = agents.status_writes.load(Ordering::Relaxed);
     report.agent_failures = agents.failures.load(Ordering::Relaxed);
     report.heartbeat_late_ms = agents.latest_ms.load(Ordering::Relaxed);
     progress(

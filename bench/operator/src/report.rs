@@ -111,6 +111,7 @@ pub struct Report {
     pub shape: Shape,
     pub version: String,
     pub heartbeat_interval: u64,
+    pub connections_interval: u64,
     pub heartbeat_timeout: u64,
     pub status_interval: u64,
     pub applied_in: Duration,
@@ -126,6 +127,7 @@ pub struct Report {
     pub relabel_rss_kib: u64,
     pub max_rss_kib: u64,
     pub agent_writes: u64,
+    pub agent_status_writes: u64,
     pub agent_failures: u64,
     pub heartbeat_late_ms: u64,
     pub transitions: [Counts; PHASES.len()],
@@ -171,6 +173,7 @@ impl Report {
             shape,
             version,
             heartbeat_interval: 0,
+            connections_interval: 0,
             heartbeat_timeout: 0,
             status_interval: 0,
             applied_in: Duration::ZERO,
@@ -186,6 +189,7 @@ impl Report {
             relabel_rss_kib: 0,
             max_rss_kib: 0,
             agent_writes: 0,
+            agent_status_writes: 0,
             agent_failures: 0,
             heartbeat_late_ms: 0,
             transitions: Default::default(),
@@ -318,10 +322,10 @@ impl Report {
             format!(
                 "Kubernetes {} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) on {cores} cores; \
                  {} kwok nodes in {} sites × {} zones; {} EdgeServices, each on at most {} nodes of one site, spread by zone; \
-                 simulated agents heartbeat every {} s with connection counts per service, operator heartbeat timeout {} s, \
-                 status interval {} s.",
+                 simulated agents renew their node Lease every {} s and report their status on change, connection counts \
+                 per service alone at most every {} s; operator heartbeat timeout {} s, status interval {} s.",
                 self.version, s.nodes, s.sites, s.zones, s.services, s.max_nodes,
-                self.heartbeat_interval, self.heartbeat_timeout, self.status_interval
+                self.heartbeat_interval, self.connections_interval, self.heartbeat_timeout, self.status_interval
             ),
             String::new(),
             "| from apply to settled | edgewire-operator | Deployments (kube-scheduler, controller manager, kwok) | edgewire/Deployments |".into(),
@@ -377,13 +381,14 @@ impl Report {
             String::new(),
             format!(
                 "Operator memory (RSS): {} at start, {} with every service Ready, {} after the relabels, {} at peak. \
-                 Simulated agents wrote {} EdgeNode statuses ({} failed); their latest heartbeat was {:.1} s \
-                 late (nodes go stale after {} s).",
+                 Simulated agents wrote {} times: {} EdgeNode statuses, the rest Lease renewals ({} failed); \
+                 their latest heartbeat was {:.1} s late (nodes go stale after {} s).",
                 mib(self.idle_rss_kib),
                 mib(self.apply_rss_kib),
                 mib(self.relabel_rss_kib),
                 mib(self.max_rss_kib),
                 self.agent_writes,
+                self.agent_status_writes,
                 self.agent_failures,
                 self.heartbeat_late_ms as f64 / 1000.0,
                 self.heartbeat_timeout

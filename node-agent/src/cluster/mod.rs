@@ -2,9 +2,11 @@
 //! watches of EdgeServices and their PlacementSlices), keeps its node's EdgeNode up to date, and keeps
 //! serving from its stored config while the API server is out of reach.
 
+pub mod lease;
 pub mod leave;
 pub mod modules;
 pub mod render;
+pub mod report;
 pub mod secrets;
 pub mod state;
 
@@ -56,6 +58,11 @@ pub struct Options {
     pub mesh_public_key: Option<String>,
     pub state_dir: PathBuf,
     pub heartbeat_interval: Duration,
+    /// Where this node's Lease is renewed as its heartbeat; without one,
+    /// every heartbeat is a status report.
+    pub lease_namespace: Option<String>,
+    /// With a Lease: how often connection counts alone are reported, at most.
+    pub connections_interval: Duration,
     pub edge_node_labels: BTreeMap<String, String>,
     /// On leaving: the longest wait for the operator to take this node out
     /// of the endpoints.
@@ -287,7 +294,8 @@ fn fetches_objects(
     })
 }
 
-/// The EdgeNode's status from what the agent runs.
+/// The EdgeNode's status from what the agent runs, but for `lastHeartbeat`
+/// (stamped when written).
 async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> serde_json::Value {
     let mut services: Vec<NodeService> = agent
         .status()
@@ -328,7 +336,6 @@ async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> 
     }
     let connections: i64 = services.iter().map(|s| s.connections).sum();
     json!({
-        "lastHeartbeat": Timestamp::now().to_string(),
         "agentVersion": env!("CARGO_PKG_VERSION"),
         "serviceCount": services.len(),
         "connections": connections,
@@ -336,7 +343,21 @@ async fn node_status(agent: &Agent, rejected: &Mutex<Vec<(String, String)>>) -> 
     })
 }
 
-/// Reports this node every heartbeat interval, and soon after a change.
+/// The EdgeNode status patch for `report`, stamped now.
+fn status_patch(report: &serde_json::Value) -> serde_json::Value {
+    let mut status = report.clone();
+    if let Some(fields) = status.as_object_mut() {
+        fields.insert("lastHeartbeat".into(), Timestamp::now().to_string().into());
+    }
+    json!({
+        "apiVersion": EdgeNode::api_version(&()),
+        "kind": EdgeNode::kind(&()),
+        "status": status,
+    })
+}
+
+/// Renews this node's Lease every heartbeat interval and reports its status
+/// when that changes (`report`), soon after a change of its services.
 async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Leave) {
     let Shared {
         agent,
@@ -349,6 +370,20 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Lea
     } = shared.as_ref();
     let api: Api<EdgeNode> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let policy = report::Policy {
+        connections_interval: options.connections_interval,
+    };
+    let mut lease = options.lease_namespace.as_deref().map(|ns| {
+        lease::NodeLease::new(
+            client.clone(),
+            ns,
+            &options.node,
+            options.heartbeat_interval,
+        )
+    });
+    let mut renewed_at: Option<tokio::time::Instant> = None;
+    let mut lease_failing = false;
+    let mut written: Option<report::Written> = None;
     let mut spec_written = false;
     let mut failing = false;
     loop {
@@ -371,28 +406,60 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Lea
                 .await
                 .is_ok();
         }
-        let status = json!({
-            "apiVersion": EdgeNode::api_version(&()),
-            "kind": EdgeNode::kind(&()),
-            "status": node_status(agent, rejected).await,
-        });
-        match api
-            .patch_status(&options.node, &params, &Patch::Apply(&status))
-            .await
+        // Renewed once per interval, however often a change wakes the loop;
+        // every renewal bounded by the interval, so a hung one is retried.
+        if let Some(lease) = lease.as_mut()
+            && renewed_at.is_none_or(|at| at.elapsed() >= options.heartbeat_interval / 2)
         {
-            Ok(_) => {
-                if failing {
-                    tracing::info!("heartbeats reach the API server again");
+            match tokio::time::timeout(options.heartbeat_interval, lease.renew()).await {
+                Ok(Ok(())) => {
+                    if lease_failing {
+                        tracing::info!("the node Lease is renewed again");
+                    }
+                    renewed_at = Some(tokio::time::Instant::now());
+                    lease_failing = false;
                 }
-                failing = false;
+                outcome => {
+                    if !lease_failing {
+                        let err = match outcome {
+                            Ok(Err(err)) => err.to_string(),
+                            _ => "timed out".to_string(),
+                        };
+                        tracing::warn!(%err, "could not renew the node Lease; heartbeating in the EdgeNode status");
+                    }
+                    renewed_at = None;
+                    lease_failing = true;
+                }
             }
-            Err(err) => {
-                if !failing {
-                    tracing::warn!(%err, "heartbeat failed; still serving, will retry");
+        }
+        let report = node_status(agent, rejected).await;
+        let now = std::time::Instant::now();
+        // With nothing new to report and a renewed Lease, nothing is written.
+        if !spec_written || policy.due(written.as_ref(), &report, renewed_at.is_some(), now) {
+            match api
+                .patch_status(
+                    &options.node,
+                    &params,
+                    &Patch::Apply(&status_patch(&report)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!("status reports reach the API server again");
+                    }
+                    failing = false;
+                    written = Some(report::Written::new(report, now));
                 }
-                failing = true;
-                // The EdgeNode may have been deleted: write it again next time.
-                spec_written = false;
+                Err(err) => {
+                    if !failing {
+                        tracing::warn!(%err, "status report failed; still serving, will retry");
+                    }
+                    failing = true;
+                    // The EdgeNode may have been deleted: write it again next time.
+                    spec_written = false;
+                    written = None;
+                }
             }
         }
         tokio::select! {
@@ -419,11 +486,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, leave: Lea
 /// the EdgeServices show that it has. False when the wait ran out or the API
 /// server could not be told.
 async fn leave_endpoints(shared: &Shared, api: &Api<EdgeNode>, params: &PatchParams) -> bool {
-    let status = json!({
-        "apiVersion": EdgeNode::api_version(&()),
-        "kind": EdgeNode::kind(&()),
-        "status": node_status(&shared.agent, &shared.rejected).await,
-    });
+    let status = status_patch(&node_status(&shared.agent, &shared.rejected).await);
     let written = tokio::time::timeout(
         FINAL_REPORT_TIMEOUT,
         api.patch_status(&shared.options.node, params, &Patch::Apply(&status)),

@@ -81,8 +81,9 @@ pub fn spawn_operator(kubeconfig: &Path, namespace: &str, log: &Path, flags: &[&
 }
 
 /// An agent in cluster mode for Node `node` of the test of `namespace`:
-/// listening on `listen`, advertising `advertise`, heartbeating every
-/// second, its state in `state`, `flags` added.
+/// listening on `listen`, advertising `advertise`, renewing its node Lease
+/// in `namespace` (the test operator's) every second, its state in `state`,
+/// `flags` added.
 pub fn spawn_cluster_agent(
     kubeconfig: &Path,
     namespace: &str,
@@ -117,6 +118,8 @@ pub fn spawn_cluster_agent_with_env(
         state,
         "--heartbeat-interval",
         "1",
+        "--lease-namespace",
+        namespace,
         "--edge-node-label",
         &label,
     ];

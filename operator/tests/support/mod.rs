@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
+use edgewire_api::node_lease;
 use edgewire_testenv::{ControlPlane, NodeSpec, TestNamespace};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -179,9 +182,40 @@ pub fn condition<'a>(es: &'a EdgeService, type_: &str) -> Option<(&'a str, &'a s
         .map(|c| (c.status.as_str(), c.reason.as_str()))
 }
 
+/// `node`'s Lease, renewed at `now`, as an agent writes it.
+fn node_lease(node: &str, now: Timestamp) -> Lease {
+    Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(node_lease::name(node)),
+            labels: Some(BTreeMap::from([(
+                node_lease::LABEL.to_string(),
+                "true".to_string(),
+            )])),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(node.to_string()),
+            renew_time: Some(MicroTime(now)),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+/// How simulated agents heartbeat.
+#[derive(Clone, Copy)]
+enum Beat {
+    /// A status report, with the same connection count each time or a
+    /// different one (`churn`).
+    Status { churn: bool },
+    /// A renewal of the node's Lease in the test namespace (the operator's
+    /// --lease-namespace), with no status report.
+    Lease,
+}
+
 /// Writes heartbeats for a set of nodes every 500 ms, as their agents would:
 /// each beating node reports every EdgeService of the test namespace as
-/// listening. A node can be silenced and resumed.
+/// listening (or, from `leases`, renews its node Lease). A node can be
+/// silenced and resumed.
 pub struct Heartbeats {
     beating: Arc<Mutex<BTreeMap<String, bool>>>,
     task: tokio::task::JoinHandle<()>,
@@ -189,16 +223,22 @@ pub struct Heartbeats {
 
 impl Heartbeats {
     pub fn start(client: Client, namespace: &str, nodes: &[String]) -> Heartbeats {
-        Heartbeats::spawn(client, namespace, nodes, false)
+        Heartbeats::spawn(client, namespace, nodes, Beat::Status { churn: false })
     }
 
     /// Like `start`, but every heartbeat reports a different connection
     /// count, as busy agents do.
     pub fn churning(client: Client, namespace: &str, nodes: &[String]) -> Heartbeats {
-        Heartbeats::spawn(client, namespace, nodes, true)
+        Heartbeats::spawn(client, namespace, nodes, Beat::Status { churn: true })
     }
 
-    fn spawn(client: Client, namespace: &str, nodes: &[String], churn: bool) -> Heartbeats {
+    /// Heartbeats by node Lease renewals alone, as agents with a Lease send
+    /// them while they have nothing new to report.
+    pub fn leases(client: Client, namespace: &str, nodes: &[String]) -> Heartbeats {
+        Heartbeats::spawn(client, namespace, nodes, Beat::Lease)
+    }
+
+    fn spawn(client: Client, namespace: &str, nodes: &[String], beat: Beat) -> Heartbeats {
         let beating = Arc::new(Mutex::new(
             nodes
                 .iter()
@@ -209,11 +249,16 @@ impl Heartbeats {
         let namespace = namespace.to_string();
         let task = tokio::spawn(async move {
             let edge_nodes: Api<EdgeNode> = Api::all(client.clone());
+            let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
             let services: Api<EdgeService> = Api::namespaced(client, &namespace);
+            let params = PatchParams::apply("test-agent").force();
             let mut round: i64 = 0;
             loop {
                 round += 1;
-                let connections = if churn { 10 + round % 7 } else { 2 };
+                let connections = match beat {
+                    Beat::Status { churn: true } => 10 + round % 7,
+                    _ => 2,
+                };
                 let names: Vec<String> = services
                     .list(&Default::default())
                     .await
@@ -228,6 +273,13 @@ impl Heartbeats {
                     .collect();
                 for (node, on) in current {
                     if !on {
+                        continue;
+                    }
+                    if let Beat::Lease = beat {
+                        let name = node_lease::name(&node);
+                        let _ = leases
+                            .patch(&name, &params, &Patch::Apply(&node_lease(&node, now)))
+                            .await;
                         continue;
                     }
                     let reported: Vec<NodeService> = names
@@ -252,11 +304,7 @@ impl Heartbeats {
                         },
                     });
                     let _ = edge_nodes
-                        .patch_status(
-                            &node,
-                            &PatchParams::apply("test-agent").force(),
-                            &Patch::Apply(&patch),
-                        )
+                        .patch_status(&node, &params, &Patch::Apply(&patch))
                         .await;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
