@@ -683,6 +683,14 @@ impl ControlPlane {
         self.components.iter().map(Component::pid).collect()
     }
 
+    /// The process of one component (e.g. `kube-apiserver`), to measure it.
+    pub fn pid_of(&self, name: &str) -> Option<i32> {
+        self.components
+            .iter()
+            .find(|c| c.name == name)
+            .map(Component::pid)
+    }
+
     /// kubectl from the pinned build, pointed at this control plane.
     pub fn kubectl(&self) -> Result<Command, Error> {
         let mut command = Command::new(binary("kubectl")?);

@@ -78,6 +78,15 @@ pub fn connections(service: &str, node: &str, beat: u64) -> i64 {
     1 + ((base + beat * 37) % 100) as i64
 }
 
+/// How simulated agents heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HeartbeatMode {
+    /// Renew the node Lease; write the status when it changes.
+    Lease,
+    /// Write the status at every heartbeat (an agent without a Lease).
+    Status,
+}
+
 pub struct Agents {
     stop: CancellationToken,
     /// Whether connection counts change at every heartbeat (on) or stay
@@ -104,6 +113,7 @@ impl Agents {
         nodes: Vec<(String, String)>,
         interval: Duration,
         connections_interval: Duration,
+        mode: HeartbeatMode,
     ) -> anyhow::Result<Agents> {
         let api: Api<EdgeNode> = Api::all(client.clone());
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -180,6 +190,7 @@ impl Agents {
                 heartbeats: heartbeats.clone(),
                 interval,
                 connections_interval,
+                mode,
                 // Spread the heartbeats evenly over the interval, as
                 // independently started agents would be.
                 offset: interval.mul_f64(f64::from(i as u32) / f64::from(count)),
@@ -305,6 +316,7 @@ struct Beat {
     heartbeats: Heartbeats,
     interval: Duration,
     connections_interval: Duration,
+    mode: HeartbeatMode,
     offset: Duration,
 }
 
@@ -370,7 +382,8 @@ impl Beat {
             let Ok(_permit) = self.permits.acquire().await else {
                 return;
             };
-            if renewal {
+            let by_status = self.mode == HeartbeatMode::Status;
+            if renewal && !by_status {
                 match self.renew(lease.take()).await {
                     Ok(renewed) => {
                         lease = Some(renewed);
@@ -383,7 +396,9 @@ impl Beat {
                 }
             }
             let now = Instant::now();
-            if report_due(reported.as_ref(), &services, self.connections_interval, now) {
+            if (renewal && by_status)
+                || report_due(reported.as_ref(), &services, self.connections_interval, now)
+            {
                 match self
                     .api
                     .patch_status(&self.node, &params, &Patch::Apply(status(&services)))

@@ -69,6 +69,11 @@ struct Cli {
     /// --connections-report-interval).
     #[arg(long, default_value_t = 60)]
     connections_report_interval: u64,
+    /// How the simulated agents heartbeat: renewing their node Lease (what
+    /// the agent does with --lease-namespace), or writing their EdgeNode
+    /// status every time (without one), to compare the two.
+    #[arg(long, value_enum, default_value_t = agents::HeartbeatMode::Lease)]
+    agent_heartbeats: agents::HeartbeatMode,
     /// The operator's --heartbeat-timeout, in seconds.
     #[arg(long, default_value_t = 60)]
     heartbeat_timeout: u64,
@@ -235,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .collect(),
         Duration::from_secs(cli.heartbeat_interval),
         Duration::from_secs(cli.connections_report_interval),
+        cli.agent_heartbeats,
     )
     .await
     .context("creating the EdgeNodes")?;
@@ -263,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut report = Report::new(shape, version);
     report.heartbeat_interval = cli.heartbeat_interval;
+    report.agent_heartbeats = cli.agent_heartbeats;
     report.connections_interval = cli.connections_report_interval;
     report.heartbeat_timeout = cli.heartbeat_timeout;
     report.status_interval = cli.status_interval;
@@ -275,6 +282,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
 
     // Phase 1: apply every EdgeService, wait for all Ready.
+    let apiserver = plane.pid_of("kube-apiserver");
+    let apiserver_cpu = apiserver.and_then(phase::cpu_seconds);
     let before = operator.scrape().await;
     let t0 = Instant::now();
     let services = (0..shape.services)
@@ -292,6 +301,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await?;
     let after = operator.scrape().await;
     report.apply = Figures::between(&before, &after);
+    report.apply_apiserver_cpu = apiserver
+        .and_then(phase::cpu_seconds)
+        .zip(apiserver_cpu)
+        .map(|(after, before)| after - before);
     report.apply_rss_kib = operator.rss_kib();
     progress(started, format!("all Ready: {:?}", report.all_ready));
 

@@ -501,3 +501,17 @@ pub fn peer_state(pods: &[std::sync::Arc<Pod>], nodes: &[std::sync::Arc<Node>]) 
         pods.len(),
     )
 }
+/// CPU time (user and system) process `pid` has used so far, in seconds,
+/// from `/proc/<pid>/stat`: how much work the API server did in a phase,
+/// a steadier figure than how long the phase took on a shared machine.
+pub fn cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
+}

@@ -112,6 +112,10 @@ pub struct Report {
     pub version: String,
     pub heartbeat_interval: u64,
     pub connections_interval: u64,
+    pub agent_heartbeats: crate::agents::HeartbeatMode,
+    /// CPU seconds the API server used from the first EdgeService applied
+    /// to all Ready.
+    pub apply_apiserver_cpu: Option<f64>,
     pub heartbeat_timeout: u64,
     pub status_interval: u64,
     pub applied_in: Duration,
@@ -174,6 +178,8 @@ impl Report {
             version,
             heartbeat_interval: 0,
             connections_interval: 0,
+            agent_heartbeats: crate::agents::HeartbeatMode::Lease,
+            apply_apiserver_cpu: None,
             heartbeat_timeout: 0,
             status_interval: 0,
             applied_in: Duration::ZERO,
@@ -208,6 +214,22 @@ impl Report {
     }
 
     /// The headline figures of this size, one cell per summary row.
+    /// How the simulated agents heartbeat and report, in words.
+    fn agents(&self) -> String {
+        match self.agent_heartbeats {
+            crate::agents::HeartbeatMode::Lease => format!(
+                "simulated agents renew their node Lease every {} s and report their status on change, \
+                 connection counts per service alone at most every {} s",
+                self.heartbeat_interval, self.connections_interval
+            ),
+            crate::agents::HeartbeatMode::Status => format!(
+                "simulated agents without a node Lease: every {} s a status report with connection counts \
+                 per service, and soon after a change",
+                self.heartbeat_interval
+            ),
+        }
+    }
+
     pub fn summary(&self) -> Summary {
         let phases = |f: fn(&Counts) -> usize| {
             self.transitions
@@ -228,6 +250,11 @@ impl Report {
             size: self.size(),
             cells: vec![
                 ("apply to all Ready".into(), secs(&self.all_ready)),
+                (
+                    "API server CPU in the apply".into(),
+                    self.apply_apiserver_cpu
+                        .map_or("n/a".into(), |s| format!("{s:.1} s")),
+                ),
                 (
                     "Deployments: apply to all Available".into(),
                     // The first clause of how far it got; the full report
@@ -322,10 +349,9 @@ impl Report {
             format!(
                 "Kubernetes {} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) on {cores} cores; \
                  {} kwok nodes in {} sites × {} zones; {} EdgeServices, each on at most {} nodes of one site, spread by zone; \
-                 simulated agents renew their node Lease every {} s and report their status on change, connection counts \
-                 per service alone at most every {} s; operator heartbeat timeout {} s, status interval {} s.",
+                 {}; operator heartbeat timeout {} s, status interval {} s.",
                 self.version, s.nodes, s.sites, s.zones, s.services, s.max_nodes,
-                self.heartbeat_interval, self.connections_interval, self.heartbeat_timeout, self.status_interval
+                self.agents(), self.heartbeat_timeout, self.status_interval
             ),
             String::new(),
             "| from apply to settled | edgewire-operator | Deployments (kube-scheduler, controller manager, kwok) | edgewire/Deployments |".into(),
@@ -356,9 +382,11 @@ impl Report {
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into(),
             row(
                 &format!(
-                    "apply {} EdgeServices (applied in {:.1} s)",
+                    "apply {} EdgeServices (applied in {:.1} s; the API server used {} of CPU until all Ready)",
                     s.services,
-                    self.applied_in.as_secs_f64()
+                    self.applied_in.as_secs_f64(),
+                    self.apply_apiserver_cpu
+                        .map_or("n/a".into(), |c| format!("{c:.1} s")),
                 ),
                 &self.apply,
             ),
