@@ -310,8 +310,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // Steady state: heartbeats only, first with every connection count
     // changing at every heartbeat, then with the counts frozen. Between the
-    // two, one status interval passes unmeasured, so the changes already
-    // seen are written before the constant window starts.
+    // two, the time for the last changes to be reported and written passes
+    // unmeasured, so the constant window sees none of them.
     transitions.set_phase(1);
     let window = Duration::from_secs(cli.steady_seconds);
     let steady = |label: &'static str| {
@@ -343,7 +343,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     agents.churn.store(false, Ordering::Relaxed);
     if !bench.over_budget() {
-        tokio::time::sleep(Duration::from_secs(cli.status_interval + 2)).await;
+        // Until the counts last changed have reached the EdgeServices: the
+        // agents report them within a connections interval (and the next
+        // heartbeat), the operator writes them within a status interval.
+        let reported = match cli.agent_heartbeats {
+            agents::HeartbeatMode::Lease => {
+                cli.connections_report_interval + cli.heartbeat_interval
+            }
+            agents::HeartbeatMode::Status => cli.heartbeat_interval,
+        };
+        tokio::time::sleep(Duration::from_secs(reported + cli.status_interval + 2)).await;
     }
     match steady("connection counts constant").await {
         Some(s) => report.steady_still = s,
