@@ -13,8 +13,9 @@
 //!
 //! Two moments give every node a full timeout of grace, because before them
 //! the operator could not have seen a heartbeat: the start of observation (an
-//! operator that just became leader) and the moment its EdgeNode watch
-//! delivers again after failing (an API server outage). While a heartbeat
+//! operator that just became leader) and the moment a heartbeat watch (of
+//! EdgeNodes or of node Leases) delivers again after failing (an API server
+//! outage). While a heartbeat
 //! watch is failing and has delivered nothing since, no staleness is judged
 //! at all.
 
