@@ -3,6 +3,10 @@
 //! while the EdgeNode's status is written only when what it reports changes.
 //! The operator judges a node's freshness by when it *saw* either change.
 
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+
 /// Label on every agent's node Lease; the operator watches by it.
 pub const LABEL: &str = "edgewire.dev/node-lease";
 
@@ -18,9 +22,79 @@ pub fn node(lease_name: &str) -> Option<&str> {
     lease_name.strip_prefix(PREFIX).filter(|n| !n.is_empty())
 }
 
+/// `node`'s Lease as its agent writes it, renewed at `now`: held by the
+/// node, labelled for the operator's watch. `now` is the agent's clock, so
+/// only informative. `previous`, the Lease as last read, keeps what the
+/// agent does not set (its resourceVersion above all, for an update); with
+/// none, the Lease is new and acquired at `now`.
+pub fn renewed(
+    node: &str,
+    now: Timestamp,
+    duration_seconds: Option<i32>,
+    previous: Option<Lease>,
+) -> Lease {
+    let now = MicroTime(now);
+    let (metadata, spec) = match previous {
+        Some(lease) => (lease.metadata, lease.spec.unwrap_or_default()),
+        None => (
+            ObjectMeta::default(),
+            LeaseSpec {
+                acquire_time: Some(now.clone()),
+                ..LeaseSpec::default()
+            },
+        ),
+    };
+    let mut labels = metadata.labels.unwrap_or_default();
+    labels.insert(LABEL.to_string(), "true".to_string());
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name(node)),
+            labels: Some(labels),
+            ..metadata
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(node.to_string()),
+            renew_time: Some(now),
+            lease_duration_seconds: duration_seconds.or(spec.lease_duration_seconds),
+            ..spec
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    #[test]
+    fn a_renewal_keeps_what_the_agent_does_not_set() {
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let t1 = Timestamp::from_second(1_020).unwrap();
+        let first = renewed("edge-1", t0, Some(60), None);
+        assert_eq!(first.metadata.name.as_deref(), Some("edgewire-node-edge-1"));
+        let spec = first.spec.clone().unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some("edge-1"));
+        assert_eq!(spec.acquire_time, Some(MicroTime(t0)));
+        assert_eq!(spec.renew_time, Some(MicroTime(t0)));
+        assert_eq!(
+            first.metadata.labels.as_ref().and_then(|l| l.get(LABEL)),
+            Some(&"true".to_string())
+        );
+
+        let mut read = first;
+        read.metadata.resource_version = Some("7".into());
+        read.metadata.labels = Some(BTreeMap::from([("team".into(), "a".into())]));
+        let second = renewed("edge-1", t1, None, Some(read));
+        assert_eq!(second.metadata.resource_version.as_deref(), Some("7"));
+        let labels = second.metadata.labels.unwrap();
+        assert_eq!(labels.get("team").map(String::as_str), Some("a"));
+        assert!(labels.contains_key(LABEL));
+        let spec = second.spec.unwrap();
+        assert_eq!(spec.acquire_time, Some(MicroTime(t0)));
+        assert_eq!(spec.renew_time, Some(MicroTime(t1)));
+        assert_eq!(spec.lease_duration_seconds, Some(60));
+    }
 
     #[test]
     fn a_node_and_its_lease_name_map_both_ways() {

@@ -13,12 +13,11 @@ use edgewire_api::node_lease;
 use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, SelfSubjectReview, TokenRequest, TokenRequestSpec,
 };
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::*;
@@ -103,27 +102,19 @@ async fn agent_apply(
     }
 }
 
-/// Creates, or renews when it exists, Lease `name` in `namespace` as the
+/// Creates `lease` in `namespace`, or renews it when it exists, as the
 /// agent does its node Lease.
-async fn agent_lease(client: &Client, namespace: &str, name: &str) -> Result<Lease, kube::Error> {
+async fn agent_lease(
+    client: &Client,
+    namespace: &str,
+    mut lease: Lease,
+) -> Result<Lease, kube::Error> {
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-    let mut lease = Lease {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            labels: Some([(node_lease::LABEL.to_string(), "true".to_string())].into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(LeaseSpec {
-            holder_identity: Some(name.to_string()),
-            renew_time: Some(now),
-            ..LeaseSpec::default()
-        }),
-    };
+    let name = lease.metadata.name.clone().unwrap_or_default();
     match api.create(&PostParams::default(), &lease).await {
         Err(kube::Error::Api(e)) if e.code == 409 => {
-            lease.metadata.resource_version = api.get(name).await?.metadata.resource_version;
-            api.replace(name, &PostParams::default(), &lease).await
+            lease.metadata.resource_version = api.get(&name).await?.metadata.resource_version;
+            api.replace(&name, &PostParams::default(), &lease).await
         }
         other => other,
     }
@@ -273,32 +264,36 @@ async fn a_pod_bound_agent_token_writes_only_its_own_nodes_edgenode() {
     // (created, then renewed), and no other Lease there (the operator's
     // leader Lease above all).
     let ns = env.name();
+    let lease_of =
+        |node: &str| node_lease::renewed(node, k8s_openapi::jiff::Timestamp::now(), None, None);
     for attempt in ["creating", "renewing"] {
-        let own_lease = agent_lease(&agent, ns, &node_lease::name(&node_a)).await;
+        let own_lease = agent_lease(&agent, ns, lease_of(&node_a)).await;
         assert!(
             own_lease.is_ok(),
             "the agent {attempt} its own node Lease: {}",
             code(&own_lease)
         );
     }
-    for (what, client, name) in [
+    let mut leader_lease = lease_of(&node_a);
+    leader_lease.metadata.name = Some("edgewire-operator".into());
+    for (what, client, lease) in [
         (
             "agent on A renewing B's node Lease",
             &agent,
-            node_lease::name(&node_b),
+            lease_of(&node_b),
         ),
         (
             "agent on A writing the operator's leader Lease",
             &agent,
-            "edgewire-operator".to_string(),
+            leader_lease,
         ),
         (
             "a token bound to no pod writing A's node Lease",
             &unbound,
-            node_lease::name(&node_a),
+            lease_of(&node_a),
         ),
     ] {
-        let written = agent_lease(client, ns, &name).await;
+        let written = agent_lease(client, ns, lease).await;
         if !matches!(&written, Err(kube::Error::Api(e)) if e.code == 403) {
             holes.push(format!("{what}: {}", code(&written)));
         }

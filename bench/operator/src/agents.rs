@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, NodeService, PlacementSlice};
 use edgewire_api::node_lease;
 use futures_util::StreamExt;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -428,37 +427,20 @@ impl Beat {
     /// Renews the node's Lease (`current`, as last written), creating it the
     /// first time.
     async fn renew(&self, current: Option<Lease>) -> kube::Result<Lease> {
-        let now = MicroTime(Timestamp::now());
         let name = node_lease::name(&self.node);
-        let mut lease = match current {
+        let previous = match current {
             Some(lease) => lease,
             None => match self.leases.get_opt(&name).await? {
                 Some(lease) => lease,
                 None => {
-                    let fresh = Lease {
-                        metadata: ObjectMeta {
-                            name: Some(name),
-                            labels: Some(BTreeMap::from([(
-                                node_lease::LABEL.to_string(),
-                                "true".to_string(),
-                            )])),
-                            ..ObjectMeta::default()
-                        },
-                        spec: Some(LeaseSpec {
-                            holder_identity: Some(self.node.clone()),
-                            renew_time: Some(now),
-                            ..LeaseSpec::default()
-                        }),
-                    };
+                    let fresh = node_lease::renewed(&self.node, Timestamp::now(), None, None);
                     return self.leases.create(&PostParams::default(), &fresh).await;
                 }
             },
         };
-        if let Some(spec) = lease.spec.as_mut() {
-            spec.renew_time = Some(now);
-        }
+        let renewed = node_lease::renewed(&self.node, Timestamp::now(), None, Some(previous));
         self.leases
-            .replace(&name, &PostParams::default(), &lease)
+            .replace(&name, &PostParams::default(), &renewed)
             .await
     }
 }

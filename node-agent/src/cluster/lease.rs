@@ -7,15 +7,13 @@
 //! The `renewTime` is the agent's clock and only informative: the operator
 //! judges freshness by when it saw the Lease change.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgewire_api::node_lease;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 
 pub struct NodeLease {
     api: Api<Lease>,
@@ -46,25 +44,18 @@ impl NodeLease {
     /// Renews the Lease, creating it when there is none. After a failure
     /// (a conflict, a deleted Lease) the next renewal reads it afresh.
     pub async fn renew(&mut self) -> Result<(), kube::Error> {
-        let lease = match self.current.take() {
+        let previous = match self.current.take() {
             Some(lease) => lease,
             None => match self.api.get_opt(&self.name).await? {
                 Some(lease) => lease,
                 None => {
-                    let created = self
-                        .api
-                        .create(&PostParams::default(), &self.fresh())
-                        .await?;
-                    self.current = Some(created);
+                    let fresh = self.renewed(None);
+                    self.current = Some(self.api.create(&PostParams::default(), &fresh).await?);
                     return Ok(());
                 }
             },
         };
-        let mut renewed = lease;
-        renewed.spec = Some(LeaseSpec {
-            renew_time: Some(MicroTime(Timestamp::now())),
-            ..self.spec(renewed.spec.take())
-        });
+        let renewed = self.renewed(Some(previous));
         let written = self
             .api
             .replace(&self.name, &PostParams::default(), &renewed)
@@ -73,31 +64,12 @@ impl NodeLease {
         Ok(())
     }
 
-    fn fresh(&self) -> Lease {
-        let now = MicroTime(Timestamp::now());
-        Lease {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                labels: Some(BTreeMap::from([(
-                    node_lease::LABEL.to_string(),
-                    "true".to_string(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            spec: Some(LeaseSpec {
-                acquire_time: Some(now.clone()),
-                renew_time: Some(now),
-                ..self.spec(None)
-            }),
-        }
-    }
-
-    /// The spec this agent keeps, on top of `old`.
-    fn spec(&self, old: Option<LeaseSpec>) -> LeaseSpec {
-        LeaseSpec {
-            holder_identity: Some(self.node.clone()),
-            lease_duration_seconds: Some(self.duration_seconds),
-            ..old.unwrap_or_default()
-        }
+    fn renewed(&self, previous: Option<Lease>) -> Lease {
+        node_lease::renewed(
+            &self.node,
+            Timestamp::now(),
+            Some(self.duration_seconds),
+            previous,
+        )
     }
 }

@@ -11,10 +11,9 @@ use std::time::Duration;
 use edgewire_api::crd::{EdgeNode, EdgeNodeSpec, EdgeService, NodeService};
 use edgewire_api::node_lease;
 use edgewire_testenv::{ControlPlane, NodeSpec, TestNamespace};
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -182,25 +181,6 @@ pub fn condition<'a>(es: &'a EdgeService, type_: &str) -> Option<(&'a str, &'a s
         .map(|c| (c.status.as_str(), c.reason.as_str()))
 }
 
-/// `node`'s Lease, renewed at `now`, as an agent writes it.
-fn node_lease(node: &str, now: Timestamp) -> Lease {
-    Lease {
-        metadata: kube::api::ObjectMeta {
-            name: Some(node_lease::name(node)),
-            labels: Some(BTreeMap::from([(
-                node_lease::LABEL.to_string(),
-                "true".to_string(),
-            )])),
-            ..Default::default()
-        },
-        spec: Some(LeaseSpec {
-            holder_identity: Some(node.to_string()),
-            renew_time: Some(MicroTime(now)),
-            ..LeaseSpec::default()
-        }),
-    }
-}
-
 /// How simulated agents heartbeat.
 #[derive(Clone, Copy)]
 enum Beat {
@@ -278,7 +258,11 @@ impl Heartbeats {
                     if let Beat::Lease = beat {
                         let name = node_lease::name(&node);
                         let _ = leases
-                            .patch(&name, &params, &Patch::Apply(&node_lease(&node, now)))
+                            .patch(
+                                &name,
+                                &params,
+                                &Patch::Apply(&node_lease::renewed(&node, now, None, None)),
+                            )
                             .await;
                         continue;
                     }
