@@ -10,6 +10,7 @@
 //! heartbeats (false NotReady transitions).
 
 mod agents;
+mod apiserver;
 mod fleet;
 mod phase;
 mod promtext;
@@ -285,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let apiserver = plane.pid_of("kube-apiserver");
     let apiserver_cpu = apiserver.and_then(phase::cpu_seconds);
     let before = operator.scrape().await;
+    let apiserver_before = apiserver::scrape(&client).await;
     let t0 = Instant::now();
     let services = (0..shape.services)
         .map(|j| fleet::edge_service(&shape, j))
@@ -305,6 +307,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .and_then(phase::cpu_seconds)
         .zip(apiserver_cpu)
         .map(|(after, before)| after - before);
+    report.apply_write_waits = apiserver_before
+        .zip(apiserver::scrape(&client).await)
+        .map(|(before, after)| apiserver::write_waits(&before, &after));
     report.apply_rss_kib = operator.rss_kib();
     progress(started, format!("all Ready: {:?}", report.all_ready));
 

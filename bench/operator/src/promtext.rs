@@ -32,6 +32,22 @@ impl Scrape {
             .sum()
     }
 
+    /// The sum of every series of `metric` that has each of `labels`
+    /// (name, value), whatever its other labels and their order.
+    pub fn sum_labelled(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+                name == metric
+                    && labels
+                        .iter()
+                        .all(|(k, v)| label_pairs(rest).any(|(lk, lv)| lk == *k && lv == *v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// Every value of `label` among `metric`'s series.
     pub fn label_values(&self, metric: &str, label: &str) -> BTreeSet<String> {
         let key = format!("{label}=\"");
@@ -63,6 +79,15 @@ impl Scrape {
         out.sort_by(|a, b| a.0.total_cmp(&b.0));
         out
     }
+}
+
+/// The `name="value"` pairs of a series' label set (after its `{`). Values
+/// with quotes or commas inside are not expected here.
+fn label_pairs(labels: &str) -> impl Iterator<Item = (&str, &str)> {
+    labels.trim_end_matches('}').split(',').filter_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        Some((k.trim(), v.trim_matches('"')))
+    })
 }
 
 /// The `q` quantile of what a histogram observed between two scrapes, by

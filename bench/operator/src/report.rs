@@ -116,6 +116,9 @@ pub struct Report {
     /// CPU seconds the API server used from the first EdgeService applied
     /// to all Ready.
     pub apply_apiserver_cpu: Option<f64>,
+    /// The API server's time for Service writes, and for the rest, from
+    /// the first EdgeService applied to all Ready.
+    pub apply_write_waits: Option<crate::apiserver::WriteWaits>,
     pub heartbeat_timeout: u64,
     pub status_interval: u64,
     pub applied_in: Duration,
@@ -180,6 +183,7 @@ impl Report {
             connections_interval: 0,
             agent_heartbeats: crate::agents::HeartbeatMode::Lease,
             apply_apiserver_cpu: None,
+            apply_write_waits: None,
             heartbeat_timeout: 0,
             status_interval: 0,
             applied_in: Duration::ZERO,
@@ -254,6 +258,18 @@ impl Report {
                     "API server CPU in the apply".into(),
                     self.apply_apiserver_cpu
                         .map_or("n/a".into(), |s| format!("{s:.1} s")),
+                ),
+                (
+                    "API server's mean time per write in the apply: Services / the rest".into(),
+                    self.apply_write_waits.map_or("n/a".into(), |w| {
+                        format!(
+                            "{} ({:.0} writes) / {} ({:.0})",
+                            ms(Some(w.services.mean_seconds)),
+                            w.services.count,
+                            ms(Some(w.others.mean_seconds)),
+                            w.others.count,
+                        )
+                    }),
                 ),
                 (
                     "Deployments: apply to all Available".into(),
