@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caches::{self, touched};
 use crate::desired::{self, MANAGED_BY_LABEL, MANAGER};
+use crate::events;
 use crate::freshness::{HeartbeatClock, Source, Timeouts};
 use crate::index::{self, Index};
 use crate::metrics::Metrics;
@@ -705,10 +706,7 @@ async fn publish_events(es: &EdgeService, events: Vec<ServiceEvent>, ctx: &Conte
             action: "Reconcile".into(),
             secondary: None,
         };
-        match ctx.recorder.publish(&event, &reference).await {
-            Ok(()) => ctx.metrics.write("event"),
-            Err(err) => tracing::warn!(%err, reason, "could not publish an event"),
-        }
+        events::publish(&ctx.recorder, &ctx.metrics, &event, &reference).await;
     }
 }
 

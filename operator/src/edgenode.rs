@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::caches::WatchEvent;
 use crate::controller::Scope;
 use crate::desired::MANAGER;
+use crate::events;
 use crate::freshness::{HeartbeatClock, Source};
 use crate::metrics::Metrics;
 use crate::placement::Freshness;
@@ -188,10 +189,7 @@ async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Ctx>) -> Result<Action, kube::E
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            match ctx.recorder.publish(&event, &node.object_ref(&())).await {
-                Ok(()) => ctx.metrics.write("event"),
-                Err(err) => tracing::warn!(%err, "could not publish an event"),
-            }
+            events::publish(&ctx.recorder, &ctx.metrics, &event, &node.object_ref(&())).await;
         }
     }
     ctx.metrics

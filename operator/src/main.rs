@@ -18,6 +18,7 @@ mod controller;
 mod crdgen;
 mod desired;
 mod edgenode;
+mod events;
 #[cfg(test)]
 mod fixtures;
 mod freshness;

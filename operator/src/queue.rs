@@ -73,15 +73,14 @@ impl<T: Clone + Eq + Hash> CoalescingQueue<T> {
     /// The oldest request if it is due, else when it will be (None: empty).
     fn pop(&self) -> Result<T, Option<Instant>> {
         let mut pending = self.lock();
-        match pending.order.front() {
-            None => Err(None),
-            Some((_, due)) if *due > Instant::now() => Err(Some(*due)),
-            Some(_) => {
-                let (item, _) = pending.order.pop_front().ok_or(None)?;
-                pending.queued.remove(&item);
-                Ok(item)
-            }
+        if let Some((_, due)) = pending.order.front()
+            && *due > Instant::now()
+        {
+            return Err(Some(*due));
         }
+        let (item, _) = pending.order.pop_front().ok_or(None)?;
+        pending.queued.remove(&item);
+        Ok(item)
     }
 
     #[cfg(test)]
