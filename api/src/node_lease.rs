@@ -23,10 +23,12 @@ pub fn node(lease_name: &str) -> Option<&str> {
 }
 
 /// `node`'s Lease as its agent writes it, renewed at `now`: held by the
-/// node, labelled for the operator's watch. `now` is the agent's clock, so
-/// only informative. `previous`, the Lease as last read, keeps what the
-/// agent does not set (its resourceVersion above all, for an update); with
-/// none, the Lease is new and acquired at `now`.
+/// node, labelled for the operator's watch (the label is put back if it was
+/// taken off). `now` is the agent's clock, so only informative. `previous`,
+/// the Lease as last read, keeps what the agent does not set (its
+/// resourceVersion above all, for an update); with none, the Lease is to be
+/// created, acquired at `now`. A Lease some other holder had is acquired
+/// anew too.
 pub fn renewed(
     node: &str,
     now: Timestamp,
@@ -34,16 +36,13 @@ pub fn renewed(
     previous: Option<Lease>,
 ) -> Lease {
     let now = MicroTime(now);
-    let (metadata, spec) = match previous {
+    let (metadata, mut spec) = match previous {
         Some(lease) => (lease.metadata, lease.spec.unwrap_or_default()),
-        None => (
-            ObjectMeta::default(),
-            LeaseSpec {
-                acquire_time: Some(now.clone()),
-                ..LeaseSpec::default()
-            },
-        ),
+        None => (ObjectMeta::default(), LeaseSpec::default()),
     };
+    if spec.holder_identity.as_deref() != Some(node) {
+        spec.acquire_time = Some(now.clone());
+    }
     let mut labels = metadata.labels.unwrap_or_default();
     labels.insert(LABEL.to_string(), "true".to_string());
     Lease {
@@ -94,6 +93,14 @@ mod tests {
         assert_eq!(spec.acquire_time, Some(MicroTime(t0)));
         assert_eq!(spec.renew_time, Some(MicroTime(t1)));
         assert_eq!(spec.lease_duration_seconds, Some(60));
+
+        let mut taken = renewed("edge-1", t0, Some(60), None);
+        if let Some(spec) = taken.spec.as_mut() {
+            spec.holder_identity = Some("edge-2".into());
+        }
+        let back = renewed("edge-1", t1, None, Some(taken)).spec.unwrap();
+        assert_eq!(back.holder_identity.as_deref(), Some("edge-1"));
+        assert_eq!(back.acquire_time, Some(MicroTime(t1)), "acquired anew");
     }
 
     #[test]

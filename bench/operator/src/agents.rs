@@ -428,17 +428,19 @@ impl Beat {
     /// first time.
     async fn renew(&self, current: Option<Lease>) -> kube::Result<Lease> {
         let name = node_lease::name(&self.node);
+        // As the agent says it: three missed renewals.
+        let duration = i32::try_from((self.interval * 3).as_secs()).ok();
         let previous = match current {
             Some(lease) => lease,
             None => match self.leases.get_opt(&name).await? {
                 Some(lease) => lease,
                 None => {
-                    let fresh = node_lease::renewed(&self.node, Timestamp::now(), None, None);
+                    let fresh = node_lease::renewed(&self.node, Timestamp::now(), duration, None);
                     return self.leases.create(&PostParams::default(), &fresh).await;
                 }
             },
         };
-        let renewed = node_lease::renewed(&self.node, Timestamp::now(), None, Some(previous));
+        let renewed = node_lease::renewed(&self.node, Timestamp::now(), duration, Some(previous));
         self.leases
             .replace(&name, &PostParams::default(), &renewed)
             .await

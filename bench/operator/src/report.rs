@@ -264,9 +264,9 @@ impl Report {
                     self.apply_write_waits.map_or("n/a".into(), |w| {
                         format!(
                             "{} ({:.0} writes) / {} ({:.0})",
-                            ms(Some(w.services.mean_seconds)),
+                            ms(w.services.mean_seconds),
                             w.services.count,
-                            ms(Some(w.others.mean_seconds)),
+                            ms(w.others.mean_seconds),
                             w.others.count,
                         )
                     }),

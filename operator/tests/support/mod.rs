@@ -257,13 +257,13 @@ impl Heartbeats {
                     }
                     if let Beat::Lease = beat {
                         let name = node_lease::name(&node);
-                        let _ = leases
-                            .patch(
-                                &name,
-                                &params,
-                                &Patch::Apply(&node_lease::renewed(&node, now, None, None)),
-                            )
-                            .await;
+                        // Applied whole every beat: without acquireTime,
+                        // which a renewal keeps.
+                        let mut lease = node_lease::renewed(&node, now, None, None);
+                        if let Some(spec) = lease.spec.as_mut() {
+                            spec.acquire_time = None;
+                        }
+                        let _ = leases.patch(&name, &params, &Patch::Apply(&lease)).await;
                         continue;
                     }
                     let reported: Vec<NodeService> = names
