@@ -48,6 +48,12 @@ MESH_LATENCY_MESSAGES = 1000 if QUICK else 5000
 MESH_RATE = 1000
 MESH_SUBSCRIBERS = 10
 MESH_THROUGHPUT_MESSAGES = 10_000 if QUICK else 100_000
+# One link offered a steady rate instead of a burst, for LINK_PACED_SECONDS
+# at each: whether every message arrives with the subscriber never cut, the
+# rate reached, and the servers' CPU per message. A burst measures how fast
+# the publisher may push; these measure what a link sustains.
+LINK_RATES = [50_000] if QUICK else [50_000, 100_000, 150_000, 200_000]
+LINK_PACED_SECONDS = 2
 # A single mesh run swings by a factor of several on a shared 2-core
 # machine; the clusters take turns, round after round, and the report
 # gives each figure's median (and the one-link figures of every round).
@@ -200,6 +206,16 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    def cpu_seconds(self):
+        """CPU used so far by the cluster's servers together, or None once
+        one of them has exited (its figures are gone with it)."""
+        if any(p.poll() is not None for p in self.procs):
+            return None
+        try:
+            return sum(cpu_seconds(p.pid) for p in self.procs)
+        except OSError:
+            return None
+
 
 def agent_mesh(tmp, name, agent, peer_fields, node_args, batch_dialect=None):
     """Three agents of `agent`, one per loopback address in MESH_NODES,
@@ -308,12 +324,15 @@ def nats_cluster(tmp):
 def measure_mesh(cluster):
     """Each mesh workload on a fresh cluster: latency from node 0 to
     subscribers on the two other nodes, the same on node 0 alone (the local
-    path, for reference), and throughput across one link."""
+    path, for reference), and throughput across one link, under a burst
+    and at each steady rate of LINK_RATES."""
     runs = {
         "latency_mesh": (cluster.urls[1:], MESH_SUBSCRIBERS, MESH_LATENCY_MESSAGES, MESH_RATE),
         "latency_local": (cluster.urls[:1], MESH_SUBSCRIBERS, MESH_LATENCY_MESSAGES, MESH_RATE),
         "throughput_link": (cluster.urls[1:2], 1, MESH_THROUGHPUT_MESSAGES, 0),
     }
+    for rate in LINK_RATES:
+        runs[f"link_paced{rate}"] = (cluster.urls[1:2], 1, rate * LINK_PACED_SECONDS, rate)
     if cluster.batch_dialect:
         runs["throughput_link_batch"] = runs["throughput_link"]
     results = {}
@@ -324,7 +343,12 @@ def measure_mesh(cluster):
                     "--subscribers", str(subscribers), "--messages", str(messages), "--rate", str(rate)]
             for url in subscribe:
                 args += ["--subscribe-url", url]
+            before = cluster.cpu_seconds()
             results[key] = loadgen(*args)
+            after = cluster.cpu_seconds()
+            if None not in (before, after) and results[key].get("delivered"):
+                per_100k = (after - before) / results[key]["delivered"] * 100_000
+                results[key]["servers_cpu_seconds_per_100k"] = per_100k
         print(f"  {key}: {results[key]}", flush=True)
     return results
 
@@ -455,6 +479,36 @@ def per_round(rounds, peers):
     return lines
 
 
+def paced_rows(rate):
+    """The report's rows for one link offered `rate` messages/s."""
+    run = lambda r: r.get(f"link_paced{rate}", {})
+    offered = f"one link offered {rate} messages/s for {LINK_PACED_SECONDS} s"
+    return [
+        (f"{offered}: rounds run to the end (no error, no subscriber cut)", lambda r: rounds_done(run(r)), None),
+        (f"{offered}: messages/s reached", lambda r: run(r).get("deliveries_per_second"), False),
+        (f"{offered}: the three servers' CPU per 100k messages (s)",
+         lambda r: run(r).get("servers_cpu_seconds_per_100k"), True),
+    ]
+
+
+def paced_rounds(rounds, names):
+    """One link at each offered rate, round by round: the rate each cluster
+    reached, or where its run stopped short."""
+    def cell(r):
+        if r.get("subscribers_cut"):
+            return f"subscriber cut after {r.get('delivered')} of {r.get('expected')}"
+        if "error" in r:
+            return "failed"
+        return fmt(r.get("deliveries_per_second"))
+
+    lines = ["| round | offered (messages/s) | " + " | ".join(names) + " |", "|" + " --- |" * (2 + len(names))]
+    for i, r in enumerate(rounds, 1):
+        for rate in LINK_RATES:
+            cells = [cell(r[n].get(f"link_paced{rate}", {})) for n in names]
+            lines.append(f"| {i} | {rate} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(rows, ours, peers, results):
     """A markdown table: a row per workload, edgewire then each peer with the
     ratio edgewire/peer."""
@@ -531,6 +585,8 @@ def main():
         ("one link, edgewire's subscriber in batch mode: p50 (µs)",
          lambda r: (r.get("throughput_link_batch") or r.get("throughput_link", {})).get("p50_us"), True),
     ]
+    for rate in LINK_RATES:
+        mesh_rows += paced_rows(rate)
     machine = (
         f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
         f"{platform.system()} {platform.release()}"
@@ -566,6 +622,10 @@ def main():
         "One link under an unpaced burst, round by round (ratios are edgewire/peer in the same round):",
         "",
         *per_round(rounds, peers),
+        "",
+        "One link offered a steady rate, round by round (the rate reached):",
+        "",
+        *paced_rounds(rounds, [c.name for c in clusters]),
         "",
         "Raw figures (JSON; `mesh` holds the medians, `mesh_rounds` every round):",
         "",
