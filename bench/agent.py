@@ -486,6 +486,9 @@ def paced_rows(rate):
     return [
         (f"{offered}: rounds run to the end (no error, no subscriber cut)", lambda r: rounds_done(run(r)), None),
         (f"{offered}: messages/s reached", lambda r: run(r).get("deliveries_per_second"), False),
+        # At a rate every server keeps, the latency is compared at equal
+        # throughput; under a burst it is the backlog over the drain rate.
+        (f"{offered}: p50 publish to delivery (µs)", lambda r: run(r).get("p50_us"), True),
         (f"{offered}: the three servers' CPU per 100k messages (s)",
          lambda r: run(r).get("servers_cpu_seconds_per_100k"), True),
     ]

@@ -295,11 +295,29 @@ pub async fn subscribe(ws: &mut Ws, dialect: Dialect, topic: &str) -> anyhow::Re
     }
 }
 
+/// A relay publish, written straight from borrowed strings. A JSON tree
+/// built per message made this client spend about 1.8 times the CPU per
+/// message it spends in NATS' dialect (the one-link burst), and client and
+/// servers share the cores: the servers' figures paid for it.
+#[derive(serde::Serialize)]
+struct RelayPublish<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a str,
+    data: &'a str,
+}
+
 pub fn publish_frame(dialect: Dialect, topic: &str, payload: &str) -> String {
     match dialect {
         Dialect::Raw => payload.to_string(),
         Dialect::Relay | Dialect::RelayBatch => {
-            json!({"type": "publish", "channel": topic, "data": payload}).to_string()
+            let publish = RelayPublish {
+                kind: "publish",
+                channel: topic,
+                data: payload,
+            };
+            // Strings alone cannot fail to serialise.
+            serde_json::to_string(&publish).unwrap_or_default()
         }
         Dialect::Nats => format!("PUB {topic} {}\r\n{payload}\r\n", payload.len()),
     }
@@ -308,6 +326,19 @@ pub fn publish_frame(dialect: Dialect, topic: &str, payload: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_publishes_are_the_json_object_of_the_protocol() {
+        let frame = publish_frame(Dialect::Relay, "mesh", "say \"hi\"\n");
+        assert_eq!(
+            frame,
+            r#"{"type":"publish","channel":"mesh","data":"say \"hi\"\n"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&frame).unwrap(),
+            json!({"type": "publish", "channel": "mesh", "data": "say \"hi\"\n"})
+        );
+    }
 
     #[test]
     fn several_nats_messages_in_one_frame() {
