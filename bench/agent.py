@@ -53,7 +53,7 @@ MESH_THROUGHPUT_MESSAGES = 10_000 if QUICK else 100_000
 # rate reached, and the servers' CPU per message. A burst measures how fast
 # the publisher may push; these measure what a link sustains.
 LINK_RATES = [50_000] if QUICK else [50_000, 100_000, 150_000, 200_000]
-LINK_PACED_SECONDS = 2
+LINK_PACED_SECONDS = 0.5 if QUICK else 2
 # A single mesh run swings by a factor of several on a shared 2-core
 # machine; the clusters take turns, round after round, and the report
 # gives each figure's median (and the one-link figures of every round).
@@ -332,7 +332,7 @@ def measure_mesh(cluster):
         "throughput_link": (cluster.urls[1:2], 1, MESH_THROUGHPUT_MESSAGES, 0),
     }
     for rate in LINK_RATES:
-        runs[f"link_paced{rate}"] = (cluster.urls[1:2], 1, rate * LINK_PACED_SECONDS, rate)
+        runs[f"link_paced{rate}"] = (cluster.urls[1:2], 1, int(rate * LINK_PACED_SECONDS), rate)
     if cluster.batch_dialect:
         runs["throughput_link_batch"] = runs["throughput_link"]
     results = {}
@@ -343,10 +343,13 @@ def measure_mesh(cluster):
                     "--subscribers", str(subscribers), "--messages", str(messages), "--rate", str(rate)]
             for url in subscribe:
                 args += ["--subscribe-url", url]
+            # The window includes the run's connections and warm-up (a few
+            # hundred milliseconds of small messages): the same for each
+            # cluster. A run cut short has no figure per message.
             before = cluster.cpu_seconds()
             results[key] = loadgen(*args)
             after = cluster.cpu_seconds()
-            if None not in (before, after) and results[key].get("delivered"):
+            if None not in (before, after) and completed(results[key]) and results[key].get("delivered"):
                 per_100k = (after - before) / results[key]["delivered"] * 100_000
                 results[key]["servers_cpu_seconds_per_100k"] = per_100k
         print(f"  {key}: {results[key]}", flush=True)
