@@ -3,6 +3,8 @@
 //! while the EdgeNode's status is written only when what it reports changes.
 //! The operator judges a node's freshness by when it *saw* either change.
 
+use std::time::Duration;
+
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
@@ -20,6 +22,13 @@ pub fn name(node: &str) -> String {
 /// The node a Lease of that name is the heartbeat of.
 pub fn node(lease_name: &str) -> Option<&str> {
     lease_name.strip_prefix(PREFIX).filter(|n| !n.is_empty())
+}
+
+/// What a Lease renewed every `interval` says it lasts: three missed
+/// renewals, as a kubelet's node Lease lasts four of its ten-second
+/// renewals. Informative: the operator has its own heartbeat timeout.
+pub fn duration_seconds(interval: Duration) -> i32 {
+    i32::try_from((interval * 3).as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
 /// `node`'s Lease as its agent writes it, renewed at `now`: held by the
@@ -65,6 +74,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn a_lease_lasts_three_renewals_and_at_least_a_second() {
+        assert_eq!(duration_seconds(Duration::from_secs(10)), 30);
+        assert_eq!(duration_seconds(Duration::from_millis(200)), 1);
+        assert_eq!(
+            duration_seconds(Duration::from_secs(u64::MAX / 4)),
+            i32::MAX
+        );
+    }
 
     #[test]
     fn a_renewal_keeps_what_the_agent_does_not_set() {

@@ -428,8 +428,7 @@ impl Beat {
     /// first time.
     async fn renew(&self, current: Option<Lease>) -> kube::Result<Lease> {
         let name = node_lease::name(&self.node);
-        // As the agent says it: three missed renewals.
-        let duration = i32::try_from((self.interval * 3).as_secs()).ok();
+        let duration = Some(node_lease::duration_seconds(self.interval));
         let previous = match current {
             Some(lease) => lease,
             None => match self.leases.get_opt(&name).await? {

@@ -29,14 +29,11 @@ pub struct NodeLease {
 
 impl NodeLease {
     pub fn new(client: Client, namespace: &str, node: &str, interval: Duration) -> NodeLease {
-        // Three missed renewals, as a kubelet's node Lease lasts four of its
-        // ten-second renewals.
-        let duration_seconds = i32::try_from((interval * 3).as_secs().max(1)).unwrap_or(i32::MAX);
         NodeLease {
             api: Api::namespaced(client, namespace),
             name: node_lease::name(node),
             node: node.to_string(),
-            duration_seconds,
+            duration_seconds: node_lease::duration_seconds(interval),
             current: None,
         }
     }
