@@ -456,6 +456,16 @@ def short(peer):
     return peer.split()[0]
 
 
+def stopped_short(result):
+    """Why a run did not go to its end, for a table's cell; None if it did
+    (see `completed`)."""
+    if result.get("subscribers_cut"):
+        return f"its subscriber cut after {result.get('delivered')} of {result.get('expected')}"
+    if "error" in result:
+        return "failed"
+    return None
+
+
 def per_round(rounds, peers):
     """The one-link figures of every round: edgewire's messages/s and p50,
     and their ratios to each peer in the same round."""
@@ -467,11 +477,7 @@ def per_round(rounds, peers):
     ]
     def against(ours, theirs, field, lower):
         # A peer's run that did not go to its end has no rate to compare.
-        if not completed(theirs):
-            if theirs.get("subscribers_cut"):
-                return f"its subscriber cut after {theirs.get('delivered')} of {theirs.get('expected')}"
-            return "failed"
-        return ratio(ours.get(field), theirs.get(field), lower)
+        return stopped_short(theirs) or ratio(ours.get(field), theirs.get(field), lower)
 
     for i, r in enumerate(rounds, 1):
         ours = link(r["edgewire"])
@@ -501,11 +507,7 @@ def paced_rounds(rounds, names):
     """One link at each offered rate, round by round: the rate each cluster
     reached, or where its run stopped short."""
     def cell(r):
-        if r.get("subscribers_cut"):
-            return f"subscriber cut after {r.get('delivered')} of {r.get('expected')}"
-        if "error" in r:
-            return "failed"
-        return fmt(r.get("deliveries_per_second"))
+        return stopped_short(r) or fmt(r.get("deliveries_per_second"))
 
     lines = ["| round | offered (messages/s) | " + " | ".join(names) + " |", "|" + " --- |" * (2 + len(names))]
     for i, r in enumerate(rounds, 1):
